@@ -1,0 +1,92 @@
+"""The one place coi starts external programs (incus CLI, nft, tmux, apt-get, ...).
+
+Built on subprocess rather than the `sh` package on purpose: importing sh
+costs 55-135 ms (measured on these machines; see README), which most coi
+commands cannot afford, and its foreground mode lets Ctrl-C reach the Python
+parent during an interactive hand-off. `sh` is used only by host setup,
+where start-up time does not matter (coi_host.setup).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from coi_common.errors import CommandFailed, NotFound
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a finished program left behind."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def last_line(text: str) -> str:
+    """The last non-empty line of `text`, for one-line error messages."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def run(argv: Sequence[str], *, input_text: str | None = None, check: bool = True,
+        timeout: float | None = None, env: Mapping[str, str] | None = None,
+        cwd: str | None = None) -> Result:
+    """Run argv to completion, capturing text output.
+
+    With check=True a non-zero exit raises CommandFailed carrying the program's
+    last stderr line; a missing program raises NotFound either way.
+    """
+    try:
+        done = subprocess.run(list(argv), input=input_text, capture_output=True, text=True,
+                              timeout=timeout, env=dict(env) if env is not None else None,
+                              cwd=cwd, check=False)
+    except FileNotFoundError:
+        raise NotFound(f"program {argv[0]!r} is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise CommandFailed(f"{argv[0]} did not finish within {timeout:g} s") from None
+    result = Result(tuple(argv), done.returncode, done.stdout, done.stderr)
+    if check and not result.ok:
+        reason = last_line(result.stderr) or last_line(result.stdout) or "no output"
+        raise CommandFailed(f"{argv[0]} exited {result.returncode}: {reason}")
+    return result
+
+
+def hand_over(argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> int:
+    """Run an interactive child that owns the terminal; return its exit status.
+
+    The parent ignores SIGINT while waiting so Ctrl-C goes to the child alone,
+    and a child killed by a signal reports 128+signal, as shells do.
+    """
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        child = subprocess.Popen(list(argv), env=dict(env) if env is not None else None,
+                                 preexec_fn=_default_sigint)
+        returncode = child.wait()
+    except FileNotFoundError:
+        raise NotFound(f"program {argv[0]!r} is not installed") from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def which(program: str) -> str | None:
+    """Full path of `program` on PATH, or None."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = os.path.join(folder, program)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    return None

@@ -1,0 +1,93 @@
+"""The JSON records coi executables exchange (contract version 1, docs/protocol.md).
+
+Every record is a JSON object with `"coi": 1` and a `kind`. Writers only add
+fields; readers ignore fields they do not know and refuse a newer major
+version with a clear message. Streams of many records are JSON Lines.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Mapping
+from typing import IO, Any, Final
+
+from coi_common.errors import BadInput, CoiError
+
+CONTRACT_VERSION: Final = 1
+
+# kind -> fields a reader may rely on. Everything else is optional.
+REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
+    "error": ("code", "message"),
+    "version": ("coi_version", "python_version", "incus"),
+    "config": ("values",),
+    "check": ("name", "ok", "detail"),
+    "doctor": ("ok", "checks"),
+    "setup": ("changed", "steps"),
+    "slot": ("workspace", "slot", "container", "persistent", "image", "profile"),
+}
+
+Record = dict[str, Any]
+
+
+def make_record(kind: str, **fields: Any) -> Record:
+    """A record of `kind` carrying the contract version, fields after it."""
+    return {"coi": CONTRACT_VERSION, "kind": kind, **fields}
+
+
+def error_record(error: CoiError) -> Record:
+    """The JSON form of a failure: stable machine `code` plus the human `message`."""
+    return make_record("error", code=error.code, message=error.one_line(),
+                       exit_code=error.exit_code)
+
+
+def write_record(record: Mapping[str, Any], stream: IO[str] | None = None) -> None:
+    """Write one record as one line and flush, so a pipe reader sees it at once."""
+    out = stream or sys.stdout
+    out.write(json.dumps(record, sort_keys=False, default=str) + "\n")
+    out.flush()
+
+
+def write_records(records: Iterable[Mapping[str, Any]], stream: IO[str] | None = None) -> None:
+    """Write records as JSON Lines, each flushed as it is produced."""
+    for record in records:
+        write_record(record, stream)
+
+
+def validate(record: Any, kind: str | tuple[str, ...] | None = None) -> Record:
+    """Check a decoded record: an object, our contract version, a known kind, its fields."""
+    if not isinstance(record, dict):
+        raise BadInput(f"expected a JSON object, got {type(record).__name__}")
+    version = record.get("coi")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise BadInput("record has no integer 'coi' contract version")
+    if version > CONTRACT_VERSION:
+        raise BadInput(f"record uses contract version {version}; this coi reads up to "
+                       f"{CONTRACT_VERSION}", hint="upgrade coi")
+    got = record.get("kind")
+    wanted = (kind,) if isinstance(kind, str) else kind
+    if wanted and got not in wanted:
+        raise BadInput(f"expected a record of kind {' or '.join(wanted)}, got {got!r}")
+    missing = [f for f in REQUIRED_FIELDS.get(str(got), ()) if f not in record]
+    if missing:
+        raise BadInput(f"{got} record is missing field {', '.join(missing)}")
+    return record
+
+
+def parse_record(text: str, kind: str | tuple[str, ...] | None = None) -> Record:
+    """Decode and validate one record from text."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"input is not valid JSON: {exc.msg} at line {exc.lineno} "
+                       f"column {exc.colno}") from None
+    return validate(data, kind)
+
+
+def read_record(kind: str | tuple[str, ...] | None = None, stream: IO[str] | None = None) -> Record:
+    """Read the first record from stdin (or `stream`); empty input is an error."""
+    source = stream or sys.stdin
+    for line in source:
+        if line.strip():
+            return parse_record(line, kind)
+    raise BadInput("expected a JSON record on standard input, got nothing")
