@@ -88,7 +88,7 @@ def run_main(prog: str, doc: str, handler: Handler, argv: list[str] | None = Non
         # The reader went away (`coi list | head`); nothing useful left to say.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         status = EXIT_FAILED
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no traceback
+    except Exception as exc:
         if debug:
             traceback.print_exc()
         status = report(prog, CoiError(f"internal error: {type(exc).__name__}: {exc}",

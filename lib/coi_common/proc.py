@@ -67,20 +67,18 @@ def hand_over(argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> i
     The parent ignores SIGINT while waiting so Ctrl-C goes to the child alone,
     and a child killed by a signal reports 128+signal, as shells do.
     """
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The child is started before SIGINT is ignored here: an ignored signal
+    # would stay ignored across exec, and preexec_fn is unsafe with threads.
     try:
-        child = subprocess.Popen(list(argv), env=dict(env) if env is not None else None,
-                                 preexec_fn=_default_sigint)
-        returncode = child.wait()
+        child = subprocess.Popen(list(argv), env=dict(env) if env is not None else None)
     except FileNotFoundError:
         raise NotFound(f"program {argv[0]!r} is not installed") from None
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        returncode = child.wait()
     finally:
         signal.signal(signal.SIGINT, previous)
     return 128 - returncode if returncode < 0 else returncode
-
-
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def which(program: str) -> str | None:
@@ -90,3 +88,11 @@ def which(program: str) -> str | None:
         if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
             return candidate
     return None
+
+
+def spawn_detached(argv: Sequence[str], log_path: str) -> int:
+    """Start a long-lived daemon in its own session, output to log_path; return its pid."""
+    with open(log_path, "ab") as log:
+        child = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    return child.pid

@@ -1,0 +1,47 @@
+# coi: everyday targets. `make test` is the one command that runs every test
+# (CI runs it through .ci/run); `make shell` sets a fresh machine up and starts
+# a session in the current directory.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all venv setup test-deps test-image test lint shell build sweep clean
+
+all: venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	  || { echo "coi needs Python 3.11 or newer ($(PYTHON) is older)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+setup: venv
+	$(SUDO) bin/coi setup
+
+test-deps: venv
+	$(SUDO) tests/prepare
+
+test-image: setup test-deps
+	$(SUDO) $(PY) tests/image/build.py
+
+sweep: venv
+	$(SUDO) $(PY) tests/sweep.py
+
+lint: venv
+	$(PY) -m ruff check .
+
+test: test-image
+	$(PY) tests/run_all.py
+
+build: setup
+	bin/coi build
+
+shell: build
+	bin/coi shell
+
+clean:
+	rm -rf $(VENV) build *.egg-info tests/.results

@@ -1,0 +1,61 @@
+"""coi-host: prepare this machine for coi, check it, and show the configuration.
+
+Usage:
+  coi-host setup [--format FMT] [--debug]
+  coi-host doctor [--format FMT] [--debug]
+  coi-host config show [--workspace DIR] [--profile NAME] [--format FMT] [--debug]
+  coi-host (-h | --help)
+  coi-host --version
+
+Commands:
+  setup        Install Incus if absent, start it, and create what coi needs
+               (storage pool 'coi', bridge, profile 'coi'). Needs root.
+               Idempotent: a second run changes nothing.
+  doctor       Check Incus, permissions, pool, bridge, profile, image and
+               host tools; print a fix for each failing check. Exit 0 only
+               when every required check holds.
+  config show  Print the effective configuration and where each value came from.
+
+Options:
+  --format FMT      Output format: text or json [default: text].
+  --workspace DIR   Workspace whose .coi.toml applies [default: .].
+  --profile NAME    Apply the [profiles.NAME] table of the configuration.
+  --debug           Show tracebacks on errors.
+  -h --help         Show this help.
+
+Examples:
+  sudo coi setup
+  coi doctor --format json
+  coi config show --profile rust
+"""
+
+from __future__ import annotations
+
+from coi_common.entry import Args, run_main
+from coi_common.errors import UsageError
+
+FORMATS = ("text", "json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of coi-host."""
+    run_main("coi-host", __doc__ or "", dispatch, argv)
+
+
+def dispatch(args: Args) -> int:
+    """Run the chosen command; each returns the exit status."""
+    if args["--format"] not in FORMATS:
+        raise UsageError(f"unknown format {args['--format']!r}; use text or json")
+    as_json = args["--format"] == "json"
+    if args["setup"]:
+        from coi_host.setup import run_setup  # noqa: PLC0415 - setup pulls in sh and pyroute2
+
+        return run_setup(as_json=as_json)
+    if args["doctor"]:
+        from coi_host.doctor import run_doctor  # noqa: PLC0415
+
+        return run_doctor(as_json=as_json)
+    from coi_host.config_show import show_config  # noqa: PLC0415
+
+    return show_config(args["--workspace"], args["--profile"], as_json=as_json)
+

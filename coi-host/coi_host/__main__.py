@@ -1,0 +1,3 @@
+from coi_host import main
+
+main()

@@ -1,0 +1,188 @@
+"""Facts about this host that setup and doctor act on: distribution, packages,
+init system, filesystems, networks in use. Functions that decide are pure and
+take the facts as arguments, so tests can feed them any distribution.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shlex
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from coi_common import proc
+
+OS_RELEASE = "/etc/os-release"
+DEBIAN_SOURCES = "/etc/apt/sources.list.d/debian.sources"
+BACKPORTS_SOURCES = "/etc/apt/sources.list.d/coi-backports.sources"
+
+
+@dataclass(frozen=True)
+class Distro:
+    """The distribution, from /etc/os-release."""
+
+    id: str
+    version_id: str
+    codename: str
+    like: tuple[str, ...]
+    pretty: str
+
+
+@dataclass(frozen=True)
+class InstallPlan:
+    """How Incus gets installed here: apt (maybe from backports) or by the user."""
+
+    apt: bool
+    backports_suite: str = ""
+    message: str = ""
+
+
+def parse_os_release(text: str) -> Distro:
+    """Read the KEY=value lines of os-release (values may be quoted)."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, raw = line.partition("=")
+        if sep and re.fullmatch(r"[A-Z_]+", key):
+            parts = shlex.split(raw) if raw else [""]
+            values[key] = parts[0] if parts else ""
+    return Distro(id=values.get("ID", "unknown"), version_id=values.get("VERSION_ID", ""),
+                  codename=values.get("VERSION_CODENAME", ""),
+                  like=tuple(values.get("ID_LIKE", "").split()),
+                  pretty=values.get("PRETTY_NAME", values.get("ID", "unknown")))
+
+
+def read_distro(path: str = OS_RELEASE) -> Distro:
+    with open(path, encoding="utf-8") as f:
+        return parse_os_release(f.read())
+
+
+def _major(version: str) -> float:
+    try:
+        return float(version)
+    except ValueError:
+        return 0.0
+
+
+def install_plan(distro: Distro) -> InstallPlan:
+    """Where Incus comes from on this distribution."""
+    if distro.id == "debian" and distro.codename == "bookworm":
+        return InstallPlan(apt=True, backports_suite="bookworm-backports")
+    if distro.id == "debian" and _major(distro.version_id) >= 13:
+        return InstallPlan(apt=True)
+    if distro.id == "ubuntu" and _major(distro.version_id) >= 24.04:
+        return InstallPlan(apt=True)
+    hints = {
+        "arch": "pacman -S incus, then systemctl enable --now incus.socket",
+        "fedora": "dnf install incus, then systemctl enable --now incus.socket",
+        "ubuntu": "Ubuntu before 24.04 has no incus package; use the Zabbly repository",
+        "debian": "Debian before 12 has no incus package; upgrade, or use the Zabbly repository",
+    }
+    hint = hints.get(distro.id, "install Incus as its documentation describes for "
+                     f"{distro.pretty}, then run coi setup again")
+    return InstallPlan(apt=False, message=hint)
+
+
+def missing_packages(names: Iterable[str]) -> list[str]:
+    """The apt packages among `names` that are not installed."""
+    wanted = list(names)
+    result = proc.run(["dpkg-query", "-W", "-f", "${Package} ${db:Status-Status}\n", *wanted],
+                      check=False)
+    installed = {line.split()[0] for line in result.stdout.splitlines()
+                 if line.endswith(" installed")}
+    return [name for name in wanted if name not in installed]
+
+
+def backports_stanza(debian_sources: str, suite: str) -> str:
+    """A deb822 stanza for `suite` with the URIs and key of the main Debian archive."""
+    uris, signed_by = "http://deb.debian.org/debian", ""
+    for stanza in debian_sources.split("\n\n"):
+        fields = dict(_deb822_fields(stanza))
+        if "security" not in fields.get("URIs", "") and fields.get("URIs"):
+            uris, signed_by = fields["URIs"], fields.get("Signed-By", "")
+            break
+    lines = ["Types: deb", f"URIs: {uris}", f"Suites: {suite}", "Components: main"]
+    if signed_by:
+        lines.append(f"Signed-By: {signed_by}")
+    return "\n".join(lines) + "\n"
+
+
+def _deb822_fields(stanza: str) -> Iterable[tuple[str, str]]:
+    for line in stanza.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and not line.startswith((" ", "#")):
+            yield key.strip(), value.strip()
+
+
+def enable_backports(suite: str) -> None:
+    """Add the backports suite to apt's sources once (skipped when any source has it)."""
+    folder = Path(BACKPORTS_SOURCES).parent
+    sources = [*folder.iterdir(), Path("/etc/apt/sources.list")]
+    if any(suite in _read(path) for path in sources):
+        return
+    Path(BACKPORTS_SOURCES).write_text(backports_stanza(_read(Path(DEBIAN_SOURCES)), suite),
+                                       encoding="utf-8")
+
+
+def _read(path: Path) -> str:
+    """A text file's content, or "" when it is missing or not a file."""
+    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+
+
+def has_systemd() -> bool:
+    """True when systemd is the running init (it then manages incusd)."""
+    return os.path.isdir("/run/systemd/system")
+
+
+def filesystems(path: str = "/proc/filesystems") -> set[str]:
+    with open(path, encoding="utf-8") as f:
+        return {line.split()[-1] for line in f if line.strip()}
+
+
+def choose_pool_driver(has_zfs: bool, has_btrfs: bool) -> str:
+    """ZFS, then btrfs (both copy-on-write: ~0.35 s launches), else dir (~5 s)."""
+    if has_zfs:
+        return "zfs"
+    return "btrfs" if has_btrfs else "dir"
+
+
+def best_pool_driver() -> str:
+    has_zfs = os.path.isdir("/sys/module/zfs") and proc.which("zpool") is not None
+    has_btrfs = "btrfs" in filesystems() and proc.which("mkfs.btrfs") is not None
+    return choose_pool_driver(has_zfs, has_btrfs)
+
+
+def used_networks() -> list[ipaddress.IPv4Network]:
+    """IPv4 networks this host routes to, holds addresses in, or sends DNS to."""
+    from pyroute2 import IPRoute  # noqa: PLC0415 - 100-200 ms; only setup needs netlink
+
+    used: list[ipaddress.IPv4Network] = []
+    with IPRoute() as ipr:
+        for route in ipr.get_routes(family=2):
+            dst = route.get_attr("RTA_DST")
+            if dst and route["dst_len"] > 0:
+                used.append(ipaddress.IPv4Network(f"{dst}/{route['dst_len']}", strict=False))
+        for addr in ipr.get_addr(family=2):
+            used.append(ipaddress.IPv4Network(
+                f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}", strict=False))
+    used.extend(_resolver_networks())
+    return used
+
+
+def _resolver_networks(path: str = "/etc/resolv.conf") -> list[ipaddress.IPv4Network]:
+    found = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver" and "." in parts[1]:
+                    found.append(ipaddress.IPv4Network(f"{parts[1]}/16", strict=False))
+    return found
+
+
+def kernel_features(server: Mapping[str, object]) -> Mapping[str, str]:
+    """Incus's view of the kernel (idmapped_mounts, ...) from GET /1.0."""
+    env = server.get("environment", {})
+    return env.get("kernel_features", {}) if isinstance(env, dict) else {}

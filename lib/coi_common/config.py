@@ -1,0 +1,457 @@
+"""The one configuration loader of coi: layered TOML, a typed schema, a source per value.
+
+Layers, lowest precedence first: built-in defaults, the system file, the user
+file, the project's `.coi.toml`, `COI_<SECTION>_<KEY>` environment variables,
+a `[profiles.NAME]` table chosen by the caller, and command-line flags. Each
+layer replaces whole values key by key (a profile's `environment` is the one
+merge: it is laid over `defaults.environment` name by name). Every mistake is
+a ConfigError of one line naming where it was made. Config is data: nothing
+in it is evaluated, and no `$VAR` in a value is expanded.
+
+This module runs on every command, so it imports only cheap stdlib modules;
+JSON and protocol code are imported where they are rendered.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import types
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from coi_common.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Key:
+    """The type, default and limits of one config key."""
+
+    kind: str  # "str", "bool", "int", "list" (of strings) or "table" (string to string)
+    default: Any
+    choices: tuple[str, ...] = ()
+    minimum: int | None = None
+    maximum: int | None = None
+
+
+NETWORK_MODES: Final = ("restricted", "open", "allowlist")
+
+SCHEMA: Final[Mapping[str, Mapping[str, Key]]] = {
+    "defaults": {
+        "image": Key("str", "coi"),
+        "persistent": Key("bool", False),
+        "mount_claude_config": Key("bool", True),
+        "max_slots": Key("int", 10, minimum=1, maximum=99),
+        "environment": Key("table", {}),
+    },
+    "tool": {
+        "name": Key("str", "claude"),
+        "binary": Key("str", ""),
+    },
+    "paths": {
+        "sessions_dir": Key("str", "~/.coi/sessions"),
+        "storage_dir": Key("str", "~/.coi/storage"),
+        "logs_dir": Key("str", "~/.coi/logs"),
+        "state_dir": Key("str", "~/.coi"),
+    },
+    "incus": {
+        "project": Key("str", "default"),
+        "group": Key("str", "incus-admin"),
+        "claude_uid": Key("int", 1000, minimum=0),
+        "profile": Key("str", "coi"),
+        "pool": Key("str", "coi"),
+        "network": Key("str", "coibr0"),
+        "socket": Key("str", ""),
+    },
+    "network": {
+        "mode": Key("str", "restricted", choices=NETWORK_MODES),
+        "allowed_domains": Key("list", []),
+        "refresh_interval_minutes": Key("int", 30, minimum=0),
+        "resolvers": Key("list", []),
+    },
+    "image": {
+        "base": Key("str", ""),
+        "tools": Key("list", []),
+        "extra_ca_certificates": Key("list", []),
+        "host_ca_certificates": Key("bool", True),
+        "mirror": Key("str", ""),
+    },
+}
+
+# Sections whose entries are named tables rather than schema keys.
+TABLE_SECTIONS: Final = ("profiles", "tools")
+
+# What each profile key overrides; the profile key takes the target's type.
+PROFILE_TARGETS: Final[Mapping[str, str]] = {
+    "image": "defaults.image",
+    "persistent": "defaults.persistent",
+    "environment": "defaults.environment",
+    "tool": "tool.name",
+    "network": "network.mode",
+}
+
+NAME_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+SYSTEM_CONFIG: Final = "/etc/coi/config.toml"
+PROJECT_FILE: Final = ".coi.toml"
+
+DEFAULT_SOURCE: Final = "default"
+CLI_SOURCE: Final = "command line"
+
+_TRUE_WORDS: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE_WORDS: Final = frozenset({"0", "false", "no", "off"})
+_INT_TEXT: Final = re.compile(r"[+-]?[0-9]+")
+
+# TOML basic-string escapes; the same text is valid in error messages and output.
+_ESCAPES: Final = {
+    **{code: f"\\u{code:04x}" for code in [*range(0x20), 0x7F]},
+    ord('"'): '\\"', ord("\\"): "\\\\", ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r",
+}
+_BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The effective configuration: a value and its source for every key.
+
+    Keys are dotted: `defaults.persistent` for schema keys, `profiles.NAME`
+    and `tools.NAME` for named tables. `values` keeps the order of items().
+    """
+
+    values: Mapping[str, Any]
+    sources: Mapping[str, str]
+    files: tuple[str, ...] = ()
+    profile: str | None = None
+
+    def get(self, dotted_key: str) -> Any:
+        """The value of `dotted_key`, copied so callers cannot change the config."""
+        return copy.deepcopy(self.values[dotted_key])
+
+    def source(self, dotted_key: str) -> str:
+        """Where the value came from: "default", a file path, "env COI_X_Y",
+        "profile NAME (<file>)" or "command line"."""
+        return self.sources[dotted_key]
+
+    def path(self, dotted_key: str) -> str:
+        """A path-valued key with `~` expanded."""
+        return expand_path(self.values[dotted_key])
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The keys of one section (or the named tables of profiles/tools) as a dict."""
+        if name not in SCHEMA and name not in TABLE_SECTIONS:
+            raise KeyError(name)
+        prefix = name + "."
+        return {key[len(prefix):]: copy.deepcopy(value)
+                for key, value in self.values.items() if key.startswith(prefix)}
+
+    @property
+    def profiles(self) -> dict[str, dict[str, Any]]:
+        """The `[profiles.NAME]` tables, validated; source("profiles.NAME") is their file."""
+        return self.section("profiles")
+
+    @property
+    def tools(self) -> dict[str, dict[str, Any]]:
+        """The raw `[tools.NAME]` tables; source("tools.NAME") is the file for messages."""
+        return self.section("tools")
+
+    def items(self) -> Iterator[tuple[str, Any, str]]:
+        """(dotted key, value, source) for every key: schema order, then profiles, then tools."""
+        for key, value in self.values.items():
+            yield key, copy.deepcopy(value), self.sources[key]
+
+
+def expand_path(value: str) -> str:
+    """Expand a leading `~` or `~user`; `$VAR` stays literal because config is data."""
+    return os.path.expanduser(value)
+
+
+def load(workspace: str | None = None, *, profile: str | None = None,
+         cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read every layer and return the effective configuration.
+
+    `workspace` None leaves out the project file; `env` defaults to os.environ
+    and also decides where the system and user files are. `cli` maps dotted
+    keys to flag values; None values (flags not given) are skipped. Raises
+    ConfigError for any invalid file, variable, flag or unknown profile.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for section, keys in SCHEMA.items():
+        for key, spec in keys.items():
+            values[f"{section}.{key}"] = copy.deepcopy(spec.default)
+            sources[f"{section}.{key}"] = DEFAULT_SOURCE
+    files = []
+    for path in config_files(workspace, env):
+        data = _read_toml(path)
+        if data is not None:
+            files.append(path)
+            _apply_file(path, data, values, sources)
+    _apply_env(env, values, sources)
+    if profile is not None:
+        _apply_profile(profile, values, sources)
+    if cli:
+        _apply_cli(cli, values, sources)
+    # Named tables were added as files were read; put them after the schema keys, by name.
+    order = [k for k in values if k.split(".", 1)[0] not in TABLE_SECTIONS]
+    for section in TABLE_SECTIONS:
+        order += sorted(k for k in values if k.startswith(section + "."))
+    return Config(values=types.MappingProxyType({k: values[k] for k in order}),
+                  sources=types.MappingProxyType({k: sources[k] for k in order}),
+                  files=tuple(files), profile=profile)
+
+
+def config_files(workspace: str | None, env: Mapping[str, str]) -> list[str]:
+    """The system, user and project file paths, lowest precedence first (existing or not)."""
+    system = env.get("COI_SYSTEM_CONFIG") or SYSTEM_CONFIG
+    home = env.get("HOME") or os.path.expanduser("~")
+    xdg = env.get("XDG_CONFIG_HOME", "")
+    # The XDG spec says a relative XDG_CONFIG_HOME is invalid and must be ignored.
+    config_home = xdg if os.path.isabs(xdg) else os.path.join(home, ".config")
+    paths = [os.path.abspath(system), os.path.join(config_home, "coi", "config.toml")]
+    if workspace is not None:
+        paths.append(os.path.join(os.path.realpath(workspace), PROJECT_FILE))
+    return paths
+
+
+def _read_toml(path: str) -> dict[str, Any] | None:
+    """The parsed file, or None when it does not exist."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 text at byte {exc.start}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def _apply_file(path: str, data: Mapping[str, Any], values: dict[str, Any],
+                sources: dict[str, str]) -> None:
+    """Validate one parsed file and lay its values over `values`."""
+    for section, table in data.items():
+        if section in TABLE_SECTIONS:
+            _apply_named_tables(path, section, table, values, sources)
+            continue
+        keys = SCHEMA.get(section)
+        if keys is None:
+            known = ", ".join([*SCHEMA, *TABLE_SECTIONS])
+            raise ConfigError(f"{path}: unknown section [{section}] (known: {known})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: {section} must be a table ([{section}]), "
+                              f"got {_describe(table)}")
+        for key, value in table.items():
+            dotted = f"{section}.{key}"
+            if key not in keys:
+                raise ConfigError(f"{path}: unknown key {dotted} "
+                                  f"(known in [{section}]: {', '.join(keys)})")
+            values[dotted] = _check(path, dotted, keys[key], value)
+            sources[dotted] = path
+
+
+def _apply_named_tables(path: str, section: str, tables: Any, values: dict[str, Any],
+                        sources: dict[str, str]) -> None:
+    """[profiles.NAME] / [tools.NAME]: a later file replaces a table of the same name whole."""
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{path}: {section} must be a table of [{section}.NAME] tables, "
+                          f"got {_describe(tables)}")
+    for name, raw in tables.items():
+        dotted = f"{section}.{name}"
+        if not NAME_PATTERN.fullmatch(name):
+            raise ConfigError(f"{path}: {section} name {_quote(name)} must be 1 to 32 "
+                              "characters of a-z, 0-9, '_' and '-', starting with a letter "
+                              "or digit")
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: {dotted} must be a table, got {_describe(raw)}")
+        table = dict(raw)
+        if section == "profiles":
+            table = {key: _check(path, f"{dotted}.{key}", _profile_key(path, dotted, key), value)
+                     for key, value in raw.items()}
+        values[dotted] = table
+        sources[dotted] = path
+
+
+def _profile_key(path: str, dotted: str, key: str) -> Key:
+    if key not in PROFILE_TARGETS:
+        raise ConfigError(f"{path}: unknown key {dotted}.{key} "
+                          f"(known in a profile: {', '.join(PROFILE_TARGETS)})")
+    section, name = PROFILE_TARGETS[key].split(".")
+    return SCHEMA[section][name]
+
+
+def _apply_env(env: Mapping[str, str], values: dict[str, Any], sources: dict[str, str]) -> None:
+    """COI_<SECTION>_<KEY> variables; other COI_* variables belong to other parts of coi."""
+    for variable in sorted(env):
+        section = next((s for s in SCHEMA if variable.startswith(f"COI_{s.upper()}_")), None)
+        if section is None:
+            continue
+        where = f"env {variable}"
+        suffix = variable[len(section) + 5:]
+        key = next((k for k in SCHEMA[section] if k.upper() == suffix), None)
+        if key is None:
+            raise ConfigError(f"{where}: unknown key {section}.{suffix.lower()} "
+                              f"(known in [{section}]: {', '.join(SCHEMA[section])})")
+        dotted = f"{section}.{key}"
+        spec = SCHEMA[section][key]
+        if spec.kind == "table":
+            raise ConfigError(f"{where}: {dotted} is a table and cannot be set from the "
+                              "environment; set it in a config file")
+        value = _parse_text(where, dotted, spec, env[variable])
+        values[dotted] = _check(where, dotted, spec, value)
+        sources[dotted] = where
+
+
+def _apply_profile(name: str, values: dict[str, Any], sources: dict[str, str]) -> None:
+    dotted = f"profiles.{name}"
+    if dotted not in values:
+        known = sorted(k.split(".", 1)[1] for k in values if k.startswith("profiles."))
+        raise ConfigError(f"no profile {name!r} in the configuration "
+                          f"(known: {', '.join(known) or 'none'})")
+    where = f"profile {name} ({sources[dotted]})"
+    for key, value in values[dotted].items():
+        target = PROFILE_TARGETS[key]
+        merged = {**values[target], **value} if key == "environment" else value
+        values[target] = copy.deepcopy(merged)
+        sources[target] = where
+
+
+def _apply_cli(cli: Mapping[str, Any], values: dict[str, Any], sources: dict[str, str]) -> None:
+    """Flag values by dotted key; strings are parsed like env values, since docopt gives text."""
+    for dotted, raw in cli.items():
+        if raw is None:
+            continue
+        section, _, key = dotted.partition(".")
+        spec = SCHEMA.get(section, {}).get(key)
+        if spec is None:
+            raise ConfigError(f"{CLI_SOURCE}: unknown key {dotted}")
+        value = raw
+        if isinstance(raw, str) and spec.kind != "str":
+            value = _parse_text(CLI_SOURCE, dotted, spec, raw)
+        elif isinstance(raw, tuple):
+            value = list(raw)
+        values[dotted] = _check(CLI_SOURCE, dotted, spec, value)
+        sources[dotted] = CLI_SOURCE
+
+
+def _parse_text(where: str, dotted: str, spec: Key, text: str) -> Any:
+    """Turn the text of an env variable (or a flag) into a value of the key's type."""
+    word = text.strip()
+    if spec.kind == "bool":
+        if word.lower() in _TRUE_WORDS:
+            return True
+        if word.lower() in _FALSE_WORDS:
+            return False
+        raise ConfigError(f"{where}: {dotted} must be a boolean (true/false, yes/no, on/off, "
+                          f"1/0), got {_quote(text)}")
+    if spec.kind == "int":
+        if not _INT_TEXT.fullmatch(word):
+            raise ConfigError(f"{where}: {dotted} must be an integer, got {_quote(text)}")
+        return int(word)
+    if spec.kind == "list":
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return text
+
+
+def _check(where: str, dotted: str, spec: Key, value: Any) -> Any:
+    """`value` if it fits `spec` (lists and tables copied), else a ConfigError."""
+    if spec.kind == "list" and isinstance(value, list):
+        for item in value:
+            if not isinstance(item, str):
+                raise ConfigError(f"{where}: {dotted} must be a list of strings, "
+                                  f"got {_describe(item)} in the list")
+        return list(value)
+    if spec.kind == "table" and isinstance(value, dict):
+        for name, item in value.items():
+            if not isinstance(item, str):
+                raise ConfigError(f"{where}: {dotted}.{name} must be a string, "
+                                  f"got {_describe(item)}")
+        return dict(value)
+    fits = {
+        "str": isinstance(value, str),
+        "bool": isinstance(value, bool),
+        # bool is a subclass of int; `max_slots = true` is a mistake, not 1.
+        "int": isinstance(value, int) and not isinstance(value, bool),
+    }.get(spec.kind, False)
+    if not fits:
+        raise ConfigError(f"{where}: {dotted} must be {_expected(spec)}, got {_describe(value)}")
+    if spec.choices and value not in spec.choices:
+        raise ConfigError(f"{where}: {dotted} must be one of {', '.join(spec.choices)}, "
+                          f"got {_describe(value)}")
+    too_low = spec.minimum is not None and value < spec.minimum
+    too_high = spec.maximum is not None and value > spec.maximum
+    if too_low or too_high:
+        raise ConfigError(f"{where}: {dotted} must be {_expected(spec)}, got {_describe(value)}")
+    return value
+
+
+def _expected(spec: Key) -> str:
+    if spec.kind == "int" and spec.maximum is not None:
+        return f"an integer from {spec.minimum} to {spec.maximum}"
+    if spec.kind == "int" and spec.minimum is not None:
+        return f"an integer of {spec.minimum} or more"
+    return {"str": "a string", "bool": "a boolean", "int": "an integer",
+            "list": "a list of strings", "table": "a table of strings"}[spec.kind]
+
+
+def _describe(value: Any) -> str:
+    """How a wrong value reads in a one-line message: its TOML type and, if short, itself."""
+    if isinstance(value, bool):
+        return f"boolean {'true' if value else 'false'}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"float {value!r}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 60 else value[:57] + "..."
+        return f"string {_quote(shown)}"
+    if isinstance(value, list):
+        return "an array"
+    return "a table" if isinstance(value, dict) else "a date/time"
+
+
+def _quote(text: str) -> str:
+    return '"' + text.translate(_ESCAPES) + '"'
+
+
+def _toml_value(value: Any) -> str:
+    """A TOML-like spelling of a config value for `coi config show`."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return _quote(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        pairs = ", ".join(f"{k if _BARE_KEY.fullmatch(k) else _quote(k)} = {_toml_value(v)}"
+                          for k, v in value.items())
+        return "{ " + pairs + " }" if pairs else "{}"
+    return str(value)  # TOML dates and times print as their ISO text
+
+
+def render_text(config: Config) -> str:
+    """One `key = value  # source` line per key, in items() order."""
+    return "".join(f"{key} = {_toml_value(value)}  # {source}\n"
+                   for key, value, source in config.items())
+
+
+def render_json(config: Config) -> dict[str, Any]:
+    """The `config` protocol record: each key's value and source, and the files read."""
+    from coi_common.protocol import make_record  # noqa: PLC0415 - json is not needed to load
+
+    values = {key: {"value": value, "source": source} for key, value, source in config.items()}
+    return make_record("config", values=values, files=list(config.files),
+                       profile=config.profile)

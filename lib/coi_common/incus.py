@@ -1,0 +1,256 @@
+"""The one module that talks to Incus.
+
+Data goes over Incus's REST API on its unix socket, in-process: one request
+costs ~15-20 ms here against ~40-70 ms for an `incus` CLI call (measured; see
+README), and it always answers JSON whatever the user's CLI config says. What
+the REST API makes awkward from Python (interactive exec with a terminal,
+recursive file transfer, image import from tarballs) goes through the `incus`
+CLI, also from here, via `cli()`.
+
+Every failure becomes a typed error: NotFound, AlreadyExists,
+IncusUnavailable, PermissionDenied, or IncusError carrying Incus's message.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+from urllib.parse import quote, urlencode
+
+from coi_common import proc
+from coi_common.errors import (
+    AlreadyExists,
+    CommandFailed,
+    IncusError,
+    IncusUnavailable,
+    NotFound,
+    PermissionDenied,
+)
+
+SOCKET_CANDIDATES: Final = ("/var/lib/incus/unix.socket", "/run/incus/unix.socket")
+JOIN_GROUP_HINT: Final = ("join the incus-admin group: sudo usermod -aG incus-admin $USER, "
+                          "then log in again")
+START_HINT: Final = "start it with 'coi setup' (or 'systemctl start incus')"
+
+
+def socket_path(configured: str = "") -> str:
+    """The daemon's unix socket: config, then $INCUS_SOCKET, $INCUS_DIR, the usual places."""
+    if configured:
+        return configured
+    if os.environ.get("INCUS_SOCKET"):
+        return os.environ["INCUS_SOCKET"]
+    if os.environ.get("INCUS_DIR"):
+        return os.path.join(os.environ["INCUS_DIR"], "unix.socket")
+    for candidate in SOCKET_CANDIDATES:
+        if os.path.exists(candidate):
+            return candidate
+    return SOCKET_CANDIDATES[0]
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("incus", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def _error_for(status: int, message: str, what: str) -> Exception:
+    text = f"{what}: {message}" if what else message
+    if status == 404:
+        return NotFound(text)
+    if status == 409 or "already exists" in message.lower():
+        return AlreadyExists(text)
+    if status == 403:
+        return PermissionDenied(text, hint=JOIN_GROUP_HINT)
+    return IncusError(text)
+
+
+class Incus:
+    """A client for one Incus daemon and project."""
+
+    def __init__(self, socket: str = "", project: str = "default", timeout: float = 30.0) -> None:
+        self.socket = socket_path(socket)
+        self.project = project
+        self.timeout = timeout
+
+    # -- raw REST ---------------------------------------------------------
+
+    def request(self, method: str, path: str, body: Any = None, *,
+                params: Mapping[str, str] | None = None, what: str = "",
+                wait: bool = True) -> Any:
+        """One REST call; returns `metadata`, waiting for async operations when asked.
+
+        `what` names the object for error messages ("container coi-ab-1").
+        """
+        query = {"project": self.project, **(params or {})}
+        url = f"{path}?{urlencode(query)}"
+        reply = self._send(method, url, body)
+        if reply.get("type") == "error":
+            raise _error_for(int(reply.get("error_code") or 0), str(reply.get("error")), what)
+        if reply.get("type") == "async" and wait:
+            return self.wait_operation(reply["operation"], what=what)
+        return reply.get("metadata")
+
+    def _send(self, method: str, url: str, body: Any) -> dict[str, Any]:
+        conn = _UnixConnection(self.socket, self.timeout)
+        payload = None if body is None else json.dumps(body)
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        try:
+            conn.request(method, url, body=payload, headers=headers)
+            raw = conn.getresponse().read()
+        except FileNotFoundError:
+            raise IncusUnavailable(f"Incus is not running (no socket at {self.socket})",
+                                   hint=START_HINT) from None
+        except ConnectionRefusedError:
+            raise IncusUnavailable(f"Incus is not answering on {self.socket}",
+                                   hint=START_HINT) from None
+        except PermissionError:
+            raise PermissionDenied(f"no permission to use the Incus socket {self.socket}",
+                                   hint=JOIN_GROUP_HINT) from None
+        except TimeoutError:
+            raise IncusUnavailable(f"Incus did not answer within {self.timeout:g} s") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise IncusUnavailable(f"cannot talk to Incus on {self.socket}: {exc}") from None
+        finally:
+            conn.close()
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            raise IncusError(f"Incus answered something that is not JSON: {raw[:80]!r}") from None
+
+    def wait_operation(self, operation: str, *, what: str = "", timeout: int = 600) -> Any:
+        """Wait for a background operation; raise its error if it failed."""
+        result = self.request("GET", f"{operation}/wait", params={"timeout": str(timeout)},
+                              what=what)
+        if result and result.get("status_code", 200) >= 400:
+            raise _error_for(int(result["status_code"]), str(result.get("err")), what)
+        return result
+
+    # -- server -------------------------------------------------------------
+
+    def server(self) -> dict[str, Any]:
+        """GET /1.0: API and server versions, environment, trust."""
+        return self.request("GET", "/1.0")
+
+    def server_version(self) -> str:
+        return str(self.server().get("environment", {}).get("server_version", "unknown"))
+
+    # -- instances ----------------------------------------------------------
+
+    def instances(self, prefix: str = "") -> list[dict[str, Any]]:
+        """Every instance with its state, in one request; only names starting with prefix."""
+        found = self.request("GET", "/1.0/instances", params={"recursion": "2"}) or []
+        return [i for i in found if i["name"].startswith(prefix)]
+
+    def instance(self, name: str) -> dict[str, Any]:
+        return self.request("GET", f"/1.0/instances/{_seg(name)}",
+                            params={"recursion": "1"}, what=f"container {name}")
+
+    def instance_exists(self, name: str) -> bool:
+        try:
+            self.instance(name)
+        except NotFound:
+            return False
+        return True
+
+    def create_instance(self, name: str, image_alias: str, *, profiles: Sequence[str] = (),
+                        config: Mapping[str, str] | None = None,
+                        devices: Mapping[str, Mapping[str, str]] | None = None,
+                        ephemeral: bool = False, start: bool = False) -> None:
+        """Create a container from a local image alias (and start it when asked)."""
+        body = {"name": name, "type": "container", "ephemeral": ephemeral, "start": start,
+                "profiles": list(profiles) or ["default"], "config": dict(config or {}),
+                "devices": {k: dict(v) for k, v in (devices or {}).items()},
+                "source": {"type": "image", "alias": image_alias}}
+        self.request("POST", "/1.0/instances", body, what=f"container {name}")
+
+    def set_state(self, name: str, action: str, *, force: bool = False,
+                  timeout: int = -1) -> None:
+        """start, stop, restart, freeze or unfreeze a container."""
+        body = {"action": action, "force": force, "timeout": timeout}
+        self.request("PUT", f"/1.0/instances/{_seg(name)}/state", body,
+                     what=f"container {name}")
+
+    def delete_instance(self, name: str) -> None:
+        self.request("DELETE", f"/1.0/instances/{_seg(name)}", what=f"container {name}")
+
+    # -- images ---------------------------------------------------------------
+
+    def images(self) -> list[dict[str, Any]]:
+        return self.request("GET", "/1.0/images", params={"recursion": "1"}) or []
+
+    def image_by_alias(self, alias: str) -> dict[str, Any] | None:
+        """The image an alias points at, or None when there is no such alias."""
+        try:
+            target = self.request("GET", f"/1.0/images/aliases/{_seg(alias)}",
+                                  what=f"image {alias}")
+        except NotFound:
+            return None
+        return self.request("GET", f"/1.0/images/{_seg(target['target'])}",
+                            what=f"image {alias}")
+
+    def delete_image(self, fingerprint: str) -> None:
+        self.request("DELETE", f"/1.0/images/{_seg(fingerprint)}", what=f"image {fingerprint}")
+
+    # -- host objects (pools, networks, profiles) ---------------------------------
+
+    def get_optional(self, path: str) -> dict[str, Any] | None:
+        """GET a single object; None when it does not exist."""
+        try:
+            return self.request("GET", path)
+        except NotFound:
+            return None
+
+    def names(self, collection: str) -> list[str]:
+        """Names in a collection such as /1.0/networks, from its URL list."""
+        urls = self.request("GET", collection) or []
+        return [url.rstrip("/").rsplit("/", 1)[-1] for url in urls]
+
+    def create(self, collection: str, body: Mapping[str, Any], *, what: str) -> None:
+        self.request("POST", collection, dict(body), what=what)
+
+    # -- CLI ----------------------------------------------------------------------
+
+    def cli(self, args: Sequence[str], *, input_text: str | None = None, check: bool = True,
+            timeout: float | None = None) -> proc.Result:
+        """Run `incus ARGS` in our project, mapping its failures to typed errors."""
+        argv = ["incus", "--project", self.project, *args]
+        try:
+            return proc.run(argv, input_text=input_text, check=check, timeout=timeout)
+        except NotFound:
+            raise IncusUnavailable("the incus command is not installed",
+                                   hint="run 'coi setup' to install Incus") from None
+        except CommandFailed as exc:
+            raise _cli_error(exc.message) from None
+
+
+def _cli_error(message: str) -> Exception:
+    lower = message.lower()
+    if "not found" in lower:
+        return NotFound(message)
+    if "permission denied" in lower:
+        return PermissionDenied(message, hint=JOIN_GROUP_HINT)
+    if "unix.socket" in lower or ("daemon" in lower and "running" in lower):
+        return IncusUnavailable(message, hint=START_HINT)
+    return _error_for(0, message, "")
+
+
+def _seg(name: str) -> str:
+    """One URL path segment; names are validated elsewhere, this keeps '/' out regardless."""
+    return quote(name, safe="")
+
+
+def connect(config: Any = None) -> Incus:
+    """A client set up from the effective config's [incus] section (socket, project)."""
+    if config is None:
+        return Incus()
+    return Incus(socket=config.get("incus.socket"), project=config.get("incus.project"))

@@ -1,0 +1,244 @@
+"""Names coi gives to things, and the validators every outside name passes first.
+
+A container is named `<prefix><hash8>-<slot>`: the prefix keeps coi's
+containers apart from everything else on the host (and tests apart from a
+user's sessions), the hash ties a container to one workspace directory
+however it was reached, and the slot lets several sessions share it.
+
+Every name that arrives from a user, a config file or stdin goes through a
+validator here before it reaches a path, an `incus` argument or a file name.
+The validators return the value unchanged, or raise BadInput with one line
+saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final
+
+from coi_common.errors import BadInput, NotFound
+
+PREFIX_VARIABLE: Final = "COI_CONTAINER_PREFIX"
+DEFAULT_PREFIX: Final = "coi-"
+PREFIX_MAX_LEN: Final = 20
+HASH_LEN: Final = 8
+DEFAULT_MAX_SLOTS: Final = 10
+SLOT_CEILING: Final = 999
+"""No configuration may allow more slots; it keeps container names short."""
+
+AUTO_SLOT: Final = 0
+"""The slot value that asks coi to pick the lowest free slot."""
+
+SESSION_ID_PATTERN: Final = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{12}")
+"""What new_session_id() produces: UTC `YYYYmmdd-HHMMSS-` plus 12 random hex digits."""
+
+_LOWER: Final = "abcdefghijklmnopqrstuvwxyz"
+_LETTERS: Final = _LOWER + _LOWER.upper()
+_DIGITS: Final = "0123456789"
+_SHOW_MAX: Final = 40
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """The character-level shape of one kind of name."""
+
+    what: str
+    max_len: int
+    allowed: str
+    first: str
+    summary: str
+
+
+_CONTAINER_RULE: Final = _Rule(
+    "container name", 63, _LETTERS + _DIGITS + "-", _LETTERS,
+    "1-63 ASCII letters, digits and dashes, starting with a letter, not ending with a dash")
+_IMAGE_RULE: Final = _Rule(
+    "image name", 128, _LETTERS + _DIGITS + "._-", _LETTERS + _DIGITS,
+    "1-128 ASCII letters, digits, '.', '_' and '-', starting with a letter or digit")
+_SESSION_RULE: Final = _Rule(
+    "session id", 64, _LETTERS + _DIGITS + "_-", _LETTERS + _DIGITS,
+    "1-64 ASCII letters, digits, '_' and '-', starting with a letter or digit")
+_TOOL_RULE: Final = _Rule(
+    "tool name", 32, _LOWER + _DIGITS + "_-", _LOWER,
+    "1-32 lowercase ASCII letters, digits, '_' and '-', starting with a letter")
+_PREFIX_RULE: Final = _Rule(
+    PREFIX_VARIABLE, PREFIX_MAX_LEN, _LOWER + _DIGITS + "-", _LOWER,
+    "2-20 lowercase ASCII letters, digits and dashes, starting with a letter, ending with '-'")
+
+
+def _show(value: object) -> str:
+    """A value as it may appear in a one-line message: quoted, escaped, shortened."""
+    if isinstance(value, str) and len(value) > _SHOW_MAX:
+        return repr(value[:_SHOW_MAX]) + "..."
+    # repr() of a huge int is slow and, past 4300 digits, raises ValueError.
+    if isinstance(value, int) and value.bit_length() > 64:
+        return "a very large number"
+    return repr(value)
+
+
+def _check(rule: _Rule, value: object) -> str:
+    """Apply `rule` to `value`; the first problem found becomes the message."""
+    if not isinstance(value, str):
+        raise BadInput(f"{rule.what} must be a string, got {type(value).__name__}",
+                       hint=rule.summary)
+    problem = _problem(rule, value)
+    if problem:
+        raise BadInput(f"{rule.what} {_show(value)} {problem}", hint=rule.summary)
+    return value
+
+
+def _problem(rule: _Rule, value: str) -> str | None:
+    if not value:
+        return "is empty"
+    if len(value) > rule.max_len:
+        return f"is too long ({len(value)} characters, at most {rule.max_len})"
+    bad = next((c for c in value if c not in rule.allowed), None)
+    if bad is not None:
+        return f"contains the character {bad!r}, which is not allowed"
+    if value[0] not in rule.first:
+        return f"may not start with {value[0]!r}"
+    return None
+
+
+def _fail(rule: _Rule, value: str, problem: str) -> BadInput:
+    return BadInput(f"{rule.what} {_show(value)} {problem}", hint=rule.summary)
+
+
+def validate_container_name(name: object) -> str:
+    """An Incus instance name: a host name label (1-63 chars, letter first, no trailing dash)."""
+    value = _check(_CONTAINER_RULE, name)
+    if value.endswith("-"):
+        raise _fail(_CONTAINER_RULE, value, "may not end with '-'")
+    return value
+
+
+def validate_image_name(name: object) -> str:
+    """An image alias coi may create or use; never a path, never an option."""
+    value = _check(_IMAGE_RULE, name)
+    if ".." in value:
+        raise _fail(_IMAGE_RULE, value, "may not contain '..'")
+    return value
+
+
+def validate_session_id(session_id: object) -> str:
+    """A session id as it may name a directory under the sessions store.
+
+    Wider than SESSION_ID_PATTERN so ids saved by older versions stay usable.
+    """
+    return _check(_SESSION_RULE, session_id)
+
+
+def validate_tool_name(name: object) -> str:
+    """The name of an AI coding tool, as used for its TOML file and config table."""
+    return _check(_TOOL_RULE, name)
+
+
+def validate_prefix(prefix: object) -> str:
+    """A container name prefix: lowercase, letter first, dash last, at most 20 chars."""
+    value = _check(_PREFIX_RULE, prefix)
+    if not value.endswith("-"):
+        raise _fail(_PREFIX_RULE, value, "must end with '-'")
+    return value
+
+
+def validate_slot(value: object, max_slots: int = DEFAULT_MAX_SLOTS, *,
+                  allow_auto: bool = False) -> int:
+    """A slot number 1..max_slots from an int or a plain decimal string.
+
+    With allow_auto, 0 is accepted too and means "pick a free slot". Booleans,
+    floats, signs, spaces and leading zeros are refused so that exactly one
+    spelling maps to each slot.
+    """
+    if not isinstance(max_slots, int) or isinstance(max_slots, bool) or \
+            not 1 <= max_slots <= SLOT_CEILING:
+        raise BadInput(f"max_slots {_show(max_slots)} must be an integer 1..{SLOT_CEILING}")
+    slot = _slot_number(value)
+    low = AUTO_SLOT if allow_auto else 1
+    if not low <= slot <= max_slots:
+        auto = " (0 picks a free slot)" if allow_auto else ""
+        raise BadInput(f"slot {_show(slot)} is out of range {low}..{max_slots}{auto}")
+    return slot
+
+
+def _slot_number(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise BadInput(f"slot must be a whole number, got {type(value).__name__}")
+    if isinstance(value, int):
+        return value
+    # A regex rather than int(): int() also takes ' 2', '+2', '1_0' and non-ASCII digits.
+    if not re.fullmatch(r"0|[1-9][0-9]{0,5}", value):
+        raise BadInput(f"slot {_show(value)} is not a plain decimal number")
+    return int(value)
+
+
+def canonical_workspace(path: str | os.PathLike[str]) -> str:
+    """The absolute, symlink-free path of an existing directory.
+
+    Two spellings of one directory (relative, through a symlink, with `..`)
+    give the same string, so they map to the same containers and sessions.
+    """
+    text = os.fspath(path)
+    if not isinstance(text, str) or not text or "\0" in text:
+        raise BadInput(f"workspace path {text!r} is not a usable path")
+    real = os.path.realpath(text)
+    # repr() keeps a path with a newline in it on one line; paths are never shortened.
+    if not os.path.exists(real):
+        raise NotFound(f"workspace {text!r} does not exist")
+    if not os.path.isdir(real):
+        raise BadInput(f"workspace {text!r} is not a directory")
+    return real
+
+
+def workspace_hash(path: str | os.PathLike[str]) -> str:
+    """The first 8 hex digits of sha256 over the canonical workspace path."""
+    # surrogateescape keeps undecodable file names hashable; valid UTF-8 is unchanged.
+    data = canonical_workspace(path).encode("utf-8", "surrogateescape")
+    return hashlib.sha256(data).hexdigest()[:HASH_LEN]
+
+
+def container_prefix(env: Mapping[str, str] | None = None) -> str:
+    """The prefix from COI_CONTAINER_PREFIX (unset or empty: "coi-"), validated."""
+    source = os.environ if env is None else env
+    return validate_prefix(source.get(PREFIX_VARIABLE) or DEFAULT_PREFIX)
+
+
+def container_name(workspace: str | os.PathLike[str], slot: int,
+                   prefix: str | None = None) -> str:
+    """`<prefix><hash8>-<slot>` for a workspace directory and a slot >= 1."""
+    chosen = container_prefix() if prefix is None else validate_prefix(prefix)
+    number = validate_slot(slot, SLOT_CEILING)
+    return validate_container_name(f"{chosen}{workspace_hash(workspace)}-{number}")
+
+
+def parse_container_name(name: object, prefix: str | None = None) -> tuple[str, int] | None:
+    """(hash8, slot) when `name` is a container coi made under `prefix`, else None.
+
+    The hash has a fixed length, so a name made under a longer prefix that
+    starts with this one (`coi-test-…` against `coi-`) never matches.
+    """
+    chosen = container_prefix() if prefix is None else validate_prefix(prefix)
+    if not isinstance(name, str):
+        return None
+    pattern = re.escape(chosen) + rf"([0-9a-f]{{{HASH_LEN}}})-([1-9][0-9]{{0,2}})"
+    match = re.fullmatch(pattern, name)
+    if match is None:
+        return None
+    return match.group(1), int(match.group(2))
+
+
+def new_session_id(now: datetime | None = None) -> str:
+    """A fresh session id: UTC time to the second, then 48 random bits.
+
+    Ids sort by creation time; the random part makes two ids made in the
+    same second (even by different processes) differ in practice.
+    """
+    moment = now or datetime.now(UTC)
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return f"{moment:%Y%m%d-%H%M%S}-{secrets.token_hex(6)}"

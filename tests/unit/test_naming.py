@@ -1,0 +1,336 @@
+"""Container naming, workspace identity and the validators for outside names."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from coi_common import naming
+from coi_common.errors import BadInput, NotFound
+
+PREFIX = "coi-test-ab12-"
+
+HOSTILE = [
+    "../x",
+    "-rf",
+    "a/b",
+    "",
+    "a" * 200,
+    "x\0y",
+    "has space",
+    "tab\there",
+    "line\nbreak",
+    "caf\u00e9",
+    "\u0441oi",  # starts with CYRILLIC SMALL LETTER ES, a look-alike of Latin c
+]
+
+VALIDATORS = [
+    naming.validate_container_name,
+    naming.validate_image_name,
+    naming.validate_session_id,
+    naming.validate_tool_name,
+]
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    path = tmp_path / "project"
+    path.mkdir()
+    return path
+
+
+def short_id(value: object) -> str:
+    text = f"int of {value.bit_length()} bits" if isinstance(value, int) and value > 10**9 \
+        else repr(value)
+    return text if len(text) <= 24 else text[:20] + "..."
+
+
+def one_line(exc: BadInput) -> str:
+    text = exc.one_line()
+    assert "\n" not in text
+    return text
+
+
+# --- workspaces -------------------------------------------------------------
+
+
+def test_canonical_workspace_resolves_symlink_to_the_same_path(workspace, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(workspace)
+    assert naming.canonical_workspace(str(link)) == naming.canonical_workspace(str(workspace))
+    assert naming.canonical_workspace(str(link)) == os.path.realpath(workspace)
+
+
+def test_canonical_workspace_resolves_relative_and_dotdot_spellings(workspace, monkeypatch):
+    monkeypatch.chdir(workspace.parent)
+    assert naming.canonical_workspace("project/../project") == str(workspace.resolve())
+
+
+def test_missing_workspace_is_not_found_and_named(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(NotFound) as caught:
+        naming.canonical_workspace(str(missing))
+    assert str(missing) in one_line(caught.value)
+
+
+def test_file_as_workspace_is_bad_input_and_named(tmp_path):
+    file = tmp_path / "file.txt"
+    file.write_text("x")
+    with pytest.raises(BadInput) as caught:
+        naming.canonical_workspace(str(file))
+    assert "file.txt" in one_line(caught.value)
+    assert "not a directory" in caught.value.message
+
+
+@pytest.mark.parametrize("path", ["", "a\0b"])
+def test_unusable_workspace_path_is_bad_input(path):
+    with pytest.raises(BadInput):
+        naming.canonical_workspace(path)
+
+
+def test_workspace_hash_is_sha256_prefix_of_canonical_path(workspace):
+    expected = hashlib.sha256(str(workspace.resolve()).encode()).hexdigest()[:8]
+    assert naming.workspace_hash(workspace) == expected
+
+
+# --- container names --------------------------------------------------------
+
+
+def test_symlinked_workspace_gets_the_same_container_name(workspace, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(workspace)
+    assert (naming.container_name(str(link), 1, PREFIX)
+            == naming.container_name(str(workspace), 1, PREFIX))
+
+
+def test_two_workspaces_get_different_container_names(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    assert naming.container_name(first, 1, PREFIX) != naming.container_name(second, 1, PREFIX)
+
+
+def test_container_name_is_prefix_hash_slot_and_valid(workspace):
+    name = naming.container_name(workspace, 3, PREFIX)
+    assert name == f"{PREFIX}{naming.workspace_hash(workspace)}-3"
+    assert naming.validate_container_name(name) == name
+
+
+def test_slots_of_one_workspace_get_different_names(workspace):
+    first = naming.container_name(workspace, 1, PREFIX)
+    assert first != naming.container_name(workspace, 2, PREFIX)
+
+
+@pytest.mark.parametrize("slot", [0, -1, True, 1.0, None, naming.SLOT_CEILING + 1])
+def test_container_name_refuses_a_slot_that_is_not_a_positive_int(workspace, slot):
+    with pytest.raises(BadInput):
+        naming.container_name(workspace, slot, PREFIX)
+
+
+def test_container_name_uses_prefix_from_environment(workspace, monkeypatch):
+    monkeypatch.setenv("COI_CONTAINER_PREFIX", "coi-env-")
+    assert naming.container_name(workspace, 1).startswith("coi-env-")
+
+
+def test_container_prefix_defaults_to_coi():
+    assert naming.container_prefix({}) == "coi-"
+    assert naming.container_prefix({"COI_CONTAINER_PREFIX": ""}) == "coi-"
+
+
+def test_container_prefix_comes_from_the_given_environment():
+    assert naming.container_prefix({"COI_CONTAINER_PREFIX": PREFIX}) == PREFIX
+
+
+@pytest.mark.parametrize("bad", [
+    "coi", "Coi-", "1coi-", "-coi-", "coi_", "coi-x/", "c\u00f6i-", "coi -", "a" * 20 + "-",
+    "../", "coi-\0-",
+])
+def test_bad_container_prefix_is_refused_naming_the_variable(bad):
+    with pytest.raises(BadInput) as caught:
+        naming.container_prefix({"COI_CONTAINER_PREFIX": bad})
+    assert "COI_CONTAINER_PREFIX" in one_line(caught.value)
+
+
+@pytest.mark.parametrize("good", ["c-", "coi-", "coi-test-ab12-", "a" * 19 + "-", "x--"])
+def test_good_container_prefix_is_accepted(good):
+    assert naming.validate_prefix(good) == good
+
+
+def test_parse_container_name_round_trips(workspace):
+    for slot in (1, 10, 999):
+        name = naming.container_name(workspace, slot, PREFIX)
+        assert naming.parse_container_name(name, PREFIX) == (naming.workspace_hash(workspace), slot)
+
+
+@pytest.mark.parametrize("foreign", [
+    "coi-abcdef01-1",            # another prefix
+    "coi-test-ab12-abcdef0-1",   # hash too short
+    "coi-test-ab12-abcdef012-1",  # hash too long
+    "coi-test-ab12-ABCDEF01-1",  # uppercase hash
+    "coi-test-ab12-abcdef01-0",  # slot 0 is never a container
+    "coi-test-ab12-abcdef01-01",  # leading zero
+    "coi-test-ab12-abcdef01-1000",
+    "coi-test-ab12-abcdef01",
+    "coi-test-ab12-abcdef01-1-x",
+    "coi-test-ab12-abcdef01-1\n",
+    "my-web-server",
+    "",
+    None,
+    42,
+])
+def test_parse_container_name_rejects_foreign_names(foreign):
+    assert naming.parse_container_name(foreign, PREFIX) is None
+
+
+def test_parse_container_name_does_not_claim_names_of_a_longer_prefix():
+    assert naming.parse_container_name("coi-test-ab12-abcdef01-1", "coi-") is None
+    assert naming.parse_container_name("coi-abcdef01-1", "coi-") == ("abcdef01", 1)
+
+
+def test_parse_container_name_reads_prefix_from_environment(monkeypatch):
+    monkeypatch.setenv("COI_CONTAINER_PREFIX", PREFIX)
+    assert naming.parse_container_name(f"{PREFIX}abcdef01-2") == ("abcdef01", 2)
+    assert naming.parse_container_name("coi-abcdef01-2") is None
+
+
+# --- validators -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("validator", VALIDATORS, ids=lambda v: v.__name__)
+@pytest.mark.parametrize("hostile", HOSTILE, ids=short_id)
+def test_every_validator_refuses_hostile_input_in_one_line(validator, hostile):
+    with pytest.raises(BadInput) as caught:
+        validator(hostile)
+    one_line(caught.value)
+
+
+@pytest.mark.parametrize("validator", VALIDATORS, ids=lambda v: v.__name__)
+@pytest.mark.parametrize("value", [None, 1, b"abc", ["a"]], ids=repr)
+def test_every_validator_refuses_non_strings(validator, value):
+    with pytest.raises(BadInput, match="must be a string"):
+        validator(value)
+
+
+def test_validator_message_names_the_kind_and_the_value():
+    with pytest.raises(BadInput) as caught:
+        naming.validate_image_name("../x")
+    text = one_line(caught.value)
+    assert "image name" in text
+    assert "'../x'" in text
+
+
+def test_validator_message_shortens_very_long_values():
+    with pytest.raises(BadInput) as caught:
+        naming.validate_session_id("a" * 5000)
+    assert len(one_line(caught.value)) < 300
+    assert "too long" in caught.value.message
+
+
+@pytest.mark.parametrize("good", ["a", "coi-abcdef01-1", "A1", "a--b", "a" * 63])
+def test_validate_container_name_accepts_incus_names(good):
+    assert naming.validate_container_name(good) == good
+
+
+@pytest.mark.parametrize("bad", ["1abc", "abc-", "a_b", "a.b", "a" * 64])
+def test_validate_container_name_refuses_what_incus_refuses(bad):
+    with pytest.raises(BadInput):
+        naming.validate_container_name(bad)
+
+
+@pytest.mark.parametrize("good", ["coi", "coi-base", "coi_base.v2", "9lives", "a" * 128])
+def test_validate_image_name_accepts_aliases(good):
+    assert naming.validate_image_name(good) == good
+
+
+@pytest.mark.parametrize("bad", ["a..b", ".hidden", "_x", "images:debian/12", "a" * 129])
+def test_validate_image_name_refuses_paths_and_odd_starts(bad):
+    with pytest.raises(BadInput):
+        naming.validate_image_name(bad)
+
+
+@pytest.mark.parametrize("good", ["20250101-120000-abcdef", "s", "A_b-1", "a" * 64])
+def test_validate_session_id_accepts_ids(good):
+    assert naming.validate_session_id(good) == good
+
+
+@pytest.mark.parametrize("bad", ["_x", "a.b", "a" * 65])
+def test_validate_session_id_refuses_odd_ids(bad):
+    with pytest.raises(BadInput):
+        naming.validate_session_id(bad)
+
+
+@pytest.mark.parametrize("good", ["claude", "aider", "gemini-cli", "codex_2", "a" * 32])
+def test_validate_tool_name_accepts_tool_names(good):
+    assert naming.validate_tool_name(good) == good
+
+
+@pytest.mark.parametrize("bad", ["Claude", "2fast", "_x", "a.b", "a" * 33])
+def test_validate_tool_name_refuses_odd_names(bad):
+    with pytest.raises(BadInput):
+        naming.validate_tool_name(bad)
+
+
+# --- slots ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "expected"), [(1, 1), (10, 10), ("1", 1), ("7", 7)])
+def test_validate_slot_accepts_ints_and_decimal_strings_in_range(value, expected):
+    assert naming.validate_slot(value) == expected
+
+
+@pytest.mark.parametrize("bad", [
+    0, "0", 11, "11", -1, "-1", 1.5, "1.5", "01x", "01", "", " 1", "1 ", "+1", "1_0",
+    "\uff11",  # fullwidth digit one, which int() would accept
+    True, False, None, [1], "9" * 5000, 10**5000,
+], ids=short_id)
+def test_validate_slot_refuses_out_of_range_and_malformed(bad):
+    with pytest.raises(BadInput):
+        naming.validate_slot(bad)
+
+
+def test_validate_slot_zero_means_auto_only_when_allowed():
+    assert naming.validate_slot(0, allow_auto=True) == naming.AUTO_SLOT
+    assert naming.validate_slot("0", allow_auto=True) == 0
+    with pytest.raises(BadInput, match=re.escape("out of range 1..10")):
+        naming.validate_slot(0)
+
+
+def test_validate_slot_honours_max_slots():
+    assert naming.validate_slot(3, max_slots=3) == 3
+    with pytest.raises(BadInput, match=re.escape("out of range 1..3")):
+        naming.validate_slot(4, max_slots=3)
+
+
+@pytest.mark.parametrize("max_slots", [0, -1, True, "10", naming.SLOT_CEILING + 1])
+def test_validate_slot_refuses_a_bad_max_slots(max_slots):
+    with pytest.raises(BadInput, match="max_slots"):
+        naming.validate_slot(1, max_slots=max_slots)
+
+
+# --- session ids ------------------------------------------------------------
+
+
+def test_new_session_ids_are_unique_and_valid():
+    ids = [naming.new_session_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    for session_id in ids:
+        assert naming.validate_session_id(session_id) == session_id
+        assert naming.SESSION_ID_PATTERN.fullmatch(session_id)
+
+
+def test_new_session_id_starts_with_utc_time():
+    moment = datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
+    assert naming.new_session_id(moment).startswith("20250304-050607-")
+    local = datetime(2025, 3, 4, 7, 6, 7, tzinfo=timezone(timedelta(hours=2)))
+    assert naming.new_session_id(local).startswith("20250304-050607-")
+
+
+def test_new_session_ids_sort_by_creation_time():
+    early = naming.new_session_id(datetime(2025, 1, 1, 23, 59, 59, tzinfo=UTC))
+    late = naming.new_session_id(datetime(2025, 1, 2, 0, 0, 0, tzinfo=UTC))
+    assert early < late
+    assert re.fullmatch(r"20250101-235959-[0-9a-f]{12}", early)
