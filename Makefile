@@ -17,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	  || { echo "coi needs Python 3.11 or newer ($(PYTHON) is older)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@# Byte-compile now: with PYTHONDONTWRITEBYTECODE set (as on these machines) every
+	@# start would otherwise recompile coi's modules, ~15 ms per command.
+	$(PY) -m compileall -q lib coi-* >/dev/null
 	touch $@
 
 setup: venv
@@ -35,6 +38,7 @@ lint: venv
 	$(PY) -m ruff check .
 
 test: test-image
+	$(PY) -m compileall -q lib coi-* >/dev/null
 	$(PY) tests/run_all.py
 
 build: setup

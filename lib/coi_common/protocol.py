@@ -21,10 +21,8 @@ REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "error": ("code", "message"),
     "version": ("coi_version", "python_version", "incus"),
     "config": ("values",),
-    "check": ("name", "ok", "detail"),
     "doctor": ("ok", "checks"),
     "setup": ("changed", "steps"),
-    "slot": ("workspace", "slot", "container", "persistent", "image", "profile"),
 }
 
 Record = dict[str, Any]

@@ -247,12 +247,6 @@ def test_permission_error_is_reported_even_when_running_as_root(
     assert error_of(layout) == f"{layout.system}: cannot read: Permission denied"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files regardless of mode")
-def test_file_without_read_permission_is_an_error(layout: Layout) -> None:
-    write(layout.user, "[defaults]\n").chmod(0)
-    assert error_of(layout) == f"{layout.user}: cannot read: Permission denied"
-
-
 # --- environment variables ------------------------------------------------------------------
 
 @pytest.mark.parametrize(("text", "expected"), [

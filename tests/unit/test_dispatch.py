@@ -1,0 +1,134 @@
+"""The coi dispatcher: help, version, unknown names, exec of owners and coi-NAME."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coi_common import dispatch
+from coi_common.commands import BY_NAME, COMMANDS
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_main(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        dispatch.main(argv)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_bare_coi_lists_every_command_with_its_summary(capsys):
+    code, out, _ = run_main([], capsys)
+    assert code == 0
+    for command in COMMANDS:
+        assert f"  {command.name} " in out
+        assert command.summary in out
+
+
+def test_help_flag_and_help_command_print_the_same_overview(capsys):
+    _, by_flag, _ = run_main(["--help"], capsys)
+    _, by_command, _ = run_main(["help"], capsys)
+    assert by_flag == by_command == dispatch.overview() + "\n"
+
+
+def test_unknown_command_is_one_line_with_exit_2_and_a_suggestion(capsys):
+    code, out, err = run_main(["shel"], capsys)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1
+    assert "did you mean 'shell'" in err
+
+
+def test_unknown_command_without_close_match_points_to_help(capsys):
+    code, _, err = run_main(["zzzzzz"], capsys)
+    assert code == 2
+    assert "'zzzzzz' is not a coi command; see 'coi --help'" in err
+
+
+def test_unknown_option_before_command_is_a_usage_error(capsys):
+    code, _, err = run_main(["--bogus"], capsys)
+    assert code == 2
+    assert err.startswith("coi: ")
+
+
+def test_version_json_is_a_version_record_even_without_incus(capsys, monkeypatch):
+    monkeypatch.setenv("INCUS_SOCKET", "/nonexistent/unix.socket")
+    code, out, _ = run_main(["version", "--format", "json"], capsys)
+    record = json.loads(out)
+    assert code == 0
+    assert record["kind"] == "version"
+    assert record["coi"] == 1
+    assert record["incus"] == "unavailable"
+    assert record["python_version"] == ".".join(map(str, sys.version_info[:3]))
+
+
+def test_version_rejects_an_unknown_format(capsys):
+    code, _, err = run_main(["version", "--format", "xml"], capsys)
+    assert code == 2
+    assert "unknown format 'xml'" in err
+
+
+def test_help_of_a_builtin_shows_its_usage(capsys):
+    code, out, _ = run_main(["help", "version"], capsys)
+    assert code == 0
+    assert "coi version [--format FMT]" in out
+
+
+def test_help_of_unknown_command_fails_with_exit_2(capsys):
+    code, _, _ = run_main(["help", "nosuch"], capsys)
+    assert code == 2
+
+
+def test_completion_script_completes_every_command_name(capsys):
+    code, out, _ = run_main(["completion", "bash"], capsys)
+    assert code == 0
+    assert "complete -F _coi coi" in out
+    for name in BY_NAME:
+        assert name in out
+
+
+def make_stub(folder: Path, name: str, body: str) -> Path:
+    path = folder / name
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return path
+
+
+def run_coi(args, env_extra):
+    env = {**os.environ, **env_extra}
+    return subprocess.run([str(ROOT / "bin" / "coi"), *args], capture_output=True, text=True,
+                          env=env, check=False)
+
+
+def test_known_command_runs_its_owner_with_the_name_and_passes_the_status(tmp_path):
+    make_stub(tmp_path, "coi-shell", 'echo "owner got: $*"; exit 7')
+    done = run_coi(["shell", "--slot", "2"], {"COI_BIN_DIR": str(tmp_path)})
+    assert done.returncode == 7
+    assert done.stdout == "owner got: shell --slot 2\n"
+
+
+def test_unknown_name_runs_coi_name_from_path_like_git(tmp_path):
+    make_stub(tmp_path, "coi-frobnicate", 'echo "external: $*"')
+    path = f"{tmp_path}:{os.environ['PATH']}"
+    done = run_coi(["frobnicate", "a", "b"], {"PATH": path, "COI_BIN_DIR": str(tmp_path / "none")})
+    assert done.returncode == 0
+    assert done.stdout == "external: a b\n"
+
+
+def test_missing_owner_is_reported_in_one_line(tmp_path):
+    done = run_coi(["shell"], {"COI_BIN_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 3
+    assert done.stderr.strip().count("\n") == 0
+    assert "needs coi-shell" in done.stderr
+
+
+def test_debug_flag_shows_a_traceback_only_when_asked(tmp_path):
+    quiet = run_coi(["nosuch"], {})
+    loud = run_coi(["--debug", "nosuch"], {})
+    assert "Traceback" not in quiet.stderr
+    assert "Traceback" in loud.stderr
+    assert quiet.returncode == loud.returncode == 2
