@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv setup test-deps test-image test lint shell build sweep clean
+.PHONY: all venv setup test-deps test-image test lint shell build sweep clean bench
 
 all: venv
 
@@ -49,3 +49,7 @@ shell: build
 
 clean:
 	rm -rf $(VENV) build *.egg-info tests/.results
+
+bench: venv
+	$(PY) -m compileall -q lib coi-* >/dev/null
+	$(PY) bench/startup.py

@@ -331,3 +331,9 @@ def get_tool(name: str, registry: Mapping[str, Tool]) -> Tool:
     validate_tool_name(name)
     known = ", ".join(sorted(registry)) or "none"
     raise NotFound(f"unknown tool {name!r}", hint=f"known tools: {known}")
+
+
+def registry_from_config(settings: Any) -> dict[str, Tool]:
+    """The registry with the `[tools.NAME]` tables of an effective config over it."""
+    user = settings.tools
+    return load_registry(user, {name: settings.source(f"tools.{name}") for name in user})

@@ -98,3 +98,19 @@ setup() {
   assert_success
   assert_line "complete -F _coi coi"
 }
+
+@test "a tool defined in config with a bad field is reported by config show" {
+  printf '[tools.mytool]\nbinary = "mytool"\nstate_dirs = ["/etc"]\n' > "$XDG_CONFIG_HOME/coi/config.toml"
+  run coi config show
+  assert_failure 2
+  assert_equal "${#lines[@]}" 1
+  assert_output --partial "mytool"
+  assert_output --partial "state_dirs"
+}
+
+@test "selecting an unknown tool is a one-line not-found error listing known tools" {
+  COI_TOOL_NAME=nosuchtool run coi config show
+  assert_failure 3
+  assert_output --partial "unknown tool 'nosuchtool'"
+  assert_output --partial "claude"
+}
