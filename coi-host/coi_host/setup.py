@@ -18,6 +18,7 @@ from pathlib import Path
 
 from coi_common import config, incus, proc
 from coi_common.errors import CoiError, CommandFailed, IncusUnavailable, PermissionDenied
+from coi_common.progress import Progress
 from coi_common.protocol import make_record, write_record
 from coi_host import hostinfo
 
@@ -57,16 +58,16 @@ def run_setup(*, as_json: bool) -> int:
         raise PermissionDenied("coi setup changes the host and needs root",
                                hint="run: sudo coi setup")
     ctx = Context(hostinfo.read_distro(), config.load(None), _new_log_path())
-    steps_to_run: tuple[Callable[[Context], Step], ...] = (
-        ensure_packages, ensure_daemon, ensure_pool, ensure_bridge, ensure_profile)
+    steps_to_run: tuple[tuple[str, Callable[[Context], Step]], ...] = (
+        ("packages", ensure_packages), ("daemon", ensure_daemon), ("storage pool", ensure_pool),
+        ("bridge", ensure_bridge), ("profile", ensure_profile))
     done: list[Step] = []
-    started = time.monotonic()
-    for number, step_fn in enumerate(steps_to_run, 1):
-        step = step_fn(ctx)
+    progress = Progress("coi setup", len(steps_to_run))
+    for label, step_fn in steps_to_run:
+        with progress.step(label) as outcome:
+            step = step_fn(ctx)
+            outcome.append(f"{step.detail} ({'changed' if step.changed else 'ok'})")
         done.append(step)
-        state = "changed" if step.changed else "ok"
-        print(f"coi setup: [{number}/{len(steps_to_run)}] {step.name}: {step.detail} ({state}, "
-              f"{time.monotonic() - started:.1f}s)", file=sys.stderr)
     changed = any(s.changed for s in done)
     if as_json:
         write_record(make_record("setup", changed=changed, steps=[asdict(s) for s in done]))

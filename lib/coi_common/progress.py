@@ -1,0 +1,76 @@
+"""Step-by-step progress for long jobs (setup, image builds) on stderr.
+
+On a terminal the current step shows a spinner and its elapsed time on one
+line; elsewhere (CI logs, pipes) each step prints a plain start and end line.
+stdout is never touched: it carries results only.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO
+
+SPINNER = "|/-\\"
+
+
+class Progress:
+    """Numbered steps `[n/total]` with elapsed times since the job started."""
+
+    def __init__(self, prog: str, total: int, stream: IO[str] | None = None,
+                 interactive: bool | None = None) -> None:
+        self.prog = prog
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.interactive = self.stream.isatty() if interactive is None else interactive
+        self.started = time.monotonic()
+        self.number = 0
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def say(self, text: str) -> None:
+        """One free-form line (a warning, a note) between steps."""
+        self.stream.write(f"{self.prog}: {text}\n")
+        self.stream.flush()
+
+    @contextmanager
+    def step(self, label: str) -> Iterator[list[str]]:
+        """Run one step; the caller may append a short result to the yielded list."""
+        self.number += 1
+        head = f"{self.prog}: [{self.number}/{self.total}] {label}"
+        outcome: list[str] = []
+        stop = threading.Event()
+        spinner = None
+        if self.interactive:
+            spinner = threading.Thread(target=self._spin, args=(head, stop), daemon=True)
+            spinner.start()
+        else:
+            self.stream.write(f"{head} ...\n")
+            self.stream.flush()
+        try:
+            yield outcome
+        except BaseException:
+            self._finish(stop, spinner, f"{head}: FAILED ({self.elapsed():.1f}s)")
+            raise
+        result = outcome[0] if outcome else "done"
+        self._finish(stop, spinner, f"{head}: {result} ({self.elapsed():.1f}s)")
+
+    def _spin(self, head: str, stop: threading.Event) -> None:
+        turn = 0
+        while not stop.wait(0.2):
+            self.stream.write(f"\r{head} {SPINNER[turn % 4]} {self.elapsed():.0f}s\x1b[K")
+            self.stream.flush()
+            turn += 1
+
+    def _finish(self, stop: threading.Event, spinner: threading.Thread | None,
+                line: str) -> None:
+        stop.set()
+        if spinner is not None:
+            spinner.join()
+            self.stream.write("\r\x1b[K")
+        self.stream.write(line + "\n")
+        self.stream.flush()
