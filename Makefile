@@ -1,7 +1,11 @@
 # coi: everyday targets. `make test` is the one command that runs every test
 # (CI runs it through .ci/run); `make shell` sets a fresh machine up and starts
 # a session in the current directory.
-PYTHON ?= python3
+# The venv is made from the system interpreter when it is new enough: one
+# under /root/.pyenv (as on these machines) cannot be run by other users, and
+# coi must work for every member of incus-admin.
+PYTHON ?= $(shell /usr/bin/python3 -c 'import sys, ensurepip; sys.exit(sys.version_info < (3, 11))' \
+            2>/dev/null && echo /usr/bin/python3 || echo python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

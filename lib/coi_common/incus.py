@@ -67,7 +67,9 @@ def _error_for(status: int, message: str, what: str) -> Exception:
     text = f"{what}: {message}" if what else message
     if status == 404:
         return NotFound(text)
-    if status == 409 or "already exists" in message.lower():
+    # Incus 6.0 reports a duplicate instance name only as a failed database insert.
+    if (status == 409 or "already exists" in message.lower()
+            or "unique constraint failed" in message.lower()):
         return AlreadyExists(text)
     if status == 403:
         return PermissionDenied(text, hint=JOIN_GROUP_HINT)
@@ -171,7 +173,13 @@ class Incus:
                 "profiles": list(profiles) or ["default"], "config": dict(config or {}),
                 "devices": {k: dict(v) for k, v in (devices or {}).items()},
                 "source": {"type": "image", "alias": image_alias}}
-        self.request("POST", "/1.0/instances", body, what=f"container {name}")
+        try:
+            self.request("POST", "/1.0/instances", body, what=f"container {name}")
+        except IncusError:
+            # A missing alias fails as "Image not provided for instance creation"; name it.
+            if self.image_by_alias(image_alias) is None:
+                raise NotFound(f"image {image_alias}: no such image alias") from None
+            raise
 
     def set_state(self, name: str, action: str, *, force: bool = False,
                   timeout: int = -1) -> None:
@@ -182,6 +190,11 @@ class Incus:
 
     def delete_instance(self, name: str) -> None:
         self.request("DELETE", f"/1.0/instances/{_seg(name)}", what=f"container {name}")
+
+    def instance_state(self, name: str) -> dict[str, Any]:
+        """GET .../state: status, processes and network addresses of one container."""
+        return self.request("GET", f"/1.0/instances/{_seg(name)}/state",
+                            what=f"container {name}")
 
     # -- images ---------------------------------------------------------------
 
@@ -200,6 +213,20 @@ class Incus:
 
     def delete_image(self, fingerprint: str) -> None:
         self.request("DELETE", f"/1.0/images/{_seg(fingerprint)}", what=f"image {fingerprint}")
+
+    def rename_alias(self, alias: str, new_name: str) -> None:
+        """Give an image alias another name; the image it points at stays."""
+        self.request("POST", f"/1.0/images/aliases/{_seg(alias)}", {"name": new_name},
+                     what=f"image alias {alias}")
+
+    def point_alias(self, alias: str, fingerprint: str) -> None:
+        """Make an existing alias point at another image, in one request (no gap)."""
+        self.request("PATCH", f"/1.0/images/aliases/{_seg(alias)}", {"target": fingerprint},
+                     what=f"image alias {alias}")
+
+    def delete_alias(self, alias: str) -> None:
+        self.request("DELETE", f"/1.0/images/aliases/{_seg(alias)}",
+                     what=f"image alias {alias}")
 
     # -- host objects (pools, networks, profiles) ---------------------------------
 
