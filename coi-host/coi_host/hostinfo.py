@@ -13,10 +13,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from coi_common import proc
+from coi_common import apt_sources, proc
 
 OS_RELEASE = "/etc/os-release"
-DEBIAN_SOURCES = "/etc/apt/sources.list.d/debian.sources"
 BACKPORTS_SOURCES = "/etc/apt/sources.list.d/coi-backports.sources"
 
 
@@ -97,23 +96,11 @@ def missing_packages(names: Iterable[str]) -> list[str]:
 
 def backports_stanza(debian_sources: str, suite: str) -> str:
     """A deb822 stanza for `suite` with the URIs and key of the main Debian archive."""
-    uris, signed_by = "http://deb.debian.org/debian", ""
-    for stanza in debian_sources.split("\n\n"):
-        fields = dict(_deb822_fields(stanza))
-        if "security" not in fields.get("URIs", "") and fields.get("URIs"):
-            uris, signed_by = fields["URIs"], fields.get("Signed-By", "")
-            break
-    lines = ["Types: deb", f"URIs: {uris}", f"Suites: {suite}", "Components: main"]
-    if signed_by:
-        lines.append(f"Signed-By: {signed_by}")
+    archive = apt_sources.main_archive(debian_sources)
+    lines = ["Types: deb", f"URIs: {archive.uri}", f"Suites: {suite}", "Components: main"]
+    if archive.signed_by:
+        lines.append(f"Signed-By: {archive.signed_by}")
     return "\n".join(lines) + "\n"
-
-
-def _deb822_fields(stanza: str) -> Iterable[tuple[str, str]]:
-    for line in stanza.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and not line.startswith((" ", "#")):
-            yield key.strip(), value.strip()
 
 
 def enable_backports(suite: str) -> None:
@@ -122,7 +109,7 @@ def enable_backports(suite: str) -> None:
     sources = [*folder.iterdir(), Path("/etc/apt/sources.list")]
     if any(suite in _read(path) for path in sources):
         return
-    Path(BACKPORTS_SOURCES).write_text(backports_stanza(_read(Path(DEBIAN_SOURCES)), suite),
+    Path(BACKPORTS_SOURCES).write_text(backports_stanza(_read(apt_sources.DEBIAN_SOURCES), suite),
                                        encoding="utf-8")
 
 

@@ -228,6 +228,15 @@ class Incus:
         self.request("DELETE", f"/1.0/images/aliases/{_seg(alias)}",
                      what=f"image alias {alias}")
 
+    def publish(self, instance: str, *, alias: str, properties: Mapping[str, str],
+                description: str = "") -> str:
+        """Publish a stopped container as an image under `alias`; return its fingerprint."""
+        props = {**properties, "description": description} if description else dict(properties)
+        body = {"source": {"type": "instance", "name": instance}, "properties": props,
+                "aliases": [{"name": alias}], "compression_algorithm": "zstd"}
+        result = self.request("POST", "/1.0/images", body, what=f"container {instance}")
+        return str((result or {}).get("metadata", {}).get("fingerprint", ""))
+
     # -- host objects (pools, networks, profiles) ---------------------------------
 
     def get_optional(self, path: str) -> dict[str, Any] | None:
@@ -244,6 +253,21 @@ class Incus:
 
     def create(self, collection: str, body: Mapping[str, Any], *, what: str) -> None:
         self.request("POST", collection, dict(body), what=what)
+
+    def push_file(self, instance: str, source: str, target: str, *, mode: str = "0644",
+                  uid: int = 0, gid: int = 0) -> None:
+        """Copy one host file into a container (running or stopped)."""
+        self.cli(["file", "push", "--mode", mode, "--uid", str(uid), "--gid", str(gid),
+                  source, f"{instance}{target}"])
+
+    def exec_logged(self, instance: str, argv: Sequence[str], log_path: str, *,
+                    env: Mapping[str, str] | None = None, user: int | None = None) -> int:
+        """Run a command in a container with its output appended to a log; return its status."""
+        options = [f"--env={key}={value}" for key, value in (env or {}).items()]
+        if user is not None:
+            options += ["--user", str(user)]
+        return proc.run_logged(["incus", "--project", self.project, "exec", *options,
+                                instance, "--", *argv], log_path)
 
     # -- CLI ----------------------------------------------------------------------
 

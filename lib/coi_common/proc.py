@@ -9,6 +9,7 @@ where start-up time does not matter (coi_host.setup).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -96,3 +97,42 @@ def spawn_detached(argv: Sequence[str], log_path: str) -> int:
         child = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
                                  stderr=subprocess.STDOUT, start_new_session=True)
     return child.pid
+
+
+def run_logged(argv: Sequence[str], log_path: str) -> int:
+    """Run a long program with its output appended to log_path; return its status.
+
+    The program gets a session of its own so an interrupted build stops it and
+    every child it started (debootstrap runs dpkg and chroot; `incus exec`
+    runs a whole script); it is asked with SIGTERM first so exit traps can
+    unmount what they mounted.
+    """
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"$ {' '.join(argv)}\n")
+        log.flush()
+        try:
+            child = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        except FileNotFoundError:
+            raise NotFound(f"program {argv[0]!r} is not installed") from None
+        try:
+            return child.wait()
+        except BaseException:
+            stop_group(child)
+            raise
+
+
+def stop_group(child: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a child's process group, then SIGKILL what is left after a grace time."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=grace)
+            return
+
+
+def log_tail(log_path: str, lines: int = 20) -> str:
+    """The last lines of a log file, for a failure report."""
+    with open(log_path, encoding="utf-8", errors="replace") as log:
+        return "\n".join(log.read().splitlines()[-lines:])

@@ -23,6 +23,8 @@ REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "config": ("values",),
     "doctor": ("ok", "checks"),
     "setup": ("changed", "steps"),
+    "image": ("alias", "fingerprint", "size", "created_at", "properties"),
+    "image_deleted": ("alias", "fingerprint"),
 }
 
 Record = dict[str, Any]

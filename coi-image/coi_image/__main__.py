@@ -1,0 +1,3 @@
+from coi_image import main
+
+main()
