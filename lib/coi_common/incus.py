@@ -196,6 +196,24 @@ class Incus:
         return self.request("GET", f"/1.0/instances/{_seg(name)}/state",
                             what=f"container {name}")
 
+    def delete_instance_force(self, name: str) -> None:
+        """Stop (at once) if running, then delete; a missing container is fine."""
+        try:
+            state = self.instance_state(name)
+        except NotFound:
+            return
+        if state.get("status") != "Stopped":
+            self.set_state(name, "stop", force=True)
+        self.delete_instance(name)
+
+    def ipv4_address(self, name: str, interface: str = "eth0") -> str | None:
+        """The container's global IPv4 address on `interface`, or None yet."""
+        network = (self.instance_state(name).get("network") or {}).get(interface) or {}
+        for address in network.get("addresses") or []:
+            if address.get("family") == "inet" and address.get("scope") == "global":
+                return str(address["address"])
+        return None
+
     # -- images ---------------------------------------------------------------
 
     def images(self) -> list[dict[str, Any]]:

@@ -1,0 +1,117 @@
+"""The throwaway builder container an image is made in, and publishing its result.
+
+The builder is deleted whatever happens (success, failure, Ctrl-C, SIGTERM:
+the entry wrapper turns SIGTERM into an exception, so the `with` block's exit
+runs). Its output goes to the build log; a failing step shows the log's tail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Final
+
+from coi_common import proc
+from coi_common.errors import CoiError, CommandFailed
+from coi_common.incus import Incus
+from coi_image import aliases
+
+RECIPE: Final = Path(__file__).with_name("build-coi.sh")
+SCRIPT_IN_BUILDER: Final = "/root/coi-build.sh"
+CA_DIR: Final = "/usr/local/share/ca-certificates/coi"
+CA_BUNDLE: Final = "/etc/ssl/certs/ca-certificates.crt"
+BUILD_ENV: Final = {"DEBIAN_FRONTEND": "noninteractive", "NODE_EXTRA_CA_CERTS": CA_BUNDLE,
+                    "SSL_CERT_FILE": CA_BUNDLE, "REQUESTS_CA_BUNDLE": CA_BUNDLE,
+                    "PIP_CERT": CA_BUNDLE, "HOME": "/root"}
+# Docker must install and start in the builder as it will in sessions.
+BUILDER_CONFIG: Final = {"security.nesting": "true",
+                         "security.syscalls.intercept.mknod": "true",
+                         "security.syscalls.intercept.setxattr": "true"}
+STATIC_DNS: Final = ("8.8.8.8", "8.8.4.4", "1.1.1.1")
+NETWORK_TIMEOUT: Final = 60.0
+TAIL_LINES: Final = 20
+
+
+@contextlib.contextmanager
+def builder(client: Incus, base_alias: str, profile: str, prefix: str,
+            log_path: str) -> Iterator[Builder]:
+    """A started builder from base_alias, deleted on the way out."""
+    name = f"{prefix}build-{secrets.token_hex(3)}"
+    try:
+        client.create_instance(name, base_alias, profiles=[profile], config=BUILDER_CONFIG,
+                               start=True)
+        yield Builder(client, name, log_path)
+    finally:
+        with contextlib.suppress(CoiError):
+            client.delete_instance_force(name)
+
+
+class Builder:
+    """Commands and files for one running builder container."""
+
+    def __init__(self, client: Incus, name: str, log_path: str) -> None:
+        self.client = client
+        self.name = name
+        self.log_path = log_path
+
+    def wait_for_network(self) -> str:
+        """Block until eth0 has an IPv4 address; return it."""
+        deadline = time.monotonic() + NETWORK_TIMEOUT
+        while time.monotonic() < deadline:
+            address = self.client.ipv4_address(self.name)
+            if address:
+                return address
+            time.sleep(0.5)
+        raise CoiError(f"builder {self.name} got no IPv4 address within "
+                       f"{NETWORK_TIMEOUT:.0f} s", hint="check the bridge: coi doctor")
+
+    def resolves(self, host: str) -> bool:
+        return self.run(["getent", "hosts", host], check=False) == 0
+
+    def ensure_dns(self, host: str) -> bool:
+        """If `host` does not resolve while the network is up, write static resolvers.
+
+        Returns True when the fix was applied. coi never changes the Incus
+        network itself: that would touch every container on the bridge.
+        """
+        if self.resolves(host):
+            return False
+        self.step("dns_static", *STATIC_DNS)
+        if not self.resolves(host):
+            raise CoiError(f"name resolution fails in the builder ({host}), even with "
+                           f"static DNS servers", hint=f"see {self.log_path}")
+        return True
+
+    def push_ca_certificates(self, certificates: Sequence[Path]) -> None:
+        self.run(["mkdir", "-p", CA_DIR])
+        for number, cert in enumerate(certificates):
+            self.client.push_file(self.name, str(cert), f"{CA_DIR}/host-{number}-{cert.stem}.crt")
+
+    def push_script(self, source: Path, target: str) -> None:
+        self.client.push_file(self.name, str(source), target, mode="0755")
+
+    def step(self, name: str, *args: str) -> None:
+        """One step of the coi recipe; a failure shows the log's tail and raises."""
+        self.run(["bash", SCRIPT_IN_BUILDER, name, *args])
+
+    def run(self, argv: Sequence[str], *, check: bool = True,
+            env: Mapping[str, str] | None = None, user: int | None = None) -> int:
+        status = self.client.exec_logged(self.name, argv, self.log_path,
+                                         env=env or BUILD_ENV, user=user)
+        if check and status != 0:
+            print(proc.log_tail(self.log_path, TAIL_LINES), file=sys.stderr)
+            raise CommandFailed(f"{' '.join(argv[:3])} failed in the builder (exit {status})",
+                                hint=f"full log: {self.log_path}")
+        return status
+
+    def publish(self, alias: str, properties: Mapping[str, str], tmp_prefix: str) -> str:
+        """Stop the builder and publish it under `alias` (staged, then swapped in)."""
+        self.run(["sync"])
+        self.client.set_state(self.name, "stop", force=True)
+        with aliases.staged(self.client, alias, tmp_prefix) as tmp_alias:
+            self.client.publish(self.name, alias=tmp_alias, properties=properties)
+            return aliases.swap_alias(self.client, tmp_alias, alias)

@@ -1,0 +1,169 @@
+"""coi build custom on the cached test image: results, caching, failures, interruption."""
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.incus
+
+ROOT = Path(__file__).resolve().parents[2]
+COI = str(ROOT / "bin" / "coi")
+
+
+def coi(args, env, timeout=300):
+    return subprocess.run([COI, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, check=False)
+
+
+@pytest.fixture
+def image_alias(coi_env, incus_client):
+    """An alias for the image a test builds; the image is deleted afterwards."""
+    alias = f"{coi_env.prefix}img"
+    yield alias
+    image = incus_client.image_by_alias(alias)
+    if image:
+        incus_client.delete_image(image["fingerprint"])
+
+
+def script(tmp_path, body, name="build.sh"):
+    path = tmp_path / name
+    path.write_text(f"set -e\n{body}\n")
+    return path
+
+
+def leftovers(client, prefix):
+    containers = [i["name"] for i in client.instances(prefix)]
+    tmp_aliases = [a["name"] for image in client.images() for a in image.get("aliases") or []
+                   if a["name"].startswith(f"{prefix}tmp-")]
+    return containers, tmp_aliases
+
+
+def build_custom(alias, path, env, *extra):
+    return coi(["build", "custom", alias, "--script", str(path), "--base", "coi-test-image",
+                *extra], env)
+
+
+def test_custom_build_publishes_an_image_holding_what_the_script_wrote(
+        coi_env, incus_client, image_alias, tmp_path, make_container, run_in):
+    path = script(tmp_path, "echo built-by-coi-test > /etc/coi-test-marker")
+    done = build_custom(image_alias, path, coi_env.environ(), "--format", "json")
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["kind"] == "image"
+    assert record["rebuilt"] is True
+    assert record["properties"]["coi.base"] == "coi-test-image"
+    assert record["fingerprint"] == incus_client.image_by_alias(image_alias)["fingerprint"]
+    assert leftovers(incus_client, coi_env.prefix) == ([], [])
+    container = f"{coi_env.prefix}check"
+    incus_client.create_instance(container, image_alias, profiles=["coi"], start=True)
+    try:
+        assert run_in(container, ["cat", "/etc/coi-test-marker"]).stdout == "built-by-coi-test\n"
+    finally:
+        incus_client.delete_instance_force(container)
+
+
+def test_unchanged_custom_build_is_up_to_date_in_under_a_second_and_force_rebuilds(
+        coi_env, incus_client, image_alias, tmp_path):
+    path = script(tmp_path, "echo one > /etc/coi-test-one")
+    assert build_custom(image_alias, path, coi_env.environ()).returncode == 0
+    first = incus_client.image_by_alias(image_alias)["fingerprint"]
+    started = time.monotonic()
+    again = build_custom(image_alias, path, coi_env.environ())
+    assert time.monotonic() - started < 1.0
+    assert again.returncode == 0
+    assert "is up to date" in again.stdout
+    forced = build_custom(image_alias, path, coi_env.environ(), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stdout.startswith(f"built {image_alias}")
+    assert incus_client.image_by_alias(image_alias)["fingerprint"] != first
+
+
+def test_failing_script_exits_non_zero_shows_the_log_and_keeps_the_old_image(
+        coi_env, incus_client, image_alias, tmp_path):
+    good = script(tmp_path, "echo good > /etc/coi-test-good", "good.sh")
+    assert build_custom(image_alias, good, coi_env.environ()).returncode == 0
+    before = incus_client.image_by_alias(image_alias)["fingerprint"]
+    bad = script(tmp_path, "echo about-to-fail-coi-test\nexit 3", "bad.sh")
+    done = build_custom(image_alias, bad, coi_env.environ())
+    assert done.returncode == 1
+    assert "about-to-fail-coi-test" in done.stderr  # the log's tail
+    log = done.stderr.split("full log: ")[1].split(")")[0]
+    assert Path(log).is_file()
+    assert "Traceback" not in done.stderr
+    assert incus_client.image_by_alias(image_alias)["fingerprint"] == before
+    assert leftovers(incus_client, coi_env.prefix) == ([], [])
+
+
+def test_sigterm_during_a_build_removes_the_builder_and_keeps_the_old_image(
+        coi_env, incus_client, image_alias, tmp_path):
+    good = script(tmp_path, "true", "good.sh")
+    assert build_custom(image_alias, good, coi_env.environ()).returncode == 0
+    before = incus_client.image_by_alias(image_alias)["fingerprint"]
+    slow = script(tmp_path, "touch /tmp/coi-test-started\nsleep 120", "slow.sh")
+    child = subprocess.Popen([COI, "build", "custom", image_alias, "--script", str(slow),
+                              "--base", "coi-test-image"], env=coi_env.environ(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        builder = wait_for_builder_running_script(incus_client, coi_env.prefix)
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 130, err
+    assert "Traceback" not in err
+    assert not incus_client.instance_exists(builder)
+    assert incus_client.image_by_alias(image_alias)["fingerprint"] == before
+    assert leftovers(incus_client, coi_env.prefix) == ([], [])
+
+
+def wait_for_builder_running_script(client, prefix, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for instance in client.instances(f"{prefix}build-"):
+            started = client.cli(["exec", instance["name"], "--", "test", "-e",
+                                  "/tmp/coi-test-started"], check=False)
+            if started.ok:
+                return instance["name"]
+        time.sleep(0.3)
+    pytest.fail("the builder never started the script")
+    return ""
+
+
+def test_missing_script_is_refused_before_any_container_exists(coi_env, incus_client,
+                                                               image_alias, tmp_path):
+    done = build_custom(image_alias, tmp_path / "nope.sh", coi_env.environ())
+    assert done.returncode == 3
+    assert done.stderr.strip().count("\n") == 0
+    assert "does not exist" in done.stderr
+    assert leftovers(incus_client, coi_env.prefix) == ([], [])
+
+
+def test_a_directory_as_script_is_bad_input(coi_env, image_alias, tmp_path):
+    done = build_custom(image_alias, tmp_path, coi_env.environ())
+    assert done.returncode == 2
+    assert "not a readable file" in done.stderr
+
+
+@pytest.mark.parametrize(("base", "code", "text"), [
+    ("bootstrap:debian", 2, "expected bootstrap:DISTRO/RELEASE"),
+    ("coi-test-no-such-base", 3, "does not exist"),
+    ("../etc", 2, "image name"),
+])
+def test_bad_or_missing_base_is_one_line(coi_env, image_alias, tmp_path, base, code, text):
+    path = script(tmp_path, "true")
+    done = coi(["build", "custom", image_alias, "--script", str(path), "--base", base],
+               coi_env.environ())
+    assert done.returncode == code
+    assert text in done.stderr
+    assert done.stderr.strip().count("\n") == 0
+
+
+def test_force_deleting_a_missing_builder_is_a_no_op(incus_client, coi_env):
+    name = f"{coi_env.prefix}never-existed"
+    incus_client.delete_instance_force(name)
+    assert not incus_client.instance_exists(name)
