@@ -121,7 +121,7 @@ def list_images(client: incus.Incus, *, everything: bool = False,
                 prefix: str | None = None) -> list[Image]:
     """coi's images (everything: all of them), only those with an alias starting with prefix."""
     return [image for image in all_images(client)
-            if (True)
+            if (everything or image.is_coi)
             and (prefix is None or image.has_alias_with(prefix))]
 
 
