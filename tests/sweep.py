@@ -4,11 +4,11 @@ Usage:
   sweep.py [--force] [--debug]
   sweep.py (-h | --help)
 
-Removes instances named `coi-test-*` (forced), images with an alias
-`coi-test-tmp-*` (half-done test image builds), network namespaces
-`coi-test-*` and nftables tables `coi_test_*` of any family. The cached test
-image `coi-test-image` always stays. Prints one line per removed thing, or
-nothing; exits 0.
+Removes instances named `coi-test-*` (forced), images all of whose aliases
+are `coi-test-*` (half-done builds, images tests published), network
+namespaces `coi-test-*` and nftables tables `coi_test_*` of any family. The
+cached test images `coi-test-image` and `coi-test-full-image` always stay.
+Prints one line per removed thing, or nothing; exits 0.
 
 A pytest session that uses Incus holds a shared lock on LOCK_PATH for as long
 as it runs; the sweep takes the lock exclusively and does nothing (saying so
@@ -40,8 +40,8 @@ from coi_common.errors import NotFound  # noqa: E402
 from coi_common.incus import Incus  # noqa: E402
 
 INSTANCE_PREFIX: Final = "coi-test-"
-TMP_ALIAS_PREFIX: Final = "coi-test-tmp-"
-KEEP_ALIAS: Final = "coi-test-image"
+IMAGE_PREFIX: Final = "coi-test-"
+KEEP_ALIASES: Final = frozenset({"coi-test-image", "coi-test-full-image"})
 NETNS_PREFIX: Final = "coi-test-"
 NFT_PREFIX: Final = "coi_test_"
 LOCK_PATH: Final = Path("/run/lock/coi-test-run.lock")
@@ -57,7 +57,7 @@ def sweep(client: Incus | None = None, *, scope: str = "") -> list[str]:
     """
     client = client or Incus()
     return [*_sweep_instances(client, INSTANCE_PREFIX + scope),
-            *_sweep_images(client, TMP_ALIAS_PREFIX + scope),
+            *_sweep_images(client, IMAGE_PREFIX + scope),
             *_sweep_netns(NETNS_PREFIX + scope),
             *_sweep_nft(NFT_PREFIX + scope.replace("-", "_"))]
 
@@ -75,15 +75,15 @@ def _sweep_instances(client: Incus, prefix: str) -> list[str]:
 
 
 def _sweep_images(client: Incus, prefix: str) -> list[str]:
-    """Images of half-done builds; on the kept image itself only the stray alias goes."""
+    """Images only tests named; on a kept cache image only the stray test aliases go."""
     removed = []
     for image in client.images():
         aliases = [a["name"] for a in image.get("aliases") or []]
-        stray = [a for a in aliases if a.startswith(prefix)]
+        stray = [a for a in aliases if a.startswith(prefix) and a not in KEEP_ALIASES]
         if not stray:
             continue
         with contextlib.suppress(NotFound):
-            if KEEP_ALIAS in aliases:
+            if len(stray) < len(aliases):
                 for alias in stray:
                     client.delete_alias(alias)
                     removed.append(f"removed image alias {alias}")

@@ -160,11 +160,11 @@ def test_sweep_leaves_names_outside_its_prefix(incus_client, test_image, sweeper
     assert incus_client.instance_exists(container_name)
 
 
-def test_sweep_deletes_half_built_images_but_keeps_the_test_image(incus_client, test_image,
+def test_sweep_deletes_test_images_but_keeps_the_cached_test_image(incus_client, test_image,
                                                                    sweeper, scope, tmp_path):
     kept = incus_client.image_by_alias(test_image)["fingerprint"]
-    tiny_alias = f"coi-test-tmp-{scope}tiny"
-    stray_alias = f"coi-test-tmp-{scope}stray"
+    tiny_alias = f"coi-test-{scope}tmp-tiny"
+    stray_alias = f"coi-test-{scope}stray"
     (tmp_path / "rootfs" / "etc").mkdir(parents=True)
     (tmp_path / "rootfs" / "etc" / "tiny").write_text("tiny\n")
     (tmp_path / "metadata.yaml").write_text(

@@ -1,0 +1,94 @@
+"""The full `coi build` (slow: minutes the first time; cached afterwards like the test image).
+
+It builds under the alias `coi-test-full-image` from the offline base
+bootstrap:debian/bookworm, exactly as `coi build` does for users without the
+images: remote. The image is kept between runs (the sweeper spares it), so
+later runs only prove it is up to date and check what it contains.
+"""
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.incus, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+ALIAS = "coi-test-full-image"
+SESSION_CONFIG = {"security.nesting": "true", "security.syscalls.intercept.mknod": "true",
+                  "security.syscalls.intercept.setxattr": "true"}
+
+
+def coi_build(env, timeout):
+    return subprocess.run([str(ROOT / "bin" / "coi"), "build", "--base",
+                           "bootstrap:debian/bookworm"], env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def full_image():
+    """Build (or confirm) the full image once for this module."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COI_")}
+    env |= {"COI_DEFAULTS_IMAGE": ALIAS, "COI_CONTAINER_PREFIX": "coi-test-full-"}
+    done = coi_build(env, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return env
+
+
+def test_second_build_is_up_to_date_in_under_a_second(full_image):
+    started = time.monotonic()
+    done = coi_build(full_image, timeout=60)
+    assert time.monotonic() - started < 1.0
+    assert done.returncode == 0
+    assert done.stdout.startswith(f"{ALIAS} is up to date")
+
+
+@pytest.fixture(scope="module")
+def session_box(full_image, incus_client):
+    name = "coi-test-full-session"
+    incus_client.delete_instance_force(name)
+    incus_client.create_instance(name, ALIAS, profiles=["coi"], config=SESSION_CONFIG,
+                                 start=True)
+    yield name
+    incus_client.delete_instance_force(name)
+
+
+def as_code(run_in, name, command):
+    return run_in(name, ["sudo", "-u", "code", "-H", "bash", "-lc", command], timeout=60)
+
+
+def test_code_is_uid_1000_and_may_power_off_without_a_password(session_box, run_in):
+    assert as_code(run_in, session_box, "id -u").stdout == "1000\n"
+    allowed = as_code(run_in, session_box, "sudo -n -l /sbin/poweroff")
+    assert allowed.returncode == 0, allowed.stderr
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    ("tmux -V", "tmux "), ("git --version", "git version"), ("node --version", "v"),
+    ("npm --version", ""), ("gh --version", "gh version"), ("claude --version", "Claude Code"),
+    ("jq --version", "jq-"), ("python3 --version", "Python 3"),
+])
+def test_tools_answer_as_code(session_box, run_in, command, expected):
+    done = as_code(run_in, session_box, command)
+    assert done.returncode == 0, done.stderr
+    assert expected in done.stdout
+
+
+def test_node_trusts_the_system_ca_store(session_box, run_in):
+    done = as_code(run_in, session_box, "echo $NODE_EXTRA_CA_CERTS")
+    assert done.stdout.strip() == "/etc/ssl/certs/ca-certificates.crt"
+
+
+def test_dockerd_starts_in_a_nested_session_container(session_box, run_in):
+    deadline = time.monotonic() + 90
+    info = None
+    while time.monotonic() < deadline:
+        info = run_in(session_box, ["docker", "info", "--format", "{{.ServerVersion}}"])
+        if info.returncode == 0:
+            break
+        time.sleep(1)
+    assert info is not None
+    assert info.returncode == 0, info.stderr
+    assert info.stdout.strip()
