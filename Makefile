@@ -10,7 +10,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv setup test-deps test-image test lint shell build sweep clean bench
+.PHONY: all venv setup test-deps test-image test lint shell build sweep clean bench docs
 
 all: venv
 
@@ -53,6 +53,9 @@ shell: build
 
 clean:
 	rm -rf $(VENV) build *.egg-info tests/.results
+
+docs: venv
+	$(PY) docs/generate.py
 
 bench: venv
 	$(PY) -m compileall -q lib coi-* >/dev/null

@@ -167,3 +167,18 @@ def test_force_deleting_a_missing_builder_is_a_no_op(incus_client, coi_env):
     name = f"{coi_env.prefix}never-existed"
     incus_client.delete_instance_force(name)
     assert not incus_client.instance_exists(name)
+
+
+def test_dns_fix_step_writes_static_resolvers_that_survive_dhcp(make_container, run_in,
+                                                                 incus_client, bridge_subnet):
+    # The bridge's own dnsmasq stands in for a public resolver: no packet leaves the host.
+    resolver = str(next(bridge_subnet.hosts()))
+    box = make_container()
+    recipe = ROOT / "coi-image" / "coi_image" / "build-coi.sh"
+    incus_client.push_file(box.name, str(recipe), "/root/coi-build.sh", mode="0755")
+    fixed = run_in(box.name, ["bash", "/root/coi-build.sh", "dns_static", resolver])
+    assert fixed.returncode == 0, fixed.stderr
+    assert run_in(box.name, ["cat", "/etc/resolv.conf"]).stdout == f"nameserver {resolver}\n"
+    hook = run_in(box.name, ["cat", "/etc/dhcp/dhclient-enter-hooks.d/coi-static-dns"])
+    assert "make_resolv_conf() { :; }" in hook.stdout
+    assert run_in(box.name, ["getent", "hosts", f"{box.name}.incus"]).returncode == 0
