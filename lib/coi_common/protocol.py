@@ -23,6 +23,7 @@ REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "config": ("values",),
     "doctor": ("ok", "checks"),
     "setup": ("changed", "steps"),
+    "slot": ("workspace", "slot", "container", "persistent", "image", "profile"),
     "image": ("alias", "fingerprint", "size", "created_at", "properties"),
     "image_deleted": ("alias", "fingerprint"),
 }

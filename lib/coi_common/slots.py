@@ -1,0 +1,91 @@
+"""Which slot of a workspace is free: allocation under a lock, with short reservations.
+
+A slot N of workspace W is taken when the container `<prefix><hash(W)>-N`
+exists, or when a caller reserved it less than RESERVATION_SECONDS ago and
+has not created the container yet. Allocation holds an exclusive lock on
+the workspace's slot file for the read-pick-write, so concurrent callers
+never get the same slot. The state lives in `<state_dir>/slots/`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Final
+
+from coi_common.errors import CoiError
+from coi_common.naming import container_name, workspace_hash
+
+RESERVATION_SECONDS: Final = 120.0
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _read(path: Path) -> dict[str, float]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {str(k): float(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def _write_atomically(path: Path, data: dict[str, float]) -> None:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def slot_file(state_dir: str, workspace: str) -> Path:
+    return Path(state_dir) / "slots" / f"{workspace_hash(workspace)}.json"
+
+
+def lowest_free(taken: Iterable[int], max_slots: int) -> int | None:
+    """The lowest slot in 1..max_slots not in `taken`."""
+    used = set(taken)
+    return next((n for n in range(1, max_slots + 1) if n not in used), None)
+
+
+def reserve(state_dir: str, workspace: str, *, prefix: str, existing: Iterable[str],
+            max_slots: int, wanted: int | None = None) -> int:
+    """Pick (or confirm `wanted`) a slot and reserve it; `existing` = container names now.
+
+    A wanted slot is granted even when its container exists (the caller
+    attaches to or reuses it); only a live reservation by someone else refuses it.
+    """
+    path = slot_file(state_dir, workspace)
+    with _locked(path):
+        now = time.time()
+        reservations = {k: v for k, v in _read(path).items() if v > now}
+        names = set(existing)
+        in_use = {n for n in range(1, max_slots + 1)
+                  if container_name(workspace, n, prefix) in names or str(n) in reservations}
+        if wanted is None:
+            slot = lowest_free(in_use, max_slots)
+            if slot is None:
+                raise CoiError(f"all {max_slots} slots of {workspace} are in use",
+                               hint="coi list shows them; coi kill or raise defaults.max_slots")
+        else:
+            slot = wanted
+        reservations[str(slot)] = now + RESERVATION_SECONDS
+        _write_atomically(path, reservations)
+        return slot
+
+
+def release(state_dir: str, workspace: str, slot: int) -> None:
+    """Drop a reservation once its container exists (or the attempt failed)."""
+    path = slot_file(state_dir, workspace)
+    with _locked(path):
+        reservations = _read(path)
+        if reservations.pop(str(slot), None) is not None:
+            _write_atomically(path, reservations)
