@@ -157,6 +157,10 @@ class Incus:
         return self.request("GET", f"/1.0/instances/{_seg(name)}",
                             params={"recursion": "1"}, what=f"container {name}")
 
+    def instance_config(self, name: str) -> dict[str, Any]:
+        """The container's definition (config, devices, profiles) without its state."""
+        return self.request("GET", f"/1.0/instances/{_seg(name)}", what=f"container {name}")
+
     def instance_exists(self, name: str) -> bool:
         try:
             self.instance(name)
@@ -186,6 +190,11 @@ class Incus:
         """start, stop, restart, freeze or unfreeze a container."""
         body = {"action": action, "force": force, "timeout": timeout}
         self.request("PUT", f"/1.0/instances/{_seg(name)}/state", body,
+                     what=f"container {name}")
+
+    def set_config(self, name: str, values: Mapping[str, str]) -> None:
+        """Set config keys of a container (PATCH: keys not given stay as they are)."""
+        self.request("PATCH", f"/1.0/instances/{_seg(name)}", {"config": dict(values)},
                      what=f"container {name}")
 
     def delete_instance(self, name: str) -> None:

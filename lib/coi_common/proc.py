@@ -15,6 +15,7 @@ import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import IO
 
 from coi_common.errors import CommandFailed, NotFound
 
@@ -62,21 +63,33 @@ def run(argv: Sequence[str], *, input_text: str | None = None, check: bool = Tru
     return result
 
 
-def hand_over(argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> int:
+def hand_over(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+              terminal: IO[str] | None = None) -> int:
     """Run an interactive child that owns the terminal; return its exit status.
 
-    The parent ignores SIGINT while waiting so Ctrl-C goes to the child alone,
-    and a child killed by a signal reports 128+signal, as shells do.
+    `terminal` (an open /dev/tty) replaces stdin, stdout and stderr when the
+    caller's own stdin is a pipe. The parent ignores SIGINT while waiting so
+    Ctrl-C goes to the child alone; a child killed by a signal reports
+    128+signal, as shells do. If the parent is stopped (SIGTERM), the child
+    is ended too.
     """
+    streams = {"stdin": terminal, "stdout": terminal, "stderr": terminal} if terminal else {}
     # The child is started before SIGINT is ignored here: an ignored signal
     # would stay ignored across exec, and preexec_fn is unsafe with threads.
     try:
-        child = subprocess.Popen(list(argv), env=dict(env) if env is not None else None)
+        child = subprocess.Popen(list(argv), env=dict(env) if env is not None else None,
+                                 **streams)
     except FileNotFoundError:
         raise NotFound(f"program {argv[0]!r} is not installed") from None
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         returncode = child.wait()
+    except BaseException:
+        child.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=5)
+        child.kill()
+        raise
     finally:
         signal.signal(signal.SIGINT, previous)
     return 128 - returncode if returncode < 0 else returncode

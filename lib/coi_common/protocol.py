@@ -26,6 +26,8 @@ REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "slot": ("workspace", "slot", "container", "persistent", "image", "profile"),
     "image": ("alias", "fingerprint", "size", "created_at", "properties"),
     "image_deleted": ("alias", "fingerprint"),
+    "container_list": ("active_containers",),
+    "container_action": ("name", "action", "ok"),
 }
 
 Record = dict[str, Any]

@@ -202,12 +202,13 @@ def new_slot_record(client: Incus, settings: Any, workspace: str, *, slot: int |
     path = naming.canonical_workspace(workspace)
     max_slots = settings.get("defaults.max_slots")
     wanted = naming.validate_slot(slot, max_slots) if slot else None
+    # Checked before reserving: a bad image name must not hold a slot for two minutes.
+    image = naming.validate_image_name(settings.get("defaults.image"))
     existing = [i["name"] for i in client.instances(f"{prefix}{naming.workspace_hash(path)}-")]
     number = slots.reserve(settings.path("paths.state_dir"), path, prefix=prefix,
                            existing=existing, max_slots=max_slots, wanted=wanted)
     return SlotRecord(path, number, naming.container_name(path, number, prefix),
-                      bool(settings.get("defaults.persistent")),
-                      naming.validate_image_name(settings.get("defaults.image")),
+                      bool(settings.get("defaults.persistent")), image,
                       settings.get("incus.profile"), settings.get("tool.name"),
                       settings.get("network.mode"), dict(settings.get("defaults.environment")),
                       tuple(mounts), storage)

@@ -33,11 +33,15 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _read(path: Path) -> dict[str, float]:
+    """The reservations (slot -> expiry); a damaged file or entry counts as none."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return {str(k): float(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): float(v) for k, v in data.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def _write_atomically(path: Path, data: dict[str, float]) -> None:
@@ -75,6 +79,11 @@ def reserve(state_dir: str, workspace: str, *, prefix: str, existing: Iterable[s
             if slot is None:
                 raise CoiError(f"all {max_slots} slots of {workspace} are in use",
                                hint="coi list shows them; coi kill or raise defaults.max_slots")
+        elif str(wanted) in reservations and \
+                container_name(workspace, wanted, prefix) not in names:
+            raise CoiError(f"slot {wanted} of {workspace} is being set up by another coi "
+                           f"command (reserved less than {RESERVATION_SECONDS:g} s ago)",
+                           hint="pick another slot, or leave out --slot to get a free one")
         else:
             slot = wanted
         reservations[str(slot)] = now + RESERVATION_SECONDS

@@ -1,0 +1,82 @@
+"""coi-shell: put a person or a command into a workspace slot's container.
+
+Usage:
+  coi-shell [shell] [--workspace DIR] [--slot N] [--persistent] [--image NAME]
+            [--profile NAME] [--tool NAME] [--network MODE] [--env K=V]...
+            [--storage PATH] [--mount SPEC]... [--debug]
+  coi-shell run [--workspace DIR] [--slot N] [--persistent] [--image NAME]
+            [--profile NAME] [--tool NAME] [--network MODE] [--env K=V]...
+            [--storage PATH] [--mount SPEC]... [--debug] [--] <command>...
+  coi-shell attach [<name>] [--workspace DIR] [--slot N] [--bash] [--debug]
+  coi-shell tmux list [--format FMT] [--debug]
+  coi-shell tmux send <name> <text> [--debug]
+  coi-shell tmux capture <name> [--debug]
+  coi-shell (-h | --help)
+  coi-shell --version
+
+Commands:
+  shell          Start (or reattach to) the AI tool in a tmux session in the
+                 container of a slot of the workspace, and hand your terminal
+                 to it. With a slot record on stdin (coi-slot next | coi-shell)
+                 that record is used and the terminal is opened from /dev/tty.
+                 Inside: tmux runs bash, which runs the tool. Ctrl+b d detaches;
+                 `sudo poweroff` ends the session (saved, then the container is
+                 deleted unless persistent).
+  run            Run one command as user code in /workspace of a fresh container,
+                 passing stdin, stdout, stderr and the exit code through; the
+                 container is deleted afterwards unless --persistent.
+  attach         Reattach to a running session of this workspace (--bash: a
+                 plain shell in it instead of the tmux session).
+  tmux list      Running coi containers with their tmux sessions.
+  tmux send      Type TEXT and Enter into a session (automation).
+  tmux capture   Print what a session's pane shows.
+
+Options:
+  --workspace DIR   Workspace mounted at /workspace [default: .].
+  --slot N          Slot number (1..defaults.max_slots); omitted: the lowest free.
+  --persistent      Keep the container after the session (defaults.persistent).
+  --image NAME      Image to start from (defaults.image, normally coi).
+  --profile NAME    Apply [profiles.NAME] of the configuration.
+  --tool NAME       AI tool to run (tool.name, normally claude).
+  --network MODE    restricted, allowlist or open (network.mode).
+  --env K=V         Environment variable for the session (repeatable).
+  --storage PATH    Host directory mounted at /storage.
+  --mount SPEC      Extra host directory, SRC:DST or SRC:DST:ro (repeatable).
+  --bash            attach: open bash instead of the tmux session.
+  --format FMT      Output format: text or json [default: text].
+  --debug           Show tracebacks on errors.
+  -h --help         Show this help.
+
+Examples:
+  coi shell --slot 2 --persistent
+  coi run -- make test
+  coi-slot next | coi-shell
+  coi tmux send coi-1a2b3c4d-1 "write a hello world script"
+"""
+
+from __future__ import annotations
+
+from coi_common.entry import Args, run_main
+from coi_common.errors import UsageError
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of coi-shell."""
+    run_main("coi-shell", __doc__ or "", dispatch, argv)
+
+
+def dispatch(args: Args) -> int:
+    """Run the chosen command; each returns the exit status."""
+    if args["--format"] not in ("text", "json"):
+        raise UsageError(f"unknown format {args['--format']!r}; use text or json")
+    if args["tmux"]:
+        from coi_shell import automation  # noqa: PLC0415
+
+        return automation.run(args)
+    from coi_shell import session  # noqa: PLC0415
+
+    if args["run"]:
+        return session.run_command(args)
+    if args["attach"]:
+        return session.attach(args)
+    return session.shell(args)

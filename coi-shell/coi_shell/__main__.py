@@ -1,0 +1,3 @@
+from coi_shell import main
+
+main()
