@@ -173,3 +173,26 @@ def kernel_features(server: Mapping[str, object]) -> Mapping[str, str]:
     """Incus's view of the kernel (idmapped_mounts, ...) from GET /1.0."""
     env = server.get("environment", {})
     return env.get("kernel_features", {}) if isinstance(env, dict) else {}
+
+
+def coi_users(group: str) -> tuple[set[int], set[int]]:
+    """uids and gids coi runs as here: root, the sudo caller, the group's members."""
+    import grp  # noqa: PLC0415
+    import pwd  # noqa: PLC0415
+
+    uids, gids = {0}, {0}
+    if os.environ.get("SUDO_UID", "").isdigit():
+        uids.add(int(os.environ["SUDO_UID"]))
+        gids.add(int(os.environ.get("SUDO_GID", "0") or 0))
+    try:
+        members = grp.getgrnam(group).gr_mem
+    except KeyError:
+        members = []
+    for member in members:
+        try:
+            entry = pwd.getpwnam(member)
+        except KeyError:
+            continue
+        uids.add(entry.pw_uid)
+        gids.add(entry.pw_gid)
+    return uids, gids

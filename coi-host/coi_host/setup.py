@@ -60,7 +60,7 @@ def run_setup(*, as_json: bool) -> int:
     ctx = Context(hostinfo.read_distro(), config.load(None), _new_log_path())
     steps_to_run: tuple[tuple[str, Callable[[Context], Step]], ...] = (
         ("packages", ensure_packages), ("daemon", ensure_daemon), ("storage pool", ensure_pool),
-        ("bridge", ensure_bridge), ("profile", ensure_profile))
+        ("bridge", ensure_bridge), ("profile", ensure_profile), ("id maps", ensure_idmaps))
     done: list[Step] = []
     progress = Progress("coi setup", len(steps_to_run))
     for label, step_fn in steps_to_run:
@@ -219,3 +219,36 @@ def profile_devices(pool: str, network: str) -> dict[str, dict[str, str]]:
     """The devices every coi container gets from its profile."""
     return {"root": {"type": "disk", "path": "/", "pool": pool},
             "eth0": {"type": "nic", "name": "eth0", "network": network}}
+
+
+# -- id maps -----------------------------------------------------------------------------
+
+
+SUBID_FILES = ("/etc/subuid", "/etc/subgid")
+
+
+def ensure_idmaps(ctx: Context) -> Step:
+    """Let Incus map each coi user's own uid/gid into containers (raw.idmap).
+
+    Files that `code` creates in /workspace then belong to the host user who
+    ran coi. Covers root, the user behind sudo and the members of the Incus
+    group; more with `ensure_subids`.
+    """
+    uids, gids = hostinfo.coi_users(ctx.settings.get("incus.group"))
+    added = ensure_subids(uids, gids)
+    detail = f"root may map {', '.join(map(str, sorted(uids)))}"
+    return Step("id maps", bool(added), detail + (f" (added {', '.join(added)})" if added else ""))
+
+
+def ensure_subids(uids: Iterable[int], gids: Iterable[int],
+                  files: tuple[str, str] = SUBID_FILES) -> list[str]:
+    """Append `root:ID:1` lines that are missing; return what was added."""
+    added = []
+    for path, ids in zip(files, (uids, gids), strict=True):
+        lines = Path(path).read_text(encoding="utf-8").splitlines() if Path(path).exists() else []
+        missing = [f"root:{i}:1" for i in sorted(set(ids)) if f"root:{i}:1" not in lines]
+        if missing:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("".join(f"{line}\n" for line in missing))
+            added += [f"{path} {line}" for line in missing]
+    return added

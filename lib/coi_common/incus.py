@@ -103,12 +103,24 @@ class Incus:
         return reply.get("metadata")
 
     def _send(self, method: str, url: str, body: Any) -> dict[str, Any]:
+        _status, _headers, raw = self._exchange(method, url, body)
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            raise IncusError(f"Incus answered something that is not JSON: {raw[:80]!r}") from None
+
+    def _exchange(self, method: str, url: str,
+                  body: Any) -> tuple[int, dict[str, str], bytes]:
+        """One HTTP exchange on the socket: (status, lower-cased headers, body)."""
         conn = _UnixConnection(self.socket, self.timeout)
         payload = None if body is None else json.dumps(body)
         headers = {"Content-Type": "application/json"} if payload is not None else {}
         try:
             conn.request(method, url, body=payload, headers=headers)
-            raw = conn.getresponse().read()
+            response = conn.getresponse()
+            raw = response.read()
+            status = response.status
+            answer = {key.lower(): value for key, value in response.getheaders()}
         except FileNotFoundError:
             raise IncusUnavailable(f"Incus is not running (no socket at {self.socket})",
                                    hint=START_HINT) from None
@@ -124,10 +136,7 @@ class Incus:
             raise IncusUnavailable(f"cannot talk to Incus on {self.socket}: {exc}") from None
         finally:
             conn.close()
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError:
-            raise IncusError(f"Incus answered something that is not JSON: {raw[:80]!r}") from None
+        return status, answer, raw
 
     def wait_operation(self, operation: str, *, what: str = "", timeout: int = 600) -> Any:
         """Wait for a background operation; raise its error if it failed."""
@@ -204,6 +213,25 @@ class Incus:
         """GET .../state: status, processes and network addresses of one container."""
         return self.request("GET", f"/1.0/instances/{_seg(name)}/state",
                             what=f"container {name}")
+
+    def add_device(self, name: str, device: str, settings: Mapping[str, str]) -> None:
+        """Add one device to a container's own devices (PATCH merges; others stay)."""
+        self.request("PATCH", f"/1.0/instances/{_seg(name)}",
+                     {"devices": {device: dict(settings)}}, what=f"container {name}")
+
+    def file_type(self, name: str, path: str) -> str | None:
+        """`file`, `directory` or `symlink` at an absolute path in a container
+        (running or stopped), None when nothing is there. A missing container
+        is also None: check it first."""
+        query = urlencode({"project": self.project, "path": path})
+        status, headers, _ = self._exchange("HEAD", f"/1.0/instances/{_seg(name)}/files?{query}",
+                                            None)
+        if status == 404:
+            return None
+        if status >= 400:
+            raise _error_for(status, f"cannot look at {path} (HTTP {status})",
+                             f"container {name}")
+        return headers.get("x-incus-type", "")
 
     def delete_instance_force(self, name: str) -> None:
         """Stop (at once) if running, then delete; a missing container is fine."""
@@ -298,10 +326,14 @@ class Incus:
 
     # -- CLI ----------------------------------------------------------------------
 
+    def cli_argv(self, args: Sequence[str]) -> list[str]:
+        """The full argv of `incus ARGS` in our project."""
+        return ["incus", "--project", self.project, *args]
+
     def cli(self, args: Sequence[str], *, input_text: str | None = None, check: bool = True,
             timeout: float | None = None) -> proc.Result:
         """Run `incus ARGS` in our project, mapping its failures to typed errors."""
-        argv = ["incus", "--project", self.project, *args]
+        argv = self.cli_argv(args)
         try:
             return proc.run(argv, input_text=input_text, check=check, timeout=timeout)
         except NotFound:
@@ -309,6 +341,23 @@ class Incus:
                                    hint="run 'coi setup' to install Incus") from None
         except CommandFailed as exc:
             raise _cli_error(exc.message) from None
+
+    def cli_bytes(self, args: Sequence[str]) -> proc.BinaryResult:
+        """Run `incus ARGS` (stdin inherited), its output kept as bytes; never raises on
+        its exit status, which is the inner command's for `incus exec`."""
+        try:
+            return proc.run_bytes(self.cli_argv(args))
+        except NotFound:
+            raise IncusUnavailable("the incus command is not installed",
+                                   hint="run 'coi setup' to install Incus") from None
+
+    def cli_hand_over(self, args: Sequence[str]) -> int:
+        """Run `incus ARGS` owning the terminal (proc.hand_over); return its exit status."""
+        try:
+            return proc.hand_over(self.cli_argv(args))
+        except NotFound:
+            raise IncusUnavailable("the incus command is not installed",
+                                   hint="run 'coi setup' to install Incus") from None
 
 
 def _cli_error(message: str) -> Exception:

@@ -34,6 +34,16 @@ class Result:
         return self.returncode == 0
 
 
+@dataclass(frozen=True)
+class BinaryResult:
+    """What a finished program left behind, its output as bytes (nothing decoded)."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
 def last_line(text: str) -> str:
     """The last non-empty line of `text`, for one-line error messages."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
@@ -49,9 +59,11 @@ def run(argv: Sequence[str], *, input_text: str | None = None, check: bool = Tru
     last stderr line; a missing program raises NotFound either way.
     """
     try:
-        done = subprocess.run(list(argv), input=input_text, capture_output=True, text=True,
-                              timeout=timeout, env=dict(env) if env is not None else None,
-                              cwd=cwd, check=False)
+        # Without input, stdin is closed: an `incus exec` would otherwise eat ours.
+        stdin = {"input": input_text} if input_text is not None else {"stdin": subprocess.DEVNULL}
+        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
+                              env=dict(env) if env is not None else None, cwd=cwd, check=False,
+                              **stdin)
     except FileNotFoundError:
         raise NotFound(f"program {argv[0]!r} is not installed") from None
     except subprocess.TimeoutExpired:
@@ -61,6 +73,21 @@ def run(argv: Sequence[str], *, input_text: str | None = None, check: bool = Tru
         reason = last_line(result.stderr) or last_line(result.stdout) or "no output"
         raise CommandFailed(f"{argv[0]} exited {result.returncode}: {reason}")
     return result
+
+
+def run_bytes(argv: Sequence[str], *, timeout: float | None = None) -> BinaryResult:
+    """Run argv to completion with stdin inherited, keeping stdout and stderr as bytes.
+
+    Never raises on a non-zero exit (callers pass the status on); a missing
+    program raises NotFound.
+    """
+    try:
+        done = subprocess.run(list(argv), capture_output=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        raise NotFound(f"program {argv[0]!r} is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise CommandFailed(f"{argv[0]} did not finish within {timeout:g} s") from None
+    return BinaryResult(tuple(argv), done.returncode, done.stdout, done.stderr)
 
 
 def hand_over(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
