@@ -188,12 +188,13 @@ def ensure_tmux(ctx: Context, *, resume: bool = False) -> None:
     _exec_quiet(ctx, ["tmux", "send-keys", "-t", sessions.TMUX_SESSION, "Enter"])
 
 
-def open_terminal() -> IO[str] | None:
+def open_terminal() -> IO[bytes] | None:
     """None when our own stdin is the terminal; else /dev/tty (stdin carried a record)."""
     if sys.stdin.isatty():
         return None
     try:
-        return open("/dev/tty", "r+", encoding="utf-8")
+        # Unbuffered binary: a text or buffered "r+" stream wants a seekable file.
+        return open("/dev/tty", "rb+", buffering=0)
     except OSError:
         raise UsageError("coi shell needs a terminal", hint="use 'coi run -- CMD' from "
                          "scripts") from None

@@ -91,7 +91,7 @@ def run_bytes(argv: Sequence[str], *, timeout: float | None = None) -> BinaryRes
 
 
 def hand_over(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-              terminal: IO[str] | None = None) -> int:
+              terminal: IO[bytes] | None = None) -> int:
     """Run an interactive child that owns the terminal; return its exit status.
 
     `terminal` (an open /dev/tty) replaces stdin, stdout and stderr when the

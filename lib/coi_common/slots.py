@@ -64,8 +64,10 @@ def reserve(state_dir: str, workspace: str, *, prefix: str, existing: Iterable[s
             max_slots: int, wanted: int | None = None) -> int:
     """Pick (or confirm `wanted`) a slot and reserve it; `existing` = container names now.
 
-    A wanted slot is granted even when its container exists (the caller
-    attaches to or reuses it); only a live reservation by someone else refuses it.
+    A wanted slot is granted when it is free, and also when its container
+    exists (the caller attaches to or reuses it). A live reservation of it
+    without a container means another caller is creating that container right
+    now: that refuses it.
     """
     path = slot_file(state_dir, workspace)
     with _locked(path):
@@ -82,8 +84,9 @@ def reserve(state_dir: str, workspace: str, *, prefix: str, existing: Iterable[s
         elif str(wanted) in reservations and \
                 container_name(workspace, wanted, prefix) not in names:
             raise CoiError(f"slot {wanted} of {workspace} is being set up by another coi "
-                           f"command (reserved less than {RESERVATION_SECONDS:g} s ago)",
-                           hint="pick another slot, or leave out --slot to get a free one")
+                           "command right now",
+                           hint=f"it was reserved less than {RESERVATION_SECONDS:g} s ago; "
+                                "pick another slot, or leave out --slot to get a free one")
         else:
             slot = wanted
         reservations[str(slot)] = now + RESERVATION_SECONDS

@@ -335,3 +335,30 @@ def test_attach_to_a_foreign_container_is_refused(env, make_container):
 def test_tmux_send_to_a_missing_container_fails_with_exit_3(env):
     done = coi(["tmux", "send", "coi-test-nonexistent-1", "x"], env)
     assert done.returncode == 3
+
+
+def test_slot_record_piped_into_coi_shell_starts_that_slot(env, workspace, terminal,
+                                                           incus_client, coi_env):
+    slot_cmd = str(ROOT / "bin" / "coi-slot")
+    shell_cmd = str(ROOT / "bin" / "coi-shell")
+    term = terminal([slot_cmd, "next", "--slot", "4", "|", shell_cmd], env, workspace)
+    term.wait_for("dummy: 0 lines of history")
+    name = naming.container_name(workspace, 4, coi_env.prefix)
+    assert incus_client.instance_state(name)["status"] == "Running"
+    term.type("/exit")
+    term.type("sudo poweroff")
+    term.wait_for("COI-EXITED-0", timeout=60)
+    assert not incus_client.instance_exists(name)
+
+
+def test_shell_on_a_running_persistent_slot_attaches_instead_of_creating(
+        env, workspace, terminal, coi_env):
+    first = terminal([COI, "shell", "--persistent", "--slot", "5"], env, workspace)
+    first.wait_for("dummy: 0 lines of history")
+    first.type("only once")
+    first.wait_for("noted only once")
+    first.keys("C-b", "d")
+    first.wait_for("COI-EXITED-0")
+    again = terminal([COI, "shell", "--slot", "5"], env, workspace)
+    # The same tmux session, not a new container: what was typed before is on screen.
+    again.wait_for("noted only once")

@@ -1,0 +1,3 @@
+from coi_slot import main
+
+main()

@@ -1,0 +1,240 @@
+"""`coi kill|shutdown|clean|persist`: act on coi's containers, one result per container.
+
+Every path that stops or removes a session container ends in
+sessions.end_session, which saves the session first; nothing here deletes a
+container directly. Targets are resolved from one listing before anything
+changes: a name that is not one of coi's containers under the current
+prefix refuses the whole command (exit 3), so foreign containers are never
+touched. Verbs yield an ActionResult per container as it is done; run()
+prints each at once (a text line, or a `container_action` JSON Lines record).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from coi_common import config, incus, naming, sessions
+from coi_common.entry import Args
+from coi_common.errors import EXIT_FAILED, CoiError, NotFound, UsageError
+from coi_common.protocol import make_record, write_record
+
+PROG: Final = "coi-slot"
+FORCE_VARIABLE: Final = "COI_FORCE"
+STOPPED: Final = "Stopped"
+TIMEOUT_PATTERN: Final = re.compile(r"[0-9]{1,6}")
+"""--timeout: plain ASCII digits, at most about eleven days."""
+
+REPLY_TIMEOUT_MARGIN: Final = 30
+"""Seconds the HTTP wait for a graceful stop may exceed the stop's own timeout."""
+
+Instance = Mapping[str, Any]
+Confirm = Callable[[str], bool]
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    """What happened to one container."""
+
+    name: str
+    action: str
+    ok: bool
+    deleted: bool = False
+    persistent: bool = False
+    forced: bool = False
+    changed: bool = True
+    message: str = ""
+
+    def record(self) -> dict[str, Any]:
+        """The `container_action` record (docs/protocol.md)."""
+        return make_record("container_action", name=self.name, action=self.action, ok=self.ok,
+                           deleted=self.deleted, persistent=self.persistent,
+                           forced=self.forced, changed=self.changed, message=self.message)
+
+    def line(self) -> str:
+        """The text line of a success (failures go to stderr, see run())."""
+        if self.action == "kill":
+            return f"killed {self.name}"
+        if self.action == "clean":
+            return f"removed {self.name} (stopped, ephemeral)"
+        if self.action == "persist":
+            state = "is now persistent" if self.changed else "was persistent already"
+            return f"{self.name} {state}"
+        how = f"forced {self.name} to stop ({self.message})" if self.forced \
+            else f"shut down {self.name}"
+        return f"{how}, {'deleted' if self.deleted else 'kept (persistent)'}"
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def run(args: Args, *, as_json: bool, confirm: Confirm | None = None) -> int:
+    """Run kill, shutdown, clean or persist; 0 when every container succeeded, else 1."""
+    action = next(a for a in ("kill", "shutdown", "clean", "persist") if args[a])
+    timeout = stop_timeout(args["--timeout"]) if action == "shutdown" else 0
+    names = [naming.validate_container_name(n) for n in args["<name>"]]
+    every = bool(args["--all"]) or action == "clean"
+    force = bool(args["--force"]) or os.environ.get(FORCE_VARIABLE, "") not in ("", "0")
+    if every and not force and not sys.stdin.isatty():
+        # Decided before connecting: the same command line always gets the same answer.
+        what = "clean" if action == "clean" else f"{action} --all"
+        raise UsageError(f"'{what}' asks for confirmation, and there is no terminal to ask "
+                         "on", hint=f"add --force, or set {FORCE_VARIABLE}=1, to go ahead")
+    client = incus.connect(config.load(None))
+    targets = select(client, naming.container_prefix(), action, names, every=every)
+    if not targets:
+        _say("nothing to clean" if action == "clean" else "no coi containers", as_json)
+        return 0
+    if every and not force and not (confirm or ask)(question(action, targets)):
+        print(f"{PROG}: cancelled; nothing changed", file=sys.stderr, flush=True)
+        return 0
+    status = 0
+    for result in act(client, action, targets, timeout=timeout):
+        if as_json:
+            write_record(result.record())
+        elif result.ok:
+            print(result.line(), flush=True)
+        if not result.ok:
+            status = EXIT_FAILED
+            print(f"{PROG}: {action} {result.name} failed: {result.message}", file=sys.stderr,
+                  flush=True)
+    return status
+
+
+def stop_timeout(value: str) -> int:
+    """--timeout S: whole seconds, 0 or more."""
+    if not TIMEOUT_PATTERN.fullmatch(value or ""):
+        raise UsageError(f"--timeout must be a whole number of seconds, got {value!r}")
+    return int(value)
+
+
+def select(client: incus.Incus, prefix: str, action: str, names: Sequence[str], *,
+           every: bool) -> list[Instance]:
+    """The containers to act on, from one listing; refuses a name that is not coi's.
+
+    clean selects the stopped ephemeral ones; --all every coi container.
+    """
+    mine = {i["name"]: i for i in sessions.coi_containers(client, prefix)}
+    if every:
+        chosen = sorted(mine.values(), key=lambda i: i["name"])
+        if action == "clean":
+            chosen = [i for i in chosen
+                      if i.get("status") == STOPPED and not sessions.is_persistent(i)]
+        return chosen
+    strangers = [n for n in dict.fromkeys(names) if n not in mine]
+    if strangers:
+        raise NotFound(f"{', '.join(strangers)}: not a coi container under prefix {prefix}",
+                       hint="see 'coi list'; coi acts only on its own containers")
+    return [mine[n] for n in dict.fromkeys(names)]
+
+
+def question(action: str, targets: Sequence[Instance]) -> str:
+    names = ", ".join(t["name"] for t in targets)
+    count = f"{len(targets)} container{'s' if len(targets) != 1 else ''}"
+    verb = {"kill": "Kill", "shutdown": "Shut down", "clean": "Remove",
+            "persist": "Make persistent"}[action]
+    return f"{verb} {count} ({names})? [y/N] "
+
+
+def ask(prompt: str) -> bool:
+    """Ask on the terminal (stderr for the question); only y or yes agrees."""
+    print(prompt, end="", file=sys.stderr, flush=True)
+    reply = sys.stdin.readline()
+    return reply.strip().lower() in ("y", "yes")
+
+
+def _say(line: str, as_json: bool) -> None:
+    # In JSON mode an empty stream is the answer: stdout carries records only.
+    if not as_json:
+        print(line, flush=True)
+
+
+# -- verbs -----------------------------------------------------------------------------------
+
+
+def act(client: incus.Incus, action: str, targets: Sequence[Instance], *,
+        timeout: int = 0) -> Iterator[ActionResult]:
+    """Run `action` on each target in turn; a failure is a result, not an exception."""
+    verb: Callable[[Instance], ActionResult] = {
+        "kill": lambda t: kill(client, t),
+        "shutdown": lambda t: shutdown(client, t, timeout),
+        "clean": lambda t: clean(client, t),
+        "persist": lambda t: persist(client, t),
+    }[action]
+    for target in targets:
+        try:
+            yield verb(target)
+        except CoiError as exc:
+            yield ActionResult(target["name"], action, ok=False,
+                               persistent=sessions.is_persistent(target),
+                               changed=False, message=exc.one_line())
+
+
+def kill(client: incus.Incus, target: Instance) -> ActionResult:
+    """Stop at once, save the session, delete."""
+    name = target["name"]
+    _force_stop(client, name)
+    sessions.end_session(client, name, delete=True)
+    return ActionResult(name, "kill", ok=True, deleted=True,
+                        persistent=sessions.is_persistent(target))
+
+
+def shutdown(client: incus.Incus, target: Instance, timeout: int) -> ActionResult:
+    """Stop cleanly within `timeout` s (else force it), save; delete unless persistent."""
+    name = target["name"]
+    forced = False
+    message = ""
+    if _status(client, name) != STOPPED:
+        forced = not graceful_stop(client, name, timeout)
+        if forced:
+            message = "stopped at once" if timeout == 0 else \
+                f"no clean stop within {timeout} s"
+            _force_stop(client, name)
+    keep = sessions.is_persistent(target)
+    sessions.end_session(client, name, delete=not keep)
+    return ActionResult(name, "shutdown", ok=True, deleted=not keep, persistent=keep,
+                        forced=forced, message=message)
+
+
+def graceful_stop(client: incus.Incus, name: str, timeout: int) -> bool:
+    """Ask the container's init to shut down; True when it stopped within `timeout` s."""
+    if timeout == 0:
+        return False
+    # The HTTP wait for the stop must outlast the stop itself.
+    client.timeout = max(client.timeout, timeout + REPLY_TIMEOUT_MARGIN)
+    try:
+        client.set_state(name, "stop", timeout=timeout)
+    except NotFound:
+        raise
+    except CoiError:
+        return _status(client, name) == STOPPED
+    return True
+
+
+def clean(client: incus.Incus, target: Instance) -> ActionResult:
+    """Save what is left of the session of a stopped ephemeral container, delete it."""
+    name = target["name"]
+    sessions.end_session(client, name, delete=True)
+    return ActionResult(name, "clean", ok=True, deleted=True)
+
+
+def persist(client: incus.Incus, target: Instance) -> ActionResult:
+    """Mark the container persistent (user.coi.persistent=true)."""
+    name = target["name"]
+    if sessions.is_persistent(target):
+        return ActionResult(name, "persist", ok=True, persistent=True, changed=False)
+    client.set_config(name, {f"{sessions.KEY}persistent": "true"})
+    return ActionResult(name, "persist", ok=True, persistent=True)
+
+
+def _status(client: incus.Incus, name: str) -> str:
+    return str(client.instance_state(name).get("status") or "")
+
+
+def _force_stop(client: incus.Incus, name: str) -> None:
+    if _status(client, name) != STOPPED:
+        client.set_state(name, "stop", force=True)

@@ -1,0 +1,198 @@
+"""`coi list`: coi's containers (and saved sessions), as data, a table or one JSON record.
+
+Everything shown comes from one Incus request (sessions.coi_containers):
+the `user.coi.*` keys on each container say its workspace, slot, mode,
+image, tool and network. Saved sessions are read from the directories
+`<sessions_dir>-<tool>/<id>/metadata.json` that session saving writes.
+
+The JSON form keeps the shape scripts of the original tool read: one object
+with `active_containers` (and `saved_sessions` with --all), whose entries
+carry name, status, persistent, workspace, ipv4 ("" when none), image and
+created_at; coi adds slot, tool, network and mode.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from coi_common import config, incus, naming, sessions
+from coi_common.protocol import Record, make_record, write_record
+
+KEY: Final = sessions.KEY
+NONE_SHOWN: Final = "-"
+EMPTY_LINE: Final = "no coi containers"
+NO_SESSIONS_LINE: Final = "no saved sessions"
+METADATA: Final = "metadata.json"
+
+
+@dataclass(frozen=True)
+class ContainerRow:
+    """One coi container as `coi list` shows it."""
+
+    name: str
+    status: str
+    persistent: bool
+    workspace: str
+    slot: int | None
+    image: str
+    tool: str
+    network: str
+    ipv4: str
+    created_at: str
+
+    @property
+    def mode(self) -> str:
+        return "persistent" if self.persistent else "ephemeral"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "persistent": self.persistent,
+                "workspace": self.workspace, "ipv4": self.ipv4, "image": self.image,
+                "created_at": self.created_at, "slot": self.slot, "tool": self.tool,
+                "network": self.network, "mode": self.mode}
+
+
+@dataclass(frozen=True)
+class SavedSession:
+    """One saved session directory; keys in JSON as the original tool spelt them."""
+
+    id: str
+    saved_at: str
+    workspace: str
+    tool: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"ID": self.id, "SavedAt": self.saved_at, "Workspace": self.workspace,
+                "Tool": self.tool}
+
+
+def run(*, everything: bool, as_json: bool) -> int:
+    """List and print; exit status 0."""
+    settings = config.load(None)
+    rows = list_containers(incus.connect(settings), naming.container_prefix())
+    saved = saved_sessions(settings.path("paths.sessions_dir")) if everything else None
+    if as_json:
+        write_record(list_record(rows, saved))
+    else:
+        print(render_text(rows, saved), flush=True)
+    return 0
+
+
+# -- data ----------------------------------------------------------------------------------
+
+
+def list_containers(client: incus.Incus, prefix: str) -> list[ContainerRow]:
+    """coi's containers under `prefix`, by workspace, then slot."""
+    rows = [row_from_incus(raw) for raw in sessions.coi_containers(client, prefix)]
+    return sorted(rows, key=lambda r: (r.workspace, r.slot or 0, r.name))
+
+
+def row_from_incus(raw: Mapping[str, Any]) -> ContainerRow:
+    """A row from Incus's JSON for one instance with its state (recursion=2)."""
+    settings = raw.get("config") or {}
+    slot_text = str(settings.get(f"{KEY}slot", ""))
+    return ContainerRow(
+        name=str(raw["name"]), status=str(raw.get("status") or ""),
+        persistent=sessions.is_persistent(raw),
+        workspace=str(settings.get(f"{KEY}workspace", "")),
+        slot=int(slot_text) if slot_text.isascii() and slot_text.isdigit() else None,
+        image=str(settings.get(f"{KEY}image", "")),
+        tool=str(settings.get(f"{KEY}tool", "")),
+        network=str(settings.get(f"{KEY}network", "")),
+        ipv4=ipv4_of(raw.get("state")), created_at=str(raw.get("created_at") or ""))
+
+
+def ipv4_of(state: Mapping[str, Any] | None, interface: str = "eth0") -> str:
+    """The global IPv4 address of `interface` in an instance state, or ""."""
+    network = ((state or {}).get("network") or {}).get(interface) or {}
+    for address in network.get("addresses") or []:
+        if address.get("family") == "inet" and address.get("scope") == "global":
+            return str(address.get("address", ""))
+    return ""
+
+
+def saved_sessions(sessions_dir: str) -> list[SavedSession]:
+    """Sessions saved under `<sessions_dir>-<tool>/<id>/`, newest first.
+
+    A directory whose metadata cannot be read still lists, with what is known.
+    """
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(sessions_dir) + "-*", "*", METADATA)):
+        session_dir = os.path.dirname(path)
+        tool = os.path.basename(os.path.dirname(session_dir))[len(os.path.basename(
+            sessions_dir)) + 1:]
+        metadata = _read_json(path)
+        found.append(SavedSession(
+            id=str(metadata.get("session_id") or os.path.basename(session_dir)),
+            saved_at=str(metadata.get("saved_at") or ""),
+            workspace=str(metadata.get("workspace") or ""), tool=tool))
+    return sorted(found, key=lambda s: (s.saved_at, s.id), reverse=True)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# -- rendering -----------------------------------------------------------------------------
+
+
+def list_record(rows: Sequence[ContainerRow],
+                saved: Sequence[SavedSession] | None = None) -> Record:
+    """The `container_list` record; `saved_sessions` only when they were asked for."""
+    record = make_record("container_list", active_containers=[r.to_json() for r in rows])
+    if saved is not None:
+        record["saved_sessions"] = [s.to_json() for s in saved]
+    return record
+
+
+def render_text(rows: Sequence[ContainerRow],
+                saved: Sequence[SavedSession] | None = None) -> str:
+    """The container table (or `no coi containers`), then the sessions when asked for."""
+    if rows:
+        text = _table([("NAME", "MODE", "STATUS", "SLOT", "IPV4", "IMAGE", "CREATED",
+                        "WORKSPACE")] +
+                      [(r.name, r.mode, r.status.upper() or NONE_SHOWN,
+                        NONE_SHOWN if r.slot is None else str(r.slot),
+                        r.ipv4 or NONE_SHOWN, r.image or NONE_SHOWN,
+                        short_time(r.created_at), r.workspace or NONE_SHOWN) for r in rows])
+    else:
+        text = EMPTY_LINE
+    if saved is None:
+        return text
+    if not saved:
+        return f"{text}\n\n{NO_SESSIONS_LINE}"
+    sessions_table = _table([("SESSION", "TOOL", "SAVED", "WORKSPACE")] +
+                            [(s.id, s.tool or NONE_SHOWN, short_time(s.saved_at),
+                              s.workspace or NONE_SHOWN) for s in saved])
+    return f"{text}\n\nSaved sessions:\n{sessions_table}"
+
+
+def short_time(value: str) -> str:
+    """An RFC 3339 time as `YYYY-MM-DD HH:MM UTC`; anything unreadable as given (or -)."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return value or NONE_SHOWN
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell; the last one is not padded."""
+    widths = [max(len(row[col]) for row in rows) for col in range(len(rows[0]) - 1)]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines)

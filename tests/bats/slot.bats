@@ -1,0 +1,87 @@
+#!/usr/bin/env bats
+# `coi list|kill|...` (coi-slot) as a user meets it: exit codes, one-line errors, JSON
+# that parses. A prefix of this test's own keeps every real container out of sight;
+# nothing here creates a container.
+
+setup() {
+  load helpers
+  isolate_config
+  export COI_CONTAINER_PREFIX="coi-test-bats$$-"
+}
+
+@test "coi list with no coi containers prints one friendly line" {
+  run --separate-stderr coi list
+  assert_success
+  assert_output "no coi containers"
+  assert_equal "$stderr" ""
+}
+
+@test "coi list --format json with no coi containers is one record with an empty list" {
+  run --separate-stderr coi list --format json
+  assert_success
+  assert_equal "$stderr" ""
+  assert_output '{"coi": 1, "kind": "container_list", "active_containers": []}'
+  run json_get "d['kind'], d['active_containers'], 'saved_sessions' in d"
+  assert_output "container_list [] False"
+}
+
+@test "coi list --all --format json adds an empty list of saved sessions" {
+  run --separate-stderr coi list --all --format json
+  assert_success
+  run json_get "d['active_containers'], d['saved_sessions']"
+  assert_output "[] []"
+}
+
+@test "coi list --format yaml is refused in one line with exit 2" {
+  run coi list --format yaml
+  assert_failure 2
+  assert_equal "${#lines[@]}" 1
+  assert_output "coi-slot: unknown format 'yaml'; use text or json"
+}
+
+@test "coi kill of a container that does not exist exits 3 in one line" {
+  run coi kill "${COI_CONTAINER_PREFIX}0123abcd-1"
+  assert_failure 3
+  assert_equal "${#lines[@]}" 1
+  assert_output --partial "${COI_CONTAINER_PREFIX}0123abcd-1: not a coi container"
+}
+
+@test "coi kill --all without --force and without a terminal exits 2 with a hint" {
+  run coi kill --all </dev/null
+  assert_failure 2
+  assert_equal "${#lines[@]}" 1
+  assert_output --partial "add --force"
+}
+
+@test "coi clean without --force and without a terminal exits 2" {
+  run coi clean </dev/null
+  assert_failure 2
+  assert_equal "${#lines[@]}" 1
+}
+
+@test "coi kill with neither names nor --all is a usage error" {
+  run coi kill
+  assert_failure 2
+  assert_equal "${#lines[@]}" 1
+}
+
+@test "coi shutdown --timeout that is not whole seconds exits 2" {
+  run coi shutdown --timeout soon --all --force
+  assert_failure 2
+  assert_output "coi-slot: --timeout must be a whole number of seconds, got 'soon'"
+}
+
+@test "coi-slot next prints a slot record that parses, in its workspace" {
+  mkdir -p "$BATS_TEST_TMPDIR/ws"
+  run --separate-stderr coi-slot next --workspace "$BATS_TEST_TMPDIR/ws"
+  assert_success
+  assert_equal "$stderr" ""
+  run json_get "d['kind'], d['slot'], d['container'].startswith('$COI_CONTAINER_PREFIX')"
+  assert_output "slot 1 True"
+}
+
+@test "coi-slot next for a missing workspace exits 3 in one line" {
+  run coi-slot next --workspace "$BATS_TEST_TMPDIR/nowhere"
+  assert_failure 3
+  assert_equal "${#lines[@]}" 1
+}
