@@ -13,6 +13,7 @@ IncusUnavailable, PermissionDenied, or IncusError carrying Incus's message.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -206,6 +207,25 @@ class Incus:
         self.request("PATCH", f"/1.0/instances/{_seg(name)}", {"config": dict(values)},
                      what=f"container {name}")
 
+    def edit_instance(self, name: str, *, config: Mapping[str, str] | None = None,
+                      unset: Sequence[str] = (),
+                      devices: Mapping[str, Mapping[str, str]] | None = None,
+                      remove_devices: Sequence[str] = ()) -> None:
+        """Change a container's own config keys and devices in one PUT: set `config`,
+        drop the keys in `unset`, set (replace) `devices`, drop `remove_devices`.
+        PATCH can add but never remove, hence the read-modify-write."""
+        current = self.instance_config(name)
+        body = {key: current.get(key) for key in ("architecture", "config", "devices",
+                                                  "ephemeral", "profiles", "stateful",
+                                                  "description")}
+        body["config"] = {k: v for k, v in (current.get("config") or {}).items()
+                          if k not in unset}
+        body["config"].update(config or {})
+        body["devices"] = {k: v for k, v in (current.get("devices") or {}).items()
+                           if k not in remove_devices}
+        body["devices"].update({k: dict(v) for k, v in (devices or {}).items()})
+        self.request("PUT", f"/1.0/instances/{_seg(name)}", body, what=f"container {name}")
+
     def delete_instance(self, name: str) -> None:
         self.request("DELETE", f"/1.0/instances/{_seg(name)}", what=f"container {name}")
 
@@ -324,6 +344,24 @@ class Incus:
         return proc.run_logged(["incus", "--project", self.project, "exec", *options,
                                 instance, "--", *argv], log_path)
 
+    def exec_stream(self, instance: str, argv: Sequence[str], *, user: int, cwd: str,
+                    env: Mapping[str, str], stdin: Any = None, stdout: Any = None,
+                    stderr: Any = None) -> Any:
+        """Start `incus exec` (no terminal) as `user` and return the running process
+        (a subprocess.Popen) for the caller to stream through and wait for; stdin
+        defaults to /dev/null. Used for tar streams in and out of a container."""
+        options = ["--user", str(user), "--group", str(user), "--cwd", cwd, "-T"]
+        options += [f"--env={key}={value}" for key, value in env.items()]
+        streams = {"stdout": stdout, "stderr": stderr}
+        if stdin is not None:
+            streams["stdin"] = stdin
+        try:
+            return proc.spawn(self.cli_argv(["exec", *options, instance, "--", *argv]),
+                              **streams)
+        except NotFound:
+            raise IncusUnavailable("the incus command is not installed",
+                                   hint="run 'coi setup' to install Incus") from None
+
     # -- CLI ----------------------------------------------------------------------
 
     def cli_argv(self, args: Sequence[str]) -> list[str]:
@@ -345,6 +383,7 @@ class Incus:
     def cli_bytes(self, args: Sequence[str]) -> proc.BinaryResult:
         """Run `incus ARGS` (stdin inherited), its output kept as bytes; never raises on
         its exit status, which is the inner command's for `incus exec`."""
+        self._greet_first_run()
         try:
             return proc.run_bytes(self.cli_argv(args))
         except NotFound:
@@ -353,11 +392,25 @@ class Incus:
 
     def cli_hand_over(self, args: Sequence[str]) -> int:
         """Run `incus ARGS` owning the terminal (proc.hand_over); return its exit status."""
+        self._greet_first_run()
         try:
             return proc.hand_over(self.cli_argv(args))
         except NotFound:
             raise IncusUnavailable("the incus command is not installed",
                                    hint="run 'coi setup' to install Incus") from None
+
+    def _greet_first_run(self) -> None:
+        """Let a throwaway call take the incus CLI's first-run banner.
+
+        The first time a user runs `incus` (no client config yet) it prints a
+        "To start your first container..." banner on stderr, which would land
+        in the stderr of a command we pass on or capture.
+        """
+        conf = os.environ.get("INCUS_CONF") or os.path.join(os.path.expanduser("~"), ".config",
+                                                             "incus")
+        if not os.path.exists(os.path.join(conf, "config.yml")):
+            with contextlib.suppress(NotFound):  # no incus: the real call says so
+                proc.run(self.cli_argv(["remote", "list", "--format", "csv"]), check=False)
 
 
 def _cli_error(message: str) -> Exception:

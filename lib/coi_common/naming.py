@@ -67,6 +67,9 @@ _SESSION_RULE: Final = _Rule(
 _TOOL_RULE: Final = _Rule(
     "tool name", 32, _LOWER + _DIGITS + "_-", _LOWER,
     "1-32 lowercase ASCII letters, digits, '_' and '-', starting with a letter")
+_DEVICE_RULE: Final = _Rule(
+    "device name", 64, _LETTERS + _DIGITS + "._-", _LETTERS + _DIGITS,
+    "1-64 ASCII letters, digits, '.', '_' and '-', starting with a letter or digit")
 _PREFIX_RULE: Final = _Rule(
     PREFIX_VARIABLE, PREFIX_MAX_LEN, _LOWER + _DIGITS + "-", _LOWER,
     "2-20 lowercase ASCII letters, digits and dashes, starting with a letter, ending with '-'")
@@ -137,6 +140,11 @@ def validate_session_id(session_id: object) -> str:
 def validate_tool_name(name: object) -> str:
     """The name of an AI coding tool, as used for its TOML file and config table."""
     return _check(_TOOL_RULE, name)
+
+
+def validate_device_name(name: object) -> str:
+    """The name of an Incus device (a disk mount, say) as coi lets users give it."""
+    return _check(_DEVICE_RULE, name)
 
 
 def validate_prefix(prefix: object) -> str:

@@ -122,6 +122,19 @@ def hand_over(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
     return 128 - returncode if returncode < 0 else returncode
 
 
+def spawn(argv: Sequence[str], *, stdin: int | IO[bytes] | None = subprocess.DEVNULL,
+          stdout: int | IO[bytes] | None = None,
+          stderr: int | IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+    """Start argv with the given byte streams and return at once; the caller streams
+    and waits. The child gets a session of its own, so stop_group() ends it and
+    everything it started (an `incus exec` and its forwarder)."""
+    try:
+        return subprocess.Popen(list(argv), stdin=stdin, stdout=stdout, stderr=stderr,
+                                start_new_session=True)
+    except FileNotFoundError:
+        raise NotFound(f"program {argv[0]!r} is not installed") from None
+
+
 def which(program: str) -> str | None:
     """Full path of `program` on PATH, or None."""
     for folder in os.environ.get("PATH", "").split(os.pathsep):

@@ -23,9 +23,11 @@ REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "config": ("values",),
     "doctor": ("ok", "checks"),
     "setup": ("changed", "steps"),
+    "tmux_session": ("name", "workspace", "tmux", "attached"),
     "slot": ("workspace", "slot", "container", "persistent", "image", "profile"),
     "image": ("alias", "fingerprint", "size", "created_at", "properties"),
     "image_deleted": ("alias", "fingerprint"),
+    "exec": ("stdout", "stderr", "exit_code"),
     "container_list": ("active_containers",),
     "container_action": ("name", "action", "ok"),
 }

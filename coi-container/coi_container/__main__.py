@@ -1,0 +1,3 @@
+from coi_container import main
+
+main()

@@ -1,0 +1,194 @@
+"""`coi file push|pull`: copy files and directories between the host and a container.
+
+The copies behave like cp: a destination that is an existing directory, or
+ends with '/', receives the copy under its own name; any other destination
+is the copy's name. The bytes go through `incus file push/pull` (Incus.cli),
+which keeps modes and owners. Two things Incus does differently are evened
+out here:
+
+- `incus file push -r SRC DST` always makes DST/basename(SRC). To copy a
+  directory under another name, the target directory is made first (with
+  the source's mode and owner) and SRC's entries are pushed into it.
+- A pull lands in a staging directory next to the destination and is then
+  renamed into place, so a failed pull leaves nothing half-written, a file
+  is replaced atomically, and a directory never merges into an existing one.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from coi_common import incus
+from coi_common.entry import Args
+from coi_common.errors import (
+    AlreadyExists,
+    BadInput,
+    CoiError,
+    NotFound,
+    PermissionDenied,
+    UsageError,
+)
+from coi_common.naming import validate_container_name
+from coi_container import lifecycle
+
+REMOTE_EXAMPLE: Final = "e.g. my-container:/workspace/file"
+RECURSIVE_HINT: Final = "use -r to copy a directory"
+ARGV_BUDGET: Final = 64 * 1024
+"""Characters of source paths per `incus file push` call, far below ARG_MAX."""
+STAGING_PREFIX: Final = ".coi-pull-"
+
+
+@dataclass(frozen=True)
+class Remote:
+    """NAME:PATH on the command line: a container and an absolute path in it."""
+
+    name: str
+    path: str
+    into: bool
+    """The path ended with '/': it is a directory that receives the copy."""
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.path}"
+
+
+def run(args: Args) -> int:
+    """Run `file push` or `file pull`; print the one-line result, return 0."""
+    recursive = bool(args["--recursive"])
+    if args["push"]:
+        remote = parse_remote(args["<name:path>"], "destination")
+        line = push(lifecycle.client(), args["<source>"], remote, recursive=recursive)
+    else:
+        remote = parse_remote(args["<name:path>"], "source")
+        line = pull(lifecycle.client(), remote, args["<target>"], recursive=recursive)
+    print(line, flush=True)
+    return 0
+
+
+def parse_remote(value: str, role: str) -> Remote:
+    """NAME:PATH split at the first ':'; the name validated, the path absolute."""
+    name, colon, path = value.partition(":")
+    if not colon:
+        raise UsageError(f"{role} {value!r} is not NAME:PATH", hint=REMOTE_EXAMPLE)
+    if not name:
+        raise BadInput(f"{role} {value!r} has no container name before ':'",
+                       hint=REMOTE_EXAMPLE)
+    validate_container_name(name)
+    if not path.startswith("/"):
+        raise BadInput(f"{role} {value!r}: the path in the container must be absolute",
+                       hint=REMOTE_EXAMPLE)
+    normal = lifecycle.container_path(path, what=f"{role} path")
+    return Remote(name, normal, into=path.endswith("/") or normal == "/")
+
+
+# -- push ----------------------------------------------------------------------------------
+
+
+def push(client: incus.Incus, source: str, remote: Remote, *, recursive: bool) -> str:
+    """Copy the host file (directory with recursive) `source` into the container."""
+    if not source or not os.path.exists(source):
+        raise NotFound(f"host path {source!r} does not exist")
+    is_dir = os.path.isdir(source)
+    if is_dir and not recursive:
+        raise UsageError(f"{source!r} is a directory", hint=RECURSIVE_HINT)
+    lifecycle.require(client, remote.name)
+    base = os.path.basename(os.path.normpath(os.path.abspath(source)))
+    target = remote.path
+    if base and (remote.into or client.file_type(remote.name, remote.path) == "directory"):
+        target = posixpath.join(remote.path, base)
+    if is_dir:
+        _push_directory(client, source, remote.name, target)
+    else:
+        client.cli(["file", "push", "--quiet", "--create-dirs", source,
+                    f"{remote.name}{target}"])
+    return f"pushed {source} to {remote.name}:{target}"
+
+
+def _push_directory(client: incus.Incus, source: str, name: str, target: str) -> None:
+    """Make `target` a copy of the directory `source`: the directory itself with the
+    source's mode and owner, then every entry pushed recursively into it."""
+    info = os.stat(source)
+    client.cli(["file", "create", "--quiet", "--create-dirs", "--type", "directory",
+                "--mode", f"{stat.S_IMODE(info.st_mode):04o}", "--uid", str(info.st_uid),
+                "--gid", str(info.st_gid), f"{name}{target}"])
+    entries = [os.path.join(source, entry) for entry in sorted(os.listdir(source))]
+    for batch in batches(entries, ARGV_BUDGET):
+        client.cli(["file", "push", "--quiet", "--recursive", *batch,
+                    f"{name}{target.rstrip('/')}/"])
+
+
+def batches(items: Sequence[str], budget: int) -> Iterator[list[str]]:
+    """Consecutive groups of items whose lengths add up to at most `budget` (an item
+    longer than that alone in its group), so no command line grows too long."""
+    group: list[str] = []
+    size = 0
+    for item in items:
+        if group and size + len(item) + 1 > budget:
+            yield group
+            group, size = [], 0
+        group.append(item)
+        size += len(item) + 1
+    if group:
+        yield group
+
+
+# -- pull ----------------------------------------------------------------------------------
+
+
+def pull(client: incus.Incus, remote: Remote, target: str, *, recursive: bool) -> str:
+    """Copy a file (directory with recursive) out of the container to `target`."""
+    lifecycle.require(client, remote.name)
+    kind = client.file_type(remote.name, remote.path)
+    if kind is None:
+        raise NotFound(f"{remote} does not exist")
+    if kind == "directory" and not recursive:
+        raise UsageError(f"{remote} is a directory", hint=RECURSIVE_HINT)
+    if kind not in ("file", "directory"):
+        raise BadInput(f"{remote} is a {kind}; pull the file or directory it points to")
+    base = posixpath.basename(remote.path)
+    if not base:
+        raise BadInput("cannot pull the whole file system; name a directory in it")
+    if not target:
+        raise BadInput("the host destination is empty")
+    dest = target
+    if target.endswith("/") or os.path.isdir(target):
+        dest = os.path.join(target, base)
+    dest = os.path.abspath(dest)
+    if os.path.isdir(dest) and not os.path.islink(dest):
+        raise AlreadyExists(f"{dest!r} is an existing directory",
+                            hint="remove it or choose another name")
+    if kind == "directory" and os.path.lexists(dest):
+        raise AlreadyExists(f"{dest!r} already exists", hint="remove it or choose another name")
+    parent = os.path.dirname(dest)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        _pull_via_staging(client, remote, kind, parent, dest)
+    except PermissionError as exc:
+        raise PermissionDenied(f"cannot write {exc.filename or dest!r}: permission denied") \
+            from None
+    except OSError as exc:
+        raise CoiError(f"cannot write {exc.filename or dest!r}: {exc.strerror}") from None
+    return f"pulled {remote} to {dest}"
+
+
+def _pull_via_staging(client: incus.Incus, remote: Remote, kind: str, parent: str,
+                      dest: str) -> None:
+    """Pull into a fresh directory in `parent`, then rename the result to `dest`
+    (same file system, so the rename is atomic); the staging directory always goes."""
+    staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=parent)
+    try:
+        flags = ["--recursive"] if kind == "directory" else []
+        client.cli(["file", "pull", "--quiet", *flags, f"{remote.name}{remote.path}",
+                    staging + "/"])
+        pulled = os.path.join(staging, posixpath.basename(remote.path))
+        if not os.path.lexists(pulled):
+            raise CoiError(f"Incus copied nothing from {remote}")
+        os.replace(pulled, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
