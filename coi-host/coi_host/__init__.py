@@ -31,10 +31,8 @@ Examples:
 
 from __future__ import annotations
 
+from coi_common import output
 from coi_common.entry import Args, run_main
-from coi_common.errors import UsageError
-
-FORMATS = ("text", "json")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,9 +42,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def dispatch(args: Args) -> int:
     """Run the chosen command; each returns the exit status."""
-    if args["--format"] not in FORMATS:
-        raise UsageError(f"unknown format {args['--format']!r}; use text or json")
-    as_json = args["--format"] == "json"
+    as_json = output.wants_json(args)
     if args["setup"]:
         from coi_host.setup import run_setup  # noqa: PLC0415 - setup pulls in sh and pyroute2
 

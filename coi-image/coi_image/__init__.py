@@ -50,10 +50,8 @@ Examples:
 
 from __future__ import annotations
 
+from coi_common import output
 from coi_common.entry import Args, run_main
-from coi_common.errors import UsageError
-
-FORMATS = ("text", "json")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,9 +61,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def dispatch(args: Args) -> int:
     """Run the chosen command; each returns the exit status."""
-    if args["--format"] not in FORMATS:
-        raise UsageError(f"unknown format {args['--format']!r}; use text or json")
-    as_json = args["--format"] == "json"
+    as_json = output.wants_json(args)
     if args["build"]:
         from coi_image import build  # noqa: PLC0415
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from coi_common import config, incus
+from coi_common import config, incus, output
 from coi_common.entry import Args
 from coi_common.errors import AlreadyExists, CoiError, NotFound, UsageError
 from coi_common.naming import validate_container_name, validate_image_name
@@ -311,12 +311,7 @@ def render_table(images: Sequence[Image]) -> str:
     rows += [(",".join(i.aliases) or NO_ALIAS, i.fingerprint[:FINGERPRINT_SHORT],
               f"{i.size / 2**20:.1f} MiB", f"{i.created_at:%Y-%m-%d %H:%M} UTC",
               " ".join(i.description.split())) for i in images]
-    widths = [max(len(row[col]) for row in rows) for col in range(len(rows[0]) - 1)]
-    lines = []
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
-    return "\n".join(lines)
+    return output.table(rows)
 
 
 def _label(image: Image) -> str:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any
 
-from coi_common import config, incus, naming, proc, sessions, slots, tools
+from coi_common import config, incus, naming, proc, saved_sessions, sessions, slots, tools
 from coi_common.entry import Args
 from coi_common.errors import BadInput, CoiError, IncusError, NotFound, UsageError
 from coi_common.protocol import read_record
@@ -25,11 +25,12 @@ from coi_common.protocol import read_record
 ATTACH_SETTLE_SECONDS = 30.0
 DEFAULT_TERM = "xterm-256color"
 BOOT_SECONDS = 60
-# systemd mounts a tmpfs over /tmp during boot: a tmux server started before
-# that loses its socket, so sessions wait for the boot to finish (~0.3-0.8 s).
-WAIT_FOR_BOOT = (f"for i in $(seq {BOOT_SECONDS * 10}); do case "
-                 "\"$(systemctl is-system-running 2>/dev/null)\" in running|degraded) exit 0;; "
-                 "esac; sleep 0.1; done; command -v systemctl >/dev/null && exit 1 || exit 0")
+# systemd mounts a tmpfs over /tmp and cleans it during early boot: a tmux
+# server started before that loses its socket. sysinit.target covers both and
+# does not wait for the network (~0.3-0.8 s after start).
+WAIT_FOR_BOOT = (f"for i in $(seq {BOOT_SECONDS * 10}); do "
+                 "systemctl is-active --quiet sysinit.target 2>/dev/null && exit 0; "
+                 "sleep 0.1; done; command -v systemctl >/dev/null && exit 1 || exit 0")
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,11 @@ def ensure_container(ctx: Context) -> bool:
                 return False
             sessions.end_session(client, name, delete=True)  # a stopped leftover
         _create(ctx)
-        _wait_for_boot(ctx)
+        try:
+            _wait_for_boot(ctx)
+        except BaseException:
+            client.delete_instance_force(name)  # ours, just made, never used
+            raise
         return False
     finally:
         slots.release(ctx.settings.path("paths.state_dir"), ctx.record.workspace,
@@ -247,16 +252,65 @@ def _container_stopping(ctx: Context, exit_code: int) -> bool:
     return True
 
 
+# -- saved sessions: resume and credentials ----------------------------------------------
+
+
+def resume_target(ctx: Context, args: Args) -> saved_sessions.Session | None:
+    """The saved session --resume[=ID] asks for: only ever one of this workspace and
+    tool. None without --resume, or when this workspace has none (then the tool
+    starts fresh, and we say so). A refusal releases the reserved slot."""
+    if not (args.get("--resume") or args.get("--session")):
+        return None
+    try:
+        store = saved_sessions.Store(ctx.settings.path("paths.state_dir"))
+        session = store.for_resume(ctx.record.workspace, ctx.tool.name, args.get("--session"))
+    except BaseException:
+        slots.release(ctx.settings.path("paths.state_dir"), ctx.record.workspace,
+                      ctx.record.slot)
+        raise
+    if session is None:
+        print(f"coi: no saved {ctx.tool.name} session for {ctx.record.workspace}; "
+              "starting fresh", file=sys.stderr)
+    return session
+
+
+def prepare_home(ctx: Context, session: saved_sessions.Session | None) -> bool:
+    """Before the tool starts in a container just started: restore `session` (if any),
+    copy fresh credentials in, merge the settings file. True when resumed.
+
+    A failed restore removes an ephemeral container (it holds nothing yet); failing
+    to copy credentials only warns, since the tool can still be logged into inside.
+    """
+    name = ctx.record.container
+    try:
+        result = saved_sessions.restore_into(ctx.client, name, session, settings=ctx.settings)
+    except CoiError as exc:
+        if session is None:
+            print(f"coi: could not copy credentials into {name}: {exc.one_line()}",
+                  file=sys.stderr)
+            return False
+        if not sessions.is_persistent(ctx.client.instance_config(name)):
+            ctx.client.delete_instance_force(name)
+        raise
+    if session is not None:
+        print(f"coi: {result.line()}", file=sys.stderr)
+    return session is not None
+
+
 # -- the commands -------------------------------------------------------------------------
 
 
 def shell(args: Args) -> int:
     """Start or reattach to the tool's tmux session and hand the terminal over."""
     ctx = context_from_args(args, record_on_stdin=True)
+    wanted = resume_target(ctx, args)
     running = ensure_container(ctx)
     if running:
-        print(f"coi: attaching to running {ctx.record.container}", file=sys.stderr)
-    ensure_tmux(ctx)
+        print(f"coi: attaching to running {ctx.record.container}"
+              + ("; --resume does not apply to a running session" if wanted else ""),
+              file=sys.stderr)
+    resumed = False if running else prepare_home(ctx, wanted)
+    ensure_tmux(ctx, resume=resumed)
     code = hand_terminal_to(ctx, ["tmux", "attach-session", "-t", sessions.TMUX_SESSION])
     after_terminal(ctx, code)
     return 0
@@ -265,7 +319,9 @@ def shell(args: Args) -> int:
 def run_command(args: Args) -> int:
     """One command in the slot's container; cleaned up whatever happens."""
     ctx = context_from_args(args, record_on_stdin=False)
-    ensure_container(ctx)
+    wanted = resume_target(ctx, args)
+    if not ensure_container(ctx):
+        prepare_home(ctx, wanted)
     env = sessions.session_env(os.environ.get("TERM"))
     argv = sessions.exec_argv(ctx.client, ctx.record.container, list(args["<command>"]),
                               tty=False, env=env)

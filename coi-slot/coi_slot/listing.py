@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from coi_common import config, incus, naming, sessions
+from coi_common import config, incus, naming, output, sessions
 from coi_common.protocol import Record, make_record, write_record
 
 KEY: Final = sessions.KEY
@@ -159,7 +159,7 @@ def render_text(rows: Sequence[ContainerRow],
                 saved: Sequence[SavedSession] | None = None) -> str:
     """The container table (or `no coi containers`), then the sessions when asked for."""
     if rows:
-        text = _table([("NAME", "MODE", "STATUS", "SLOT", "IPV4", "IMAGE", "CREATED",
+        text = output.table([("NAME", "MODE", "STATUS", "SLOT", "IPV4", "IMAGE", "CREATED",
                         "WORKSPACE")] +
                       [(r.name, r.mode, r.status.upper() or NONE_SHOWN,
                         NONE_SHOWN if r.slot is None else str(r.slot),
@@ -171,7 +171,7 @@ def render_text(rows: Sequence[ContainerRow],
         return text
     if not saved:
         return f"{text}\n\n{NO_SESSIONS_LINE}"
-    sessions_table = _table([("SESSION", "TOOL", "SAVED", "WORKSPACE")] +
+    sessions_table = output.table([("SESSION", "TOOL", "SAVED", "WORKSPACE")] +
                             [(s.id, s.tool or NONE_SHOWN, short_time(s.saved_at),
                               s.workspace or NONE_SHOWN) for s in saved])
     return f"{text}\n\nSaved sessions:\n{sessions_table}"
@@ -188,11 +188,3 @@ def short_time(value: str) -> str:
     return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
 
 
-def _table(rows: Sequence[Sequence[str]]) -> str:
-    """Columns padded to their widest cell; the last one is not padded."""
-    widths = [max(len(row[col]) for row in rows) for col in range(len(rows[0]) - 1)]
-    lines = []
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
-    return "\n".join(lines)
