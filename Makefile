@@ -60,3 +60,4 @@ docs: venv
 bench: venv
 	$(PY) -m compileall -q lib coi-* >/dev/null
 	$(PY) bench/startup.py
+	$(SUDO) $(PY) bench/net.py

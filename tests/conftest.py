@@ -139,8 +139,10 @@ class CoiEnv:
 
 
 @pytest.fixture
-def coi_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CoiEnv:
-    """HOME, XDG_CONFIG_HOME, COI_SYSTEM_CONFIG and COI_CONTAINER_PREFIX of this test only.
+def coi_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[CoiEnv]:
+    """HOME, XDG_CONFIG_HOME, COI_SYSTEM_CONFIG and COI_CONTAINER_PREFIX of this test only,
+    and its own nftables table and network state (COI_NFT_TABLE, COI_NET_STATE_DIR),
+    removed at the end, so sessions a test starts never touch coi's real rules.
 
     COI_* variables of the caller's shell are removed, so a developer's
     settings cannot change what a test sees. The system config path does not
@@ -159,7 +161,12 @@ def coi_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CoiEnv:
     monkeypatch.setenv("XDG_CONFIG_HOME", str(env.config_home))
     monkeypatch.setenv("COI_SYSTEM_CONFIG", str(env.system_config))
     monkeypatch.setenv("COI_CONTAINER_PREFIX", env.prefix)
-    return env
+    table = "coi_test_" + env.prefix.removeprefix(CONTAINER_PREFIX).rstrip("-")
+    monkeypatch.setenv("COI_NFT_TABLE", table)
+    monkeypatch.setenv("COI_NET_STATE_DIR", str(root / "net-state"))
+    yield env
+    for family in ("bridge", "inet"):
+        proc.run(["nft", "delete", "table", family, table], check=False)
 
 
 @pytest.fixture

@@ -3,10 +3,11 @@
 Usage:
   coi-shell [shell] [--workspace DIR] [--slot N] [--persistent] [--image NAME]
             [--profile NAME] [--tool NAME] [--network MODE] [--env K=V]...
-            [--storage PATH] [--mount SPEC]... [--debug]
+            [--storage PATH] [--mount SPEC]... [--resume] [--session ID] [--debug]
   coi-shell run [--workspace DIR] [--slot N] [--persistent] [--image NAME]
             [--profile NAME] [--tool NAME] [--network MODE] [--env K=V]...
-            [--storage PATH] [--mount SPEC]... [--debug] [--] <command>...
+            [--storage PATH] [--mount SPEC]... [--resume] [--session ID] [--debug]
+            [--] <command>...
   coi-shell attach [<name>] [--workspace DIR] [--slot N] [--bash] [--debug]
   coi-shell tmux list [--format FMT] [--debug]
   coi-shell tmux send <name> <text> [--debug]
@@ -42,6 +43,14 @@ Options:
   --env K=V         Environment variable for the session (repeatable).
   --storage PATH    Host directory mounted at /storage.
   --mount SPEC      Extra host directory, SRC:DST or SRC:DST:ro (repeatable).
+  --resume          Restore the newest saved session of this workspace and tool
+                    before the tool starts, and start it with its resume
+                    arguments; none saved: the tool starts fresh (with a
+                    message). Sessions of other workspaces are never used.
+                    Also written --continue; --resume=ID and --continue=ID
+                    restore session ID (refused when it belongs to another
+                    workspace) and are read as --resume --session ID.
+  --session ID      The saved session --resume restores (implies --resume).
   --bash            attach: open bash instead of the tmux session.
   --format FMT      Output format: text or json [default: text].
   --debug           Show tracebacks on errors.
@@ -49,6 +58,7 @@ Options:
 
 Examples:
   coi shell --slot 2 --persistent
+  coi shell --resume
   coi run -- make test
   coi-slot next | coi-shell
   coi tmux send coi-1a2b3c4d-1 "write a hello world script"
@@ -56,13 +66,34 @@ Examples:
 
 from __future__ import annotations
 
+import sys
+
 from coi_common.entry import Args, run_main
 from coi_common.errors import UsageError
+
+RESUME_FLAGS = ("--resume", "--continue")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of coi-shell."""
-    run_main("coi-shell", __doc__ or "", dispatch, argv)
+    run_main("coi-shell", __doc__ or "", dispatch,
+             normalise_argv(sys.argv[1:] if argv is None else argv))
+
+
+def normalise_argv(argv: list[str]) -> list[str]:
+    """docopt has no option with an optional value: `--resume=ID` and `--continue=ID`
+    become `--resume --session ID`, a bare `--continue` becomes `--resume`. Nothing
+    after `--` (the command of `coi run`) is touched."""
+    result: list[str] = []
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            return result + argv[index:]
+        flag, sep, value = arg.partition("=")
+        if flag in RESUME_FLAGS:
+            result += ["--resume", "--session", value] if sep else ["--resume"]
+        else:
+            result.append(arg)
+    return result
 
 
 def dispatch(args: Args) -> int:

@@ -130,7 +130,12 @@ def ensure_container(ctx: Context) -> bool:
 
 def _wait_for_boot(ctx: Context) -> None:
     argv = ["exec", ctx.record.container, "--", "sh", "-c", WAIT_FOR_BOOT]
-    if not ctx.client.cli(argv, check=False, timeout=BOOT_SECONDS + 10).ok:
+    for attempt in range(3):  # an exec Incus failed to start is tried again
+        done = ctx.client.cli(argv, check=False, timeout=BOOT_SECONDS + 10)
+        if done.ok or incus.EXEC_NOT_STARTED not in done.stderr:
+            break
+        time.sleep(0.3 * (attempt + 1))
+    if not done.ok:
         raise CoiError(f"{ctx.record.container} did not finish booting within "
                        f"{BOOT_SECONDS} s")
 
@@ -148,11 +153,13 @@ def _create(ctx: Context) -> None:
     uid, gid = sessions.invoking_ids()
     features = ctx.client.server().get("environment", {}).get("kernel_features", {})
     idmap = sessions.choose_idmap(uid, gid, features.get("idmapped_mounts") == "true")
+    devices = {**sessions.container_devices(record, idmap),
+               **sessions.network_devices(record, ctx.settings)}
     try:
+        # Created stopped: the egress rules go in before its first packet.
         ctx.client.create_instance(
             record.container, record.image, profiles=[record.profile],
-            config=sessions.container_config(record, idmap),
-            devices=sessions.container_devices(record, idmap), start=True)
+            config=sessions.container_config(record, idmap), devices=devices)
     except NotFound as exc:
         raise NotFound(exc.message, hint="build it with 'coi build'") from None
     except IncusError as exc:
@@ -161,6 +168,12 @@ def _create(ctx: Context) -> None:
             ctx.client.delete_instance_force(record.container)
             raise IncusError(exc.message, hint=f"allow uid/gid {uid}/{gid} for Incus: "
                              "sudo coi setup") from None
+        raise
+    try:
+        sessions.apply_network(record, ctx.settings)
+        ctx.client.set_state(record.container, "start")
+    except BaseException:
+        sessions.end_session(ctx.client, record.container, delete=True)
         raise
 
 

@@ -36,6 +36,9 @@ SOCKET_CANDIDATES: Final = ("/var/lib/incus/unix.socket", "/run/incus/unix.socke
 JOIN_GROUP_HINT: Final = ("join the incus-admin group: sudo usermod -aG incus-admin $USER, "
                           "then log in again")
 START_HINT: Final = "start it with 'coi setup' (or 'systemctl start incus')"
+EXEC_NOT_STARTED: Final = "Failed to retrieve PID of executing child process"
+"""What Incus 6.0 answers, now and then under load, to an `exec` whose command never
+started (seen with several execs at once); the exec can simply be tried again."""
 
 
 def socket_path(configured: str = "") -> str:

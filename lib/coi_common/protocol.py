@@ -30,6 +30,14 @@ REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "exec": ("stdout", "stderr", "exit_code"),
     "container_list": ("active_containers",),
     "container_action": ("name", "action", "ok"),
+    "session": ("id", "tool", "workspace", "updated_at"),
+    "session_saved": ("saved", "container", "dropped"),
+    "session_restored": ("id", "container", "credentials"),
+    "session_deleted": ("id", "tool"),
+    "net_rules": ("container", "mode", "interface", "rules", "allowed"),
+    "net_removed": ("container", "interface", "removed"),
+    "net_refresh": ("container", "ok", "changed", "added", "removed"),
+    "net_status": ("container", "mode", "interface", "rules", "allowed"),
 }
 
 Record = dict[str, Any]

@@ -9,12 +9,13 @@ keys, so `coi list` needs one request and no local state.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from coi_common import naming
-from coi_common.errors import BadInput
+from coi_common import naming, proc
+from coi_common.errors import BadInput, CoiError, NotFound
 from coi_common.incus import Incus
 from coi_common.protocol import make_record, validate
 from coi_common.tools import HOME, TOOL_UID
@@ -177,16 +178,89 @@ def is_persistent(instance: Mapping[str, Any]) -> bool:
 
 def save_session(client: Incus, name: str) -> None:
     """The session-save hook: every path by which coi stops or removes a session
-    container comes through here first. Saving the AI tool's state lands with
-    coi-session; until then there is nothing to save."""
-    del client, name
+    container comes through here first.
+
+    Copies the tool's state out of the container (coi_common.saved_sessions;
+    a stopped one is started briefly without a network), bounded by
+    saved_sessions.SAVE_TIMEOUT. It never raises: this runs in cleanup paths,
+    so a failure is one line on stderr and the caller goes on (deletes).
+    """
+    from coi_common import saved_sessions  # noqa: PLC0415 - tarfile & co. only when saving
+
+    try:
+        result = saved_sessions.save_container(client, name)
+    except (Exception, KeyboardInterrupt) as exc:  # cleanup must go on, whatever failed
+        if isinstance(exc, NotFound) and exc.message.startswith(f"container {name}"):
+            return  # gone already: nothing left to save
+        reason = exc.one_line() if isinstance(exc, CoiError) else f"{type(exc).__name__}: {exc}"
+        print(f"coi: could not save the session of {name}: {reason}", file=sys.stderr,
+              flush=True)
+        return
+    if result.session is not None:
+        print(f"coi: {result.line()}", file=sys.stderr, flush=True)
 
 
 def end_session(client: Incus, name: str, *, delete: bool) -> None:
-    """Save the session, then delete the container when asked (ephemeral mode)."""
+    """Save the session, then delete the container when asked (ephemeral mode),
+    and with it its network rules."""
     save_session(client, name)
     if delete:
+        try:
+            mode = (client.instance_config(name).get("config") or {}).get(f"{KEY}network")
+        except NotFound:
+            return
         client.delete_instance_force(name)
+        if mode and mode != "open":
+            remove_network(name)
+
+
+# -- network rules (coi-net, root) ---------------------------------------------------------
+
+
+def network_devices(record: SlotRecord, settings: Any) -> dict[str, dict[str, str]]:
+    """The NIC with coi's fixed host-side name, so rules can exist before the first start."""
+    if record.network == "open":
+        return {}
+    from coi_common import netpolicy  # noqa: PLC0415 - ~20 ms, only for filtered sessions
+
+    return netpolicy.net_device_override(record.container, network=settings.get("incus.network"),
+                                         mode=record.network,
+                                         project=settings.get("incus.project"))
+
+
+def _coi_net() -> str:
+    from coi_common.dispatch import find_executable  # noqa: PLC0415
+
+    return find_executable("coi-net") or "coi-net"
+
+
+def apply_network(record: SlotRecord, settings: Any) -> None:
+    """Put the container's egress rules in place (through coi-net, as root via sudo -n)."""
+    if record.network == "open":
+        return
+    from coi_common import netpolicy  # noqa: PLC0415
+
+    argv = netpolicy.apply_argv(record.container, record.network,
+                                allowed=settings.get("network.allowed_domains"),
+                                resolvers=settings.get("network.resolvers"),
+                                refresh_minutes=settings.get("network.refresh_interval_minutes"),
+                                program=_coi_net())
+    done = proc.run(argv, check=False, timeout=120)
+    if not done.ok:
+        raise CoiError(f"network rules for {record.container} could not be applied: "
+                       f"{proc.last_line(done.stderr) or 'exit ' + str(done.returncode)}",
+                       hint="network modes other than open need root: see docs/network.md "
+                       "for the sudoers rule, or use --network open")
+
+
+def remove_network(name: str) -> None:
+    """Drop a deleted container's rules; a failure is reported, never raised."""
+    from coi_common import netpolicy  # noqa: PLC0415
+
+    done = proc.run(netpolicy.remove_argv(name, program=_coi_net()), check=False, timeout=60)
+    if not done.ok:
+        print(f"coi: could not remove the network rules of {name} "
+              f"({proc.last_line(done.stderr)}); 'coi-net gc' will", file=sys.stderr)
 
 
 def new_slot_record(client: Incus, settings: Any, workspace: str, *, slot: int | None = None,

@@ -62,6 +62,8 @@ class Tool:
     state_files: tuple[str, ...] = ()
     credential_files: tuple[str, ...] = ()
     settings_file: str | None = None
+    settings: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    """Keys coi deep-merges into `settings_file` at each start (JSON values)."""
     inject_credentials: bool = False
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     install: Install = field(default_factory=Install)
@@ -85,7 +87,8 @@ class Tool:
             "resume_args": list(self.resume_args), "state_dirs": list(self.state_dirs),
             "state_files": list(self.state_files),
             "credential_files": list(self.credential_files),
-            "settings_file": self.settings_file, "inject_credentials": self.inject_credentials,
+            "settings_file": self.settings_file, "settings": json_copy(self.settings),
+            "inject_credentials": self.inject_credentials,
             "env": dict(self.env),
             "install": {k: v for k, v in vars(self.install).items() if v is not None},
             "version_args": list(self.version_args), "source": self.source,
@@ -167,6 +170,34 @@ def _env(value: Any) -> Mapping[str, str]:
     return MappingProxyType(dict(value))
 
 
+def _settings(value: Any) -> Mapping[str, Any]:
+    """A table of JSON values (TOML dates and times have no JSON form)."""
+    if not isinstance(value, Mapping):
+        raise _Invalid(f"must be a table, got {_type(value)}")
+    _json_value(value, "settings")
+    return MappingProxyType(json_copy(value))
+
+
+def _json_value(value: Any, where: str) -> None:
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _json_value(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for item in value:
+            _json_value(item, where)
+    elif not isinstance(value, str | bool | int | float):
+        raise _Invalid(f"{where} has {_type(value)}, which JSON cannot hold")
+
+
+def json_copy(value: Any) -> Any:
+    """A deep, mutable copy of JSON-like data (tables become dicts)."""
+    if isinstance(value, Mapping):
+        return {str(key): json_copy(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_copy(item) for item in value]
+    return value
+
+
 def _install(value: Any) -> Install:
     if not isinstance(value, Mapping):
         raise _Invalid(f"must be a table with a method, got {_type(value)}")
@@ -216,6 +247,7 @@ _FIELDS: Final[dict[str, Callable[[Any], Any]]] = {
     "state_files": _home_paths,
     "credential_files": _home_paths,
     "settings_file": _optional_home_path,
+    "settings": _settings,
     "inject_credentials": _bool,
     "env": _env,
     "install": _install,

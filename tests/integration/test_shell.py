@@ -112,7 +112,10 @@ def test_files_made_inside_belong_to_the_invoking_host_user(env, workspace, coi_
     user_env = {**env, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"),
                 "COI_SYSTEM_CONFIG": str(home / "no-system-config.toml")}
     try:
-        done = coi(["run", "--workspace", str(workspace), "--", "sh", "-c",
+        # Filtered network modes need root for their rules (docs/network.md); the
+        # test users have no sudoers rule, and ownership does not depend on the network.
+        network = ["--network", "open"] if uid else []
+        done = coi(["run", "--workspace", str(workspace), *network, "--", "sh", "-c",
                     "touch /workspace/made-inside && echo more >> /workspace/host-made"],
                    user_env, user=None if uid == 0 else uid)
         assert done.returncode == 0, done.stderr
@@ -362,3 +365,33 @@ def test_shell_on_a_running_persistent_slot_attaches_instead_of_creating(
     again = terminal([COI, "shell", "--slot", "5"], env, workspace)
     # The same tmux session, not a new container: what was typed before is on screen.
     again.wait_for("noted only once")
+
+
+def net_status(env):
+    import json  # noqa: PLC0415
+
+    done = subprocess.run([str(ROOT / "bin" / "coi-net"), "status", "--format", "json"],
+                          env=env, capture_output=True, text=True, check=False)
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+def test_run_puts_egress_rules_in_place_and_removes_them_with_the_container(
+        env, workspace, coi_env):
+    name = naming.container_name(workspace, 6, coi_env.prefix)
+    child = subprocess.Popen([COI, "run", "--workspace", str(workspace), "--slot", "6", "--",
+                              "sleep", "3"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        seen = []
+        while time.monotonic() < deadline and not seen:
+            seen = [r for r in net_status(env) if r.get("container") == name]
+            time.sleep(0.2)
+        assert seen, "no rules appeared for the session container"
+        assert seen[0]["mode"] == "restricted"
+        child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 0
+    assert [r for r in net_status(env) if r.get("container") == name] == []

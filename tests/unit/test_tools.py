@@ -108,14 +108,15 @@ def test_tool_is_frozen():
 
 
 def test_user_table_adds_a_new_tool_without_code():
-    registry = tools.load_registry({"aider": {
+    # Named so that no shipped definition is laid under it (aider ships now).
+    registry = tools.load_registry({"my-aider": {
         "description": "Aider",
         "binary": "aider",
         "autonomous_args": ["--yes-always"],
         "state_dirs": [".aider"],
         "install": {"method": "pip", "package": "aider-chat"},
     }}, "/home/u/.config/coi/config.toml")
-    aider = tools.get_tool("aider", registry)
+    aider = tools.get_tool("my-aider", registry)
     assert aider.command(resume=True) == ["aider", "--yes-always"]
     assert aider.install == tools.Install("pip", "aider-chat")
     assert aider.source == "/home/u/.config/coi/config.toml"
@@ -160,11 +161,11 @@ def test_unknown_field_names_tool_field_and_source():
 
 
 def test_per_tool_source_labels_point_at_the_right_file():
-    sources = {"aider": "/etc/coi/config.toml", "codex": "./.coi.toml"}
-    registry = tools.load_registry({"aider": {"binary": "aider"}, "codex": {"binary": "codex"}},
+    sources = {"tool-a": "/etc/coi/config.toml", "tool-b": "./.coi.toml"}
+    registry = tools.load_registry({"tool-a": {"binary": "a"}, "tool-b": {"binary": "b"}},
                                    sources)
-    assert registry["codex"].source == "./.coi.toml"
-    text = rejection({"aider": {"binary": "aider"}, "codex": {"bogus": 1}}, sources)
+    assert registry["tool-b"].source == "./.coi.toml"
+    text = rejection({"tool-a": {"binary": "a"}, "tool-b": {"bogus": 1}}, sources)
     assert "in ./.coi.toml" in text
     assert "/etc/coi/config.toml" not in text
 
@@ -325,10 +326,10 @@ def test_get_tool_returns_the_named_tool():
 
 def test_get_tool_unknown_is_not_found_listing_known_names():
     with pytest.raises(NotFound) as caught:
-        tools.get_tool("gemini", tools.load_registry())
+        tools.get_tool("opencode", tools.load_registry())
     text = caught.value.one_line()
-    assert "'gemini'" in text
-    assert "claude, dummy" in text
+    assert "'opencode'" in text
+    assert "aider, claude, codex, dummy, gemini" in text
 
 
 def test_get_tool_refuses_hostile_names_as_bad_input():

@@ -1,0 +1,97 @@
+"""coi-net: egress rules (nftables) of coi's containers.
+
+Usage:
+  coi-net [network] apply [<name>] [--mode MODE] [--allow ENTRY]... [--resolver ADDR]...
+                    [--refresh-minutes N] [--dns-timeout S] [--no-nic-filtering]
+                    [--dry-run] [--format FMT] [--debug]
+  coi-net [network] remove <name>... [--dry-run] [--format FMT] [--debug]
+  coi-net [network] refresh [--force] [--format FMT] [--debug] [--all | <name>...]
+  coi-net [network] status [<name>] [--format FMT] [--debug]
+  coi-net [network] gc [--dry-run] [--format FMT] [--debug]
+  coi-net (-h | --help)
+  coi-net --version
+
+Commands:
+  apply     Put a container's rules in place (replacing any it had) and give its
+            NIC coi's fixed host-side name and Incus's own MAC/IPv4 filtering and
+            port isolation. Run it after creating the container and before
+            starting it, so the rules are there before its first packet. Without
+            <name>, reads a slot record (coi-slot next) on stdin and takes the
+            container and mode from it.
+  remove    Remove a container's rules and state (at deletion). Missing rules
+            are not an error.
+  refresh   Re-resolve allowlists whose DNS answers have expired (or all names
+            with --force, or of the named containers) and swap the allowed
+            addresses in one transaction; restore rules that are missing (after
+            a reboot). Quiet unless something changed or failed; exits 1 when a
+            name could not be resolved (its cached addresses stay in force).
+            Made for cron: `coi-net refresh --all`.
+  status    Mode, interface, rule count, dropped packets, allowed addresses,
+            last refresh and cache age of one or every container.
+  gc        Remove the rules of containers that no longer exist.
+
+Modes:
+  restricted  (default) Internet yes; private ranges (10/8, 172.16/12,
+              192.168/16), link-local and cloud metadata (169.254/16), CGNAT
+              (100.64/10), the host itself (except DHCP and DNS on the bridge)
+              and other containers no. IPv6 only when the bridge has IPv6.
+  allowlist   Only the addresses of --allow entries (domain names, resolved
+              here, and IPv4 addresses) plus DNS to the bridge; private ranges
+              stay blocked even when an allowed name resolves into one.
+  open        No filtering.
+
+Options:
+  --mode MODE          restricted, allowlist or open (default: network.mode of
+                       the config, restricted).
+  --allow ENTRY        A domain name or IPv4 address to allow (repeatable;
+                       default: network.allowed_domains of the config).
+  --resolver ADDR      DNS server for allowlists, ADDR or ADDR:PORT
+                       (repeatable; default: network.resolvers, else the host's
+                       /etc/resolv.conf).
+  --refresh-minutes N  Longest time a resolved address is kept before it is
+                       asked again; 0 turns automatic refresh off (default:
+                       network.refresh_interval_minutes, 30).
+  --dns-timeout S      Seconds to wait for one DNS answer [default: 2].
+  --no-nic-filtering   Leave Incus's NIC filtering (MAC/IPv4 anti-spoofing,
+                       port isolation) off; coi's own rules still apply.
+  --all                Refresh every container (the default with no names).
+  --force              Re-resolve every name, expired or not.
+  --dry-run            Print the nftables transaction (JSON) instead of
+                       applying it; change nothing.
+  --format FMT         Output format: text or json [default: text].
+  --debug              Show tracebacks on errors.
+  -h --help            Show this help.
+
+Changing rules needs root: members of incus-admin run `sudo coi-net ...`
+through the sudoers rule in docs/network.md. `coi network ARGS` is
+`coi-net network ARGS`; the word `network` is optional.
+
+Examples:
+  coi-net apply coi-3f2a9c1b-1 --mode allowlist --allow github.com --allow 8.8.8.8
+  coi-slot next | coi-net apply
+  coi network status --format json
+  coi-net refresh --all
+  coi-net remove coi-3f2a9c1b-1
+  coi-net gc
+"""
+
+from __future__ import annotations
+
+from coi_common.entry import Args, run_main
+from coi_common.errors import UsageError
+
+FORMATS = ("text", "json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of coi-net."""
+    run_main("coi-net", __doc__ or "", dispatch, argv)
+
+
+def dispatch(args: Args) -> int:
+    """Run the chosen command; each returns the exit status."""
+    if args["--format"] not in FORMATS:
+        raise UsageError(f"unknown format {args['--format']!r}; use text or json")
+    from coi_net import cli  # noqa: PLC0415 - keeps --help fast
+
+    return cli.run(args, as_json=args["--format"] == "json")

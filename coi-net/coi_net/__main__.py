@@ -1,0 +1,3 @@
+from coi_net import main
+
+main()

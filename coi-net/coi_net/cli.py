@@ -1,0 +1,182 @@
+"""From docopt arguments to coi-net's verbs and back to text or JSON.
+
+Inputs are validated here before anything runs as root: container names,
+modes, allowlist entries, resolvers and numbers all go through
+coi_common.naming and coi_common.netpolicy validators. The config is read
+once (coi_common.config) for defaults; flags win over it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from coi_common import config, incus, nft
+from coi_common import netpolicy as np
+from coi_common.entry import Args
+from coi_common.errors import EXIT_FAILED, EXIT_OK
+from coi_common.naming import validate_container_name
+from coi_common.protocol import Record, write_record
+from coi_net import ops
+
+PROG = "coi-net"
+
+
+def run(args: Args, *, as_json: bool) -> int:
+    """Validate, run one verb, render its records; return the exit status."""
+    if args["apply"]:
+        return _apply(args, as_json=as_json)
+    dry_run = bool(args["--dry-run"])
+    if not (args["status"] or dry_run):
+        ops.require_root(_verb(args))
+    names = [validate_container_name(n) for n in args["<name>"] or []]
+    ctx = _context(config.load(None), dry_run=dry_run)
+    if args["remove"]:
+        records = [ops.remove(ctx, name) for name in names]
+        return _render(records, ctx, as_json=as_json, text=_removed_text)
+    if args["refresh"]:
+        records = ops.refresh(ctx, names, force=bool(args["--force"]))
+        return _render_refresh(records, as_json=as_json)
+    if args["status"]:
+        records = ops.status(ctx, names[0] if names else None)
+        return _render(records, ctx, as_json=as_json, text=_status_text)
+    records = ops.gc(ctx)
+    return _render(records, ctx, as_json=as_json, text=_removed_text)
+
+
+def _verb(args: Args) -> str:
+    return next(v for v in ("apply", "remove", "refresh", "status", "gc") if args[v])
+
+
+def _context(settings: config.Config, *, dry_run: bool) -> ops.Context:
+    project = np.validate_project(settings.get("incus.project"))
+    return ops.Context(client=incus.connect(settings), table=nft.table_name(),
+                       store=np.Store(ops.state_dir(), project),
+                       bridge_name=settings.get("incus.network"), dry_run=dry_run)
+
+
+def _apply(args: Args, *, as_json: bool) -> int:
+    dry_run = bool(args["--dry-run"])
+    if not dry_run:
+        ops.require_root("apply")
+    name, mode, workspace = args["<name>"][0] if args["<name>"] else None, None, None
+    if name is None:
+        from coi_common.protocol import read_record  # noqa: PLC0415
+        from coi_common.sessions import SlotRecord  # noqa: PLC0415
+
+        slot = SlotRecord.from_record(read_record("slot"))
+        name, mode, workspace = slot.container, slot.network, slot.workspace
+    name = validate_container_name(name)
+    settings = config.load(workspace)
+    mode = np.validate_mode(args["--mode"] or mode or settings.get("network.mode"))
+    timeout = np.parse_timeout(args["--dns-timeout"])
+    minutes = (np.parse_refresh_minutes(args["--refresh-minutes"])
+               if args["--refresh-minutes"] is not None
+               else np.validate_refresh_minutes(settings.get("network.refresh_interval_minutes")))
+    ctx = _context(settings, dry_run=dry_run)
+    bridge = ops.bridge_facts(ctx.client, ctx.bridge_name)
+    allowed = np.parse_allowed(args["--allow"] or settings.get("network.allowed_domains"),
+                               bridge)
+    if mode == "allowlist" and not (allowed.names or allowed.addresses):
+        print(f"{PROG}: warning: allowlist mode with nothing allowed: {name} can reach only "
+              "the bridge's DNS", file=sys.stderr)
+    request = ops.Request(name, mode, allowed if mode == "allowlist" else np.Allowed(),
+                          np.parse_resolvers(args["--resolver"]
+                                             or settings.get("network.resolvers")),
+                          minutes, timeout, nic_filtering=not args["--no-nic-filtering"])
+    record = ops.apply(ctx, request)
+    if record["nic_pending"]:
+        print(f"{PROG}: warning: {name} is running: Incus's NIC filtering stays as it is "
+              "until coi-net apply runs with the container stopped (coi's rules are in "
+              "force now)", file=sys.stderr)
+    for failure in record["failures"]:
+        print(f"{PROG}: warning: {name}: {failure['name']}: {failure['error']}; "
+              f"{_kept(failure['kept'])}", file=sys.stderr)
+    return _render([record], ctx, as_json=as_json, text=_applied_text)
+
+
+def _kept(addresses: list[str]) -> str:
+    if not addresses:
+        return "no cached address, nothing allowed for it"
+    return f"kept {len(addresses)} cached address{'es' if len(addresses) > 1 else ''}"
+
+
+def _render(records: Iterable[Record], ctx: ops.Context, *, as_json: bool,
+            text: Any) -> int:
+    if ctx.dry_run:
+        for commands in ctx.planned:
+            print(nft.dump(commands))
+        return EXIT_OK
+    for record in records:
+        if as_json:
+            write_record(record)
+        else:
+            line = text(record)
+            if line:
+                print(line, flush=True)
+    return EXIT_OK
+
+
+def _render_refresh(records: list[Record], *, as_json: bool) -> int:
+    """Quiet unless something changed or failed; failures on stderr, exit 1."""
+    failed = False
+    for record in records:
+        if as_json:
+            write_record(record)
+        elif record["changed"]:
+            parts = [f"+{a}" for a in record["added"]] + [f"-{a}" for a in record["removed"]]
+            what = "rules restored" if record["restored"] else "allowed " + " ".join(parts)
+            print(f"{record['container']}: {what}", flush=True)
+        for failure in record["failures"]:
+            failed = True
+            subject = f"{failure['name']}: " if failure["name"] else ""
+            suffix = f"; {_kept(failure['kept'])}" if failure["name"] else ""
+            print(f"{PROG}: {record['container']}: {subject}{failure['error']}{suffix}",
+                  file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _applied_text(record: Record) -> str:
+    line = (f"{record['container']}: {record['mode']} on {record['interface']}, "
+            f"{record['rules']} rules")
+    if record["mode"] == "allowlist":
+        line += f", {len(record['allowed'])} allowed addresses"
+    return line
+
+
+def _removed_text(record: Record) -> str:
+    what = "rules removed" if record["removed"] else "had no rules"
+    return f"{record['container']}: {what} ({record['interface']})"
+
+
+def _when(moment: float | None) -> str:
+    if moment is None:
+        return "never"
+    ago = time.time() - moment
+    stamp = datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"{stamp} ({ago:.0f} s ago)" if ago >= 0 else f"{stamp} (in {-ago:.0f} s)"
+
+
+def _status_text(record: Record) -> str:
+    link = record["link"]
+    state = ("unknown" if link.get("present") is None else "absent" if not link["present"]
+             else f"{'up' if link.get('up') else 'down'} on {link.get('bridge') or 'no bridge'}")
+    rules = "?" if record["rules"] is None else record["rules"]
+    dropped = "?" if record["dropped"] is None else record["dropped"]
+    lines = [f"{record['container']}: {record['mode']}, interface {record['interface']} "
+             f"({state}), {rules} rules, {dropped} packets dropped"]
+    if record["mode"] == "allowlist":
+        lines.append(f"  allowed: {' '.join(record['allowed']) or '(nothing)'}")
+        for name, entry in record["names"].items():
+            addresses = " ".join(entry["addresses"]) or "-"
+            extra = f" ({entry['error']})" if entry["error"] else ""
+            blocked = f" blocked: {' '.join(entry['blocked'])}" if entry["blocked"] else ""
+            lines.append(f"  {name}: {entry['status']} {addresses}{blocked}{extra}")
+        lines.append(f"  last refresh: {_when(record['last_refresh'])}; next: "
+                     f"{_when(record['next_refresh'])}")
+    if record["last_error"]:
+        lines.append(f"  last error: {record['last_error']}")
+    return "\n".join(lines)

@@ -1,0 +1,3 @@
+from coi_session import main
+
+main()

