@@ -2,8 +2,8 @@
 
 Everything shown comes from one Incus request (sessions.coi_containers):
 the `user.coi.*` keys on each container say its workspace, slot, mode,
-image, tool and network. Saved sessions are read from the directories
-`<sessions_dir>-<tool>/<id>/metadata.json` that session saving writes.
+image, tool and network. Saved sessions come from the session store
+(`<state_dir>/sessions-<tool>/<id>/`, coi_common.saved_sessions).
 
 The JSON form keeps the shape scripts of the original tool read: one object
 with `active_containers` (and `saved_sessions` with --all), whose entries
@@ -13,9 +13,6 @@ created_at; coi adds slot, tool, network and mode.
 
 from __future__ import annotations
 
-import glob
-import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,7 +25,6 @@ KEY: Final = sessions.KEY
 NONE_SHOWN: Final = "-"
 EMPTY_LINE: Final = "no coi containers"
 NO_SESSIONS_LINE: Final = "no saved sessions"
-METADATA: Final = "metadata.json"
 
 
 @dataclass(frozen=True)
@@ -75,7 +71,7 @@ def run(*, everything: bool, as_json: bool) -> int:
     """List and print; exit status 0."""
     settings = config.load(None)
     rows = list_containers(incus.connect(settings), naming.container_prefix())
-    saved = saved_sessions(settings.path("paths.sessions_dir")) if everything else None
+    saved = saved_sessions(settings.path("paths.state_dir")) if everything else None
     if as_json:
         write_record(list_record(rows, saved))
     else:
@@ -116,31 +112,13 @@ def ipv4_of(state: Mapping[str, Any] | None, interface: str = "eth0") -> str:
     return ""
 
 
-def saved_sessions(sessions_dir: str) -> list[SavedSession]:
-    """Sessions saved under `<sessions_dir>-<tool>/<id>/`, newest first.
+def saved_sessions(state_dir: str) -> list[SavedSession]:
+    """Every saved session under `<state_dir>/sessions-<tool>/`, newest first (the store
+    of coi_common.saved_sessions; unreadable metadata is skipped with a warning)."""
+    from coi_common.saved_sessions import Store  # noqa: PLC0415 - only for --all
 
-    A directory whose metadata cannot be read still lists, with what is known.
-    """
-    found = []
-    for path in glob.glob(os.path.join(glob.escape(sessions_dir) + "-*", "*", METADATA)):
-        session_dir = os.path.dirname(path)
-        tool = os.path.basename(os.path.dirname(session_dir))[len(os.path.basename(
-            sessions_dir)) + 1:]
-        metadata = _read_json(path)
-        found.append(SavedSession(
-            id=str(metadata.get("session_id") or os.path.basename(session_dir)),
-            saved_at=str(metadata.get("saved_at") or ""),
-            workspace=str(metadata.get("workspace") or ""), tool=tool))
-    return sorted(found, key=lambda s: (s.saved_at, s.id), reverse=True)
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return [SavedSession(id=s.id, saved_at=s.updated_at, workspace=s.workspace, tool=s.tool)
+            for s in Store(state_dir).sessions()]
 
 
 # -- rendering -----------------------------------------------------------------------------

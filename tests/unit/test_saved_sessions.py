@@ -519,7 +519,7 @@ def test_a_tools_settings_must_be_a_table_of_json_values():
 
 def test_coi_list_all_reads_the_metadata_written_here(store):
     session, _ = store.commit(staged(store, "a\n"), fields())
-    found = listing.saved_sessions(os.path.join(store.root, "sessions"))
+    found = listing.saved_sessions(store.root)
     assert [s.to_json() for s in found] == [{"ID": session.id, "SavedAt": session.updated_at,
                                             "Workspace": WORKSPACE, "Tool": "dummy"}]
 

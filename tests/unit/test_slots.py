@@ -322,25 +322,29 @@ def write_session(base, tool, session_id, metadata):
             metadata if isinstance(metadata, str) else json.dumps(metadata))
 
 
-def test_saved_sessions_are_read_from_every_tool_directory_newest_first(tmp_path):
+def session_metadata(session_id, tool, workspace, updated_at):
+    return {"coi": 1, "kind": "session", "id": session_id, "tool": tool,
+            "workspace": workspace, "updated_at": updated_at}
+
+
+def test_saved_sessions_are_read_from_every_tool_store_newest_first(tmp_path, capsys):
     base = tmp_path / "sessions"
-    write_session(base, "claude", "old", {"session_id": "old", "workspace": "/w/a",
-                                          "saved_at": "2026-01-01T10:00:00Z"})
-    write_session(base, "aider", "new", {"session_id": "new", "workspace": "/w/b",
-                                         "saved_at": "2026-02-01T10:00:00Z"})
+    write_session(base, "claude", "old",
+                  session_metadata("old", "claude", "/w/a", "2026-01-01T10:00:00Z"))
+    write_session(base, "aider", "new",
+                  session_metadata("new", "aider", "/w/b", "2026-02-01T10:00:00Z"))
     write_session(base, "claude", "broken", "{not json")
-    write_session(base, "claude", "no-metadata", None)
-    found = listing.saved_sessions(str(base))
+    found = listing.saved_sessions(str(tmp_path))
     assert [s.to_json() for s in found] == [
         {"ID": "new", "SavedAt": "2026-02-01T10:00:00Z", "Workspace": "/w/b", "Tool": "aider"},
         {"ID": "old", "SavedAt": "2026-01-01T10:00:00Z", "Workspace": "/w/a",
          "Tool": "claude"},
-        {"ID": "broken", "SavedAt": "", "Workspace": "", "Tool": "claude"},
     ]
+    assert "broken" in capsys.readouterr().err
 
 
 def test_no_sessions_directory_means_no_saved_sessions(tmp_path):
-    assert listing.saved_sessions(str(tmp_path / "sessions")) == []
+    assert listing.saved_sessions(str(tmp_path / "nothing-here")) == []
 
 
 def test_the_text_with_sessions_asked_for_has_a_second_part():
