@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -391,3 +392,56 @@ def sweeper() -> ModuleType:
 def image_build() -> ModuleType:
     """tests/image/build.py as a module: recipe_hash(), debian_mirror(), image_hash()."""
     return load_module("coi_test_image_build", ROOT / "tests" / "image" / "build.py")
+
+
+# -- real terminals ------------------------------------------------------------------------
+
+
+class HostTerminal:
+    """A tmux session on the host whose only window runs a command, for driving
+    interactive coi sessions: type keys, read the screen."""
+
+    def __init__(self, command, env, cwd):
+        self.name = f"coi-test-term-{secrets.token_hex(3)}"
+        script = " ".join(command) + "; echo COI-EXITED-$?; sleep 600"
+        subprocess.run(["tmux", "new-session", "-d", "-s", self.name, "-x", "160", "-y", "45",
+                        "-c", str(cwd), script], env=env, check=True)
+
+    def screen(self):
+        return subprocess.run(["tmux", "capture-pane", "-p", "-J", "-S", "-200", "-t",
+                               self.name], capture_output=True, text=True, check=False).stdout
+
+    def wait_for(self, text, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.screen():
+                return
+            time.sleep(0.2)
+        pytest.fail(f"{text!r} never appeared; screen:\n{self.screen()}")
+
+    def type(self, text):
+        subprocess.run(["tmux", "send-keys", "-t", self.name, "-l", text], check=True)
+        subprocess.run(["tmux", "send-keys", "-t", self.name, "Enter"], check=True)
+
+    def keys(self, *keys):
+        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
+
+    def close(self):
+        subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True,
+                       check=False)
+
+
+@pytest.fixture
+def terminal() -> Iterator[Callable[..., HostTerminal]]:
+    """terminal(argv, env, cwd) -> HostTerminal: a real terminal (a host tmux session)
+    running argv; every one opened is closed at the end."""
+    opened = []
+
+    def open_terminal(command, env, cwd):
+        term = HostTerminal(command, env, cwd)
+        opened.append(term)
+        return term
+
+    yield open_terminal
+    for term in opened:
+        term.close()

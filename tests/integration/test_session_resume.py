@@ -3,13 +3,12 @@
 The AI tool is the `dummy` stand-in: it keeps one line per input in
 ~/.dummy/history and prints `dummy: N lines of history` when it starts, so a
 restored session shows itself by its count. Interactive flows run `coi shell`
-in a tmux session on the host (HostTerminal, as in test_shell.py); the rest
+in a tmux session on the host (the `terminal` fixture of conftest); the rest
 uses `coi run` and `coi-session` directly.
 """
 
 import hashlib
 import json
-import secrets
 import signal
 import subprocess
 import tempfile
@@ -108,50 +107,6 @@ def write_history(env, workspace, lines, *extra):
     done = coi(["run", "--workspace", str(workspace), *extra, "--", "sh", "-c", script], env)
     assert done.returncode == 0, done.stderr
     return done
-
-
-class HostTerminal:
-    """A tmux session on the host whose only window runs a command."""
-
-    def __init__(self, command, env, cwd):
-        self.name = f"coi-test-term-{secrets.token_hex(3)}"
-        script = " ".join(command) + "; echo COI-EXITED-$?; sleep 600"
-        subprocess.run(["tmux", "new-session", "-d", "-s", self.name, "-x", "160", "-y", "45",
-                        "-c", str(cwd), script], env=env, check=True)
-
-    def screen(self):
-        return subprocess.run(["tmux", "capture-pane", "-p", "-J", "-S", "-200", "-t",
-                               self.name], capture_output=True, text=True, check=False).stdout
-
-    def wait_for(self, text, timeout=30):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.screen():
-                return
-            time.sleep(0.2)
-        pytest.fail(f"{text!r} never appeared; screen:\n{self.screen()}")
-
-    def type(self, text):
-        subprocess.run(["tmux", "send-keys", "-t", self.name, "-l", text], check=True)
-        subprocess.run(["tmux", "send-keys", "-t", self.name, "Enter"], check=True)
-
-    def close(self):
-        subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True,
-                       check=False)
-
-
-@pytest.fixture
-def terminal():
-    opened = []
-
-    def open_terminal(command, env, cwd):
-        term = HostTerminal(command, env, cwd)
-        opened.append(term)
-        return term
-
-    yield open_terminal
-    for term in opened:
-        term.close()
 
 
 def type_lines_and_poweroff(term, lines):

@@ -8,7 +8,6 @@ with capture-pane. The AI tool is the `dummy` stand-in.
 import concurrent.futures
 import grp
 import os
-import secrets
 import signal
 import subprocess
 import tempfile
@@ -197,53 +196,6 @@ def test_run_with_a_missing_image_says_to_build_it(coi_env, workspace):
 
 
 # -- interactive sessions, through a real terminal -------------------------------------------
-
-
-class HostTerminal:
-    """A tmux session on the host whose only window runs a command."""
-
-    def __init__(self, command, env, cwd):
-        self.name = f"coi-test-term-{secrets.token_hex(3)}"
-        script = " ".join(command) + "; echo COI-EXITED-$?; sleep 600"
-        subprocess.run(["tmux", "new-session", "-d", "-s", self.name, "-x", "160", "-y", "45",
-                        "-c", str(cwd), script], env=env, check=True)
-
-    def screen(self):
-        return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name],
-                              capture_output=True, text=True, check=False).stdout
-
-    def wait_for(self, text, timeout=30):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.screen():
-                return
-            time.sleep(0.2)
-        pytest.fail(f"{text!r} never appeared; screen:\n{self.screen()}")
-
-    def type(self, text):
-        subprocess.run(["tmux", "send-keys", "-t", self.name, "-l", text], check=True)
-        subprocess.run(["tmux", "send-keys", "-t", self.name, "Enter"], check=True)
-
-    def keys(self, *keys):
-        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
-
-    def close(self):
-        subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True,
-                       check=False)
-
-
-@pytest.fixture
-def terminal():
-    opened = []
-
-    def open_terminal(command, env, cwd):
-        term = HostTerminal(command, env, cwd)
-        opened.append(term)
-        return term
-
-    yield open_terminal
-    for term in opened:
-        term.close()
 
 
 def test_shell_runs_the_tool_in_tmux_and_poweroff_ends_the_session(
