@@ -33,6 +33,7 @@ BUILDER_CONFIG: Final = {"security.nesting": "true",
                          "security.syscalls.intercept.setxattr": "true"}
 STATIC_DNS: Final = ("8.8.8.8", "8.8.4.4", "1.1.1.1")
 NETWORK_TIMEOUT: Final = 60.0
+STOP_SECONDS: Final = 30
 TAIL_LINES: Final = 20
 
 
@@ -109,9 +110,22 @@ class Builder:
         return status
 
     def publish(self, alias: str, properties: Mapping[str, str], tmp_prefix: str) -> str:
-        """Stop the builder and publish it under `alias` (staged, then swapped in)."""
+        """Stop the builder and publish it under `alias` (staged, then swapped in).
+
+        A clean shutdown first, so whatever an installer left running (npm
+        post-install work) finishes before the rootfs is packed; once, a
+        publish failed on a file that vanished while Incus walked the tree,
+        so a failed publish is tried a second time on the stopped builder.
+        """
         self.run(["sync"])
-        self.client.set_state(self.name, "stop", force=True)
+        try:
+            self.client.set_state(self.name, "stop", timeout=STOP_SECONDS)
+        except CoiError:
+            self.client.set_state(self.name, "stop", force=True)
         with aliases.staged(self.client, alias, tmp_prefix) as tmp_alias:
-            self.client.publish(self.name, alias=tmp_alias, properties=properties)
+            try:
+                self.client.publish(self.name, alias=tmp_alias, properties=properties)
+            except CoiError:
+                aliases.drop_tmp_alias(self.client, tmp_alias, alias)
+                self.client.publish(self.name, alias=tmp_alias, properties=properties)
             return aliases.swap_alias(self.client, tmp_alias, alias)
