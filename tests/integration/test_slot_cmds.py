@@ -201,7 +201,8 @@ def test_list_all_adds_the_saved_sessions(coi_env):
     session = coi_env.home / ".coi" / "sessions-claude" / "20260101-100000-0123456789ab"
     session.mkdir(parents=True)
     (session / "metadata.json").write_text(json.dumps(
-        {"session_id": session.name, "workspace": "/w/app", "saved_at": "2026-01-01T10:00:00Z"}))
+        {"coi": 1, "kind": "session", "id": session.name, "tool": "claude",
+         "workspace": "/w/app", "updated_at": "2026-01-01T10:00:00Z"}))
     code, out, err = coi_slot("list", "--all", "--format", "json")
     assert (code, err) == (0, "")
     assert json.loads(out)["saved_sessions"] == [
