@@ -112,13 +112,17 @@ def _list(args: Args, as_json: bool) -> int:
     return 0
 
 
-def _latest(args: Args, as_json: bool) -> int:
+def _latest_of_workspace(args: Args, hint: str) -> Session:
     workspace = _workspace(args)
     store, _ = _store(workspace)
     session = store.latest(workspace, _tool_filter(args))
     if session is None:
-        raise NotFound(f"no saved session for {workspace}",
-                       hint="sessions are saved when a coi session ends")
+        raise NotFound(f"no saved session for {workspace}", hint=hint)
+    return session
+
+
+def _latest(args: Args, as_json: bool) -> int:
+    session = _latest_of_workspace(args, "sessions are saved when a coi session ends")
     if as_json:
         write_record(session.to_record())
     else:
@@ -139,12 +143,7 @@ def _info(args: Args, as_json: bool) -> int:
 
 
 def _show_latest(args: Args, as_json: bool) -> int:
-    workspace = _workspace(args)
-    store, _ = _store(workspace)
-    session = store.latest(workspace, _tool_filter(args))
-    if session is None:
-        raise NotFound(f"no saved session for {workspace}",
-                       hint="coi session list --all shows every workspace's")
+    session = _latest_of_workspace(args, "coi session list --all shows every workspace's")
     _print_session(session, as_json)
     return 0
 

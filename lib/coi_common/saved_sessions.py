@@ -413,16 +413,16 @@ class Store:
 
 
 def _valid_id(text: str) -> bool:
-    try:
-        naming.validate_session_id(text)
-    except BadInput:
-        return False
-    return True
+    return _passes(naming.validate_session_id, text)
 
 
 def _valid_tool(text: str) -> bool:
+    return _passes(naming.validate_tool_name, text)
+
+
+def _passes(validator: Callable[[str], str], text: str) -> bool:
     try:
-        naming.validate_tool_name(text)
+        validator(text)
     except BadInput:
         return False
     return True
