@@ -9,6 +9,7 @@ export DEBIAN_FRONTEND=noninteractive
 TOOL_USER=code
 TOOL_UID=1000
 CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
+NODE_MAJOR=22
 
 apt_install() {
   apt-get install -y --no-install-recommends "$@"
@@ -71,8 +72,20 @@ step_user() {
   chown "$TOOL_USER:$TOOL_USER" /workspace
 }
 
+# Debian 12's Node.js is 18, older than the AI CLIs want (Claude Code asks for
+# 22, Gemini CLI for 20). The npm registry ships Node.js itself as
+# node-linux-<arch>, so it installs wherever npm reaches, offline mirrors included.
 step_node() {
   apt_install nodejs npm
+  local arch=""
+  case "$(uname -m)" in
+    x86_64) arch=x64 ;;
+    aarch64) arch=arm64 ;;
+  esac
+  if [ -n "$arch" ]; then
+    npm install -g "node-linux-$arch@$NODE_MAJOR"
+    ln -sf "/usr/local/lib/node_modules/node-linux-$arch/bin/node" /usr/local/bin/node
+  fi
   node --version
   npm --version
 }

@@ -2,8 +2,10 @@
 
 It builds under the alias `coi-test-full-image` from the offline base
 bootstrap:debian/bookworm, exactly as `coi build` does for users without the
-images: remote. The image is kept between runs (the sweeper spares it), so
-later runs only prove it is up to date and check what it contains.
+images: remote, with every shipped AI tool (`[image] tools`): Claude Code,
+Aider, Codex CLI and Gemini CLI. The image is kept between runs (the sweeper
+spares it), so later runs only prove it is up to date and check what it
+contains.
 """
 
 import os
@@ -31,7 +33,8 @@ def coi_build(env, timeout):
 def full_image():
     """Build (or confirm) the full image once for this module."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COI_")}
-    env |= {"COI_DEFAULTS_IMAGE": ALIAS, "COI_CONTAINER_PREFIX": "coi-test-full-"}
+    env |= {"COI_DEFAULTS_IMAGE": ALIAS, "COI_CONTAINER_PREFIX": "coi-test-full-",
+            "COI_IMAGE_TOOLS": "claude,aider,codex,gemini"}
     done = coi_build(env, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     return env
@@ -66,9 +69,10 @@ def test_code_is_uid_1000_and_may_power_off_without_a_password(session_box, run_
 
 
 @pytest.mark.parametrize(("command", "expected"), [
-    ("tmux -V", "tmux "), ("git --version", "git version"), ("node --version", "v"),
+    ("tmux -V", "tmux "), ("git --version", "git version"), ("node --version", "v22."),
     ("npm --version", ""), ("gh --version", "gh version"), ("claude --version", "Claude Code"),
-    ("jq --version", "jq-"), ("python3 --version", "Python 3"),
+    ("aider --version", "aider "), ("codex --version", "codex-cli "),
+    ("gemini --version", "."), ("jq --version", "jq-"), ("python3 --version", "Python 3"),
 ])
 def test_tools_answer_as_code(session_box, run_in, command, expected):
     done = as_code(run_in, session_box, command)
