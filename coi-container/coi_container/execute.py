@@ -14,7 +14,7 @@ import traceback
 from dataclasses import dataclass
 from typing import IO, Final
 
-from coi_common import incus
+from coi_common import incus, output
 from coi_common.entry import Args, debug_enabled, report
 from coi_common.errors import BadInput, CoiError, NotFound, UsageError
 from coi_common.naming import validate_container_name
@@ -127,8 +127,7 @@ def output_format(capture: bool, value: str | None) -> str | None:
     if not capture:
         return None
     fmt = DEFAULT_FORMAT if value is None else value
-    if fmt not in FORMATS:
-        raise UsageError(f"unknown format {fmt!r}; use json or raw")
+    output.wants_json({"--format": fmt}, FORMATS)
     return fmt
 
 

@@ -77,10 +77,8 @@ Examples:
 
 from __future__ import annotations
 
+from coi_common import output
 from coi_common.entry import Args, run_main
-from coi_common.errors import UsageError
-
-FORMATS = ("text", "json")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,8 +88,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def dispatch(args: Args) -> int:
     """Run the chosen command; each returns the exit status."""
-    if args["--format"] not in FORMATS:
-        raise UsageError(f"unknown format {args['--format']!r}; use text or json")
+    as_json = output.wants_json(args)
     from coi_net import cli  # noqa: PLC0415 - keeps --help fast
 
-    return cli.run(args, as_json=args["--format"] == "json")
+    return cli.run(args, as_json=as_json)

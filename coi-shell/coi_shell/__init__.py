@@ -68,8 +68,8 @@ from __future__ import annotations
 
 import sys
 
+from coi_common import output
 from coi_common.entry import Args, run_main
-from coi_common.errors import UsageError
 
 RESUME_FLAGS = ("--resume", "--continue")
 
@@ -98,8 +98,7 @@ def normalise_argv(argv: list[str]) -> list[str]:
 
 def dispatch(args: Args) -> int:
     """Run the chosen command; each returns the exit status."""
-    if args["--format"] not in ("text", "json"):
-        raise UsageError(f"unknown format {args['--format']!r}; use text or json")
+    output.wants_json(args)
     if args["tmux"]:
         from coi_shell import automation  # noqa: PLC0415
 

@@ -22,7 +22,7 @@ import os
 import platform
 import sys
 
-from coi_common import __version__
+from coi_common import __version__, output
 from coi_common.commands import BY_NAME, COMMANDS
 from coi_common.entry import Args, parse_args, run_main
 from coi_common.errors import CoiError, NotFound, UsageError
@@ -71,7 +71,7 @@ def dispatch(args: Args) -> int:
     name, rest = args["<command>"], list(args["<args>"])
     if name == "version":
         options = parse_args("coi version", VERSION_USAGE, ["version", *rest])
-        return show_version(as_json=_json_format(options))
+        return show_version(as_json=output.wants_json(options))
     if name == "help":
         return show_help(rest)
     if name == "completion":
@@ -87,12 +87,6 @@ def dispatch(args: Args) -> int:
     if external:
         os.execv(external, [external, *rest])  # noqa: S606 - git's rule: coi x = coi-x
     raise UsageError(unknown_command_message(name))
-
-
-def _json_format(options: Args) -> bool:
-    if options["--format"] not in ("text", "json"):
-        raise UsageError(f"unknown format {options['--format']!r}; use text or json")
-    return options["--format"] == "json"
 
 
 def unknown_command_message(name: str) -> str:
