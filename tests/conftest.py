@@ -15,6 +15,7 @@ alone, since they may be the other run's live containers.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import ipaddress
 import os
@@ -33,7 +34,7 @@ import pytest
 
 from coi_common import proc
 from coi_common.errors import CoiError, NotFound
-from coi_common.incus import Incus
+from coi_common.incus import Incus, ipv4_of
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_IMAGE = "coi-test-image"
@@ -266,12 +267,8 @@ def _new_container_name() -> str:
 
 def _force_delete(client: Incus, name: str) -> None:
     """Stop (forced) and delete a container; nothing when it is gone already."""
-    try:
-        if client.instance_state(name).get("status") != "Stopped":
-            client.set_state(name, "stop", force=True)
-        client.delete_instance(name)
-    except NotFound:
-        pass
+    with contextlib.suppress(NotFound):  # gone between the look and the delete
+        client.delete_instance_force(name)
 
 
 def _wait_for_ipv4(client: Incus, name: str, timeout: float = IP_TIMEOUT) -> str:
@@ -280,10 +277,9 @@ def _wait_for_ipv4(client: Incus, name: str, timeout: float = IP_TIMEOUT) -> str
     state: Mapping = {}
     while time.monotonic() < deadline:
         state = client.instance_state(name)
-        eth0 = (state.get("network") or {}).get("eth0") or {}
-        for address in eth0.get("addresses") or []:
-            if address.get("family") == "inet" and address.get("scope") == "global":
-                return address["address"]
+        address = ipv4_of(state)
+        if address:
+            return address
         time.sleep(0.1)
     eth0 = (state.get("network") or {}).get("eth0")
     pytest.fail(f"container {name} has no IPv4 address on eth0 after {timeout:g} s "

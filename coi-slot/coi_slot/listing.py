@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from coi_common import config, incus, naming, output, sessions
+from coi_common.incus import ipv4_of
 from coi_common.protocol import Record, make_record, write_record
 
 KEY: Final = sessions.KEY
@@ -101,15 +102,6 @@ def row_from_incus(raw: Mapping[str, Any]) -> ContainerRow:
         tool=str(settings.get(f"{KEY}tool", "")),
         network=str(settings.get(f"{KEY}network", "")),
         ipv4=ipv4_of(raw.get("state")), created_at=str(raw.get("created_at") or ""))
-
-
-def ipv4_of(state: Mapping[str, Any] | None, interface: str = "eth0") -> str:
-    """The global IPv4 address of `interface` in an instance state, or ""."""
-    network = ((state or {}).get("network") or {}).get(interface) or {}
-    for address in network.get("addresses") or []:
-        if address.get("family") == "inet" and address.get("scope") == "global":
-            return str(address.get("address", ""))
-    return ""
 
 
 def saved_sessions(state_dir: str) -> list[SavedSession]:

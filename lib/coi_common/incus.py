@@ -268,11 +268,7 @@ class Incus:
 
     def ipv4_address(self, name: str, interface: str = "eth0") -> str | None:
         """The container's global IPv4 address on `interface`, or None yet."""
-        network = (self.instance_state(name).get("network") or {}).get(interface) or {}
-        for address in network.get("addresses") or []:
-            if address.get("family") == "inet" and address.get("scope") == "global":
-                return str(address["address"])
-        return None
+        return ipv4_of(self.instance_state(name), interface) or None
 
     # -- images ---------------------------------------------------------------
 
@@ -414,6 +410,15 @@ class Incus:
         if not os.path.exists(os.path.join(conf, "config.yml")):
             with contextlib.suppress(NotFound):  # no incus: the real call says so
                 proc.run(self.cli_argv(["remote", "list", "--format", "csv"]), check=False)
+
+
+def ipv4_of(state: Mapping[str, Any] | None, interface: str = "eth0") -> str:
+    """The global IPv4 address of `interface` in an instance state, or ""."""
+    network = ((state or {}).get("network") or {}).get(interface) or {}
+    for address in network.get("addresses") or []:
+        if address.get("family") == "inet" and address.get("scope") == "global":
+            return str(address.get("address", ""))
+    return ""
 
 
 def _cli_error(message: str) -> Exception:
