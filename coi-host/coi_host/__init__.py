@@ -4,6 +4,7 @@ Usage:
   coi-host setup [--format FMT] [--debug]
   coi-host doctor [--format FMT] [--debug]
   coi-host config show [--workspace DIR] [--profile NAME] [--format FMT] [--debug]
+  coi-host serve [--socket PATH] [--debug]
   coi-host (-h | --help)
   coi-host --version
 
@@ -15,11 +16,17 @@ Commands:
                host tools; print a fix for each failing check. Exit 0 only
                when every required check holds.
   config show  Print the effective configuration and where each value came from.
+  serve        Run coi's host service (root): the socket through which members
+               of incus-admin get network rules applied and their id map
+               delegated, without sudo. `coi setup` installs and starts it;
+               see docs/host-service.md.
 
 Options:
   --format FMT      Output format: text or json [default: text].
   --workspace DIR   Workspace whose .coi.toml applies [default: .].
   --profile NAME    Apply the [profiles.NAME] table of the configuration.
+  --socket PATH     serve: the socket to listen on (default: $COI_HOST_SOCKET,
+                    else /run/coi/host.sock).
   --debug           Show tracebacks on errors.
   -h --help         Show this help.
 
@@ -51,6 +58,11 @@ def dispatch(args: Args) -> int:
         from coi_host.doctor import run_doctor  # noqa: PLC0415
 
         return run_doctor(as_json=as_json)
+    if args["serve"]:
+        from coi_common import hostservice  # noqa: PLC0415
+        from coi_host.service import serve  # noqa: PLC0415
+
+        return serve(args["--socket"] or hostservice.socket_path())
     from coi_host.config_show import show_config  # noqa: PLC0415
 
     return show_config(args["--workspace"], args["--profile"], as_json=as_json)

@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from coi_common import config, incus, proc
+from coi_common import config, idmap, incus, proc
 from coi_common.errors import CoiError, CommandFailed, IncusUnavailable, PermissionDenied
 from coi_common.progress import Progress
 from coi_common.protocol import make_record, write_record
-from coi_host import hostinfo
+from coi_host import hostinfo, install
 
 POOL_SIZE = "20GiB"
 BRIDGE_CANDIDATES = tuple(f"10.{second}.{third}.0/24" for second, third in
@@ -60,7 +60,8 @@ def run_setup(*, as_json: bool) -> int:
     ctx = Context(hostinfo.read_distro(), config.load(None), _new_log_path())
     steps_to_run: tuple[tuple[str, Callable[[Context], Step]], ...] = (
         ("packages", ensure_packages), ("daemon", ensure_daemon), ("storage pool", ensure_pool),
-        ("bridge", ensure_bridge), ("profile", ensure_profile), ("id maps", ensure_idmaps))
+        ("bridge", ensure_bridge), ("profile", ensure_profile), ("id maps", ensure_idmaps),
+        ("host service", ensure_service))
     done: list[Step] = []
     progress = Progress("coi setup", len(steps_to_run))
     for label, step_fn in steps_to_run:
@@ -224,15 +225,13 @@ def profile_devices(pool: str, network: str) -> dict[str, dict[str, str]]:
 # -- id maps -----------------------------------------------------------------------------
 
 
-SUBID_FILES = ("/etc/subuid", "/etc/subgid")
-
-
 def ensure_idmaps(ctx: Context) -> Step:
     """Let Incus map each coi user's own uid/gid into containers (raw.idmap).
 
     Files that `code` creates in /workspace then belong to the host user who
     ran coi. Covers root, the user behind sudo and the members of the Incus
-    group; more with `ensure_subids`.
+    group now; members added later get theirs from the host service on their
+    first session (idmap_grant), no root step needed.
     """
     uids, gids = hostinfo.coi_users(ctx.settings.get("incus.group"))
     added = ensure_subids(uids, gids)
@@ -240,15 +239,17 @@ def ensure_idmaps(ctx: Context) -> Step:
     return Step("id maps", bool(added), detail + (f" (added {', '.join(added)})" if added else ""))
 
 
-def ensure_subids(uids: Iterable[int], gids: Iterable[int],
-                  files: tuple[str, str] = SUBID_FILES) -> list[str]:
-    """Append `root:ID:1` lines that are missing; return what was added."""
-    added = []
-    for path, ids in zip(files, (uids, gids), strict=True):
-        lines = Path(path).read_text(encoding="utf-8").splitlines() if Path(path).exists() else []
-        missing = [f"root:{i}:1" for i in sorted(set(ids)) if f"root:{i}:1" not in lines]
-        if missing:
-            with open(path, "a", encoding="utf-8") as f:
-                f.write("".join(f"{line}\n" for line in missing))
-            added += [f"{path} {line}" for line in missing]
-    return added
+def ensure_subids(uids: Iterable[int], gids: Iterable[int]) -> list[str]:
+    """Append the `root:ID:1` lines that are missing; return what was added."""
+    return idmap.add_lines(idmap.missing_lines(uids, gids))
+
+
+# -- host service ------------------------------------------------------------------------
+
+
+def ensure_service(_ctx: Context) -> Step:
+    """A root-owned copy of coi and its host service answering on its socket."""
+    changed, digest = install.install()
+    how = install.ensure_running(digest, systemd=hostinfo.has_systemd())
+    return Step("host service", changed or bool(how),
+                f"{install.SERVICE_ROOT} ({digest}); {how or 'answering'}")

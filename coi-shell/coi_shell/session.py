@@ -8,6 +8,7 @@ afterwards unless they are persistent, always through
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shlex
@@ -17,11 +18,23 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any
 
-from coi_common import config, incus, naming, proc, saved_sessions, sessions, slots, tools
+from coi_common import (
+    config,
+    incus,
+    naming,
+    proc,
+    progress,
+    saved_sessions,
+    sessions,
+    slots,
+    tools,
+)
 from coi_common.entry import Args
 from coi_common.errors import BadInput, CoiError, IncusError, NotFound, UsageError
 from coi_common.protocol import read_record
 
+RUNNING, RESTARTED, CREATED = "running", "restarted", "created"
+"""What ensure_container found or did."""
 ATTACH_SETTLE_SECONDS = 30.0
 DEFAULT_TERM = "xterm-256color"
 BOOT_SECONDS = 60
@@ -41,6 +54,8 @@ class Context:
     client: incus.Incus
     record: sessions.SlotRecord
     tool: tools.Tool
+    resume_id: str = ""
+    """--resume=ID: the session asked for by id (restored even into a reused container)."""
 
 
 # -- building the context ---------------------------------------------------------------
@@ -70,13 +85,15 @@ def context_from_args(args: Args, *, record_on_stdin: bool) -> Context:
     if record_on_stdin and _stdin_is_data():
         record = sessions.SlotRecord.from_record(read_record("slot"))
         settings = config.load(record.workspace)
+        tool = tools.get_tool(record.tool, tools.registry_from_config(settings))
     else:
         settings = config.load(args["--workspace"], profile=args.get("--profile"),
                                cli=_cli_values(args))
+        # An unknown tool is refused before a slot is reserved.
+        tool = tools.get_tool(settings.get("tool.name"), tools.registry_from_config(settings))
         record = _new_record(args, settings)
-    client = incus.connect(settings)
-    tool = tools.get_tool(record.tool, tools.registry_from_config(settings))
-    return Context(settings, client, record, tool)
+    return Context(settings, incus.connect(settings), record, tool,
+                   resume_id=str(args.get("--session") or ""))
 
 
 def _new_record(args: Args, settings: config.Config) -> sessions.SlotRecord:
@@ -99,45 +116,58 @@ def _storage_dir(path: str) -> str:
 # -- the container ----------------------------------------------------------------------
 
 
-def ensure_container(ctx: Context) -> bool:
-    """Make the slot's container run; True when it was already running (attach to it)."""
+def ensure_container(ctx: Context) -> str:
+    """Make the slot's container run; RUNNING when it was (attach to it), RESTARTED for
+    a stopped persistent one started again, CREATED for a new one.
+
+    Everything that can refuse (image, id map, network privilege) is checked
+    before a container is created; a persistent container that is stopped is
+    started again as it is, with whatever was installed in it.
+    """
     name, client = ctx.record.container, ctx.client
     try:
-        state = client.instance_state(name)
-    except NotFound:
-        state = None
-    try:
+        state = _state_of(client, name)
         if state is not None:
             _check_ours(client.instance_config(name), ctx.record.workspace)
             if state.get("status") == "Running":
-                return True
+                return RUNNING
             if sessions.is_persistent(client.instance_config(name)):
-                client.set_state(name, "start")
-                _wait_for_boot(ctx)
-                return False
-            sessions.end_session(client, name, delete=True)  # a stopped leftover
+                preflight(ctx, creating=False)
+                with progress.waiting(f"starting persistent {name}"):
+                    client.set_state(name, "start")
+                    _wait_for_boot(ctx)
+                return RESTARTED
+            ending = sessions.end_session(client, name)  # a stopped ephemeral leftover
+            if not ending.deleted:
+                raise CoiError(f"slot {ctx.record.slot} holds a stopped leftover that could not "
+                               f"be removed: {ending.message}")
         _create(ctx)
         try:
-            _wait_for_boot(ctx)
+            with progress.waiting(f"waiting for {name} to boot"):
+                _wait_for_boot(ctx)
         except BaseException:
-            client.delete_instance_force(name)  # ours, just made, never used
+            sessions.end_session(client, name, save=False)  # ours, just made, never used
             raise
-        return False
+        return CREATED
     finally:
         slots.release(ctx.settings.path("paths.state_dir"), ctx.record.workspace,
                       ctx.record.slot)
 
 
+def _state_of(client: incus.Incus, name: str) -> dict[str, Any] | None:
+    try:
+        return client.instance_state(name)
+    except NotFound:
+        return None
+
+
 def _wait_for_boot(ctx: Context) -> None:
-    argv = ["exec", ctx.record.container, "--", "sh", "-c", WAIT_FOR_BOOT]
-    for attempt in range(3):  # an exec Incus failed to start is tried again
-        done = ctx.client.cli(argv, check=False, timeout=BOOT_SECONDS + 10)
-        if done.ok or incus.EXEC_NOT_STARTED not in done.stderr:
-            break
-        time.sleep(0.3 * (attempt + 1))
+    done = ctx.client.exec_capture(incus.ExecSpec(ctx.record.container,
+                                                  ("sh", "-c", WAIT_FOR_BOOT)),
+                                   timeout=BOOT_SECONDS + 10)
     if not done.ok:
         raise CoiError(f"{ctx.record.container} did not finish booting within "
-                       f"{BOOT_SECONDS} s")
+                       f"{BOOT_SECONDS} s: {proc.last_line(done.stderr) or 'no output'}")
 
 
 def _check_ours(instance: dict[str, Any], workspace: str) -> None:
@@ -147,43 +177,74 @@ def _check_ours(instance: dict[str, Any], workspace: str) -> None:
                        f"{workspace}", hint="pick another slot or prefix")
 
 
+def preflight(ctx: Context, *, creating: bool = True) -> sessions.IdMap:
+    """What must hold before a container is created (or started again): the image
+    exists, Incus may map the user's ids, and this user can have network rules
+    applied. Returns the id map."""
+    record, client = ctx.record, ctx.client
+    if creating and client.image_by_alias(record.image) is None:
+        raise NotFound(f"image {record.image}: no such image", hint="build it with 'coi build'")
+    uid, gid = sessions.invoking_ids()
+    features = client.server().get("environment", {}).get("kernel_features", {})
+    idmap = sessions.choose_idmap(uid, gid, features.get("idmapped_mounts") == "true")
+    sessions.ensure_idmap(idmap)
+    if record.network != "open" and os.geteuid() != 0:
+        from coi_common import hostservice  # noqa: PLC0415
+
+        hostservice.call("ping", timeout=5)
+    return idmap
+
+
 def _create(ctx: Context) -> None:
+    idmap = preflight(ctx)
     record = dataclasses.replace(ctx.record,
                                  environment={**ctx.tool.env, **ctx.record.environment})
-    uid, gid = sessions.invoking_ids()
-    features = ctx.client.server().get("environment", {}).get("kernel_features", {})
-    idmap = sessions.choose_idmap(uid, gid, features.get("idmapped_mounts") == "true")
     devices = {**sessions.container_devices(record, idmap),
                **sessions.network_devices(record, ctx.settings)}
     try:
         # Created stopped: the egress rules go in before its first packet.
-        ctx.client.create_instance(
-            record.container, record.image, profiles=[record.profile],
-            config=sessions.container_config(record, idmap), devices=devices)
+        with progress.waiting(f"creating {record.container} from image {record.image} (the "
+                              "first container of a new image takes longest)"):
+            ctx.client.create_instance(
+                record.container, record.image, profiles=[record.profile],
+                config=sessions.container_config(record, idmap), devices=devices)
     except NotFound as exc:
         raise NotFound(exc.message, hint="build it with 'coi build'") from None
-    except IncusError as exc:
-        with_hint = "not allowed" in exc.message or "idmap" in exc.message.lower()
-        if with_hint:
-            ctx.client.delete_instance_force(record.container)
-            raise IncusError(exc.message, hint=f"allow uid/gid {uid}/{gid} for Incus: "
-                             "sudo coi setup") from None
-        raise
     try:
         sessions.apply_network(record, ctx.settings)
         ctx.client.set_state(record.container, "start")
     except BaseException:
-        sessions.end_session(ctx.client, record.container, delete=True)
+        sessions.end_session(ctx.client, record.container, save=False)
         raise
+
+
+def abandon(ctx: Context, reason: str) -> CoiError:
+    """A session whose tool could not be started is not left half up: an ephemeral
+    container is removed (nothing of it was used yet), a persistent one stopped.
+    Returns the error to raise."""
+    name = ctx.record.container
+    if sessions.is_persistent(ctx.client.instance_config(name)):
+        with contextlib.suppress(CoiError):
+            ctx.client.set_state(name, "stop", force=True)
+        return CoiError(f"{reason}; {name} was stopped (persistent: kept)",
+                        hint=f"start it again with {_shell_command(ctx.record)}")
+    sessions.end_session(ctx.client, name, save=False)
+    return CoiError(f"{reason}; {name} was removed")
+
+
+def _shell_command(record: sessions.SlotRecord) -> str:
+    where = "" if record.workspace == naming.canonical_workspace(".") else \
+        f" --workspace {shlex.quote(record.workspace)}"
+    return f"'coi shell --slot {record.slot} --persistent{where}'"
 
 
 # -- tmux inside ------------------------------------------------------------------------
 
 
 def _exec_quiet(ctx: Context, command: list[str]) -> proc.Result:
-    env = sessions.session_env(DEFAULT_TERM)
-    argv = sessions.exec_argv(ctx.client, ctx.record.container, command, tty=False, env=env)
-    return proc.run(argv, check=False, timeout=30)
+    spec = sessions.as_code(ctx.record.container, command, tty=False,
+                            env=sessions.session_env(DEFAULT_TERM))
+    return ctx.client.exec_capture(spec, timeout=30)
 
 
 def has_tmux_session(ctx: Context) -> bool:
@@ -198,16 +259,20 @@ def ensure_tmux(ctx: Context, *, resume: bool = False) -> None:
                                 "-x", "200", "-y", "50", "-c", sessions.WORKSPACE_PATH,
                                 "bash", "-l"])
     if not started.ok:
-        raise CoiError(f"could not start tmux in {ctx.record.container}: "
-                       f"{proc.last_line(started.stderr)}")
+        raise abandon(ctx, f"could not start tmux in {ctx.record.container}: "
+                      f"{proc.last_line(started.stderr) or 'no output'}")
     # Typed into bash, so the user lands in bash when the tool exits.
     command = shlex.join(ctx.tool.command(resume=resume))
-    _exec_quiet(ctx, ["tmux", "send-keys", "-t", sessions.TMUX_SESSION, "-l", command])
-    _exec_quiet(ctx, ["tmux", "send-keys", "-t", sessions.TMUX_SESSION, "Enter"])
+    for keys in (["-l", command], ["Enter"]):
+        typed = _exec_quiet(ctx, ["tmux", "send-keys", "-t", sessions.TMUX_SESSION, *keys])
+        if not typed.ok:
+            raise abandon(ctx, f"could not start {ctx.tool.name} in {ctx.record.container}: "
+                          f"{proc.last_line(typed.stderr) or 'no output'}")
 
 
 def open_terminal() -> IO[bytes] | None:
-    """None when our own stdin is the terminal; else /dev/tty (stdin carried a record)."""
+    """None when our own stdin is the terminal; else /dev/tty (stdin carried a record).
+    Checked first of all, so a script gets its answer before anything is created."""
     if sys.stdin.isatty():
         return None
     try:
@@ -218,33 +283,32 @@ def open_terminal() -> IO[bytes] | None:
                          "scripts") from None
 
 
-def hand_terminal_to(ctx: Context, command: list[str]) -> int:
-    terminal = open_terminal()
-    env = sessions.session_env(os.environ.get("TERM") or DEFAULT_TERM)
-    argv = sessions.exec_argv(ctx.client, ctx.record.container, command, tty=True, env=env)
-    try:
-        return proc.hand_over(argv, terminal=terminal)
-    finally:
-        if terminal is not None:
-            terminal.close()
+def hand_terminal_to(ctx: Context, command: list[str], terminal: IO[bytes] | None) -> int:
+    spec = sessions.as_code(ctx.record.container, command, tty=True,
+                            env=sessions.session_env(os.environ.get("TERM") or DEFAULT_TERM))
+    return ctx.client.exec_handover(spec, terminal=terminal)
 
 
-def after_terminal(ctx: Context, exit_code: int) -> None:
+def after_terminal(ctx: Context, exit_code: int) -> int:
     """Poweroff inside ends the session (save, delete unless persistent); else say how
-    to come back."""
+    to come back. Returns the exit status for the command: the terminal's, or 0
+    for a session that ended and was saved, or 1 when its save failed."""
     name = ctx.record.container
     if _container_stopping(ctx, exit_code):
         deadline = time.monotonic() + ATTACH_SETTLE_SECONDS
         while time.monotonic() < deadline and _status(ctx) != "Stopped":
             time.sleep(0.3)
     if _status(ctx) == "Stopped":
-        persistent = sessions.is_persistent(ctx.client.instance_config(name))
-        sessions.end_session(ctx.client, name, delete=not persistent)
+        ending = sessions.end_session(ctx.client, name)
+        if ending.message:
+            print(f"coi: {ending.message}", file=sys.stderr)
+            return 1
         print(f"coi: session in {name} ended; container "
-              f"{'kept (persistent)' if persistent else 'deleted'}", file=sys.stderr)
-        return
+              f"{'deleted' if ending.deleted else 'kept (persistent)'}", file=sys.stderr)
+        return 0
     print(f"coi: {name} is still running: 'coi attach {name}' to return, "
           f"'coi shutdown {name}' to end it", file=sys.stderr)
+    return exit_code
 
 
 def _status(ctx: Context) -> str:
@@ -287,62 +351,82 @@ def resume_target(ctx: Context, args: Args) -> saved_sessions.Session | None:
     return session
 
 
-def prepare_home(ctx: Context, session: saved_sessions.Session | None) -> bool:
+def prepare_home(ctx: Context, session: saved_sessions.Session | None, *,
+                 reused: bool = False) -> bool:
     """Before the tool starts in a container just started: restore `session` (if any),
-    copy fresh credentials in, merge the settings file. True when resumed.
+    copy fresh credentials in, merge the settings file. True when the tool resumes.
 
-    A failed restore removes an ephemeral container (it holds nothing yet); failing
-    to copy credentials only warns, since the tool can still be logged into inside.
+    A persistent container started again (`reused`) keeps its own conversation:
+    --resume then only starts the tool with its resume arguments, unless a
+    session id was asked for. A failed restore abandons the container (removed
+    when ephemeral, stopped when persistent); failing to copy credentials only
+    warns, since the tool can still be logged into inside.
     """
     name = ctx.record.container
+    if reused and session is not None and not ctx.resume_id:
+        print(f"coi: resuming the conversation kept in persistent {name}", file=sys.stderr)
+        session = None
+        resumed = True
+    else:
+        resumed = session is not None
     try:
-        result = saved_sessions.restore_into(ctx.client, name, session, settings=ctx.settings)
+        with progress.waiting(f"restoring session {session.id} into {name}" if session
+                              else f"copying credentials into {name}"):
+            result = saved_sessions.restore_into(ctx.client, name, session,
+                                                 settings=ctx.settings)
     except CoiError as exc:
         if session is None:
             print(f"coi: could not copy credentials into {name}: {exc.one_line()}",
                   file=sys.stderr)
-            return False
-        if not sessions.is_persistent(ctx.client.instance_config(name)):
-            ctx.client.delete_instance_force(name)
-        raise
+            return resumed
+        raise abandon(ctx, f"could not restore session {session.id}: {exc.one_line()}") \
+            from None
     if session is not None:
         print(f"coi: {result.line()}", file=sys.stderr)
-    return session is not None
+    return resumed
 
 
 # -- the commands -------------------------------------------------------------------------
 
 
 def shell(args: Args) -> int:
-    """Start or reattach to the tool's tmux session and hand the terminal over."""
-    ctx = context_from_args(args, record_on_stdin=True)
-    wanted = resume_target(ctx, args)
-    running = ensure_container(ctx)
-    if running:
-        print(f"coi: attaching to running {ctx.record.container}"
-              + ("; --resume does not apply to a running session" if wanted else ""),
-              file=sys.stderr)
-    resumed = False if running else prepare_home(ctx, wanted)
-    ensure_tmux(ctx, resume=resumed)
-    code = hand_terminal_to(ctx, ["tmux", "attach-session", "-t", sessions.TMUX_SESSION])
-    after_terminal(ctx, code)
-    return 0
+    """Start or reattach to the tool's tmux session and hand the terminal over; exit
+    with what the terminal session ended with."""
+    terminal = open_terminal()  # first: a script without a terminal is told at once
+    try:
+        ctx = context_from_args(args, record_on_stdin=True)
+        wanted = resume_target(ctx, args)
+        state = ensure_container(ctx)
+        if state == RUNNING:
+            print(f"coi: attaching to running {ctx.record.container}"
+                  + ("; --resume does not apply to a running session" if wanted else ""),
+                  file=sys.stderr)
+        resumed = state != RUNNING and prepare_home(ctx, wanted, reused=state == RESTARTED)
+        ensure_tmux(ctx, resume=resumed)
+        code = hand_terminal_to(ctx, ["tmux", "attach-session", "-t", sessions.TMUX_SESSION],
+                                terminal)
+        return after_terminal(ctx, code)
+    finally:
+        if terminal is not None:
+            terminal.close()
 
 
 def run_command(args: Args) -> int:
-    """One command in the slot's container; cleaned up whatever happens."""
+    """One command in the slot's container; cleaned up whatever happens. The container
+    is deleted afterwards unless it is persistent (its own setting decides)."""
     ctx = context_from_args(args, record_on_stdin=False)
     wanted = resume_target(ctx, args)
-    if not ensure_container(ctx):
-        prepare_home(ctx, wanted)
-    env = sessions.session_env(os.environ.get("TERM"))
-    argv = sessions.exec_argv(ctx.client, ctx.record.container, list(args["<command>"]),
-                              tty=False, env=env)
+    state = ensure_container(ctx)
     try:
-        return proc.hand_over(argv)
+        if state != RUNNING:
+            prepare_home(ctx, wanted, reused=state == RESTARTED)
+        spec = sessions.as_code(ctx.record.container, list(args["<command>"]), tty=False,
+                                env=sessions.session_env(os.environ.get("TERM")))
+        return ctx.client.exec_handover(spec)
     finally:
-        sessions.end_session(ctx.client, ctx.record.container,
-                             delete=not ctx.record.persistent)
+        ending = sessions.end_session(ctx.client, ctx.record.container)
+        if ending.message:
+            print(f"coi: {ending.message}", file=sys.stderr)
 
 
 def attach(args: Args) -> int:
@@ -353,23 +437,31 @@ def attach(args: Args) -> int:
     record = _record_of(instance, settings)
     tool = tools.get_tool(record.tool, tools.registry_from_config(settings))
     ctx = Context(settings, client, record, tool)
-    if args["--bash"]:
-        code = hand_terminal_to(ctx, ["bash", "-l"])
-    else:
-        ensure_tmux(ctx)
-        code = hand_terminal_to(ctx, ["tmux", "attach-session", "-t", sessions.TMUX_SESSION])
-    after_terminal(ctx, code)
-    return 0
+    terminal = open_terminal()
+    try:
+        if args["--bash"]:
+            code = hand_terminal_to(ctx, ["bash", "-l"], terminal)
+        else:
+            ensure_tmux(ctx)
+            code = hand_terminal_to(ctx, ["tmux", "attach-session", "-t",
+                                          sessions.TMUX_SESSION], terminal)
+        return after_terminal(ctx, code)
+    finally:
+        if terminal is not None:
+            terminal.close()
 
 
 def _pick_attach_target(client: incus.Incus, args: Args) -> dict[str, Any]:
     prefix = naming.container_prefix()
-    ours = {i["name"]: i for i in sessions.coi_containers(client, prefix)}
+    uid = sessions.invoking_ids()[0]
+    ours = {i["name"]: i for i in sessions.coi_containers(client, prefix)
+            if uid == 0 or sessions.owner_of(i) == uid}
     if args["<name>"]:
         name = naming.validate_container_name(args["<name>"])
         if name not in ours:
             if client.instance_exists(name):
-                raise CoiError(f"{name} is not a coi session container")
+                raise NotFound(f"{name} is not one of your coi sessions",
+                               hint="coi list shows yours")
             raise NotFound(f"no container {name}", hint="coi list shows the sessions")
         candidates = [ours[name]]
     else:
@@ -383,8 +475,9 @@ def _pick_attach_target(client: incus.Incus, args: Args) -> dict[str, Any]:
             raise NotFound(f"no coi session for {workspace}", hint="start one: coi shell")
     running = [i for i in candidates if i.get("status") == "Running"]
     if not running:
+        stopped = _record_of(candidates[0], None)
         raise CoiError(f"{candidates[0]['name']} is stopped",
-                       hint="start it again with coi shell --slot N")
+                       hint=f"start it again with {_shell_command(stopped)}")
     if len(running) > 1:
         return _choose(running)
     return running[0]
@@ -403,11 +496,14 @@ def _choose(running: list[dict[str, Any]]) -> dict[str, Any]:
     return running[int(answer) - 1]
 
 
-def _record_of(instance: dict[str, Any], settings: config.Config) -> sessions.SlotRecord:
+def _record_of(instance: dict[str, Any],
+               settings: config.Config | None) -> sessions.SlotRecord:
     keys = instance.get("config") or {}
     get = lambda key, default="": keys.get(f"{sessions.KEY}{key}", default)  # noqa: E731
+    slot = get("slot", "0")
     return sessions.SlotRecord(
-        workspace=get("workspace"), slot=int(get("slot", "0") or 0), container=instance["name"],
-        persistent=get("persistent") == "true", image=get("image"),
-        profile=settings.get("incus.profile"), tool=get("tool", settings.get("tool.name")),
+        workspace=get("workspace"), slot=int(slot) if slot.isdigit() else 0,
+        container=instance["name"], persistent=get("persistent") == "true", image=get("image"),
+        profile=settings.get("incus.profile") if settings else "",
+        tool=get("tool", settings.get("tool.name") if settings else "claude"),
         network=get("network", "restricted"))

@@ -16,10 +16,14 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import math
 import os
 import socket
-from collections.abc import Mapping, Sequence
-from typing import Any, Final
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
 from urllib.parse import quote, urlencode
 
 from coi_common import proc
@@ -32,13 +36,22 @@ from coi_common.errors import (
     PermissionDenied,
 )
 
+T = TypeVar("T")
+
 SOCKET_CANDIDATES: Final = ("/var/lib/incus/unix.socket", "/run/incus/unix.socket")
 JOIN_GROUP_HINT: Final = ("join the incus-admin group: sudo usermod -aG incus-admin $USER, "
                           "then log in again")
 START_HINT: Final = "start it with 'coi setup' (or 'systemctl start incus')"
-EXEC_NOT_STARTED: Final = "Failed to retrieve PID of executing child process"
+WAIT_ROUND: Final = 60
+"""Seconds one operation-wait request asks Incus to wait before it answers anyway."""
+WAIT_MARGIN: Final = 30
+"""Seconds a wait request's reply may lag behind its round before Incus counts as gone."""
+RUNNING_OPERATION: Final = ("Pending", "Running", "Cancelling")
+EXEC_NOT_STARTED: Final = ("Failed to retrieve PID of executing child process", "Invalid PID")
 """What Incus 6.0 answers, now and then under load, to an `exec` whose command never
-started (seen with several execs at once); the exec can simply be tried again."""
+started (about 3 in 40 session starts here); the exec can simply be tried again."""
+EXEC_PAUSES: Final = (0.2, 0.5, 1.0)
+"""Pauses between the tries of an exec Incus failed to start: four tries in all."""
 
 
 def socket_path(configured: str = "") -> str:
@@ -92,31 +105,35 @@ class Incus:
 
     def request(self, method: str, path: str, body: Any = None, *,
                 params: Mapping[str, str] | None = None, what: str = "",
-                wait: bool = True) -> Any:
+                wait: bool = True, timeout: float | None = None) -> Any:
         """One REST call; returns `metadata`, waiting for async operations when asked.
 
-        `what` names the object for error messages ("container coi-ab-1").
+        `what` names the object for error messages ("container coi-ab-1");
+        `timeout` is this exchange's socket timeout (default: the client's).
+        An async operation is then waited for as long as it runs.
         """
         query = {"project": self.project, **(params or {})}
         url = f"{path}?{urlencode(query)}"
-        reply = self._send(method, url, body)
+        reply = self._send(method, url, body, timeout)
         if reply.get("type") == "error":
             raise _error_for(int(reply.get("error_code") or 0), str(reply.get("error")), what)
         if reply.get("type") == "async" and wait:
             return self.wait_operation(reply["operation"], what=what)
         return reply.get("metadata")
 
-    def _send(self, method: str, url: str, body: Any) -> dict[str, Any]:
-        _status, _headers, raw = self._exchange(method, url, body)
+    def _send(self, method: str, url: str, body: Any,
+              timeout: float | None = None) -> dict[str, Any]:
+        _status, _headers, raw = self._exchange(method, url, body, timeout)
         try:
             return json.loads(raw)
         except json.JSONDecodeError:
             raise IncusError(f"Incus answered something that is not JSON: {raw[:80]!r}") from None
 
-    def _exchange(self, method: str, url: str,
-                  body: Any) -> tuple[int, dict[str, str], bytes]:
+    def _exchange(self, method: str, url: str, body: Any,
+                  timeout: float | None = None) -> tuple[int, dict[str, str], bytes]:
         """One HTTP exchange on the socket: (status, lower-cased headers, body)."""
-        conn = _UnixConnection(self.socket, self.timeout)
+        seconds = self.timeout if timeout is None else timeout
+        conn = _UnixConnection(self.socket, seconds)
         payload = None if body is None else json.dumps(body)
         headers = {"Content-Type": "application/json"} if payload is not None else {}
         try:
@@ -135,17 +152,33 @@ class Incus:
             raise PermissionDenied(f"no permission to use the Incus socket {self.socket}",
                                    hint=JOIN_GROUP_HINT) from None
         except TimeoutError:
-            raise IncusUnavailable(f"Incus did not answer within {self.timeout:g} s") from None
+            raise IncusUnavailable(f"Incus did not answer within {seconds:g} s") from None
         except (OSError, http.client.HTTPException) as exc:
             raise IncusUnavailable(f"cannot talk to Incus on {self.socket}: {exc}") from None
         finally:
             conn.close()
         return status, answer, raw
 
-    def wait_operation(self, operation: str, *, what: str = "", timeout: int = 600) -> Any:
-        """Wait for a background operation; raise its error if it failed."""
-        result = self.request("GET", f"{operation}/wait", params={"timeout": str(timeout)},
-                              what=what)
+    def wait_operation(self, operation: str, *, what: str = "",
+                       timeout: float | None = None) -> Any:
+        """Wait for a background operation as long as it runs (or `timeout` s at most);
+        raise its error if it failed.
+
+        The wait goes in rounds of WAIT_ROUND seconds, each one exchange whose socket
+        timeout is that round plus WAIT_MARGIN: a publish of several minutes is
+        waited for, while a daemon that stops answering is still noticed.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = WAIT_ROUND if deadline is None else deadline - time.monotonic()
+            round_seconds = max(1, min(WAIT_ROUND, math.ceil(left)))
+            result = self.request("GET", f"{operation}/wait",
+                                  params={"timeout": str(round_seconds)}, what=what,
+                                  timeout=round_seconds + WAIT_MARGIN)
+            if (result or {}).get("status") not in RUNNING_OPERATION:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise IncusError(f"{what or operation}: still running after {timeout:g} s")
         if result and result.get("status_code", 200) >= 400:
             raise _error_for(int(result["status_code"]), str(result.get("err")), what)
         return result
@@ -334,29 +367,69 @@ class Incus:
         self.cli(["file", "push", "--mode", mode, "--uid", str(uid), "--gid", str(gid),
                   source, f"{instance}{target}"])
 
-    def exec_logged(self, instance: str, argv: Sequence[str], log_path: str, *,
-                    env: Mapping[str, str] | None = None, user: int | None = None) -> int:
-        """Run a command in a container with its output appended to a log; return its status."""
-        options = [f"--env={key}={value}" for key, value in (env or {}).items()]
-        if user is not None:
-            options += ["--user", str(user)]
-        return proc.run_logged(["incus", "--project", self.project, "exec", *options,
-                                instance, "--", *argv], log_path)
+    # -- exec: the one way coi runs a command in a container --------------------------
 
-    def exec_stream(self, instance: str, argv: Sequence[str], *, user: int, cwd: str,
-                    env: Mapping[str, str], stdin: Any = None, stdout: Any = None,
+    def exec_argv(self, spec: ExecSpec) -> list[str]:
+        """The full argv of `incus exec` for `spec`."""
+        return self.cli_argv(spec.args())
+
+    def exec_capture(self, spec: ExecSpec, *, timeout: float | None = None,
+                     input_text: str | None = None) -> proc.Result:
+        """Run to completion with text output captured; never raises on the command's
+        exit status. A command Incus failed to start is tried again."""
+        return retry_exec(spec, lambda: self._run_cli(self.exec_argv(spec), input_text,
+                                                     timeout),
+                          lambda done: not done.ok and exec_not_started(done.stderr))
+
+    def exec_logged(self, spec: ExecSpec, log_path: str) -> int:
+        """Run with its output appended to a log; return its status (tried again when
+        Incus failed to start it: the log then shows each try)."""
+        def attempt() -> tuple[int, str]:
+            offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+            status = self._spawn_cli(proc.run_logged, self.exec_argv(spec), log_path)
+            with open(log_path, "rb") as log:
+                log.seek(offset)
+                return status, log.read(1 << 20).decode("utf-8", "replace")
+
+        status, _ = retry_exec(spec, attempt,
+                               lambda done: done[0] != 0 and exec_not_started(done[1]))
+        return status
+
+    def exec_stream(self, spec: ExecSpec, *, stdin: Any = None, stdout: Any = None,
                     stderr: Any = None) -> Any:
-        """Start `incus exec` (no terminal) as `user` and return the running process
-        (a subprocess.Popen) for the caller to stream through and wait for; stdin
-        defaults to /dev/null. Used for tar streams in and out of a container."""
-        options = ["--user", str(user), "--group", str(user), "--cwd", cwd, "-T"]
-        options += [f"--env={key}={value}" for key, value in env.items()]
+        """Start (no terminal) and return the running process (a subprocess.Popen) for
+        the caller to stream through and wait for; stdin defaults to /dev/null. Used
+        for tar streams; the caller retries with retry_exec/exec_not_started, as only
+        it knows whether its stream was touched."""
         streams = {"stdout": stdout, "stderr": stderr}
         if stdin is not None:
             streams["stdin"] = stdin
+        return self._spawn_cli(lambda argv: proc.spawn(argv, **streams), self.exec_argv(spec))
+
+    def exec_handover(self, spec: ExecSpec, *, terminal: Any = None) -> int:
+        """Run owning the terminal (or passing stdin/stdout/stderr through); return the
+        command's exit status. A command Incus failed to start is tried again without
+        showing the failure; when every try failed, Incus's words are shown."""
+        self._greet_first_run()
+        argv = self.exec_argv(spec)
+        ended = retry_exec(spec, lambda: self._spawn_cli(
+            lambda a: proc.hand_over(a, terminal=terminal, hold_prefix=b"Error: "), argv),
+            lambda done: done.returncode != 0 and exec_not_started(done.held_line))
+        if ended.held_line:
+            sink = terminal if terminal is not None else sys.stderr.buffer
+            sink.write(ended.held_line + b"\n")
+            sink.flush()
+        return ended.returncode
+
+    def _run_cli(self, argv: list[str], input_text: str | None,
+                 timeout: float | None) -> proc.Result:
+        return self._spawn_cli(lambda a: proc.run(a, input_text=input_text, check=False,
+                                                  timeout=timeout), argv)
+
+    @staticmethod
+    def _spawn_cli(start: Callable[..., T], argv: list[str], *more: Any) -> T:
         try:
-            return proc.spawn(self.cli_argv(["exec", *options, instance, "--", *argv]),
-                              **streams)
+            return start(argv, *more)
         except NotFound:
             raise IncusUnavailable("the incus command is not installed",
                                    hint="run 'coi setup' to install Incus") from None
@@ -393,7 +466,7 @@ class Incus:
         """Run `incus ARGS` owning the terminal (proc.hand_over); return its exit status."""
         self._greet_first_run()
         try:
-            return proc.hand_over(self.cli_argv(args))
+            return proc.hand_over(self.cli_argv(args)).returncode
         except NotFound:
             raise IncusUnavailable("the incus command is not installed",
                                    hint="run 'coi setup' to install Incus") from None
@@ -419,6 +492,63 @@ def ipv4_of(state: Mapping[str, Any] | None, interface: str = "eth0") -> str:
         if address.get("family") == "inet" and address.get("scope") == "global":
             return str(address.get("address", ""))
     return ""
+
+
+@dataclass(frozen=True)
+class ExecSpec:
+    """One `incus exec`: the container, the command, as whom, where, with exactly which
+    environment, and whether with a terminal (True: -t, False: -T, None: Incus decides).
+    Every command coi runs in a container is described by one of these."""
+
+    instance: str
+    command: tuple[str, ...]
+    user: int | None = None
+    cwd: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    tty: bool | None = None
+
+    def args(self) -> list[str]:
+        """`exec ...` arguments of the incus CLI."""
+        options: list[str] = []
+        if self.user is not None:
+            options += ["--user", str(self.user), "--group", str(self.user)]
+        if self.cwd is not None:
+            options += ["--cwd", self.cwd]
+        if self.tty is not None:
+            options.append("-t" if self.tty else "-T")
+        options += [f"--env={key}={value}" for key, value in self.env.items()]
+        return ["exec", *options, self.instance, "--", *self.command]
+
+
+def exec_not_started(stderr: str | bytes) -> bool:
+    """Whether Incus's answer says the command never started (safe to run it again)."""
+    text = stderr.decode("utf-8", "replace") if isinstance(stderr, bytes) else stderr
+    return any(marker in text for marker in EXEC_NOT_STARTED)
+
+
+def retry_exec(spec: ExecSpec, attempt: Callable[[], T], not_started: Callable[[T], bool]) -> T:
+    """The one retry policy for Incus's transient exec failures: run `attempt` again,
+    after a short pause, while `not_started(result)` says Incus never started the
+    command, EXEC_TRIES times in all; the last result is returned as it is. Each
+    retry is noted in the file named by $COI_TRACE (for counting), and on stderr
+    with COI_DEBUG."""
+    for pause in (*EXEC_PAUSES, None):
+        result = attempt()
+        if pause is None or not not_started(result):
+            return result
+        _note_retry(spec, pause)
+        time.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+def _note_retry(spec: ExecSpec, pause: float) -> None:
+    line = f"coi: Incus did not start {spec.command[0]!r} in {spec.instance}; again in {pause} s"
+    if os.environ.get("COI_DEBUG"):
+        print(line, file=sys.stderr, flush=True)
+    trace = os.environ.get("COI_TRACE")
+    if trace:
+        with contextlib.suppress(OSError), open(trace, "a", encoding="utf-8") as log:
+            log.write(f"{time.time():.3f} retry-exec {spec.instance} {spec.command[0]}\n")
 
 
 def _cli_error(message: str) -> Exception:

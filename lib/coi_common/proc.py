@@ -13,9 +13,11 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 from coi_common.errors import CommandFailed, NotFound
 
@@ -90,17 +92,37 @@ def run_bytes(argv: Sequence[str], *, timeout: float | None = None) -> BinaryRes
     return BinaryResult(tuple(argv), done.returncode, done.stdout, done.stderr)
 
 
+@dataclass(frozen=True)
+class HandOver:
+    """How an interactive child ended: its status and, when its stderr was watched,
+    the first line it printed if that line began with the watched prefix (held back
+    from the user until the caller decides; see hand_over)."""
+
+    returncode: int
+    held_line: bytes = b""
+
+
 def hand_over(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-              terminal: IO[bytes] | None = None) -> int:
-    """Run an interactive child that owns the terminal; return its exit status.
+              terminal: IO[bytes] | None = None, hold_prefix: bytes = b"") -> HandOver:
+    """Run an interactive child that owns the terminal; return how it ended.
 
     `terminal` (an open /dev/tty) replaces stdin, stdout and stderr when the
     caller's own stdin is a pipe. The parent ignores SIGINT while waiting so
     Ctrl-C goes to the child alone; a child killed by a signal reports
     128+signal, as shells do. If the parent is stopped (SIGTERM), the child
     is ended too.
+
+    With `hold_prefix`, the child's stderr passes through a pipe: when its
+    first bytes start with the prefix, that first line is held back and
+    returned (HandOver.held_line) instead of printed, so a caller can retry
+    a child that failed before it ran without showing the failure; any other
+    output is forwarded at once, byte for byte.
     """
-    streams = {"stdin": terminal, "stdout": terminal, "stderr": terminal} if terminal else {}
+    streams: dict[str, Any] = {"stdin": terminal, "stdout": terminal, "stderr": terminal} \
+        if terminal else {}
+    sink = terminal if terminal is not None else sys.stderr.buffer
+    if hold_prefix:
+        streams["stderr"] = subprocess.PIPE
     # The child is started before SIGINT is ignored here: an ignored signal
     # would stay ignored across exec, and preexec_fn is unsafe with threads.
     try:
@@ -108,6 +130,7 @@ def hand_over(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
                                  **streams)
     except FileNotFoundError:
         raise NotFound(f"program {argv[0]!r} is not installed") from None
+    relay = _StderrRelay(child.stderr, sink, hold_prefix) if hold_prefix else None
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         returncode = child.wait()
@@ -119,7 +142,53 @@ def hand_over(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
         raise
     finally:
         signal.signal(signal.SIGINT, previous)
-    return 128 - returncode if returncode < 0 else returncode
+    held = relay.finish() if relay else b""
+    return HandOver(128 - returncode if returncode < 0 else returncode, held)
+
+
+class _StderrRelay:
+    """Copies a child's stderr to `sink` in a thread, holding back a first line that
+    starts with `prefix` (at most HELD_MAX bytes of it)."""
+
+    HELD_MAX = 4096
+
+    def __init__(self, source: IO[bytes] | None, sink: IO[bytes], prefix: bytes) -> None:
+        assert source is not None
+        self.source, self.sink, self.prefix = source, sink, prefix
+        self.held = b""
+        self.thread = threading.Thread(target=self._copy, daemon=True)
+        self.thread.start()
+
+    def _copy(self) -> None:
+        pending, holding = b"", True
+        while chunk := os.read(self.source.fileno(), 65536):
+            if not holding:
+                self._write(chunk)
+                continue
+            pending += chunk
+            line_done = b"\n" in pending or len(pending) > self.HELD_MAX
+            if not (pending.startswith(self.prefix) or self.prefix.startswith(pending)):
+                holding = False
+                self._write(pending)
+            elif line_done:
+                line, _, rest = pending.partition(b"\n")
+                if rest:  # more than the one line: it was the program speaking, not Incus
+                    holding, self.held = False, b""
+                    self._write(pending)
+                else:
+                    self.held = line
+        if holding and pending and not self.held:
+            self.held = pending.rstrip(b"\n")
+
+    def _write(self, data: bytes) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.sink.write(data)
+            self.sink.flush()
+
+    def finish(self) -> bytes:
+        self.thread.join(timeout=5)
+        self.source.close()
+        return self.held
 
 
 def spawn(argv: Sequence[str], *, stdin: int | IO[bytes] | None = subprocess.DEVNULL,

@@ -74,3 +74,37 @@ class Progress:
             self.stream.write("\r\x1b[K")
         self.stream.write(line + "\n")
         self.stream.flush()
+
+
+SLOW_SECONDS = 2.0
+"""A wait longer than this says what it is waiting for."""
+
+
+@contextmanager
+def waiting(what: str, *, prog: str = "coi", after: float = SLOW_SECONDS,
+            stream: IO[str] | None = None) -> Iterator[None]:
+    """Say `prog: WHAT ...` on stderr once the block has run `after` seconds, and how
+    long it took when it ends; a block that ends sooner prints nothing."""
+    out = stream or sys.stderr
+    started = time.monotonic()
+    shown = threading.Event()
+    stop = threading.Event()
+
+    def announce() -> None:
+        if not stop.wait(after):
+            shown.set()
+            out.write(f"{prog}: {what} ...\n")
+            out.flush()
+
+    timer = threading.Thread(target=announce, daemon=True)
+    timer.start()
+    outcome = "failed"
+    try:
+        yield
+        outcome = "done"
+    finally:
+        stop.set()
+        timer.join()
+        if shown.is_set():
+            out.write(f"{prog}: {what}: {outcome} ({time.monotonic() - started:.1f}s)\n")
+            out.flush()

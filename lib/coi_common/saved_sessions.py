@@ -47,7 +47,7 @@ from typing import IO, Any, Final
 
 from coi_common import __version__, naming
 from coi_common.errors import BadInput, CoiError, CommandFailed, NotFound
-from coi_common.incus import EXEC_NOT_STARTED, Incus
+from coi_common.incus import ExecSpec, Incus, exec_not_started, retry_exec
 from coi_common.protocol import CONTRACT_VERSION, make_record
 from coi_common.tools import HOME, TOOL_UID, Tool, get_tool, json_copy, registry_from_config
 
@@ -635,31 +635,35 @@ def _kind(member: tarfile.TarInfo) -> str:
     return next((kind for kind, check in checks if check()), "special file")
 
 
-TRANSIENT_EXEC: Final = EXEC_NOT_STARTED
-EXEC_TRIES: Final = 3
-
-
 class _NotStarted(CoiError):
-    """The exec failed before the command ran (TRANSIENT_EXEC): safe to try again."""
+    """The exec failed before the command ran (incus.exec_not_started): safe to try again."""
 
 
-def _again(action: Callable[[], Any]) -> Any:
-    """Run `action`, again (up to EXEC_TRIES in all) while its exec did not start."""
-    for attempt in range(1, EXEC_TRIES + 1):
+def _as_code(name: str, command: Sequence[str], env: Mapping[str, str]) -> ExecSpec:
+    """A command of the state copy, run as code from /, without a terminal."""
+    return ExecSpec(name, tuple(command), user=TOOL_UID, cwd="/", env=env, tty=False)
+
+
+def _again(name: str, action: Callable[[], Any]) -> Any:
+    """Run `action` under incus.retry_exec, again while its exec did not start."""
+    def attempt() -> Any:
         try:
             return action()
         except _NotStarted as exc:
-            if attempt == EXEC_TRIES:
-                raise CoiError(exc.message) from None
-            time.sleep(0.3 * attempt)
-    raise AssertionError("unreachable")
+            return exc
+
+    outcome = retry_exec(ExecSpec(name, ("tar",)), attempt,
+                         lambda result: isinstance(result, _NotStarted))
+    if isinstance(outcome, _NotStarted):
+        raise CoiError(outcome.message)
+    return outcome
 
 
 def _not_started(errors: IO[bytes] | bytes) -> bool:
     if not isinstance(errors, bytes):
         errors.seek(0)
         errors = errors.read()
-    return TRANSIENT_EXEC.encode() in errors
+    return exec_not_started(errors)
 
 
 def pull_state(client: Incus, name: str, tool: Tool, home: str, *,
@@ -672,7 +676,7 @@ def pull_state(client: Incus, name: str, tool: Tool, home: str, *,
     start is tried again.
     """
     deadline = time.monotonic() + timeout
-    return _again(lambda: _pull_once(client, name, tool, home, exclude=exclude,
+    return _again(name, lambda: _pull_once(client, name, tool, home, exclude=exclude,
                                      timeout=max(1.0, deadline - time.monotonic())))
 
 
@@ -682,8 +686,8 @@ def _pull_once(client: Incus, name: str, tool: Tool, home: str, *, exclude: Sequ
     writer = StateWriter(home, tool.state_dirs, tool.state_files, exclude)
     with tempfile.TemporaryFile() as errors:
         child = client.exec_stream(
-            name, ["tar", "--ignore-failed-read", "-C", HOME, "-cf", "-", "--", *paths],
-            user=TOOL_UID, cwd="/", env={"HOME": HOME, "LC_ALL": "C"},
+            _as_code(name, ["tar", "--ignore-failed-read", "-C", HOME, "-cf", "-", "--", *paths],
+                     {"HOME": HOME, "LC_ALL": "C"}),
             stdout=subprocess.PIPE, stderr=errors)
         expired = _Watchdog(child, timeout)
         try:
@@ -701,7 +705,7 @@ def _pull_once(client: Incus, name: str, tool: Tool, home: str, *, exclude: Sequ
                     child.wait(timeout=2)  # an exec that never started has ended already
                 if writer.members == 0 and _not_started(errors):
                     raise _NotStarted(f"incus could not start tar in {name}: "
-                                      f"{TRANSIENT_EXEC}") from None
+                                      f"{_reason(None, errors)}") from None
                 raise CoiError(f"the state stream from {name} broke off: "
                                f"{_reason(exc, errors)}") from None
             status = child.wait()
@@ -829,7 +833,7 @@ def push_state(client: Incus, name: str, *, home: str | None, extras: Sequence[E
     so the restored state replaces the container's instead of mixing with it.
     Returns (files, bytes) of the saved tree. An exec that Incus failed to start
     (nothing ran, nothing changed) is tried again."""
-    return _again(lambda: _push_once(client, name, home=home, extras=extras,
+    return _again(name, lambda: _push_once(client, name, home=home, extras=extras,
                                      replace_paths=replace_paths, timeout=timeout))
 
 
@@ -840,10 +844,10 @@ def _push_once(client: Incus, name: str, *, home: str | None, extras: Sequence[E
         script += 'rm -rf -- "$@" || exit 1\n'
     script += "exec tar --no-same-owner -xf -"
     with tempfile.TemporaryFile() as errors:
-        child = client.exec_stream(name, ["sh", "-c", script, "coi-restore", *replace_paths],
-                                   user=TOOL_UID, cwd="/", env={"HOME": HOME, "LC_ALL": "C"},
-                                   stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                   stderr=errors)
+        child = client.exec_stream(
+            _as_code(name, ["sh", "-c", script, "coi-restore", *replace_paths],
+                     {"HOME": HOME, "LC_ALL": "C"}),
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors)
         expired = _Watchdog(child, timeout)
         counted = (0, 0)
         try:
@@ -862,7 +866,7 @@ def _push_once(client: Incus, name: str, *, home: str | None, extras: Sequence[E
                     child.wait(timeout=10)
                 if _not_started(errors):
                     raise _NotStarted(f"incus could not start tar in {name}: "
-                                      f"{TRANSIENT_EXEC}") from None
+                                      f"{_reason(None, errors)}") from None
                 raise CoiError(f"could not put the session into {name}: "
                                f"{_reason(exc, errors)}") from None
             status = child.wait()
@@ -873,7 +877,7 @@ def _push_once(client: Incus, name: str, *, home: str | None, extras: Sequence[E
             raise CoiError(f"restoring into {name} took longer than {timeout:g} s")
         if status != 0:
             if _not_started(errors):
-                raise _NotStarted(f"incus could not start tar in {name}: {TRANSIENT_EXEC}")
+                raise _NotStarted(f"incus could not start tar in {name}: {_reason(None, errors)}")
             raise CommandFailed(f"tar in {name} exited {status}: {_reason(None, errors)}")
     return counted
 
@@ -973,15 +977,14 @@ def credential_extras(tool: Tool) -> list[Extra]:
 
 def _container_file(client: Incus, name: str, rel: str) -> bytes | None:
     """A small file of the container home as code sees it; None when it is not there."""
-    return _again(lambda: _read_once(client, name, rel))
+    return _again(name, lambda: _read_once(client, name, rel))
 
 
 def _read_once(client: Incus, name: str, rel: str) -> bytes | None:
     child = client.exec_stream(
-        name, ["sh", "-c", f'test -f "$1" || exit 3; head -c {SMALL_FILE_MAX + 1} -- "$1"',
-               "coi", f"{HOME}/{rel}"],
-        user=TOOL_UID, cwd="/", env={"HOME": HOME}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE)
+        _as_code(name, ["sh", "-c", f'test -f "$1" || exit 3; head -c {SMALL_FILE_MAX + 1} '
+                        '-- "$1"', "coi", f"{HOME}/{rel}"], {"HOME": HOME}),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         data, errors = child.communicate(timeout=30)
     except subprocess.TimeoutExpired:
@@ -991,7 +994,8 @@ def _read_once(client: Incus, name: str, rel: str) -> bytes | None:
         return None
     if child.returncode != 0:
         if _not_started(errors):
-            raise _NotStarted(f"incus could not read ~/{rel} in {name}: {TRANSIENT_EXEC}")
+            raise _NotStarted(f"incus could not read ~/{rel} in {name}: "
+                              f"{errors.decode('utf-8', 'replace').strip()}")
         detail = errors.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
         raise CommandFailed(f"cannot read ~/{rel} in {name}: {detail[0]}")
     if len(data) > SMALL_FILE_MAX:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 from coi_common import naming, proc
-from coi_common.errors import BadInput, CoiError, NotFound
-from coi_common.incus import Incus
+from coi_common.errors import BadInput, CoiError, NotFound, PermissionDenied
+from coi_common.incus import ExecSpec, Incus
 from coi_common.protocol import make_record, validate
 from coi_common.tools import HOME, TOOL_UID
 
@@ -156,13 +156,10 @@ def session_env(term: str | None = None) -> dict[str, str]:
     return env
 
 
-def exec_argv(client: Incus, name: str, command: Sequence[str], *, tty: bool,
-              env: Mapping[str, str], cwd: str = WORKSPACE_PATH) -> list[str]:
-    """`incus exec` as user code in /workspace with exactly `env`."""
-    argv = ["incus", "--project", client.project, "exec", "--user", str(TOOL_UID),
-            "--group", str(TOOL_UID), "--cwd", cwd, "-t" if tty else "-T"]
-    argv += [f"--env={key}={value}" for key, value in env.items()]
-    return [*argv, name, "--", *command]
+def as_code(name: str, command: Sequence[str], *, tty: bool, env: Mapping[str, str],
+            cwd: str = WORKSPACE_PATH) -> ExecSpec:
+    """A command run as user code in /workspace with exactly `env`."""
+    return ExecSpec(name, tuple(command), user=TOOL_UID, cwd=cwd, env=dict(env), tty=tty)
 
 
 def coi_containers(client: Incus, prefix: str) -> list[dict[str, Any]]:
@@ -176,45 +173,148 @@ def is_persistent(instance: Mapping[str, Any]) -> bool:
     return (instance.get("config") or {}).get(f"{KEY}persistent") == "true"
 
 
-def save_session(client: Incus, name: str) -> None:
+def owner_of(instance: Mapping[str, Any]) -> int | None:
+    """The host uid recorded as the container's owner (user.coi.host_uid), or None."""
+    value = str((instance.get("config") or {}).get(f"{KEY}host_uid", ""))
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a session ended: saved or not, container deleted or kept, and why kept."""
+
+    saved: bool
+    deleted: bool
+    message: str = ""
+
+
+def save_session(client: Incus, name: str) -> tuple[bool, str]:
     """The session-save hook: every path by which coi stops or removes a session
-    container comes through here first.
+    container comes through here first. Returns (ok, message).
 
     Copies the tool's state out of the container (coi_common.saved_sessions;
     a stopped one is started briefly without a network), bounded by
-    saved_sessions.SAVE_TIMEOUT. It never raises: this runs in cleanup paths,
-    so a failure is one line on stderr and the caller goes on (deletes).
+    saved_sessions.SAVE_TIMEOUT, into the store of the container's OWNER
+    (user.coi.host_uid), whoever ends it. It never raises: this runs in
+    cleanup paths; a failure is reported and the caller keeps the container.
     """
-    from coi_common import saved_sessions  # noqa: PLC0415 - tarfile & co. only when saving
-
     try:
-        result = saved_sessions.save_container(client, name)
+        owner = owner_of(client.instance_config(name))
+        result_line = _save_for(client, name, owner)
     except (Exception, KeyboardInterrupt) as exc:  # cleanup must go on, whatever failed
         if isinstance(exc, NotFound) and exc.message.startswith(f"container {name}"):
-            return  # gone already: nothing left to save
+            return True, ""  # gone already: nothing left to save
         reason = exc.one_line() if isinstance(exc, CoiError) else f"{type(exc).__name__}: {exc}"
-        print(f"coi: could not save the session of {name}: {reason}", file=sys.stderr,
-              flush=True)
-        return
-    if result.session is not None:
-        print(f"coi: {result.line()}", file=sys.stderr, flush=True)
+        return False, f"could not save the session of {name}: {reason}"
+    if result_line:
+        print(f"coi: {result_line}", file=sys.stderr, flush=True)
+    return True, ""
 
 
-def end_session(client: Incus, name: str, *, delete: bool) -> None:
-    """Save the session, then delete the container when asked (ephemeral mode),
-    and with it its network rules."""
-    save_session(client, name)
-    if delete:
+def _save_for(client: Incus, name: str, owner: int | None) -> str:
+    caller = os.geteuid()
+    if owner is None or owner == caller:
+        return _save_line(client, name)
+    if caller != 0:
+        raise PermissionDenied(f"{name} belongs to uid {owner}; only that user or root can "
+                               "save its session")
+    return owners_process(owner, lambda: _save_line(client, name))
+
+
+def _save_line(client: Incus, name: str) -> str:
+    from coi_common import saved_sessions  # noqa: PLC0415 - tarfile & co. only when saving
+
+    result = saved_sessions.save_container(client, name)
+    return result.line() if result.session is not None else ""
+
+
+def owners_process(owner: int, work: Callable[[], str]) -> str:
+    """Run `work` in a child process as host user `owner` (root only), with that user's
+    home and groups, so what it writes lands in their store with their ownership and
+    root never writes into a directory the user controls. Returns work's text."""
+    import pwd  # noqa: PLC0415
+
+    account = pwd.getpwuid(owner)
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports through the pipe
+        code = 1
         try:
-            mode = (client.instance_config(name).get("config") or {}).get(f"{KEY}network")
-        except NotFound:
-            return
-        client.delete_instance_force(name)
-        if mode and mode != "open":
-            remove_network(name)
+            os.close(read_end)
+            os.initgroups(account.pw_name, account.pw_gid)
+            os.setgid(account.pw_gid)
+            os.setuid(owner)
+            os.environ.update(HOME=account.pw_dir, USER=account.pw_name)
+            os.environ.pop("XDG_CONFIG_HOME", None)
+            os.environ.pop("SUDO_UID", None)
+            text, code = work(), 0
+        except BaseException as exc:  # everything goes back to the parent
+            text = exc.one_line() if isinstance(exc, CoiError) else f"{type(exc).__name__}: {exc}"
+        os.write(write_end, text.encode()[:65536])
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        text = pipe.read(65536).decode("utf-8", "replace")
+    _, status = os.waitpid(child, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise CoiError(f"as uid {owner}: {text or 'failed'}")
+    return text
 
 
-# -- network rules (coi-net, root) ---------------------------------------------------------
+def end_session(client: Incus, name: str, *, save: bool = True) -> Ending:
+    """Save the session, then delete the container unless it is persistent, and with
+    it its network rules. The one place that decides deletion: from the container's
+    OWN user.coi.persistent key, never from a command's flags. A failed save keeps
+    the container (Ending.message says so); save=False deletes without saving."""
+    try:
+        instance = client.instance_config(name)
+    except NotFound:
+        return Ending(saved=False, deleted=True)
+    saved, problem = save_session(client, name) if save else (False, "")
+    if is_persistent(instance):
+        return Ending(saved, deleted=False, message=problem)
+    if problem:
+        return Ending(False, deleted=False,
+                      message=f"{problem}; the container is kept (stopped or running) so "
+                              f"nothing is lost: try again with 'coi shutdown {name}', or "
+                              f"discard the session with 'coi kill --no-save {name}'")
+    client.delete_instance_force(name)
+    mode = (instance.get("config") or {}).get(f"{KEY}network")
+    if mode and mode != "open":
+        remove_network(name)
+    return Ending(saved, deleted=True)
+
+
+# -- id maps ----------------------------------------------------------------------------------
+
+
+def ensure_idmap(idmap: IdMap) -> None:
+    """Before anything is created: make sure Incus may map the user's ids (raw.idmap),
+    asking coi's host service to delegate them when this user is not root."""
+    from coi_common import idmap as subids  # noqa: PLC0415
+
+    if idmap.shift or subids.delegated(idmap.host_uid, idmap.host_gid):
+        return
+    fix = (f"as root, run 'coi setup' (it lets Incus map the ids of every incus-admin "
+           f"member), or add 'root:{idmap.host_uid}:1' to /etc/subuid and "
+           f"'root:{idmap.host_gid}:1' to /etc/subgid")
+    if os.geteuid() == 0:
+        raise PermissionDenied(f"Incus may not map uid {idmap.host_uid}/gid "
+                               f"{idmap.host_gid} into containers", hint=fix)
+    from coi_common import hostservice  # noqa: PLC0415
+
+    try:
+        hostservice.call("idmap_grant", timeout=30)
+    except CoiError as exc:
+        raise PermissionDenied(f"Incus may not map your uid {idmap.host_uid} into "
+                               f"containers, and coi's host service could not allow it: "
+                               f"{exc.one_line()}", hint=fix) from None
+    if not subids.delegated(idmap.host_uid, idmap.host_gid):
+        raise PermissionDenied(f"coi's host service did not allow uid {idmap.host_uid}",
+                               hint=fix)
+
+
+# -- network rules (coi-net as root, or coi's host service) ------------------------------
 
 
 def network_devices(record: SlotRecord, settings: Any) -> dict[str, dict[str, str]]:
@@ -234,33 +334,60 @@ def _coi_net() -> str:
     return find_executable("coi-net") or "coi-net"
 
 
+def network_request(record: SlotRecord, settings: Any) -> dict[str, Any]:
+    """The validated fields of a rules request (coi-net apply's flags, host service's
+    net_apply): checked here, before the container exists."""
+    from coi_common import netpolicy  # noqa: PLC0415
+
+    return {"container": naming.validate_container_name(record.container),
+            "mode": netpolicy.validate_mode(record.network),
+            "allow": [str(a) for a in settings.get("network.allowed_domains")],
+            "resolvers": [str(r) for r in settings.get("network.resolvers")],
+            "refresh_minutes": netpolicy.validate_refresh_minutes(
+                settings.get("network.refresh_interval_minutes"))}
+
+
 def apply_network(record: SlotRecord, settings: Any) -> None:
-    """Put the container's egress rules in place (through coi-net, as root via sudo -n)."""
+    """Put the container's egress rules in place: coi-net itself when we are root, coi's
+    host service otherwise (never sudo on a program next to us)."""
     if record.network == "open":
+        return
+    request = network_request(record, settings)
+    if os.geteuid() != 0:
+        from coi_common import hostservice  # noqa: PLC0415
+
+        hostservice.call("net_apply", **request)
         return
     from coi_common import netpolicy  # noqa: PLC0415
 
-    argv = netpolicy.apply_argv(record.container, record.network,
-                                allowed=settings.get("network.allowed_domains"),
-                                resolvers=settings.get("network.resolvers"),
-                                refresh_minutes=settings.get("network.refresh_interval_minutes"),
-                                program=_coi_net())
+    argv = netpolicy.apply_argv(request["container"], request["mode"],
+                                allowed=request["allow"], resolvers=request["resolvers"],
+                                refresh_minutes=request["refresh_minutes"], program=_coi_net())
     done = proc.run(argv, check=False, timeout=120)
     if not done.ok:
         raise CoiError(f"network rules for {record.container} could not be applied: "
-                       f"{proc.last_line(done.stderr) or 'exit ' + str(done.returncode)}",
-                       hint="network modes other than open need root: see docs/network.md "
-                       "for the sudoers rule, or use --network open")
+                       f"{proc.last_line(done.stderr) or 'exit ' + str(done.returncode)}")
 
 
 def remove_network(name: str) -> None:
     """Drop a deleted container's rules; a failure is reported, never raised."""
-    from coi_common import netpolicy  # noqa: PLC0415
+    problem = ""
+    if os.geteuid() != 0:
+        from coi_common import hostservice  # noqa: PLC0415
 
-    done = proc.run(netpolicy.remove_argv(name, program=_coi_net()), check=False, timeout=60)
-    if not done.ok:
-        print(f"coi: could not remove the network rules of {name} "
-              f"({proc.last_line(done.stderr)}); 'coi-net gc' will", file=sys.stderr)
+        try:
+            hostservice.call("net_remove", container=name, timeout=60)
+        except CoiError as exc:
+            problem = exc.one_line()
+    else:
+        from coi_common import netpolicy  # noqa: PLC0415
+
+        done = proc.run(netpolicy.remove_argv(name, program=_coi_net()), check=False,
+                        timeout=60)
+        problem = "" if done.ok else proc.last_line(done.stderr)
+    if problem:
+        print(f"coi: could not remove the network rules of {name} ({problem}); "
+              "'coi-net gc' will", file=sys.stderr)
 
 
 def new_slot_record(client: Incus, settings: Any, workspace: str, *, slot: int | None = None,
@@ -278,7 +405,10 @@ def new_slot_record(client: Incus, settings: Any, workspace: str, *, slot: int |
     wanted = naming.validate_slot(slot, max_slots) if slot else None
     # Checked before reserving: a bad image name must not hold a slot for two minutes.
     image = naming.validate_image_name(settings.get("defaults.image"))
-    existing = [i["name"] for i in client.instances(f"{prefix}{naming.workspace_hash(path)}-")]
+    instances = client.instances(f"{prefix}{naming.workspace_hash(path)}-")
+    existing = [i["name"] for i in instances]
+    if wanted is None and settings.get("defaults.persistent"):
+        wanted = reusable_slot(instances, path, invoking_ids()[0])
     number = slots.reserve(settings.path("paths.state_dir"), path, prefix=prefix,
                            existing=existing, max_slots=max_slots, wanted=wanted)
     return SlotRecord(path, number, naming.container_name(path, number, prefix),
@@ -286,6 +416,21 @@ def new_slot_record(client: Incus, settings: Any, workspace: str, *, slot: int |
                       settings.get("incus.profile"), settings.get("tool.name"),
                       settings.get("network.mode"), dict(settings.get("defaults.environment")),
                       tuple(mounts), storage)
+
+
+def reusable_slot(instances: Sequence[Mapping[str, Any]], workspace: str,
+                  uid: int) -> int | None:
+    """The lowest slot of `workspace` whose container is persistent, stopped and
+    `uid`'s: `coi shell --persistent` comes back to it, with what was installed."""
+    found = []
+    for instance in instances:
+        keys = instance.get("config") or {}
+        slot = str(keys.get(f"{KEY}slot", ""))
+        if (is_persistent(instance) and instance.get("status") == "Stopped"
+                and keys.get(f"{KEY}workspace") == workspace and owner_of(instance) == uid
+                and slot.isascii() and slot.isdigit()):
+            found.append(int(slot))
+    return min(found, default=None)
 
 
 def parse_env(pairs: Sequence[str]) -> dict[str, str]:

@@ -1,0 +1,239 @@
+"""`coi-host serve`: coi's host service, the one part of coi that runs as root.
+
+Members of incus-admin are not root, and sudo may be missing, yet the default
+network mode needs nftables rules and a user added after `coi setup` needs
+Incus to be allowed to map their uid. `coi setup` starts this service from a
+root-owned copy of coi (coi_host.install); it listens on a unix socket that
+only root and the incus-admin group may open, and answers one JSON request
+per connection (docs/host-service.md):
+
+- `ping`: the service's version; the caller's uid as the service sees it.
+- `net_apply`, `net_remove`, `net_status`: run the root-owned coi-net with
+  arguments built here from validated fields, for a coi container that exists
+  (apply) or a valid container name (remove, status).
+- `idmap_grant`: add `root:UID:1` / `root:GID:1` to /etc/subuid and /etc/subgid
+  for the CALLER's own uid and primary gid (from SO_PEERCRED), nothing else.
+
+What it trusts: the kernel's peer credentials, checked again against the
+group database (root, or a member of incus-admin). Such a member can already
+do anything to Incus, which is root-equivalent (a privileged container); the
+service gives them strictly less: rules in coi's own tables for coi's
+containers, and an id delegation for themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import json
+import os
+import pwd
+import signal
+import socket
+import socketserver
+import struct
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+from coi_common import __version__, config, hostservice, idmap, incus, naming, proc
+from coi_common.dispatch import find_executable
+from coi_common.errors import BadInput, CoiError, NotFound, PermissionDenied
+from coi_common.protocol import Record, error_record, make_record, validate
+from coi_host import install
+
+MODES: Final = ("restricted", "allowlist", "open")
+MAX_ENTRIES: Final = 1000
+MAX_ENTRY_LENGTH: Final = 255
+REQUEST_SECONDS: Final = 10.0
+"""How long a client may take to send its request line."""
+NET_SECONDS: Final = 120.0
+
+
+class Peer:
+    """Who is on the other end of a connection: from SO_PEERCRED, checked against the group."""
+
+    def __init__(self, connection: socket.socket, group: str) -> None:
+        creds = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                      struct.calcsize("3i"))
+        self.pid, self.uid, self.gid = struct.unpack("3i", creds)
+        self.allowed = self.uid == 0 or member_of(self.uid, group)
+
+
+def member_of(uid: int, group: str) -> bool:
+    """Whether the account `uid` belongs to `group` (as primary or secondary group)."""
+    try:
+        account = pwd.getpwuid(uid)
+        entry = grp.getgrnam(group)
+    except KeyError:
+        return False
+    return account.pw_gid == entry.gr_gid or account.pw_name in entry.gr_mem
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+
+def _strings(value: Any, field: str) -> list[str]:
+    if not isinstance(value, list) or len(value) > MAX_ENTRIES or not all(
+            isinstance(v, str) and 0 < len(v) <= MAX_ENTRY_LENGTH for v in value):
+        raise BadInput(f"{field}: expected a list of at most {MAX_ENTRIES} short strings")
+    return value
+
+
+def _container(request: Mapping[str, Any]) -> str:
+    name = request.get("container")
+    if not isinstance(name, str):
+        raise BadInput("container: expected a container name")
+    return naming.validate_container_name(name)
+
+
+def net_apply_argv(request: Mapping[str, Any], program: str) -> list[str]:
+    """coi-net apply's command line from a request; every field checked, nothing passed
+    through that could become an option of its own."""
+    mode = request.get("mode")
+    if mode not in MODES:
+        raise BadInput(f"mode: expected one of {', '.join(MODES)}")
+    minutes = request.get("refresh_minutes", 30)
+    if not isinstance(minutes, int) or isinstance(minutes, bool) or not 0 <= minutes <= 10080:
+        raise BadInput("refresh_minutes: expected a whole number of minutes, 0..10080")
+    argv = [program, "apply", _container(request), f"--mode={mode}",
+            f"--refresh-minutes={minutes}", "--format=json"]
+    argv += [f"--allow={entry}" for entry in _strings(request.get("allow", []), "allow")]
+    argv += [f"--resolver={entry}" for entry in _strings(request.get("resolvers", []),
+                                                         "resolvers")]
+    return argv
+
+
+class Service:
+    """The verbs, each checked for the peer; one instance serves every connection."""
+
+    def __init__(self, settings: config.Config) -> None:
+        self.group = settings.get("incus.group")
+        self.client = incus.connect(settings)
+        self.coi_net = find_executable("coi-net") or "coi-net"
+        self.code = install.code_digest()
+        self.verbs: dict[str, Callable[[Peer, Record], Record]] = {
+            "ping": self.ping, "net_apply": self.net_apply, "net_remove": self.net_remove,
+            "net_status": self.net_status, "idmap_grant": self.idmap_grant}
+
+    def answer(self, peer: Peer, raw: bytes) -> Record:
+        """The reply record to one request line; every failure is an error record."""
+        try:
+            if not peer.allowed:
+                raise PermissionDenied(f"uid {peer.uid} is neither root nor a member of "
+                                       f"{self.group}")
+            request = validate(json.loads(raw), "host_request")
+            verb = request["verb"]
+            if verb not in self.verbs:
+                raise BadInput(f"unknown verb {verb!r}; known: {', '.join(self.verbs)}")
+            return make_record("host_reply", verb=verb, result=self.verbs[verb](peer, request))
+        except ValueError as exc:
+            return error_record(BadInput(f"request is not JSON: {exc}"))
+        except CoiError as exc:
+            return error_record(exc)
+
+    def ping(self, peer: Peer, _request: Record) -> Record:
+        return {"version": __version__, "code": self.code, "uid": peer.uid,
+                "pid": os.getpid(), "verbs": list(self.verbs)}
+
+    def net_apply(self, _peer: Peer, request: Record) -> Record:
+        argv = net_apply_argv(request, self.coi_net)
+        name = argv[2]
+        keys = (self.client.instance_config(name).get("config") or {})
+        if "user.coi.workspace" not in keys:
+            raise PermissionDenied(f"{name} is not a coi session container")
+        return self._coi_net(argv)
+
+    def net_remove(self, _peer: Peer, request: Record) -> Record:
+        return self._coi_net([self.coi_net, "remove", _container(request), "--format=json"])
+
+    def net_status(self, _peer: Peer, request: Record) -> Record:
+        return self._coi_net([self.coi_net, "status", _container(request), "--format=json"])
+
+    def idmap_grant(self, peer: Peer, _request: Record) -> Record:
+        gid = pwd.getpwuid(peer.uid).pw_gid
+        added = idmap.add_lines(idmap.missing_lines([peer.uid], [gid]))
+        return {"uid": peer.uid, "gid": gid, "added": added}
+
+    def _coi_net(self, argv: list[str]) -> Record:
+        done = proc.run(argv, check=False, timeout=NET_SECONDS)
+        lines = [line for line in done.stdout.splitlines() if line.strip()]
+        if not done.ok:
+            error = _error_of(lines) or proc.last_line(done.stderr) or f"exit {done.returncode}"
+            raise CoiError(f"coi-net {argv[1]}: {error}")
+        try:
+            return {"records": [json.loads(line) for line in lines]}
+        except ValueError:
+            raise CoiError(f"coi-net {argv[1]} printed something that is not JSON") from None
+
+
+def _error_of(lines: list[str]) -> str:
+    with contextlib.suppress(ValueError, IndexError, TypeError, KeyError):
+        return str(json.loads(lines[-1])["message"])
+    return ""
+
+
+# -- the socket --------------------------------------------------------------------------------
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        connection: socket.socket = self.request
+        connection.settimeout(REQUEST_SECONDS)
+        peer = Peer(connection, self.server.service.group)
+        try:
+            raw = hostservice.read_line(connection)
+        except (OSError, BadInput):
+            return
+        if not raw:
+            return
+        connection.settimeout(NET_SECONDS + 10)
+        reply = self.server.service.answer(peer, raw)
+        with contextlib.suppress(OSError):
+            connection.sendall(json.dumps(reply).encode() + b"\n")
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, path: str, service: Service) -> None:
+        self.service = service
+        super().__init__(path, _Handler)
+
+
+def serve(path: str) -> int:
+    """Listen on `path` (root:GROUP, 0660) until stopped; root only."""
+    if os.geteuid() != 0:
+        raise PermissionDenied("coi-host serve runs as root", hint="sudo coi setup starts it")
+    service = Service(config.load(None))
+    try:
+        gid = grp.getgrnam(service.group).gr_gid
+    except KeyError:
+        raise NotFound(f"group {service.group} does not exist", hint="run 'coi setup'") from None
+    folder = os.path.dirname(path)
+    os.makedirs(folder, mode=0o755, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    old_umask = os.umask(0o117)
+    try:
+        server = _Server(path, service)
+    finally:
+        os.umask(old_umask)
+    os.chown(path, 0, gid)
+    os.chmod(path, 0o660)
+    print(f"coi-host serve: {__version__} listening on {path} (pid {os.getpid()})",
+          file=sys.stderr, flush=True)
+    # SIGTERM (systemctl stop, setup replacing the service) ends it like Ctrl-C: the
+    # socket file goes with it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.serve_forever()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        server.server_close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return 0
