@@ -41,9 +41,12 @@ sweep: venv
 lint: venv
 	$(PY) -m ruff check .
 
+# The suite runs as root (through sudo for a developer who is not): it creates
+# test users, network namespaces and nftables tables; the tests of sessions run
+# as a non-root test user it makes.
 test: test-image
 	$(PY) -m compileall -q lib coi-* >/dev/null
-	$(PY) tests/run_all.py
+	$(SUDO) $(PY) tests/run_all.py
 
 build: setup
 	bin/coi build
@@ -61,3 +64,9 @@ bench: venv
 	$(PY) -m compileall -q lib coi-* >/dev/null
 	$(PY) bench/startup.py
 	$(SUDO) $(PY) bench/net.py
+
+# Installs coi for the user running make (no root): a venv under
+# ~/.local/share/coi and links in ~/.local/bin (see install.sh).
+.PHONY: install-user
+install-user:
+	./install.sh

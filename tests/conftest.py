@@ -20,6 +20,7 @@ import importlib.util
 import ipaddress
 import os
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
@@ -35,6 +36,8 @@ import pytest
 from coi_common import proc
 from coi_common.errors import CoiError, NotFound
 from coi_common.incus import Incus, ipv4_of
+
+pytest_plugins = ["fixtures_users"]  # test_user, make_test_user, installed_user
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_IMAGE = "coi-test-image"
@@ -441,3 +444,88 @@ def terminal() -> Iterator[Callable[..., HostTerminal]]:
     yield open_terminal
     for term in opened:
         term.close()
+
+
+# -- coi's host service, and sessions of the non-root test user ------------------------------
+
+
+@dataclass(frozen=True)
+class HostService:
+    """A `coi-host serve` of this checkout, run as root for the test session, on its own
+    socket, with its own nftables table and network state."""
+
+    socket: str
+    table: str
+
+
+@pytest.fixture(scope="session")
+def host_service(incus_run_lock) -> Iterator[HostService]:
+    """The checkout's host service on a test socket (COI_HOST_SOCKET for clients), so
+    sessions of the test users exercise this code, not the copy `coi setup` installed;
+    stopped, and its tables deleted, at the end."""
+    folder = Path(tempfile.mkdtemp(prefix="coi-test-svc-", dir="/tmp"))
+    folder.chmod(0o755)
+    table = f"coi_test_svc{secrets.token_hex(3)}"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("COI_")},
+           "COI_NFT_TABLE": table, "COI_NET_STATE_DIR": str(folder / "net-state")}
+    socket_path = str(folder / "host.sock")
+    log = open(folder / "service.log", "ab")  # noqa: SIM115 - closed in the finalizer
+    child = subprocess.Popen([str(ROOT / "bin" / "coi-host"), "serve", "--socket", socket_path],
+                             env=env, stdout=log, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 15
+        while not Path(socket_path).exists():
+            if child.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the host service did not start: "
+                            f"{(folder / 'service.log').read_text()}", pytrace=False)
+            time.sleep(0.05)
+        yield HostService(socket_path, table)
+    finally:
+        child.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=10)
+        child.kill()
+        log.close()
+        for family in ("bridge", "inet"):
+            proc.run(["nft", "delete", "table", family, table], check=False)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class UserCoi:
+    """coi as the installed non-root test user, in a workspace of theirs, with a
+    container prefix of this test and the test image and dummy tool."""
+
+    user: object
+    workspace: Path
+    prefix: str
+    env: dict[str, str]
+
+    def __call__(self, *args: str, input_text: str | None = None, timeout: float = 180,
+                 env: Mapping[str, str] | None = None, cwd: Path | None = None):
+        return self.user.run([str(self.user.coi), *args], env={**self.env, **(env or {})},
+                             cwd=cwd or self.workspace, input_text=input_text,
+                             timeout=timeout)
+
+    def argv(self, *args: str) -> list[str]:
+        """The command line that runs `coi ARGS` as the user (for a host terminal)."""
+        exports = [f"{k}={v}" for k, v in {**self.user.login_env(), **self.env}.items()]
+        return [shlex.join(["setpriv", "--reuid", str(self.user.uid), "--regid",
+                            str(self.user.gid), "--init-groups", "env", "-i", *exports,
+                            str(self.user.coi), *args])]
+
+
+@pytest.fixture
+def user_coi(installed_user, host_service, incus_client, test_image) -> Iterator[UserCoi]:
+    """Run coi as the non-root test user; every container of this test's prefix is
+    removed at the end, also on failure."""
+    workspace = Path(tempfile.mkdtemp(prefix="coi-test-ws-", dir="/tmp"))
+    os.chown(workspace, installed_user.uid, installed_user.gid)
+    prefix = f"{CONTAINER_PREFIX}{secrets.token_hex(3)}-"
+    env = {"COI_DEFAULTS_IMAGE": test_image, "COI_TOOL_NAME": "dummy",
+           "COI_CONTAINER_PREFIX": prefix, "COI_HOST_SOCKET": host_service.socket}
+    yield UserCoi(installed_user, workspace, prefix, env)
+    for instance in incus_client.instances(prefix):
+        _force_delete(incus_client, instance["name"])
+    shutil.rmtree(workspace, ignore_errors=True)

@@ -6,8 +6,10 @@ Usage:
 
 Removes instances named `coi-test-*` (forced), images all of whose aliases
 are `coi-test-*` (half-done builds, images tests published), network
-namespaces `coi-test-*` and nftables tables `coi_test_*` of any family. The
-cached test images `coi-test-image` and `coi-test-full-image` always stay.
+namespaces `coi-test-*`, nftables tables `coi_test_*` of any family and the
+test accounts `coi-test-u*` (their processes, /tmp home and the `root:ID:1`
+lines of their uid and gid in /etc/subuid and /etc/subgid). The cached test
+images `coi-test-image` and `coi-test-full-image` always stay.
 Prints one line per removed thing, or nothing; exits 0.
 
 A pytest session that uses Incus holds a shared lock on LOCK_PATH for as long
@@ -25,9 +27,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import grp
 import json
 import os
+import pwd
+import shutil
+import signal
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import IO, Final
 
@@ -35,7 +43,7 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 if str(ROOT / "lib") not in sys.path:
     sys.path.insert(0, str(ROOT / "lib"))
 
-from coi_common import proc  # noqa: E402 - needs the path above when run as a script
+from coi_common import idmap, proc  # noqa: E402 - needs the path above when run as a script
 from coi_common.errors import NotFound  # noqa: E402
 from coi_common.incus import Incus  # noqa: E402
 
@@ -44,6 +52,8 @@ IMAGE_PREFIX: Final = "coi-test-"
 KEEP_ALIASES: Final = frozenset({"coi-test-image", "coi-test-full-image"})
 NETNS_PREFIX: Final = "coi-test-"
 NFT_PREFIX: Final = "coi_test_"
+USER_PREFIX: Final = "coi-test-u"
+HOME_PREFIX: Final = "/tmp/coi-test-home-"
 LOCK_PATH: Final = Path("/run/lock/coi-test-run.lock")
 
 
@@ -59,7 +69,8 @@ def sweep(client: Incus | None = None, *, scope: str = "") -> list[str]:
     return [*_sweep_instances(client, INSTANCE_PREFIX + scope),
             *_sweep_images(client, IMAGE_PREFIX + scope),
             *_sweep_netns(NETNS_PREFIX + scope),
-            *_sweep_nft(NFT_PREFIX + scope.replace("-", "_"))]
+            *_sweep_nft(NFT_PREFIX + scope.replace("-", "_")),
+            *_sweep_users(USER_PREFIX + scope)]
 
 
 def _sweep_instances(client: Incus, prefix: str) -> list[str]:
@@ -113,6 +124,96 @@ def _sweep_nft(prefix: str) -> list[str]:
             proc.run(["nft", "delete", "table", table["family"], table["name"]])
             removed.append(f"removed nft table {table['family']} {table['name']}")
     return removed
+
+
+def _sweep_users(prefix: str) -> list[str]:
+    removed = []
+    for entry in pwd.getpwall():
+        if entry.pw_name.startswith(prefix):
+            removed += remove_test_user(entry.pw_name)
+    for group in grp.getgrall():  # left when a removal stopped after userdel
+        if group.gr_name.startswith(prefix):
+            proc.run(["groupdel", group.gr_name])
+            removed.append(f"removed group {group.gr_name}")
+    return removed
+
+
+def remove_test_user(name: str) -> list[str]:
+    """Remove test account `name`: its processes, subid lines, home, then the account.
+
+    The account goes last, so a removal that stops half-way leaves it for the
+    next sweep to find by name. Returns one line per thing removed.
+    """
+    entry = pwd.getpwnam(name)
+    kill_processes_of(entry.pw_uid)
+    removed = drop_subid_lines(entry.pw_uid, entry.pw_gid)
+    if entry.pw_dir.startswith(HOME_PREFIX) and os.path.isdir(entry.pw_dir):
+        shutil.rmtree(entry.pw_dir)
+        removed.append(f"removed home {entry.pw_dir}")
+    proc.run(["userdel", name])
+    with contextlib.suppress(KeyError):  # userdel removes the user's own group itself
+        grp.getgrnam(name)
+        proc.run(["groupdel", name])
+    return [*removed, f"removed user {name} (uid {entry.pw_uid})"]
+
+
+def kill_processes_of(uid: int, timeout: float = 5.0) -> None:
+    """SIGKILL every live process running as `uid` (real, effective or saved), until none is left
+    (a dying process may have forked) or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while (pids := _live_pids_of(uid)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+def _live_pids_of(uid: int) -> list[int]:
+    pids = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines()
+                          if ":" in line)
+        except OSError:  # the process ended while we looked
+            continue
+        if str(uid) in fields.get("Uid", "").split() and \
+                not fields.get("State", "").strip().startswith("Z"):
+            pids.append(int(status.parent.name))
+    return pids
+
+
+def drop_subid_lines(uid: int, gid: int, *, subuid: str = idmap.SUBUID,
+                     subgid: str = idmap.SUBGID) -> list[str]:
+    """Remove the single-id delegations `root:UID:1` (subuid) and `root:GID:1` (subgid)
+    that coi's host service or setup granted to a test account; ranges stay."""
+    removed = []
+    for path, ident in ((subuid, uid), (subgid, gid)):
+        file = Path(path)
+        if not file.exists():
+            continue
+        lines = file.read_text(encoding="utf-8").splitlines(keepends=True)
+        doomed = {f"{owner}:{ident}:1" for owner in ("root", "0")}
+        kept = [line for line in lines if line.strip() not in doomed]
+        if len(kept) == len(lines):
+            continue
+        _replace_file(file, "".join(kept))
+        removed += [f"removed {path} line {line.strip()}" for line in lines
+                    if line.strip() in doomed]
+    return removed
+
+
+def _replace_file(file: Path, text: str) -> None:
+    """Write `text` over `file` atomically, keeping its mode (a reader never sees half)."""
+    fd, temp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(temp, file.stat().st_mode & 0o7777)
+        os.replace(temp, file)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
 
 
 class RunLock:

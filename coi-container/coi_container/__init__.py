@@ -10,7 +10,8 @@ Usage:
   coi-container container exists <name> [--debug]
   coi-container container running <name> [--debug]
   coi-container container mount <name> <device> <source> <path> [--shift] [--debug]
-  coi-container file push [-r] <source> <name:path> [--debug]
+  coi-container file push [-r] [--uid N] [--gid N] [--mode MODE] <source> <name:path>
+                [--debug]
   coi-container file pull [-r] <name:path> <target> [--debug]
   coi-container (-h | --help)
   coi-container --version
@@ -35,13 +36,17 @@ Commands:
   container mount    Add a disk device <device> showing the host directory
                      <source> at the absolute path <path> in the container.
   file push          Copy a host file (a directory with -r) into a container.
+                     What it makes belongs to user code (uid/gid 1000), or
+                     --uid/--gid, so files pushed into /workspace of a session
+                     stay yours on the host and code can change them.
   file pull          Copy a file (a directory with -r) out of a container.
 
   Both copies work like cp: when the destination is an existing directory, or
   ends with '/', the copy goes inside it under its own name; otherwise the
-  destination is the copy's name. Modes are kept, missing parent directories
-  are made, and content is copied byte for byte. A pulled directory never
-  merges into an existing one on the host.
+  destination is the copy's name. Modes are kept (a push's files get --mode
+  when given), missing parent directories are made (0755), and content is
+  copied byte for byte. A pulled directory never merges into an existing one
+  on the host.
 
 Options:
   --ephemeral        The container is deleted when it stops.
@@ -57,6 +62,11 @@ Options:
                      container's id range (idmapped mount), so uid 1000 on the
                      host is uid 1000 inside.
   -r --recursive     Copy a directory and everything in it.
+  --uid N            push: owner of what is made in the container. Default: 1000
+                     (code).
+  --gid N            push: group of what is made. Default: the --uid id.
+  --mode MODE        push: octal mode of the copied files, e.g. 0644. Default:
+                     each file keeps its own; directories always keep theirs.
   --debug            Show tracebacks on errors.
   -h --help          Show this help.
   --version          Print the version.
@@ -70,16 +80,17 @@ Examples:
   coi container exists my-container && echo yes
   coi container mount my-container workspace /home/ana/project /workspace --shift
   coi file push -r ./src my-container:/workspace/src
+  coi file push --uid 0 --mode 0600 ./key my-container:/root/.ssh/id_ed25519
   coi file pull my-container:/workspace/build.log ./build.log
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Final
 
-from coi_common.entry import Args, report, run_main
-from coi_common.errors import UsageError
+from coi_common.entry import PROG_VARIABLE, Args, ArgumentError, report, run_main
 
 PROG: Final = "coi-container"
 EXEC_EXAMPLE: Final = "e.g. coi container exec NAME --capture -- ls -la"
@@ -91,7 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     problem = _exec_command_problem(argv)
     if problem:
         # docopt would only say "unexpected argument ..." about the whole line.
-        sys.exit(report(PROG, UsageError(problem, hint=EXEC_EXAMPLE), as_json=False))
+        shown_as = f"{os.environ.get(PROG_VARIABLE) or PROG} container exec"
+        sys.exit(report(PROG, ArgumentError(problem, shown_as=shown_as, hint=EXEC_EXAMPLE),
+                        as_json=False))
     run_main(PROG, __doc__ or "", dispatch, argv)
 
 
@@ -103,9 +116,9 @@ def _exec_command_problem(argv: list[str]) -> str | None:
     if "-h" in options or "--help" in options:
         return None
     if "--" not in argv:
-        return "container exec needs '--' before the command"
+        return "needs '--' before the command"
     if argv.index("--") == len(argv) - 1:
-        return "container exec needs a command after '--'"
+        return "needs a command after '--'"
     return None
 
 

@@ -2,22 +2,28 @@
 
 The copies behave like cp: a destination that is an existing directory, or
 ends with '/', receives the copy under its own name; any other destination
-is the copy's name. The bytes go through `incus file push/pull` (Incus.cli),
-which keeps modes and owners. Two things Incus does differently are evened
-out here:
+is the copy's name. The bytes go through `incus file push/pull` (Incus.cli).
 
-- `incus file push -r SRC DST` always makes DST/basename(SRC). To copy a
-  directory under another name, the target directory is made first (with
-  the source's mode and owner) and SRC's entries are pushed into it.
-- A pull lands in a staging directory next to the destination and is then
-  renamed into place, so a failed pull leaves nothing half-written, a file
-  is replaced atomically, and a directory never merges into an existing one.
+A push gives what it copies to user `code` (uid/gid 1000 inside, or --uid
+and --gid), whatever the host owner: a session container maps its `code` to
+the host user, so files pushed into /workspace stay the user's on the host,
+and `code` can change them. Files keep their mode unless --mode; directories
+keep theirs; missing parents are made 0755. `incus file push -r` takes
+neither an owner nor a mode, so a tree is copied directory by directory:
+each directory made with its mode and the owner, then its files pushed into
+it in one call, its symbolic links made as links. Devices, FIFOs and sockets
+are skipped (and counted in the result line).
+
+A pull lands in a staging directory next to the destination and is then
+renamed into place, so a failed pull leaves nothing half-written, a file is
+replaced atomically, and a directory never merges into an existing one.
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import re
 import shutil
 import stat
 import tempfile
@@ -36,6 +42,7 @@ from coi_common.errors import (
     UsageError,
 )
 from coi_common.naming import validate_container_name
+from coi_common.tools import TOOL_UID
 from coi_container import lifecycle
 
 REMOTE_EXAMPLE: Final = "e.g. my-container:/workspace/file"
@@ -43,6 +50,42 @@ RECURSIVE_HINT: Final = "use -r to copy a directory"
 ARGV_BUDGET: Final = 64 * 1024
 """Characters of source paths per `incus file push` call, far below ARG_MAX."""
 STAGING_PREFIX: Final = ".coi-pull-"
+ID_PATTERN: Final = re.compile(r"[0-9]{1,10}")
+ID_CEILING: Final = 2**32 - 2
+"""The largest uid or gid a Linux file can have ((uid_t)-1 means "unchanged")."""
+MODE_PATTERN: Final = re.compile(r"0?[0-7]{3}")
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """Who owns what a push makes, and the files' mode (None: each file keeps its own)."""
+
+    uid: int = TOOL_UID
+    gid: int = TOOL_UID
+    mode: str | None = None
+
+    def flags(self) -> list[str]:
+        """The `incus file push` flags for a file."""
+        mode = ["--mode", self.mode] if self.mode else []
+        return ["--uid", str(self.uid), "--gid", str(self.gid), *mode]
+
+    @classmethod
+    def from_args(cls, args: Args) -> Ownership:
+        """--uid N, --gid N (default: the --uid value) and --mode MODE, validated."""
+        uid = _id_option("--uid", args["--uid"], TOOL_UID)
+        gid = _id_option("--gid", args["--gid"], uid)
+        mode = args["--mode"]
+        if mode is not None and not MODE_PATTERN.fullmatch(mode):
+            raise BadInput(f"--mode {mode!r}: expected an octal mode such as 0644")
+        return cls(uid, gid, None if mode is None else f"{int(mode, 8):04o}")
+
+
+def _id_option(flag: str, value: str | None, default: int) -> int:
+    if value is None:
+        return default
+    if not ID_PATTERN.fullmatch(value) or int(value) > ID_CEILING:
+        raise BadInput(f"{flag} {value!r}: expected a numeric id from 0 to {ID_CEILING}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -62,8 +105,10 @@ def run(args: Args) -> int:
     """Run `file push` or `file pull`; print the one-line result, return 0."""
     recursive = bool(args["--recursive"])
     if args["push"]:
+        owner = Ownership.from_args(args)
         remote = parse_remote(args["<name:path>"], "destination")
-        line = push(lifecycle.client(), args["<source>"], remote, recursive=recursive)
+        line = push(lifecycle.client(), args["<source>"], remote, recursive=recursive,
+                    owner=owner)
     else:
         remote = parse_remote(args["<name:path>"], "source")
         line = pull(lifecycle.client(), remote, args["<target>"], recursive=recursive)
@@ -90,8 +135,11 @@ def parse_remote(value: str, role: str) -> Remote:
 # -- push ----------------------------------------------------------------------------------
 
 
-def push(client: incus.Incus, source: str, remote: Remote, *, recursive: bool) -> str:
-    """Copy the host file (directory with recursive) `source` into the container."""
+def push(client: incus.Incus, source: str, remote: Remote, *, recursive: bool,
+         owner: Ownership | None = None) -> str:
+    """Copy the host file (directory with recursive) `source` into the container,
+    owned by `owner` (default: code, 1000:1000)."""
+    owner = owner or Ownership()
     if not source or not os.path.exists(source):
         raise NotFound(f"host path {source!r} does not exist")
     is_dir = os.path.isdir(source)
@@ -102,25 +150,44 @@ def push(client: incus.Incus, source: str, remote: Remote, *, recursive: bool) -
     target = remote.path
     if base and (remote.into or client.file_type(remote.name, remote.path) == "directory"):
         target = posixpath.join(remote.path, base)
+    skipped = 0
     if is_dir:
-        _push_directory(client, source, remote.name, target)
+        skipped = _push_directory(client, source, remote.name, target, owner)
     else:
-        client.cli(["file", "push", "--quiet", "--create-dirs", source,
+        client.cli(["file", "push", "--quiet", "--create-dirs", *owner.flags(), source,
                     f"{remote.name}{target}"])
-    return f"pushed {source} to {remote.name}:{target}"
+    note = f" (skipped {skipped} device, FIFO or socket file{'s' * (skipped != 1)})" \
+        if skipped else ""
+    return f"pushed {source} to {remote.name}:{target}{note}"
 
 
-def _push_directory(client: incus.Incus, source: str, name: str, target: str) -> None:
-    """Make `target` a copy of the directory `source`: the directory itself with the
-    source's mode and owner, then every entry pushed recursively into it."""
-    info = os.stat(source)
-    client.cli(["file", "create", "--quiet", "--create-dirs", "--type", "directory",
-                "--mode", f"{stat.S_IMODE(info.st_mode):04o}", "--uid", str(info.st_uid),
-                "--gid", str(info.st_gid), f"{name}{target}"])
-    entries = [os.path.join(source, entry) for entry in sorted(os.listdir(source))]
-    for batch in batches(entries, ARGV_BUDGET):
-        client.cli(["file", "push", "--quiet", "--recursive", *batch,
-                    f"{name}{target.rstrip('/')}/"])
+def _push_directory(client: incus.Incus, source: str, name: str, target: str,
+                    owner: Ownership) -> int:
+    """Make `target` a copy of the directory `source`, top-down: each directory with
+    its own mode and `owner`, then its files in batched pushes, its links as links.
+    Returns how many special files (devices, FIFOs, sockets) were skipped."""
+    skipped = 0
+    ids = ["--uid", str(owner.uid), "--gid", str(owner.gid)]
+    for here, dirs, files in os.walk(source):
+        there = posixpath.normpath(posixpath.join(target, os.path.relpath(here, source)))
+        mode = f"{stat.S_IMODE(os.stat(here).st_mode):04o}"
+        client.cli(["file", "create", "--quiet", "--create-dirs", "--type", "directory",
+                    "--mode", mode, *ids, f"{name}{there}"])
+        regular = []
+        for entry in sorted(files + dirs):
+            path = os.path.join(here, entry)
+            kind = os.lstat(path).st_mode
+            if stat.S_ISLNK(kind):
+                client.cli(["file", "create", "--quiet", "--type", "symlink", *ids,
+                            f"{name}{posixpath.join(there, entry)}", os.readlink(path)])
+            elif stat.S_ISREG(kind):
+                regular.append(path)
+            elif not stat.S_ISDIR(kind):
+                skipped += 1
+        for batch in batches(regular, ARGV_BUDGET):
+            client.cli(["file", "push", "--quiet", *owner.flags(), *batch,
+                        f"{name}{there.rstrip('/')}/"])
+    return skipped
 
 
 def batches(items: Sequence[str], budget: int) -> Iterator[list[str]]:

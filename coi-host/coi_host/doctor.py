@@ -4,15 +4,20 @@ Required checks decide the exit status; advisory ones (the `coi` image not
 built yet, a pool that is not copy-on-write) are reported with their fix but
 do not fail the run. The daemon being unreachable exits 4, a permission
 problem 5, anything else failing 1.
+
+The checks are for the user running doctor (the sudo caller under sudo):
+whether their sessions' network rules can be applied (root: nft itself;
+anyone else: coi's host service) and whether Incus may map their uid.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from coi_common import config, incus, proc
+from coi_common import config, hostservice, idmap, incus, proc, sessions
 from coi_common.errors import (
     EXIT_FAILED,
     EXIT_PERMISSION,
@@ -21,10 +26,12 @@ from coi_common.errors import (
     IncusUnavailable,
     PermissionDenied,
 )
-from coi_common.protocol import make_record, write_record
+from coi_common.protocol import Record, make_record, write_record
 from coi_host import hostinfo
 
 COW_DRIVERS = ("btrfs", "zfs", "lvm", "ceph")
+START_SERVICE_FIX = "sudo coi setup (starts coi's host service)"
+PING_SECONDS = 3
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,15 @@ class Check:
     detail: str
     fix: str = ""
     required: bool = True
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    """What coi's host service answered to a ping, or why it did not and what fixes that."""
+
+    result: Record | None
+    problem: str = ""
+    fix: str = ""
 
 
 def run_doctor(*, as_json: bool) -> int:
@@ -73,6 +89,8 @@ def gather_checks(settings: config.Config) -> Iterator[Check]:
     yield _tool_check("incus", "the Incus client", "sudo coi setup")
     yield _tool_check("tmux", "sessions run in tmux", "apt-get install tmux")
     yield _tool_check("nft", "network isolation uses nftables", "apt-get install nftables")
+    service = ping_host_service()
+    yield _network_rules_check(service)
     client = incus.connect(settings)
     try:
         server = client.server()
@@ -86,15 +104,71 @@ def gather_checks(settings: config.Config) -> Iterator[Check]:
     version = server.get("environment", {}).get("server_version", "?")
     yield Check("daemon", True, f"incusd {version} answering on {client.socket}")
     yield Check("permission", True, f"trusted ({server.get('auth', 'unknown')})")
-    yield from _incus_checks(client, server, settings)
+    yield from _incus_checks(client, server, settings, service)
 
 
 def _tool_check(program: str, why: str, fix: str) -> Check:
-    path = proc.which(program)
+    path = hostinfo.find_program(program)
     return Check(program, path is not None, path or f"not found ({why})", fix)
 
 
-def _incus_checks(client: incus.Incus, server: dict, settings: config.Config) -> Iterator[Check]:
+def ping_host_service() -> ServiceState:
+    """Ask coi's host service whether it answers; never raises."""
+    try:
+        return ServiceState(hostservice.call("ping", timeout=PING_SECONDS))
+    except PermissionDenied as exc:  # not in incus-admin: its hint says how to join
+        return ServiceState(None, exc.message, exc.hint or START_SERVICE_FIX)
+    except CoiError as exc:
+        return ServiceState(None, exc.message, START_SERVICE_FIX)
+
+
+def _network_rules_check(service: ServiceState) -> Check:
+    """Root applies session rules with nft itself; everyone else through the host service."""
+    if os.geteuid() == 0:
+        return _nft_usable_check()
+    if service.result is not None:
+        version = service.result.get("version", "?")
+        return Check("network rules", True, f"coi's host service {version} answers on "
+                     f"{hostservice.socket_path()}")
+    return Check("network rules", False, service.problem, service.fix)
+
+
+def _nft_usable_check() -> Check:
+    nft = hostinfo.find_program("nft")
+    if nft is None:
+        return Check("network rules", False, "nft not found", "apt-get install nftables")
+    try:
+        proc.run([nft, "list", "tables"], timeout=10)
+    except CoiError as exc:
+        return Check("network rules", False, exc.one_line(),
+                     "run coi on the host itself, with nf_tables in its kernel")
+    return Check("network rules", True, f"applied as root with {nft}")
+
+
+def _idmap_check(shift_supported: bool, service: ServiceState) -> Check:
+    """A uid other than 1000 (or no idmapped mounts) needs raw.idmap, which only starts
+    when /etc/subuid and /etc/subgid let root map that uid and gid."""
+    uid, gid = sessions.invoking_ids()
+    if sessions.choose_idmap(uid, gid, shift_supported).shift:
+        return Check("idmap delegation", True, f"uid {uid} gets an idmapped mount (shift=true)")
+    ids = f"uid {uid}/gid {gid}"
+    if idmap.delegated(uid, gid):
+        return Check("idmap delegation", True,
+                     f"root may map {ids} ({idmap.SUBUID}, {idmap.SUBGID})")
+    fix = "coi setup" if os.geteuid() == 0 else (
+        "coi grants it automatically on first use through coi's host service; "
+        "or run: sudo coi setup")
+    if service.result is not None:
+        return Check("idmap delegation", False,
+                     f"{ids} not delegated yet: coi's host service grants it on first use",
+                     fix, required=False)
+    return Check("idmap delegation", False,
+                 f"{ids} not delegated in {idmap.SUBUID} and {idmap.SUBGID}: "
+                 "sessions would not start", fix)
+
+
+def _incus_checks(client: incus.Incus, server: dict, settings: config.Config,
+                  service: ServiceState) -> Iterator[Check]:
     pool_name = settings.get("incus.pool")
     profile_name = settings.get("incus.profile")
     network_name = settings.get("incus.network")
@@ -120,6 +194,7 @@ def _incus_checks(client: incus.Incus, server: dict, settings: config.Config) ->
     yield Check("idmapped mounts", shift,
                 "supported (shift=true)" if shift else "not supported: raw.idmap is used instead",
                 "a kernel of 5.12 or newer with idmapped mounts", required=False)
+    yield _idmap_check(shift, service)
 
 
 def _pool_checks(name: str, pool: dict | None) -> Iterator[Check]:

@@ -9,6 +9,7 @@ import ipaddress
 import os
 import re
 import shlex
+import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from coi_common import apt_sources, proc
 
 OS_RELEASE = "/etc/os-release"
 BACKPORTS_SOURCES = "/etc/apt/sources.list.d/coi-backports.sources"
+SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,12 @@ def enable_backports(suite: str) -> None:
 def _read(path: Path) -> str:
     """A text file's content, or "" when it is missing or not a file."""
     return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+
+
+def find_program(program: str, extra_dirs: Iterable[str] = SBIN_DIRS) -> str | None:
+    """`program` on PATH, else in `extra_dirs`: a normal user's PATH on Debian lacks the
+    sbin directories, where programs such as nft live that coi still needs to find."""
+    return proc.which(program) or shutil.which(program, path=os.pathsep.join(extra_dirs))
 
 
 def has_systemd() -> bool:

@@ -9,9 +9,9 @@ Usage:
             [--storage PATH] [--mount SPEC]... [--resume] [--session ID] [--debug]
             [--] <command>...
   coi-shell attach [<name>] [--workspace DIR] [--slot N] [--bash] [--debug]
-  coi-shell tmux list [--format FMT] [--debug]
-  coi-shell tmux send <name> <text> [--debug]
-  coi-shell tmux capture <name> [--debug]
+  coi-shell tmux list [--all-users] [--format FMT] [--debug]
+  coi-shell tmux send <name> <text> [--all-users] [--debug]
+  coi-shell tmux capture <name> [--all-users] [--debug]
   coi-shell (-h | --help)
   coi-shell --version
 
@@ -28,9 +28,12 @@ Commands:
                  container is deleted afterwards unless --persistent.
   attach         Reattach to a running session of this workspace (--bash: a
                  plain shell in it instead of the tmux session).
-  tmux list      Running coi containers with their tmux sessions.
+  tmux list      Your running coi containers with their tmux sessions.
   tmux send      Type TEXT and Enter into a session (automation).
   tmux capture   Print what a session's pane shows.
+
+  The tmux commands act on your own sessions (the containers you started);
+  another user's is refused (exit 5) unless --all-users. Root sees all.
 
 Options:
   --workspace DIR   Workspace mounted at /workspace [default: .].
@@ -52,6 +55,7 @@ Options:
                     workspace) and are read as --resume --session ID.
   --session ID      The saved session --resume restores (implies --resume).
   --bash            attach: open bash instead of the tmux session.
+  --all-users       tmux: also other users' sessions.
   --format FMT      Output format: text or json [default: text].
   --debug           Show tracebacks on errors.
   -h --help         Show this help.

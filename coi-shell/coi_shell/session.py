@@ -22,6 +22,7 @@ from coi_common import (
     config,
     incus,
     naming,
+    owners,
     proc,
     progress,
     saved_sessions,
@@ -38,6 +39,7 @@ RUNNING, RESTARTED, CREATED = "running", "restarted", "created"
 ATTACH_SETTLE_SECONDS = 30.0
 DEFAULT_TERM = "xterm-256color"
 BOOT_SECONDS = 60
+KILLED = 128 + 9
 # systemd mounts a tmpfs over /tmp and cleans it during early boot: a tmux
 # server started before that loses its socket. sysinit.target covers both and
 # does not wait for the network (~0.3-0.8 s after start).
@@ -162,12 +164,20 @@ def _state_of(client: incus.Incus, name: str) -> dict[str, Any] | None:
 
 
 def _wait_for_boot(ctx: Context) -> None:
-    done = ctx.client.exec_capture(incus.ExecSpec(ctx.record.container,
-                                                  ("sh", "-c", WAIT_FOR_BOOT)),
-                                   timeout=BOOT_SECONDS + 10)
+    """Until sysinit.target is reached. Early in a boot, systemd may SIGKILL the waiting
+    shell (exit 137, seen about once in 15 starts here); the wait is harmless to
+    repeat, so it is, until BOOT_SECONDS are up."""
+    deadline = time.monotonic() + BOOT_SECONDS
+    spec = incus.ExecSpec(ctx.record.container, ("sh", "-c", WAIT_FOR_BOOT))
+    while True:
+        done = ctx.client.exec_capture(spec, timeout=BOOT_SECONDS + 10)
+        if done.returncode != KILLED or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     if not done.ok:
         raise CoiError(f"{ctx.record.container} did not finish booting within "
-                       f"{BOOT_SECONDS} s: {proc.last_line(done.stderr) or 'no output'}")
+                       f"{BOOT_SECONDS} s (exit {done.returncode}: "
+                       f"{proc.last_line(done.stderr) or 'no output'})")
 
 
 def _check_ours(instance: dict[str, Any], workspace: str) -> None:
@@ -294,7 +304,7 @@ def after_terminal(ctx: Context, exit_code: int) -> int:
     to come back. Returns the exit status for the command: the terminal's, or 0
     for a session that ended and was saved, or 1 when its save failed."""
     name = ctx.record.container
-    if _container_stopping(ctx, exit_code):
+    if _container_stopping(ctx):
         deadline = time.monotonic() + ATTACH_SETTLE_SECONDS
         while time.monotonic() < deadline and _status(ctx) != "Stopped":
             time.sleep(0.3)
@@ -320,13 +330,15 @@ def _status(ctx: Context) -> str:
         return "Stopping"  # Incus cannot read the state of a container halfway down
 
 
-def _container_stopping(ctx: Context, exit_code: int) -> bool:
+def _container_stopping(ctx: Context) -> bool:
+    """Whether the terminal ended because the container is going down (poweroff
+    inside), not because the user detached or left a shell with some status."""
+    if _status(ctx) != "Running":
+        return True
     if has_tmux_session(ctx):
         return False  # detached
-    if exit_code == 0:
-        state = _exec_quiet(ctx, ["systemctl", "is-system-running"]).stdout.strip()
-        return state in ("stopping", "")
-    return True
+    state = _exec_quiet(ctx, ["systemctl", "is-system-running"]).stdout.strip()
+    return state in ("stopping", "")
 
 
 # -- saved sessions: resume and credentials ----------------------------------------------
@@ -453,9 +465,9 @@ def attach(args: Args) -> int:
 
 def _pick_attach_target(client: incus.Incus, args: Args) -> dict[str, Any]:
     prefix = naming.container_prefix()
-    uid = sessions.invoking_ids()[0]
-    ours = {i["name"]: i for i in sessions.coi_containers(client, prefix)
-            if uid == 0 or sessions.owner_of(i) == uid}
+    mine = owners.visible(sessions.coi_containers(client, prefix),
+                          uid=owners.caller_uid(), all_users=False)
+    ours = {i["name"]: i for i in mine}
     if args["<name>"]:
         name = naming.validate_container_name(args["<name>"])
         if name not in ours:

@@ -3,11 +3,13 @@
 Usage:
   coi-slot next [--workspace DIR] [--slot N] [--persistent] [--image NAME]
                 [--profile NAME] [--env K=V]... [--format FMT] [--debug]
-  coi-slot list [--all] [--format FMT] [--debug]
-  coi-slot kill (<name>... | --all) [--force] [--format FMT] [--debug]
-  coi-slot shutdown (<name>... | --all) [--timeout S] [--force] [--format FMT] [--debug]
-  coi-slot clean [--force] [--format FMT] [--debug]
-  coi-slot persist (<name>... | --all) [--force] [--format FMT] [--debug]
+  coi-slot list [--all] [--all-users] [--format FMT] [--debug]
+  coi-slot kill (<name>... | --all) [--no-save] [--force] [--all-users] [--format FMT]
+                [--debug]
+  coi-slot shutdown (<name>... | --all) [--timeout S] [--force] [--all-users]
+                    [--format FMT] [--debug]
+  coi-slot clean [--force] [--all-users] [--format FMT] [--debug]
+  coi-slot persist (<name>... | --all) [--force] [--all-users] [--format FMT] [--debug]
   coi-slot (-h | --help)
   coi-slot --version
 
@@ -16,9 +18,11 @@ Commands:
              record as JSON, always: the container name and the settings the
              session will use. The reservation holds for 2 minutes or until the
              container exists, so concurrent callers never get the same slot.
-  list       coi's containers: mode (ephemeral or persistent), status,
-             workspace, slot, image, IPv4, created. --all adds the saved sessions.
-  kill       Stop containers at once (the session is saved), then delete them.
+  list       coi's containers: owner (host uid), mode (ephemeral or persistent),
+             status, workspace, slot, image, IPv4, created. --all adds the saved
+             sessions.
+  kill       Stop containers at once, save the session, then delete them
+             (persistent ones too). --no-save deletes without saving.
   shutdown   Stop containers cleanly, waiting up to --timeout seconds before
              forcing them; save the session; delete ephemeral containers and
              keep persistent ones, stopped.
@@ -27,8 +31,13 @@ Commands:
   persist    Make containers persistent: shutdown and session exit keep them.
 
 Only coi's own containers are touched: their names carry the container prefix
-(COI_CONTAINER_PREFIX, default coi-) and they have coi's user.coi.* keys. --all
-and clean ask first on a terminal; without one they need --force.
+(COI_CONTAINER_PREFIX, default coi-) and they have coi's user.coi.* keys. Each
+user sees and acts on the containers they started (user.coi.host_uid): naming
+another user's container is refused (exit 5) unless --all-users; root sees
+everyone's. A session whose save fails keeps its container and the command
+fails (exit 1), saying how to retry or discard it. shutdown --all leaves
+persistent containers that are stopped already alone (reported unchanged).
+--all and clean ask first on a terminal; without one they need --force.
 
 Options:
   --workspace DIR   The workspace directory [default: .].
@@ -39,8 +48,10 @@ Options:
   --profile NAME    Apply the [profiles.NAME] table of the config.
   --env K=V         Set an environment variable in the session (repeatable);
                     laid over defaults.environment.
-  --all             kill/shutdown/persist: every coi container. list: also
-                    the saved sessions.
+  --all             kill/shutdown/persist: every coi container of yours. list:
+                    also the saved sessions.
+  --all-users       Also other users' containers (root: always).
+  --no-save         kill: delete without saving the session.
   --timeout S       Seconds to wait for a clean stop before forcing it; 0
                     stops at once [default: 60].
   --force           Do not ask (COI_FORCE=1 does the same).
@@ -55,6 +66,7 @@ Examples:
   coi-slot next --workspace ~/src/app --persistent | coi-shell
   coi list --all --format json
   coi kill coi-3f2a9c1b-2
+  coi kill --no-save coi-3f2a9c1b-2
   coi shutdown --timeout 30 coi-3f2a9c1b-1
   coi clean --force
   coi persist coi-3f2a9c1b-1
@@ -81,7 +93,8 @@ def dispatch(args: Args) -> int:
     if args["list"]:
         from coi_slot import listing  # noqa: PLC0415
 
-        return listing.run(everything=args["--all"], as_json=as_json)
+        return listing.run(everything=args["--all"], all_users=args["--all-users"],
+                           as_json=as_json)
     from coi_slot import actions  # noqa: PLC0415
 
     return actions.run(args, as_json=as_json)

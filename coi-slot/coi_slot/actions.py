@@ -1,12 +1,21 @@
 """`coi kill|shutdown|clean|persist`: act on coi's containers, one result per container.
 
 Every path that stops or removes a session container ends in
-sessions.end_session, which saves the session first; nothing here deletes a
-container directly. Targets are resolved from one listing before anything
-changes: a name that is not one of coi's containers under the current
-prefix refuses the whole command (exit 3), so foreign containers are never
-touched. Verbs yield an ActionResult per container as it is done; run()
-prints each at once (a text line, or a `container_action` JSON Lines record).
+sessions.end_session, which saves the session and then decides, from the
+container's own `user.coi.persistent` key, whether it goes (kill asks it to
+remove persistent ones too): nothing here deletes a container directly. A
+save that fails keeps the container, and that container's result is a
+failure saying how to retry or discard it.
+
+Targets are resolved from one listing before anything changes: a name that
+is not one of coi's containers under the current prefix refuses the whole
+command (exit 3), so foreign containers are never touched; a name of
+another user's container refuses it too (exit 5) unless --all-users
+(coi_common.owners). --all takes the caller's own containers (everyone's
+with --all-users, or for root); shutdown --all skips persistent ones that
+are stopped already: they are reported unchanged. Verbs yield an ActionResult per
+container as it is done; run() prints each at once (a text line, or a
+`container_action` JSON Lines record).
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from coi_common import config, incus, naming, sessions
+from coi_common import config, incus, naming, owners, sessions
 from coi_common.entry import Args
 from coi_common.errors import EXIT_FAILED, CoiError, NotFound, UsageError
 from coi_common.protocol import make_record, write_record
@@ -28,9 +37,6 @@ FORCE_VARIABLE: Final = "COI_FORCE"
 STOPPED: Final = "Stopped"
 TIMEOUT_PATTERN: Final = re.compile(r"[0-9]{1,6}")
 """--timeout: plain ASCII digits, at most about eleven days."""
-
-REPLY_TIMEOUT_MARGIN: Final = 30
-"""Seconds the HTTP wait for a graceful stop may exceed the stop's own timeout."""
 
 Instance = Mapping[str, Any]
 Confirm = Callable[[str], bool]
@@ -47,23 +53,27 @@ class ActionResult:
     persistent: bool = False
     forced: bool = False
     changed: bool = True
+    saved: bool = False
     message: str = ""
 
     def record(self) -> dict[str, Any]:
         """The `container_action` record (docs/protocol.md)."""
         return make_record("container_action", name=self.name, action=self.action, ok=self.ok,
                            deleted=self.deleted, persistent=self.persistent,
-                           forced=self.forced, changed=self.changed, message=self.message)
+                           forced=self.forced, changed=self.changed, saved=self.saved,
+                           message=self.message)
 
     def line(self) -> str:
         """The text line of a success (failures go to stderr, see run())."""
-        if self.action == "kill":
-            return f"killed {self.name}"
-        if self.action == "clean":
-            return f"removed {self.name} (stopped, ephemeral)"
         if self.action == "persist":
             state = "is now persistent" if self.changed else "was persistent already"
             return f"{self.name} {state}"
+        if not self.changed:
+            return f"{self.name} was stopped already (persistent, kept)"
+        if self.action == "kill":
+            return f"killed {self.name}{'' if self.saved else ' (session not saved)'}"
+        if self.action == "clean":
+            return f"removed {self.name} (stopped, ephemeral)"
         how = f"forced {self.name} to stop ({self.message})" if self.forced \
             else f"shut down {self.name}"
         return f"{how}, {'deleted' if self.deleted else 'kept (persistent)'}"
@@ -78,6 +88,7 @@ def run(args: Args, *, as_json: bool, confirm: Confirm | None = None) -> int:
     timeout = stop_timeout(args["--timeout"]) if action == "shutdown" else 0
     names = [naming.validate_container_name(n) for n in args["<name>"]]
     every = bool(args["--all"]) or action == "clean"
+    save = not args["--no-save"]
     force = bool(args["--force"]) or os.environ.get(FORCE_VARIABLE, "") not in ("", "0")
     if every and not force and not sys.stdin.isatty():
         # Decided before connecting: the same command line always gets the same answer.
@@ -85,7 +96,8 @@ def run(args: Args, *, as_json: bool, confirm: Confirm | None = None) -> int:
         raise UsageError(f"'{what}' asks for confirmation, and there is no terminal to ask "
                          "on", hint=f"add --force, or set {FORCE_VARIABLE}=1, to go ahead")
     client = incus.connect(config.load(None))
-    targets = select(client, naming.container_prefix(), action, names, every=every)
+    targets = select(client, naming.container_prefix(), action, names, every=every,
+                     uid=owners.caller_uid(), all_users=bool(args["--all-users"]))
     if not targets:
         _say("nothing to clean" if action == "clean" else "no coi containers", as_json)
         return 0
@@ -93,7 +105,8 @@ def run(args: Args, *, as_json: bool, confirm: Confirm | None = None) -> int:
         print(f"{PROG}: cancelled; nothing changed", file=sys.stderr, flush=True)
         return 0
     status = 0
-    for result in act(client, action, targets, timeout=timeout):
+    for result in act(client, action, targets, timeout=timeout, save=save,
+                      skip_stopped=every):
         if as_json:
             write_record(result.record())
         elif result.ok:
@@ -113,23 +126,28 @@ def stop_timeout(value: str) -> int:
 
 
 def select(client: incus.Incus, prefix: str, action: str, names: Sequence[str], *,
-           every: bool) -> list[Instance]:
-    """The containers to act on, from one listing; refuses a name that is not coi's.
+           every: bool, uid: int, all_users: bool) -> list[Instance]:
+    """The containers to act on, from one listing; refuses a name that is not coi's
+    (NotFound) or, without all_users, not the caller's (PermissionDenied).
 
-    clean selects the stopped ephemeral ones; --all every coi container.
+    clean selects the stopped ephemeral ones; --all every coi container; both only
+    the caller's own unless all_users (root: everyone's).
     """
-    mine = {i["name"]: i for i in sessions.coi_containers(client, prefix)}
+    ours = {i["name"]: i for i in sessions.coi_containers(client, prefix)}
     if every:
-        chosen = sorted(mine.values(), key=lambda i: i["name"])
+        chosen = sorted(owners.visible(ours.values(), uid=uid, all_users=all_users),
+                        key=lambda i: i["name"])
         if action == "clean":
             chosen = [i for i in chosen
                       if i.get("status") == STOPPED and not sessions.is_persistent(i)]
         return chosen
-    strangers = [n for n in dict.fromkeys(names) if n not in mine]
+    strangers = [n for n in dict.fromkeys(names) if n not in ours]
     if strangers:
         raise NotFound(f"{', '.join(strangers)}: not a coi container under prefix {prefix}",
                        hint="see 'coi list'; coi acts only on its own containers")
-    return [mine[n] for n in dict.fromkeys(names)]
+    targets = [ours[n] for n in dict.fromkeys(names)]
+    owners.refuse_others(targets, uid=uid, all_users=all_users)
+    return targets
 
 
 def question(action: str, targets: Sequence[Instance]) -> str:
@@ -157,15 +175,24 @@ def _say(line: str, as_json: bool) -> None:
 
 
 def act(client: incus.Incus, action: str, targets: Sequence[Instance], *,
-        timeout: int = 0) -> Iterator[ActionResult]:
-    """Run `action` on each target in turn; a failure is a result, not an exception."""
+        timeout: int = 0, save: bool = True,
+        skip_stopped: bool = False) -> Iterator[ActionResult]:
+    """Run `action` on each target in turn; a failure is a result, not an exception.
+
+    skip_stopped (shutdown --all): a persistent container that is stopped already is
+    where shutdown would leave it, so it is reported unchanged, not saved again.
+    """
     verb: Callable[[Instance], ActionResult] = {
-        "kill": lambda t: kill(client, t),
+        "kill": lambda t: kill(client, t, save=save),
         "shutdown": lambda t: shutdown(client, t, timeout),
         "clean": lambda t: clean(client, t),
         "persist": lambda t: persist(client, t),
     }[action]
     for target in targets:
+        if skip_stopped and action == "shutdown" and _stopped_persistent(target):
+            yield ActionResult(target["name"], action, ok=True, persistent=True,
+                               changed=False)
+            continue
         try:
             yield verb(target)
         except CoiError as exc:
@@ -174,17 +201,17 @@ def act(client: incus.Incus, action: str, targets: Sequence[Instance], *,
                                changed=False, message=exc.one_line())
 
 
-def kill(client: incus.Incus, target: Instance) -> ActionResult:
-    """Stop at once, save the session, delete."""
+def kill(client: incus.Incus, target: Instance, *, save: bool = True) -> ActionResult:
+    """Stop at once, then end the session: saved (unless save=False), the container
+    deleted, persistent or not (kept only when its save failed)."""
     name = target["name"]
     _force_stop(client, name)
-    sessions.end_session(client, name, delete=True)
-    return ActionResult(name, "kill", ok=True, deleted=True,
-                        persistent=sessions.is_persistent(target))
+    ending = sessions.end_session(client, name, save=save, remove=True)
+    return ended(target, "kill", ending)
 
 
 def shutdown(client: incus.Incus, target: Instance, timeout: int) -> ActionResult:
-    """Stop cleanly within `timeout` s (else force it), save; delete unless persistent."""
+    """Stop cleanly within `timeout` s (else force it), then end the session."""
     name = target["name"]
     forced = False
     message = ""
@@ -194,32 +221,40 @@ def shutdown(client: incus.Incus, target: Instance, timeout: int) -> ActionResul
             message = "stopped at once" if timeout == 0 else \
                 f"no clean stop within {timeout} s"
             _force_stop(client, name)
-    keep = sessions.is_persistent(target)
-    sessions.end_session(client, name, delete=not keep)
-    return ActionResult(name, "shutdown", ok=True, deleted=not keep, persistent=keep,
-                        forced=forced, message=message)
+    ending = sessions.end_session(client, name)
+    return ended(target, "shutdown", ending, forced=forced, message=message)
 
 
 def graceful_stop(client: incus.Incus, name: str, timeout: int) -> bool:
     """Ask the container's init to shut down; True when it stopped within `timeout` s."""
     if timeout == 0:
         return False
-    # The HTTP wait for the stop must outlast the stop itself.
-    client.timeout = max(client.timeout, timeout + REPLY_TIMEOUT_MARGIN)
     try:
         client.set_state(name, "stop", timeout=timeout)
-    except NotFound:
-        raise
     except CoiError:
+        # Whatever the stop request said (its timeout, a lost operation), the state
+        # decides; a container that is gone raises NotFound here.
         return _status(client, name) == STOPPED
     return True
 
 
 def clean(client: incus.Incus, target: Instance) -> ActionResult:
     """Save what is left of the session of a stopped ephemeral container, delete it."""
-    name = target["name"]
-    sessions.end_session(client, name, delete=True)
-    return ActionResult(name, "clean", ok=True, deleted=True)
+    return ended(target, "clean", sessions.end_session(client, target["name"]))
+
+
+def ended(target: Instance, action: str, ending: sessions.Ending, *, forced: bool = False,
+          message: str = "") -> ActionResult:
+    """The result of a verb that ended a session. A failure: a container kept that was
+    to go (kill, or an ephemeral one), or kept with a reason (its save failed)."""
+    persistent = sessions.is_persistent(target)
+    to_go = action == "kill" or not persistent
+    failed = not ending.deleted and (to_go or bool(ending.message))
+    if failed:
+        message = ending.message or "the container was kept"
+    return ActionResult(target["name"], action, ok=not failed, deleted=ending.deleted,
+                        persistent=persistent, forced=forced, saved=ending.saved,
+                        message=message)
 
 
 def persist(client: incus.Incus, target: Instance) -> ActionResult:
@@ -229,6 +264,10 @@ def persist(client: incus.Incus, target: Instance) -> ActionResult:
         return ActionResult(name, "persist", ok=True, persistent=True, changed=False)
     client.set_config(name, {f"{sessions.KEY}persistent": "true"})
     return ActionResult(name, "persist", ok=True, persistent=True)
+
+
+def _stopped_persistent(target: Instance) -> bool:
+    return target.get("status") == STOPPED and sessions.is_persistent(target)
 
 
 def _status(client: incus.Incus, name: str) -> str:

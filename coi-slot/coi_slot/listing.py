@@ -5,10 +5,12 @@ the `user.coi.*` keys on each container say its workspace, slot, mode,
 image, tool and network. Saved sessions come from the session store
 (`<state_dir>/sessions-<tool>/<id>/`, coi_common.saved_sessions).
 
-The JSON form keeps the shape scripts of the original tool read: one object
-with `active_containers` (and `saved_sessions` with --all), whose entries
-carry name, status, persistent, workspace, ipv4 ("" when none), image and
-created_at; coi adds slot, tool, network and mode.
+Each user sees the containers they started (coi_common.owners; root and
+--all-users see everyone's). The JSON form keeps the shape scripts of the
+original tool read: one object with `active_containers` (and
+`saved_sessions` with --all), whose entries carry name, status, persistent,
+workspace, ipv4 ("" when none), image and created_at; coi adds slot, tool,
+network, mode and owner_uid.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from coi_common import config, incus, naming, output, sessions
+from coi_common import config, incus, naming, output, owners, sessions
 from coi_common.incus import ipv4_of
 from coi_common.protocol import Record, make_record, write_record
 
@@ -42,6 +44,7 @@ class ContainerRow:
     network: str
     ipv4: str
     created_at: str
+    owner_uid: int | None = None
 
     @property
     def mode(self) -> str:
@@ -51,7 +54,7 @@ class ContainerRow:
         return {"name": self.name, "status": self.status, "persistent": self.persistent,
                 "workspace": self.workspace, "ipv4": self.ipv4, "image": self.image,
                 "created_at": self.created_at, "slot": self.slot, "tool": self.tool,
-                "network": self.network, "mode": self.mode}
+                "network": self.network, "mode": self.mode, "owner_uid": self.owner_uid}
 
 
 @dataclass(frozen=True)
@@ -68,10 +71,11 @@ class SavedSession:
                 "Tool": self.tool}
 
 
-def run(*, everything: bool, as_json: bool) -> int:
+def run(*, everything: bool, all_users: bool, as_json: bool) -> int:
     """List and print; exit status 0."""
     settings = config.load(None)
-    rows = list_containers(incus.connect(settings), naming.container_prefix())
+    rows = list_containers(incus.connect(settings), naming.container_prefix(),
+                           uid=owners.caller_uid(), all_users=all_users)
     saved = saved_sessions(settings.path("paths.state_dir")) if everything else None
     if as_json:
         write_record(list_record(rows, saved))
@@ -83,9 +87,12 @@ def run(*, everything: bool, as_json: bool) -> int:
 # -- data ----------------------------------------------------------------------------------
 
 
-def list_containers(client: incus.Incus, prefix: str) -> list[ContainerRow]:
-    """coi's containers under `prefix`, by workspace, then slot."""
-    rows = [row_from_incus(raw) for raw in sessions.coi_containers(client, prefix)]
+def list_containers(client: incus.Incus, prefix: str, *, uid: int,
+                    all_users: bool) -> list[ContainerRow]:
+    """coi's containers under `prefix` that `uid` sees, by workspace, then slot."""
+    found = owners.visible(sessions.coi_containers(client, prefix), uid=uid,
+                           all_users=all_users)
+    rows = [row_from_incus(raw) for raw in found]
     return sorted(rows, key=lambda r: (r.workspace, r.slot or 0, r.name))
 
 
@@ -101,7 +108,8 @@ def row_from_incus(raw: Mapping[str, Any]) -> ContainerRow:
         image=str(settings.get(f"{KEY}image", "")),
         tool=str(settings.get(f"{KEY}tool", "")),
         network=str(settings.get(f"{KEY}network", "")),
-        ipv4=ipv4_of(raw.get("state")), created_at=str(raw.get("created_at") or ""))
+        ipv4=ipv4_of(raw.get("state")), created_at=str(raw.get("created_at") or ""),
+        owner_uid=owners.owner_uid(raw))
 
 
 def saved_sessions(state_dir: str) -> list[SavedSession]:
@@ -129,12 +137,12 @@ def render_text(rows: Sequence[ContainerRow],
                 saved: Sequence[SavedSession] | None = None) -> str:
     """The container table (or `no coi containers`), then the sessions when asked for."""
     if rows:
-        text = output.table([("NAME", "MODE", "STATUS", "SLOT", "IPV4", "IMAGE", "CREATED",
-                        "WORKSPACE")] +
-                      [(r.name, r.mode, r.status.upper() or NONE_SHOWN,
-                        NONE_SHOWN if r.slot is None else str(r.slot),
-                        r.ipv4 or NONE_SHOWN, r.image or NONE_SHOWN,
-                        short_time(r.created_at), r.workspace or NONE_SHOWN) for r in rows])
+        text = output.table([("NAME", "MODE", "STATUS", "SLOT", "IPV4", "IMAGE", "OWNER",
+                              "CREATED", "WORKSPACE")] +
+                            [(r.name, r.mode, r.status.upper() or NONE_SHOWN,
+                              _shown(r.slot), r.ipv4 or NONE_SHOWN, r.image or NONE_SHOWN,
+                              _shown(r.owner_uid), short_time(r.created_at),
+                              r.workspace or NONE_SHOWN) for r in rows])
     else:
         text = EMPTY_LINE
     if saved is None:
@@ -145,6 +153,10 @@ def render_text(rows: Sequence[ContainerRow],
                             [(s.id, s.tool or NONE_SHOWN, short_time(s.saved_at),
                               s.workspace or NONE_SHOWN) for s in saved])
     return f"{text}\n\nSaved sessions:\n{sessions_table}"
+
+
+def _shown(number: int | None) -> str:
+    return NONE_SHOWN if number is None else str(number)
 
 
 def short_time(value: str) -> str:

@@ -24,7 +24,7 @@ import sys
 
 from coi_common import __version__, output
 from coi_common.commands import BY_NAME, COMMANDS
-from coi_common.entry import Args, parse_args, run_main
+from coi_common.entry import PROG_VARIABLE, Args, parse_args, run_main
 from coi_common.errors import CoiError, NotFound, UsageError
 
 VERSION_USAGE = """Usage:
@@ -98,10 +98,15 @@ def unknown_command_message(name: str) -> str:
 
 def find_executable(program: str) -> str | None:
     """`program` next to this coi first (a checkout or a venv), then on PATH."""
-    here = os.environ.get("COI_BIN_DIR") or os.path.dirname(os.path.abspath(sys.argv[0]))
-    sibling = os.path.join(here, program)
-    if os.access(sibling, os.X_OK):
-        return sibling
+    # Beside the link we were started by (~/.local/bin), then beside what it points at
+    # (the venv's bin): a `coi` linked alone still finds its siblings.
+    started = os.path.abspath(sys.argv[0])
+    places = [os.environ.get("COI_BIN_DIR") or os.path.dirname(started),
+              os.path.dirname(os.path.realpath(started))]
+    for here in dict.fromkeys(places):
+        sibling = os.path.join(here, program)
+        if os.access(sibling, os.X_OK):
+            return sibling
     from coi_common.proc import which  # noqa: PLC0415 - only when not found beside us
 
     return which(program)
@@ -114,6 +119,7 @@ def exec_owner(owner: str, argv: list[str]) -> None:
         raise NotFound(f"'coi {argv[0]}' needs {owner}, which is not installed "
                        "(neither next to coi nor on PATH)")
     sys.stdout.flush()
+    os.environ[PROG_VARIABLE] = "coi"  # its argument errors then say `coi NAME: ...`
     os.execv(path, [path, *argv])  # noqa: S606 - argv is passed through, never a shell
 
 

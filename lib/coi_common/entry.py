@@ -8,13 +8,15 @@ stdout. Tracebacks appear only with --debug or COI_DEBUG=1.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Mapping
-from typing import Any, NoReturn
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, NoReturn
 
 from coi_common import __version__
 from coi_common.errors import EXIT_FAILED, CoiError, Interrupted, UsageError
@@ -23,17 +25,244 @@ Args = Mapping[str, Any]
 Handler = Callable[[Args], int | None]
 
 
-def parse_args(prog: str, doc: str, argv: list[str], *, options_first: bool = False) -> Args:
-    """Parse argv with the docopt usage `doc`; a mismatch becomes one UsageError line."""
+PROG_VARIABLE: Final = "COI_PROG_NAME"
+"""Set by the dispatcher (`coi`) for the executable it runs, so argument errors name the
+command as the user typed it (`coi kill: ...`, not `coi-slot: ...`)."""
+USAGE_WIDTH: Final = 100
+COMMAND_WORD: Final = re.compile(r"(\[)?(?P<word>[a-z][a-z0-9-]*)(?(1)\])")
+"""A command word of a usage pattern, required (`list`) or optional (`[network]`)."""
+OPTION_VALUE: Final = re.compile(r"[A-Z][A-Z0-9_]*(=[A-Z][A-Z0-9_]*)?")
+
+
+class ArgumentError(UsageError):
+    """A command line that does not fit the usage: one line saying what is wrong,
+    printed under the command's name as typed, then the usage lines of that command."""
+
+    def __init__(self, message: str, *, shown_as: str, usage: Sequence[str] = (),
+                 hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.shown_as = shown_as
+        self.usage = tuple(usage)
+
+
+def parse_args(prog: str, doc: str, argv: list[str], *, options_first: bool = False,
+               shown_as: str | None = None) -> Args:
+    """Parse argv with the docopt usage `doc`; a mismatch raises ArgumentError.
+
+    `shown_as` replaces the usage's program name in messages (the dispatcher's `coi`).
+    """
     from docopt import DocoptExit, docopt  # noqa: PLC0415 - 18 ms, only where parsing happens
 
+    _copy_option_matches()
     try:
         return docopt(doc, argv, version=f"{prog} {__version__}", options_first=options_first)
     except DocoptExit as exc:
-        raise UsageError(_usage_problem(str(exc)), hint=f"see '{prog} --help'") from None
+        raise argument_error(doc, argv, str(exc), shown_as=shown_as) from None
+
+
+def _copy_option_matches() -> None:
+    """docopt-ng 0.9 hands an option's argv token itself to the usage pattern that
+    matches it, and a pattern tried and then rejected (another usage line) has already
+    added its value to that token: `[--mount SPEC]...` came out with the last value
+    twice (docopt-ng issue #60, fixed upstream by PR #71, not released). Matching a
+    copy keeps every value exactly once."""
+    import docopt  # noqa: PLC0415
+
+    option = docopt.Option
+    if getattr(option.single_match, "coi_copies", False):
+        return
+    original = option.single_match
+
+    def single_match(self: Any, left: list[Any]) -> tuple[int | None, Any]:
+        position, token = original(self, left)
+        if token is None:
+            return position, token
+        fresh = copy.copy(token)
+        if isinstance(fresh.value, list):
+            fresh.value = list(fresh.value)
+        return position, fresh
+
+    single_match.coi_copies = True  # type: ignore[attr-defined]
+    option.single_match = single_match
+
+
+# -- argument errors: which command was meant, what it lacks ---------------------------------
+
+
+@dataclass(frozen=True)
+class _Pattern:
+    """One usage pattern split for analysis: the command words argv matched, the rest."""
+
+    words: tuple[str, ...]
+    items: tuple[str, ...]
+
+
+def argument_error(doc: str, argv: Sequence[str], docopt_message: str, *,
+                   shown_as: str | None = None) -> ArgumentError:
+    """Say what is wrong with argv in the terms of the command the user meant.
+
+    The command is the usage pattern(s) whose leading command words match most of
+    argv's leading words. A required item of it is missing when the pattern with that
+    item made optional fits argv; when nothing fits even with every required item
+    optional, the words docopt could not place are unexpected.
+    """
+    program, patterns = _usage_patterns(doc)
+    base = shown_as or program
+    chosen = _closest(patterns, argv)
+    if not chosen:
+        return ArgumentError(_usage_problem(docopt_message), shown_as=base,
+                             hint=f"see '{base} --help'")
+    name = " ".join([base, *chosen[0].words])
+    usage = _render_usage(base, chosen)
+    first = docopt_message.strip().splitlines()[0] if docopt_message.strip() else ""
+    if first and not first.startswith("Usage:") and "unmatched" not in first:
+        return ArgumentError(first, shown_as=name, usage=usage)  # e.g. "--slot requires argument"
+    subcommands = _next_words(chosen)
+    if subcommands:
+        typed = _leading_words(argv)[len(chosen[0].words):]
+        problem = f"unknown command {typed[0]!r}" if typed else "missing a command"
+        return ArgumentError(f"{problem}; one of: {', '.join(subcommands)}", shown_as=name,
+                             hint=f"see '{name} --help'")
+    findings = [_missing(doc, program, pattern, argv) for pattern in chosen]
+    missing = [found for found in findings if isinstance(found, tuple) and found]
+    if missing and len(chosen) == 1:
+        message = "missing " + " and ".join(_describe(item) for item in missing[0])
+    elif missing:
+        message = "missing arguments"
+    else:
+        message = next((f for f in findings if isinstance(f, str)), "invalid arguments")
+    return ArgumentError(message, shown_as=name, usage=usage)
+
+
+def _usage_patterns(doc: str) -> tuple[str, list[str]]:
+    """The program name and each usage pattern (whitespace collapsed) of a docopt doc."""
+    body = _usage_body(doc)
+    words = body.split()
+    if not words:
+        return "", []
+    program = words[0]
+    patterns: list[list[str]] = []
+    for word in words:
+        if word == program:
+            patterns.append([])
+        else:
+            patterns[-1].append(word)
+    return program, [" ".join(p) for p in patterns]
+
+
+def _usage_body(doc: str) -> str:
+    """Text after `Usage:` up to the first blank line."""
+    match = re.search(r"usage:(.*?)(\n\s*\n|\Z)", doc, re.IGNORECASE | re.DOTALL)
+    return match.group(1) if match else ""
+
+
+def _items(text: str) -> list[str]:
+    """Top-level items of a pattern: words, <args>, [groups], (groups), each with its
+    `...`; an option and its VALUE placeholder stay one item."""
+    items: list[str] = []
+    depth, current = 0, ""
+    for char in text:
+        if char.isspace() and depth == 0:
+            if current:
+                items.append(current)
+            current = ""
+            continue
+        depth += (char in "([") - (char in ")]")
+        current += char
+    if current:
+        items.append(current)
+    merged: list[str] = []
+    for item in items:
+        if item == "...":
+            merged[-1] += item
+        elif merged and merged[-1].startswith("-") and OPTION_VALUE.fullmatch(item):
+            merged[-1] += f" {item}"
+        else:
+            merged.append(item)
+    return merged
+
+
+def _closest(patterns: Sequence[str], argv: Sequence[str]) -> list[_Pattern]:
+    """The patterns whose leading command words match the most of argv's leading words
+    (at least one); for each, the words matched and the items after them."""
+    leading = _leading_words(argv)
+    scored: list[tuple[int, _Pattern]] = []
+    for text in patterns:
+        items = _items(text)
+        matched: list[str] = []
+        position = 0
+        while items and (word := COMMAND_WORD.fullmatch(items[0])):
+            optional = items[0].startswith("[")
+            if position < len(leading) and leading[position] == word["word"]:
+                matched.append(word["word"])
+                position += 1
+            elif not optional:
+                break
+            items = items[1:]
+        scored.append((len(matched), _Pattern(tuple(matched), tuple(items))))
+    best = max((score for score, _ in scored), default=0)
+    return [pattern for score, pattern in scored if score == best] if best else []
+
+
+def _next_words(patterns: Sequence[_Pattern]) -> list[str]:
+    """When every pattern goes on with a required command word (`coi tmux` then list,
+    send or capture), those words in order; otherwise none."""
+    words: list[str] = []
+    for pattern in patterns:
+        word = COMMAND_WORD.fullmatch(pattern.items[0]) if pattern.items else None
+        if word is None or pattern.items[0].startswith("["):
+            return []
+        words.append(word["word"])
+    return list(dict.fromkeys(words)) if len(patterns) > 1 else []
+
+
+def _leading_words(argv: Sequence[str]) -> list[str]:
+    words = []
+    for arg in argv:
+        if arg.startswith("-"):
+            break
+        words.append(arg)
+    return words
+
+
+def _missing(doc: str, program: str, pattern: _Pattern,
+             argv: Sequence[str]) -> tuple[str, ...] | str:
+    """The required items argv lacks (as few as make it fit), or why nothing fits."""
+    if "|" in pattern.items:  # top-level alternatives: no single item to blame
+        return "invalid arguments"
+    required = [i for i, item in enumerate(pattern.items) if not item.startswith("[")]
+    relaxed = set(required)
+    problem = _fit(doc, program, pattern, relaxed, argv)
+    if problem is not None:
+        return problem
+    for index in required:
+        if _fit(doc, program, pattern, relaxed - {index}, argv) is None:
+            relaxed.discard(index)
+    return tuple(pattern.items[i] for i in required if i in relaxed)
+
+
+def _fit(doc: str, program: str, pattern: _Pattern, optional: set[int],
+         argv: Sequence[str]) -> str | None:
+    """None when argv fits `pattern` with the items at `optional` made optional;
+    otherwise what docopt could not place."""
+    from docopt import DocoptExit, DocoptLanguageError, docopt  # noqa: PLC0415
+
+    items = [f"[{item}]" if index in optional else item
+             for index, item in enumerate(pattern.items)]
+    line = " ".join([program, *pattern.words, *items])
+    body = _usage_body(doc)
+    trial = doc.replace(body, f"\n  {line}\n", 1)
+    try:
+        docopt(trial, list(argv), default_help=False)
+    except DocoptExit as exc:
+        return _usage_problem(str(exc))
+    except DocoptLanguageError:  # a usage this analysis cannot take apart
+        return "invalid arguments"
+    return None
 
 
 def _usage_problem(docopt_message: str) -> str:
+    """docopt's own complaint as one line: the words it could not place, or its text."""
     first = docopt_message.strip().splitlines()[0] if docopt_message.strip() else ""
     if first.startswith("Usage:") or not first:
         return "invalid arguments"
@@ -41,6 +270,32 @@ def _usage_problem(docopt_message: str) -> str:
         names = re.findall(r"'([^']+)'", first)
         return "unexpected argument " + ", ".join(repr(n) for n in names if n != "None")
     return first
+
+
+def _describe(item: str) -> str:
+    """`(<name>... | --all)` as `<name> or --all`."""
+    text = item.replace("...", "")
+    if text.startswith("(") and text.endswith(")"):
+        text = text[1:-1]
+    return " or ".join(part.strip() for part in text.split("|"))
+
+
+def _render_usage(base: str, patterns: Sequence[_Pattern]) -> list[str]:
+    """`usage: coi kill (<name>... | --all) ...`, wrapped at USAGE_WIDTH between items."""
+    lines: list[str] = []
+    for number, pattern in enumerate(patterns):
+        lead = "usage: " if number == 0 else " " * len("usage: ")
+        command = " ".join([base, *pattern.words])
+        indent = " " * (len(lead) + len(command) + 1)
+        line = lead + command
+        for item in pattern.items:
+            if len(line) + 1 + len(item) > USAGE_WIDTH and line.strip() != command:
+                lines.append(line)
+                line = indent + item
+            else:
+                line += f" {item}"
+        lines.append(line)
+    return lines
 
 
 def wants_json(args: Args) -> bool:
@@ -63,7 +318,11 @@ def report(prog: str, error: CoiError, *, as_json: bool) -> int:
         from coi_common.protocol import error_record, write_record  # noqa: PLC0415
 
         write_record(error_record(error))
+    if isinstance(error, ArgumentError):
+        prog = error.shown_as
     print(f"{prog}: {error.one_line()}", file=sys.stderr)
+    for line in getattr(error, "usage", ()):
+        print(line, file=sys.stderr)
     return error.exit_code
 
 
@@ -71,11 +330,13 @@ def run_main(prog: str, doc: str, handler: Handler, argv: list[str] | None = Non
              *, options_first: bool = False) -> NoReturn:
     """Parse, run `handler(args)`, and exit with its status or the error's code."""
     argv = sys.argv[1:] if argv is None else argv
+    # Read once and dropped, so programs this one runs do not inherit the dispatcher's name.
+    shown_as = os.environ.pop(PROG_VARIABLE, None) or None
     debug = debug_enabled(argv)
     signal.signal(signal.SIGTERM, _raise_interrupted)
     as_json = False
     try:
-        args = parse_args(prog, doc, argv, options_first=options_first)
+        args = parse_args(prog, doc, argv, options_first=options_first, shown_as=shown_as)
         as_json = wants_json(args)
         status = handler(args) or 0
     except CoiError as exc:

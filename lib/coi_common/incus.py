@@ -47,6 +47,7 @@ WAIT_ROUND: Final = 60
 WAIT_MARGIN: Final = 30
 """Seconds a wait request's reply may lag behind its round before Incus counts as gone."""
 RUNNING_OPERATION: Final = ("Pending", "Running", "Cancelling")
+ROUND_ENDED: Final = "context deadline exceeded"
 EXEC_NOT_STARTED: Final = ("Failed to retrieve PID of executing child process", "Invalid PID")
 """What Incus 6.0 answers, now and then under load, to an `exec` whose command never
 started (about 3 in 40 session starts here); the exec can simply be tried again."""
@@ -172,16 +173,33 @@ class Incus:
         while True:
             left = WAIT_ROUND if deadline is None else deadline - time.monotonic()
             round_seconds = max(1, min(WAIT_ROUND, math.ceil(left)))
-            result = self.request("GET", f"{operation}/wait",
-                                  params={"timeout": str(round_seconds)}, what=what,
-                                  timeout=round_seconds + WAIT_MARGIN)
-            if (result or {}).get("status") not in RUNNING_OPERATION:
+            query = urlencode({"project": self.project, "timeout": round_seconds})
+            url = f"{operation}/wait?{query}"
+            reply = self._send("GET", url, None, round_seconds + WAIT_MARGIN)
+            result = reply.get("metadata") or {}
+            # A round that ends with the operation still running: Incus 6.0 answers an
+            # error "context deadline exceeded" (later versions the running operation).
+            # A failed operation can say the same words (a stop that timed out), so the
+            # operation itself is asked which it was.
+            still_running = result.get("status") in RUNNING_OPERATION or (
+                reply.get("type") == "error" and ROUND_ENDED in str(reply.get("error"))
+                and self._operation_running(operation))
+            if not still_running:
+                if reply.get("type") == "error":
+                    raise _error_for(int(reply.get("error_code") or 0),
+                                     str(reply.get("error")), what)
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 raise IncusError(f"{what or operation}: still running after {timeout:g} s")
         if result and result.get("status_code", 200) >= 400:
             raise _error_for(int(result["status_code"]), str(result.get("err")), what)
         return result
+
+    def _operation_running(self, operation: str) -> bool:
+        query = urlencode({"project": self.project})
+        reply = self._send("GET", f"{operation}?{query}", None)
+        return reply.get("type") != "error" and \
+            (reply.get("metadata") or {}).get("status") in RUNNING_OPERATION
 
     # -- server -------------------------------------------------------------
 
@@ -235,8 +253,18 @@ class Incus:
                   timeout: int = -1) -> None:
         """start, stop, restart, freeze or unfreeze a container."""
         body = {"action": action, "force": force, "timeout": timeout}
-        self.request("PUT", f"/1.0/instances/{_seg(name)}/state", body,
-                     what=f"container {name}")
+        for pause in (*EXEC_PAUSES, None):
+            try:
+                self.request("PUT", f"/1.0/instances/{_seg(name)}/state", body,
+                             what=f"container {name}")
+                return
+            except IncusError as exc:
+                # A start whose id-map helper lost a race ("Invalid PID", seen about once
+                # in 50 starts here) succeeds when tried again; anything else is final.
+                if action != "start" or pause is None or not exec_not_started(exc.message):
+                    raise
+                _note_retry(ExecSpec(name, ("start",)), pause)
+                time.sleep(pause)
 
     def set_config(self, name: str, values: Mapping[str, str]) -> None:
         """Set config keys of a container (PATCH: keys not given stay as they are)."""

@@ -328,11 +328,11 @@ def net_device_override(container: str, *, network: str = "coibr0", mode: str = 
 
 def apply_argv(container: str, mode: str, *, allowed: Sequence[str] = (),
                resolvers: Sequence[str] = (), refresh_minutes: int | None = None,
-               program: str = "coi-net", sudo: bool | None = None) -> list[str]:
-    """The command line that applies a container's rules (with `sudo -n` when not root).
+               program: str = "coi-net") -> list[str]:
+    """The command line that applies a container's rules, run as root (by coi as root,
+    or by coi's host service for everyone else; never through sudo).
 
-    `program` is coi-net's path (dispatch.find_executable); under sudo it must be
-    the path the sudoers rule names.
+    `program` is coi-net's path (dispatch.find_executable).
     """
     argv = [program, "apply", validate_container_name(container), "--mode",
             validate_mode(mode)]
@@ -342,19 +342,12 @@ def apply_argv(container: str, mode: str, *, allowed: Sequence[str] = (),
         argv.append(f"--resolver={resolver}")
     if refresh_minutes is not None:
         argv.append(f"--refresh-minutes={validate_refresh_minutes(refresh_minutes)}")
-    return _with_sudo(argv, sudo)
+    return argv
 
 
-def remove_argv(container: str, *, program: str = "coi-net",
-                sudo: bool | None = None) -> list[str]:
+def remove_argv(container: str, *, program: str = "coi-net") -> list[str]:
     """The command line that removes a container's rules (the end-of-session hook)."""
-    return _with_sudo([program, "remove", validate_container_name(container)], sudo)
-
-
-def _with_sudo(argv: list[str], sudo: bool | None) -> list[str]:
-    if sudo is None:
-        sudo = os.geteuid() != 0
-    return ["sudo", "-n", *argv] if sudo else argv
+    return [program, "remove", validate_container_name(container)]
 
 
 # -- the ruleset as nftables JSON --------------------------------------------------------------

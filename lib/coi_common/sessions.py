@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from coi_common import naming, proc
+from coi_common import naming, owners, proc
 from coi_common.errors import BadInput, CoiError, NotFound, PermissionDenied
 from coi_common.incus import ExecSpec, Incus
 from coi_common.protocol import make_record, validate
@@ -173,12 +173,6 @@ def is_persistent(instance: Mapping[str, Any]) -> bool:
     return (instance.get("config") or {}).get(f"{KEY}persistent") == "true"
 
 
-def owner_of(instance: Mapping[str, Any]) -> int | None:
-    """The host uid recorded as the container's owner (user.coi.host_uid), or None."""
-    value = str((instance.get("config") or {}).get(f"{KEY}host_uid", ""))
-    return int(value) if value.isascii() and value.isdigit() else None
-
-
 @dataclass(frozen=True)
 class Ending:
     """How a session ended: saved or not, container deleted or kept, and why kept."""
@@ -199,7 +193,7 @@ def save_session(client: Incus, name: str) -> tuple[bool, str]:
     cleanup paths; a failure is reported and the caller keeps the container.
     """
     try:
-        owner = owner_of(client.instance_config(name))
+        owner = owners.owner_uid(client.instance_config(name))
         result_line = _save_for(client, name, owner)
     except (Exception, KeyboardInterrupt) as exc:  # cleanup must go on, whatever failed
         if isinstance(exc, NotFound) and exc.message.startswith(f"container {name}"):
@@ -244,9 +238,11 @@ def owners_process(owner: int, work: Callable[[], str]) -> str:
             os.initgroups(account.pw_name, account.pw_gid)
             os.setgid(account.pw_gid)
             os.setuid(owner)
+            # The owner's own settings apply, never the caller's overrides.
+            for variable in [v for v in os.environ if v.startswith("COI_")] + [
+                    "XDG_CONFIG_HOME", "SUDO_UID", "SUDO_GID"]:
+                os.environ.pop(variable, None)
             os.environ.update(HOME=account.pw_dir, USER=account.pw_name)
-            os.environ.pop("XDG_CONFIG_HOME", None)
-            os.environ.pop("SUDO_UID", None)
             text, code = work(), 0
         except BaseException as exc:  # everything goes back to the parent
             text = exc.one_line() if isinstance(exc, CoiError) else f"{type(exc).__name__}: {exc}"
@@ -261,23 +257,26 @@ def owners_process(owner: int, work: Callable[[], str]) -> str:
     return text
 
 
-def end_session(client: Incus, name: str, *, save: bool = True) -> Ending:
+def end_session(client: Incus, name: str, *, save: bool = True,
+                remove: bool = False) -> Ending:
     """Save the session, then delete the container unless it is persistent, and with
     it its network rules. The one place that decides deletion: from the container's
-    OWN user.coi.persistent key, never from a command's flags. A failed save keeps
-    the container (Ending.message says so); save=False deletes without saving."""
+    OWN user.coi.persistent key, never from a session command's flags; only an
+    explicit removal (`remove`, as `coi kill` asks) deletes a persistent one. A
+    failed save keeps the container (Ending.message says so); save=False deletes
+    without saving."""
     try:
         instance = client.instance_config(name)
     except NotFound:
         return Ending(saved=False, deleted=True)
     saved, problem = save_session(client, name) if save else (False, "")
-    if is_persistent(instance):
-        return Ending(saved, deleted=False, message=problem)
     if problem:
         return Ending(False, deleted=False,
                       message=f"{problem}; the container is kept (stopped or running) so "
                               f"nothing is lost: try again with 'coi shutdown {name}', or "
                               f"discard the session with 'coi kill --no-save {name}'")
+    if is_persistent(instance) and not remove:
+        return Ending(saved, deleted=False)
     client.delete_instance_force(name)
     mode = (instance.get("config") or {}).get(f"{KEY}network")
     if mode and mode != "open":
@@ -427,7 +426,7 @@ def reusable_slot(instances: Sequence[Mapping[str, Any]], workspace: str,
         keys = instance.get("config") or {}
         slot = str(keys.get(f"{KEY}slot", ""))
         if (is_persistent(instance) and instance.get("status") == "Stopped"
-                and keys.get(f"{KEY}workspace") == workspace and owner_of(instance) == uid
+                and keys.get(f"{KEY}workspace") == workspace and owners.owner_uid(instance) == uid
                 and slot.isascii() and slot.isdigit()):
             found.append(int(slot))
     return min(found, default=None)

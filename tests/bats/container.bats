@@ -71,7 +71,7 @@ setup() {
   run coi container exec "$MISSING" ls -la
   assert_failure 2
   assert_equal "${#lines[@]}" 1
-  assert_output --partial "container exec needs '--' before the command"
+  assert_output --partial "coi container exec: needs '--' before the command"
 }
 
 @test "coi container exec --env without KEY=VALUE is refused with exit 2" {
@@ -87,14 +87,44 @@ setup() {
   assert_output --partial "--user 'code' is not a numeric id"
 }
 
-@test "coi container commands with missing arguments exit 2" {
-  for args in "launch coi-test-image" "start" "exec" "mount $MISSING dev" "frobnicate x"; do
-    run coi container $args
-    assert_failure 2
-    assert_equal "${#lines[@]}" 1
-  done
+@test "coi container commands with missing arguments say what is missing, with the usage" {
+  run coi container launch coi-test-image
+  assert_failure 2
+  assert_equal "${#lines[@]}" 2
+  assert_line --index 0 "coi container launch: missing <name>"
+  assert_line --index 1 "usage: coi container launch <image> <name> [--ephemeral] [--debug]"
+  run coi container mount "$MISSING" dev
+  assert_failure 2
+  assert_line --index 0 "coi container mount: missing <source> and <path>"
+  run coi container start
+  assert_failure 2
+  assert_line --index 0 "coi container start: missing <name>"
+  run coi container exec
+  assert_failure 2
+  assert_output --partial "needs '--' before the command"
+}
+
+@test "coi container with an unknown command names it and the commands there are" {
+  run coi container frobnicate x
+  assert_failure 2
+  assert_equal "${#lines[@]}" 1
+  assert_output "coi container: unknown command 'frobnicate'; one of: launch, start, stop, delete, exec, exists, running, mount (see 'coi container --help')"
+}
+
+@test "coi file push with one argument says the destination is missing" {
   run coi file push "$BATS_TEST_TMPDIR/file"
   assert_failure 2
+  assert_line --index 0 "coi file push: missing <name:path>"
+  assert_line --index 1 --partial "usage: coi file push [-r] [--uid N] [--gid N] [--mode MODE]"
+}
+
+@test "coi file push with an owner or mode that is not a number exits 2 in one line" {
+  for args in "--uid code" "--gid -1" "--uid 4294967295" "--mode 999" "--mode rw"; do
+    run coi file push $args "$BATS_TEST_TMPDIR/file" "$MISSING:/tmp/x"
+    assert_failure 2
+    assert_equal "${#lines[@]}" 1
+    assert_output --regexp "^coi-container: --(uid|gid|mode) '[^']*': expected "
+  done
 }
 
 @test "coi container launch with an invalid container name exits 2" {

@@ -59,10 +59,46 @@ setup() {
   assert_equal "${#lines[@]}" 1
 }
 
-@test "coi kill with neither names nor --all is a usage error" {
-  run coi kill
+@test "coi kill, shutdown and persist with neither names nor --all say what is missing" {
+  for verb in kill shutdown persist; do
+    run --separate-stderr coi "$verb"
+    assert_failure 2
+    assert_output ""
+    assert_equal "${stderr_lines[0]}" "coi $verb: missing <name> or --all"
+    [[ ${stderr_lines[1]} == "usage: coi $verb (<name>... | --all) "* ]]
+  done
+}
+
+@test "coi-slot run by itself names itself in argument errors" {
+  run coi-slot kill --no-save
   assert_failure 2
-  assert_equal "${#lines[@]}" 1
+  assert_line --index 0 "coi-slot kill: missing <name> or --all"
+}
+
+@test "coi list with an unknown option names it under coi list" {
+  run coi list --bogus
+  assert_failure 2
+  assert_line --index 0 "coi list: unexpected argument '--bogus'"
+  assert_line --index 1 "usage: coi list [--all] [--all-users] [--format FMT] [--debug]"
+}
+
+@test "coi tmux send and capture without a name or text say what is missing" {
+  run coi tmux send
+  assert_failure 2
+  assert_line --index 0 "coi tmux send: missing <name> and <text>"
+  run coi tmux send coi-ab12cd34-1
+  assert_line --index 0 "coi tmux send: missing <text>"
+  run coi tmux capture
+  assert_line --index 0 "coi tmux capture: missing <name>"
+  run coi tmux
+  assert_failure 2
+  assert_output "coi tmux: missing a command; one of: list, send, capture (see 'coi tmux --help')"
+}
+
+@test "coi list --all-users --format json with no coi containers is an empty list" {
+  run --separate-stderr coi list --all-users --format json
+  assert_success
+  assert_output '{"coi": 1, "kind": "container_list", "active_containers": []}'
 }
 
 @test "coi shutdown --timeout that is not whole seconds exits 2" {

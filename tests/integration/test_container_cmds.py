@@ -24,9 +24,11 @@ import pytest
 from coi_common.errors import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_USAGE, NotFound
 from coi_common.incus import Incus
 from coi_common.protocol import parse_record
+from coi_common.tools import TOOL_UID
 from coi_container import __doc__ as USAGE
 from coi_container import main
 from coi_container.lifecycle import STOP_TIMEOUT
+from coi_host.setup import ensure_subids
 
 pytestmark = pytest.mark.incus
 
@@ -329,15 +331,18 @@ def test_exec_bad_options_are_refused_in_one_line_with_exit_2(coi_env, capsys, b
     (["container", "exec", "coi-test-x", "ls"], "needs '--' before the command"),
     (["container", "exec", "coi-test-x", "--"], "needs a command after '--'"),
     (["container", "exec"], "needs '--' before the command"),
-    (["container", "launch", "coi-test-image"], "unexpected argument"),
-    (["container", "mount", "coi-test-x", "dev", "/tmp"], "unexpected argument"),
-    (["file", "pull", "coi-test-x:/etc/hostname"], "unexpected argument"),
+    (["container", "launch", "coi-test-image"], "container launch: missing <name>"),
+    (["container", "mount", "coi-test-x", "dev", "/tmp"], "container mount: missing <path>"),
+    (["file", "pull", "coi-test-x:/etc/hostname"], "file pull: missing <target>"),
 ])
 def test_missing_arguments_are_usage_errors(coi_env, capsys, argv, problem):
     code, out, err = run_main(capsys, *argv)
     assert (code, out) == (EXIT_USAGE, "")
-    assert problem in err
-    assert err.count("\n") == 1
+    first, *usage = err.splitlines()
+    assert problem in first
+    assert len(usage) <= 2
+    assert all(line.lstrip().startswith(("usage: coi-container", "coi-container", "["))
+               for line in usage)
 
 
 def test_exec_in_a_missing_container_exits_3_and_capture_answers_in_json(coi_env, capsys):
@@ -523,6 +528,107 @@ def test_push_and_pull_with_a_missing_container_exit_3(coi_env, capsys, tmp_path
         assert "container coi-test-nonexistent-zz does not exist" in err
 
 
+# -- file push: what it makes belongs to code ------------------------------------------------
+
+HOST_USER = 1001
+"""A non-root host user (a number only) whose session container maps it to code."""
+
+
+@pytest.fixture
+def session_box(make_container, open_tmp):
+    """A running container set up as a session of HOST_USER: raw.idmap maps the host
+    user to code (1000) and HOST_USER's workspace is at /workspace. Returns (name, the
+    host workspace)."""
+    ensure_subids([HOST_USER], [HOST_USER])  # what coi setup allows for its users
+    workspace = open_tmp / "workspace"
+    workspace.mkdir()
+    os.chown(workspace, HOST_USER, HOST_USER)
+    idmap = f"uid {HOST_USER} {TOOL_UID}\ngid {HOST_USER} {TOOL_UID}"
+    box = make_container(config={"raw.idmap": idmap}, devices={
+        "workspace": {"type": "disk", "source": str(workspace), "path": "/workspace"}})
+    return box.name, workspace
+
+
+def owners_inside(run_in, box, *paths):
+    done = run_in(box, ["stat", "-c", "%u:%g %a %n", *paths])
+    assert done.ok, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_pushed_files_belong_to_code_so_the_host_user_keeps_them_and_code_can_change_them(
+        coi_env, capsys, session_box, run_in, tmp_path):
+    box, workspace = session_box
+    note = tmp_path / "note.txt"
+    note.write_text("pushed\n")
+    note.chmod(0o640)
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "top.txt").write_text("top\n")
+    (tree / "sub" / "deep.txt").write_text("deep\n")
+    (tree / "sub").chmod(0o750)
+    (tree / "top.txt").chmod(0o600)
+    assert run_main(capsys, "file", "push", str(note), f"{box}:/workspace/")[0] == 0
+    assert run_main(capsys, "file", "push", "-r", str(tree), f"{box}:/workspace/")[0] == 0
+
+    assert owners_inside(run_in, box, "/workspace/note.txt", "/workspace/tree",
+                         "/workspace/tree/sub", "/workspace/tree/top.txt",
+                         "/workspace/tree/sub/deep.txt") == [
+        "1000:1000 640 /workspace/note.txt", "1000:1000 755 /workspace/tree",
+        "1000:1000 750 /workspace/tree/sub", "1000:1000 600 /workspace/tree/top.txt",
+        "1000:1000 644 /workspace/tree/sub/deep.txt"]
+    for path in ("note.txt", "tree", "tree/sub", "tree/top.txt", "tree/sub/deep.txt"):
+        host = (workspace / path).stat()
+        assert (host.st_uid, host.st_gid) == (HOST_USER, HOST_USER), path
+    changed = run_in(box, ["sh", "-c", "echo more >> /workspace/note.txt && "
+                                       "echo more >> /workspace/tree/top.txt && "
+                                       "touch /workspace/tree/sub/new && "
+                                       "rm /workspace/tree/sub/deep.txt"], user=TOOL_UID)
+    assert changed.ok, changed.stderr
+    assert (workspace / "note.txt").read_text() == "pushed\nmore\n"
+    assert (workspace / "tree" / "sub" / "new").stat().st_uid == HOST_USER
+
+
+def test_push_takes_an_owner_group_and_mode(coi_env, capsys, box, where, tmp_path, run_in):
+    source = tmp_path / "key"
+    source.write_text("secret\n")
+    source.chmod(0o644)
+    code, _, err = run_main(capsys, "file", "push", "--uid", "0", "--mode", "600", str(source),
+                            f"{box}:{where}/root-key")
+    assert code == 0, err
+    code, _, err = run_main(capsys, "file", "push", "--uid", "1000", "--gid", "0", str(source),
+                            f"{box}:{where}/mixed")
+    assert code == 0, err
+    assert owners_inside(run_in, box, f"{where}/root-key", f"{where}/mixed") == [
+        f"0:0 600 {where}/root-key", f"1000:0 644 {where}/mixed"]
+
+
+def test_push_r_with_a_mode_sets_the_files_and_keeps_the_directories(coi_env, capsys, box,
+                                                                     where, tmp_path, run_in):
+    tree = tmp_path / "tree"
+    (tree / "private").mkdir(parents=True)
+    (tree / "private").chmod(0o700)
+    (tree / "private" / "a").write_text("a")
+    (tree / "b").write_text("b")
+    code, _, err = run_main(capsys, "file", "push", "-r", "--mode", "0640", "--uid", "1000",
+                            "--gid", "1000", str(tree), f"{box}:{where}/copy")
+    assert code == 0, err
+    assert owners_inside(run_in, box, f"{where}/copy/private", f"{where}/copy/private/a",
+                         f"{where}/copy/b") == [
+        f"1000:1000 700 {where}/copy/private", f"1000:1000 640 {where}/copy/private/a",
+        f"1000:1000 640 {where}/copy/b"]
+
+
+def test_push_r_skips_fifos_and_says_so(coi_env, capsys, box, where, tmp_path, run_in):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "file").write_text("x")
+    os.mkfifo(tree / "pipe")
+    code, out, _ = run_main(capsys, "file", "push", "-r", str(tree), f"{box}:{where}/t")
+    assert (code, out) == (0, f"pushed {tree} to {box}:{where}/t (skipped 1 device, FIFO or "
+                              "socket file)\n")
+    assert run_in(box, ["ls", f"{where}/t"]).stdout == "file\n"
+
+
 # -- help ------------------------------------------------------------------------------------
 
 
@@ -530,6 +636,7 @@ def test_help_states_the_stop_timeout_the_code_uses(coi_env, capsys):
     code, out, _ = run_main(capsys, "--help")
     assert code is None  # docopt's SystemExit after printing help: status 0
     assert f"waiting up to {STOP_TIMEOUT} s" in out
+    assert f"in the container. Default: {TOOL_UID}\n" in out
     assert out.strip() == USAGE.strip()
 
 

@@ -1,18 +1,27 @@
-"""`coi doctor` run as a program on this set-up machine: all well, no daemon, no permission."""
+"""`coi doctor` run as a program on this set-up machine: all well, no daemon, no permission;
+and as a normal member of incus-admin, with and without coi's host service."""
 
+import json
+import os
+import socketserver
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
-from coi_common.errors import EXIT_PERMISSION, EXIT_UNAVAILABLE
+from coi_common import idmap
+from coi_common.errors import EXIT_FAILED, EXIT_PERMISSION, EXIT_UNAVAILABLE
 from coi_common.incus import JOIN_GROUP_HINT
-from coi_common.protocol import parse_record
+from coi_common.protocol import make_record, parse_record
+from coi_host.doctor import START_SERVICE_FIX
 
 pytestmark = pytest.mark.incus
 
 COI = str(Path(__file__).resolve().parents[2] / "bin" / "coi")
-REQUIRED = {"daemon", "permission", "storage pool", "bridge", "profile"}
+REQUIRED = {"daemon", "permission", "storage pool", "bridge", "profile", "network rules"}
+USER_CHECKS = {"nft", "network rules", "idmap delegation"}
+STAND_IN_VERSION = "9.9.9-stand-in"
 
 
 def doctor(*args, env, prefix=()):
@@ -63,3 +72,81 @@ def test_doctor_as_uid_outside_incus_admin_exits_5_with_group_hint(nobody):
     assert f"fix: {JOIN_GROUP_HINT}" in done.stdout
     assert "incus-admin" in done.stdout
     assert "Traceback" not in done.stderr + done.stdout
+
+
+# -- as a normal member of incus-admin ---------------------------------------------------
+
+
+class _PingAnswerer(socketserver.StreamRequestHandler):
+    def handle(self):
+        request = json.loads(self.rfile.readline())
+        reply = make_record("host_reply", verb=request["verb"],
+                            result={"version": STAND_IN_VERSION})
+        self.wfile.write(json.dumps(reply).encode() + b"\n")
+
+
+@pytest.fixture
+def answering_service(open_tmp):
+    """A stand-in for coi's host service on its own socket, answering every request as
+    the service answers a ping: this machine's service may be down, or another version."""
+    path = open_tmp / "host.sock"
+    server = socketserver.UnixStreamServer(str(path), _PingAnswerer)
+    os.chmod(path, 0o666)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield path
+    server.shutdown()
+    server.server_close()
+
+
+def doctor_as(user, **env):
+    done = user.run([COI, "doctor", "--format", "json"], env=env, timeout=60)
+    record = parse_record(done.stdout, "doctor")
+    assert "Traceback" not in done.stderr
+    return done.returncode, {check["name"]: check for check in record["checks"]}
+
+
+def test_doctor_as_a_normal_user_finds_nft_in_sbin_although_its_path_lacks_it(test_user):
+    assert "sbin" not in test_user.login_env()["PATH"]
+    _, checks = doctor_as(test_user)
+    assert set(checks) >= USER_CHECKS
+    assert checks["nft"]["ok"], checks["nft"]
+    assert checks["nft"]["detail"] in ("/usr/sbin/nft", "/sbin/nft", "/usr/local/sbin/nft")
+
+
+def test_doctor_as_a_normal_user_without_the_host_service_requires_it_and_the_idmap(
+        make_test_user, open_tmp):
+    user = make_test_user()
+    status, checks = doctor_as(user, COI_HOST_SOCKET=str(open_tmp / "absent.sock"))
+    assert status == EXIT_FAILED
+    network, delegation = checks["network rules"], checks["idmap delegation"]
+    assert (network["ok"], network["required"]) == (False, True)
+    assert "host service is not running" in network["detail"]
+    assert network["fix"] == START_SERVICE_FIX
+    assert (delegation["ok"], delegation["required"]) == (False, True)
+    assert f"uid {user.uid}/gid {user.gid}" in delegation["detail"]
+    assert "automatically on first use" in delegation["fix"]
+    assert "sudo coi setup" in delegation["fix"]
+
+
+def test_doctor_as_a_normal_user_with_the_host_service_only_warns_about_the_idmap(
+        make_test_user, answering_service):
+    user = make_test_user()
+    status, checks = doctor_as(user, COI_HOST_SOCKET=str(answering_service))
+    assert status == 0, checks
+    network, delegation = checks["network rules"], checks["idmap delegation"]
+    assert network["ok"], network
+    assert STAND_IN_VERSION in network["detail"]
+    assert (delegation["ok"], delegation["required"]) == (False, False)
+    assert "host service grants it on first use" in delegation["detail"]
+
+
+def test_doctor_as_a_delegated_normal_user_reports_the_idmap_ok(make_test_user,
+                                                                answering_service):
+    user = make_test_user()  # its finalizer removes the lines added here
+    for path, ident in ((idmap.SUBUID, user.uid), (idmap.SUBGID, user.gid)):
+        with open(path, "a") as handle:
+            handle.write(f"root:{ident}:1\n")
+    _, checks = doctor_as(user, COI_HOST_SOCKET=str(answering_service))
+    assert checks["idmap delegation"]["ok"], checks["idmap delegation"]
+    assert f"root may map uid {user.uid}/gid {user.gid}" in checks["idmap delegation"]["detail"]

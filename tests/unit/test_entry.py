@@ -1,12 +1,18 @@
 """The entry wrapper: usage errors, JSON error records, signals, tracebacks."""
 
 import json
+import os
 import signal
 
 import pytest
 
-from coi_common.entry import run_main
+from coi_common.entry import PROG_VARIABLE, USAGE_WIDTH, parse_args, run_main
 from coi_common.errors import NotFound
+from coi_container import __doc__ as CONTAINER_USAGE
+from coi_image import __doc__ as IMAGE_USAGE
+from coi_net import __doc__ as NET_USAGE
+from coi_shell import __doc__ as SHELL_USAGE
+from coi_slot import __doc__ as SLOT_USAGE
 
 DOC = """Usage:
   prog show [--format FMT]
@@ -98,3 +104,130 @@ def test_sigterm_unwinds_and_exits_130(capsys, monkeypatch):
         signal.signal(signal.SIGTERM, previous)
     assert code == 130
     assert "stopped by SIGTERM" in err
+
+
+# -- argument errors in the terms of the command meant -----------------------------------------
+
+
+def usage_error(doc, argv, monkeypatch, capsys, shown_as=None):
+    """run_main of a real executable's usage with argv that does not fit: (code, stderr)."""
+    if shown_as:
+        monkeypatch.setenv(PROG_VARIABLE, shown_as)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main("prog", doc, lambda args: pytest.fail("the handler ran"), argv)
+    out, err = capsys.readouterr()
+    assert out == ""
+    return exit_info.value.code, err
+
+
+@pytest.mark.parametrize(("doc", "argv", "first", "usage"), [
+    (SLOT_USAGE, ["kill"], "coi-slot kill: missing <name> or --all",
+     "usage: coi-slot kill (<name>... | --all) [--no-save]"),
+    (SLOT_USAGE, ["persist", "--force"], "coi-slot persist: missing <name> or --all",
+     "usage: coi-slot persist (<name>... | --all)"),
+    (SLOT_USAGE, ["shutdown"], "coi-slot shutdown: missing <name> or --all",
+     "usage: coi-slot shutdown (<name>... | --all) [--timeout S]"),
+    (IMAGE_USAGE, ["image", "cleanup", "coi-x-"], "coi-image image cleanup: missing --keep N",
+     "usage: coi-image image cleanup <prefix> --keep N"),
+    (IMAGE_USAGE, ["image", "cleanup"], "coi-image image cleanup: missing <prefix> and --keep N",
+     "usage: coi-image image cleanup <prefix> --keep N"),
+    (SHELL_USAGE, ["tmux", "send"], "coi-shell tmux send: missing <name> and <text>",
+     "usage: coi-shell tmux send <name> <text>"),
+    (SHELL_USAGE, ["tmux", "send", "coi-ab-1"], "coi-shell tmux send: missing <text>",
+     "usage: coi-shell tmux send <name> <text>"),
+    (SHELL_USAGE, ["tmux", "capture"], "coi-shell tmux capture: missing <name>",
+     "usage: coi-shell tmux capture <name>"),
+    (SHELL_USAGE, ["run", "--mount", "/a:/b"], "coi-shell run: missing <command>",
+     "usage: coi-shell run [--workspace DIR]"),
+    (CONTAINER_USAGE, ["file", "push", "f"], "coi-container file push: missing <name:path>",
+     "usage: coi-container file push [-r]"),
+])
+def test_a_missing_argument_is_named_with_the_commands_usage(doc, argv, first, usage,
+                                                              monkeypatch, capsys):
+    code, err = usage_error(doc, argv, monkeypatch, capsys)
+    lines = err.splitlines()
+    assert code == 2
+    assert lines[0] == first
+    assert lines[1].startswith(usage)
+    assert all(len(line) <= USAGE_WIDTH for line in lines[1:])
+
+
+def test_through_the_dispatcher_the_command_is_named_as_typed(monkeypatch, capsys):
+    _, err = usage_error(SLOT_USAGE, ["kill"], monkeypatch, capsys, shown_as="coi")
+    assert err.splitlines() == [
+        "coi kill: missing <name> or --all",
+        "usage: coi kill (<name>... | --all) [--no-save] [--force] [--all-users] "
+        "[--format FMT] [--debug]"]
+    assert PROG_VARIABLE not in os.environ  # programs this one runs do not inherit it
+
+
+def test_an_unexpected_argument_is_named_under_its_command(monkeypatch, capsys):
+    code, err = usage_error(SLOT_USAGE, ["list", "--bogus"], monkeypatch, capsys,
+                            shown_as="coi")
+    assert code == 2
+    assert err.splitlines() == ["coi list: unexpected argument '--bogus'",
+                                "usage: coi list [--all] [--all-users] [--format FMT] [--debug]"]
+
+
+def test_an_option_without_its_value_is_named_under_its_command(monkeypatch, capsys):
+    _, err = usage_error(SLOT_USAGE, ["next", "--slot"], monkeypatch, capsys)
+    assert err.splitlines()[0] == "coi-slot next: --slot requires argument"
+
+
+def test_a_missing_or_unknown_subcommand_lists_the_commands_there_are(monkeypatch, capsys):
+    _, err = usage_error(SHELL_USAGE, ["tmux"], monkeypatch, capsys, shown_as="coi")
+    assert err == ("coi tmux: missing a command; one of: list, send, capture "
+                   "(see 'coi tmux --help')\n")
+    _, err = usage_error(SHELL_USAGE, ["tmux", "sned", "x"], monkeypatch, capsys,
+                         shown_as="coi")
+    assert err.startswith("coi tmux: unknown command 'sned'; one of: list, send, capture")
+
+
+def test_without_a_known_command_word_docopt_s_complaint_is_kept(monkeypatch, capsys):
+    _, err = usage_error(SHELL_USAGE, ["--bogus"], monkeypatch, capsys)
+    assert err == "coi-shell: unexpected argument '--bogus' (see 'coi-shell --help')\n"
+
+
+def test_an_optional_command_word_counts_when_typed(monkeypatch, capsys):
+    _, err = usage_error(NET_USAGE, ["network", "remove"], monkeypatch, capsys,
+                         shown_as="coi")
+    assert err.splitlines()[0] == "coi network remove: missing <name>"
+    _, err = usage_error(NET_USAGE, ["remove"], monkeypatch, capsys)
+    assert err.splitlines()[0] == "coi-net remove: missing <name>"
+
+
+# -- repeated options keep every value exactly once ---------------------------------------------
+
+
+@pytest.mark.parametrize(("doc", "argv", "expected"), [
+    (SHELL_USAGE, ["run", "--mount", "/a:/d1", "--mount", "/b:/d2", "--", "sh", "-c", "x"],
+     {"--mount": ["/a:/d1", "/b:/d2"], "<command>": ["sh", "-c", "x"]}),
+    (SHELL_USAGE, ["run", "--env", "A=1", "--env", "B=2", "--env", "C=3", "true"],
+     {"--env": ["A=1", "B=2", "C=3"]}),
+    (SHELL_USAGE, ["shell", "--mount", "/a:/d1", "--mount", "/b:/d2"],
+     {"--mount": ["/a:/d1", "/b:/d2"]}),
+    (SHELL_USAGE, ["--env", "A=1", "--env", "B=2"], {"--env": ["A=1", "B=2"]}),
+    (SLOT_USAGE, ["next", "--env", "A=1", "--env", "B=2"], {"--env": ["A=1", "B=2"]}),
+    (NET_USAGE, ["apply", "c", "--allow", "a.test", "--allow", "b.test", "--resolver", "10.0.0.1",
+                 "--resolver", "10.0.0.2"],
+     {"--allow": ["a.test", "b.test"], "--resolver": ["10.0.0.1", "10.0.0.2"]}),
+    (NET_USAGE, ["network", "apply", "--allow", "a.test", "--allow", "b.test"],
+     {"--allow": ["a.test", "b.test"]}),
+    (CONTAINER_USAGE, ["container", "exec", "c", "--env", "A=1", "--env", "B=2", "--", "true"],
+     {"--env": ["A=1", "B=2"]}),
+])
+def test_repeated_options_keep_every_value_exactly_once(doc, argv, expected):
+    args = parse_args("prog", doc, argv)
+    assert {key: args[key] for key in expected} == expected
+
+
+ALTERNATIVES = """Usage:
+  prog pick a | b
+  prog show <name>
+"""
+
+
+def test_a_usage_the_analysis_cannot_take_apart_still_gives_one_line(monkeypatch, capsys):
+    code, err = usage_error(ALTERNATIVES, ["pick", "c"], monkeypatch, capsys)
+    assert code == 2
+    assert err.splitlines()[0] == "prog pick: invalid arguments"

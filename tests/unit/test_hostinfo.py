@@ -79,3 +79,30 @@ def test_profile_devices_put_root_on_the_pool_and_eth0_on_the_bridge():
     devices = setup.profile_devices("coi", "coibr0")
     assert devices["root"] == {"type": "disk", "path": "/", "pool": "coi"}
     assert devices["eth0"]["network"] == "coibr0"
+
+
+def _program(folder, name="nft", mode=0o755):
+    folder.mkdir(exist_ok=True)
+    path = folder / name
+    path.write_text("#!/bin/sh\n")
+    path.chmod(mode)
+    return path
+
+
+def test_a_program_off_path_is_found_in_the_sbin_directories(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    sbin = _program(tmp_path / "sbin")
+    assert hostinfo.find_program("nft", [str(tmp_path / "none"), str(sbin.parent)]) == str(sbin)
+
+
+def test_a_program_on_path_wins_over_the_sbin_directories(tmp_path, monkeypatch):
+    on_path = _program(tmp_path / "bin")
+    sbin = _program(tmp_path / "sbin")
+    monkeypatch.setenv("PATH", str(on_path.parent))
+    assert hostinfo.find_program("nft", [str(sbin.parent)]) == str(on_path)
+
+
+def test_a_file_that_is_not_executable_is_no_program(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    sbin = _program(tmp_path / "sbin", mode=0o644)
+    assert hostinfo.find_program("nft", [str(sbin.parent)]) is None

@@ -1,9 +1,11 @@
 """Progress lines: numbered steps, results, failures, quiet stdout."""
 
 import io
+import time
 
 import pytest
 
+from coi_common import progress
 from coi_common.progress import Progress
 
 
@@ -34,3 +36,28 @@ def test_interactive_mode_ends_with_one_clean_result_line():
     with progress.step("spin") as outcome:
         outcome.append("ok")
     assert out.getvalue().endswith("\r\x1b[Kjob: [1/1] spin: ok (0.0s)\n")
+
+
+def test_a_wait_longer_than_its_threshold_says_what_it_waits_for_and_how_long():
+    out = io.StringIO()
+    with progress.waiting("creating coi-x-1", after=0.05, stream=out):
+        time.sleep(0.3)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "coi: creating coi-x-1 ..."
+    assert lines[1].startswith("coi: creating coi-x-1: done (")
+
+
+def test_a_short_wait_prints_nothing_and_a_failed_one_says_failed():
+    out = io.StringIO()
+    with progress.waiting("quick", after=5, stream=out):
+        pass
+    assert out.getvalue() == ""
+    with pytest.raises(RuntimeError):
+        _fail_slowly(out)
+    assert "slow: failed (" in out.getvalue()
+
+
+def _fail_slowly(out):
+    with progress.waiting("slow", after=0.01, stream=out):
+        time.sleep(0.2)
+        raise RuntimeError("boom")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from coi_common import protocol, slots
-from coi_common.errors import CoiError, UsageError
+from coi_common.errors import CoiError, NotFound, PermissionDenied, UsageError
 from coi_common.naming import container_name
 from coi_slot import actions, listing
 
@@ -240,13 +240,14 @@ def test_a_running_instance_becomes_a_row_with_its_coi_keys_and_address():
         name="coi-test-unit-1a2b3c4d-2", status="Running", persistent=True,
         workspace="/home/ana/src/app", slot=2, image="coi", tool="claude",
         network="restricted", ipv4="10.151.43.165",
-        created_at="2026-11-27T04:31:05.591882599Z")
+        created_at="2026-11-27T04:31:05.591882599Z", owner_uid=1000)
     assert row.mode == "persistent"
 
 
 def test_a_stopped_instance_has_no_address_and_its_mode_comes_from_the_config():
     row = listing.row_from_incus(STOPPED_INSTANCE)
     assert (row.ipv4, row.mode, row.slot, row.image) == ("", "ephemeral", 1, "coi-rust")
+    assert row.owner_uid is None  # no user.coi.host_uid recorded
 
 
 def test_a_row_with_a_garbled_slot_key_shows_no_slot():
@@ -277,13 +278,13 @@ def test_an_empty_list_is_one_friendly_line():
 
 def test_the_table_has_a_header_and_one_aligned_line_per_container():
     lines = listing.render_text(rows()).splitlines()
-    assert lines[0].split() == ["NAME", "MODE", "STATUS", "SLOT", "IPV4", "IMAGE", "CREATED",
-                                "WORKSPACE"]
+    assert lines[0].split() == ["NAME", "MODE", "STATUS", "SLOT", "IPV4", "IMAGE", "OWNER",
+                                "CREATED", "WORKSPACE"]
     assert lines[1].split() == ["coi-test-unit-1a2b3c4d-2", "persistent", "RUNNING", "2",
-                                "10.151.43.165", "coi", "2026-11-27", "04:31", "UTC",
+                                "10.151.43.165", "coi", "1000", "2026-11-27", "04:31", "UTC",
                                 "/home/ana/src/app"]
-    assert lines[2].split()[:6] == ["coi-test-unit-1a2b3c4d-1", "ephemeral", "STOPPED", "1",
-                                    "-", "coi-rust"]
+    assert lines[2].split()[:7] == ["coi-test-unit-1a2b3c4d-1", "ephemeral", "STOPPED", "1",
+                                    "-", "coi-rust", "-"]
     column = lines[0].index("WORKSPACE")
     assert all(line[column:] == "/home/ana/src/app" for line in lines[1:])
 
@@ -296,8 +297,9 @@ def test_the_list_record_keeps_the_original_keys_and_adds_ours():
                      "persistent": True, "workspace": "/home/ana/src/app",
                      "ipv4": "10.151.43.165", "image": "coi",
                      "created_at": "2026-11-27T04:31:05.591882599Z", "slot": 2,
-                     "tool": "claude", "network": "restricted", "mode": "persistent"}
-    assert (second["ipv4"], second["persistent"]) == ("", False)
+                     "tool": "claude", "network": "restricted", "mode": "persistent",
+                     "owner_uid": 1000}
+    assert (second["ipv4"], second["persistent"], second["owner_uid"]) == ("", False, None)
 
 
 def test_an_empty_list_record_has_an_empty_list_and_sessions_only_when_asked():
@@ -362,7 +364,10 @@ def test_the_text_with_sessions_asked_for_has_a_second_part():
 
 
 @pytest.mark.parametrize(("result", "line"), [
-    (actions.ActionResult("c-1", "kill", ok=True, deleted=True), "killed c-1"),
+    (actions.ActionResult("c-1", "kill", ok=True, deleted=True, saved=True), "killed c-1"),
+    (actions.ActionResult("c-1", "kill", ok=True, deleted=True), "killed c-1 (session not saved)"),
+    (actions.ActionResult("c-1", "shutdown", ok=True, persistent=True, changed=False),
+     "c-1 was stopped already (persistent, kept)"),
     (actions.ActionResult("c-1", "clean", ok=True, deleted=True),
      "removed c-1 (stopped, ephemeral)"),
     (actions.ActionResult("c-1", "persist", ok=True, persistent=True), "c-1 is now persistent"),
@@ -411,7 +416,6 @@ class FakeIncus:
     def __init__(self, status, *, stops_cleanly=True):
         self.status = status
         self.stops_cleanly = stops_cleanly
-        self.timeout = 30.0
         self.calls = []
 
     def instance_state(self, name):
@@ -429,36 +433,67 @@ class FakeIncus:
     delete_instance_force = delete_instance
 
 
+class EndSession:
+    """sessions.end_session as its contract says: a container whose save failed
+    (save_fails) is kept, with the reason; otherwise a persistent one is kept unless
+    `remove`, an ephemeral one deleted. Records each call."""
+
+    def __init__(self, persistent=(), save_fails=()):
+        self.persistent = set(persistent)
+        self.save_fails = set(save_fails)
+        self.calls = []
+
+    def __call__(self, client, name, *, save=True, remove=False):
+        self.calls.append((name, save, remove))
+        if save and name in self.save_fails:
+            return actions.sessions.Ending(
+                saved=False, deleted=False,
+                message=f"could not save the session of {name}: disk full; the container "
+                        "is kept")
+        deleted = remove or name not in self.persistent
+        return actions.sessions.Ending(saved=save, deleted=deleted)
+
+
 @pytest.fixture
 def ended(monkeypatch):
-    calls = []
-    monkeypatch.setattr(actions.sessions, "end_session",
-                        lambda client, name, *, delete: calls.append((name, delete)))
-    return calls
+    fake = EndSession(persistent={"c-p", "c-p-bad"}, save_fails={"c-bad", "c-p-bad"})
+    monkeypatch.setattr(actions.sessions, "end_session", fake)
+    return fake
 
 
-def target(persistent=False, status="Running"):
-    return {"name": "c-1", "status": status,
+def target(persistent=False, status="Running", name=None):
+    return {"name": name or ("c-p" if persistent else "c-1"), "status": status,
             "config": {"user.coi.persistent": str(persistent).lower()}}
 
 
-def test_kill_stops_at_once_then_ends_the_session_with_delete(ended):
+def test_kill_stops_at_once_then_ends_the_session_removing_the_container(ended):
     client = FakeIncus("Running")
-    [result] = actions.act(client, "kill", [target(persistent=True)])
+    [result] = actions.act(client, "kill", [target()])
     assert client.calls == [("set_state", "stop", True, -1)]
-    assert ended == [("c-1", True)]
-    assert (result.ok, result.deleted) == (True, True)
+    assert ended.calls == [("c-1", True, True)]
+    assert (result.ok, result.deleted, result.saved) == (True, True, True)
 
 
-@pytest.mark.parametrize(("persistent", "delete"), [(False, True), (True, False)])
-def test_shutdown_stops_cleanly_then_ends_the_session_deleting_only_ephemeral(
-        ended, persistent, delete):
+def test_kill_removes_a_persistent_container_too(ended):
+    [result] = actions.act(FakeIncus("Running"), "kill", [target(persistent=True)])
+    assert ended.calls == [("c-p", True, True)]
+    assert (result.ok, result.deleted, result.persistent) == (True, True, True)
+
+
+def test_kill_no_save_ends_the_session_without_saving(ended):
+    [result] = actions.act(FakeIncus("Running"), "kill", [target()], save=False)
+    assert ended.calls == [("c-1", False, True)]
+    assert (result.ok, result.deleted, result.saved) == (True, True, False)
+    assert result.line() == "killed c-1 (session not saved)"
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_shutdown_stops_cleanly_then_ends_the_session(ended, persistent):
     client = FakeIncus("Running")
     [result] = actions.act(client, "shutdown", [target(persistent)], timeout=7)
     assert client.calls == [("set_state", "stop", False, 7)]
-    assert client.timeout >= 7 + actions.REPLY_TIMEOUT_MARGIN
-    assert ended == [("c-1", delete)]
-    assert (result.forced, result.deleted) == (False, delete)
+    assert ended.calls == [(result.name, True, False)]
+    assert (result.ok, result.forced, result.deleted) == (True, False, not persistent)
 
 
 def test_shutdown_forces_what_did_not_stop_in_time(ended):
@@ -466,7 +501,7 @@ def test_shutdown_forces_what_did_not_stop_in_time(ended):
     [result] = actions.act(client, "shutdown", [target()], timeout=2)
     assert client.calls == [("set_state", "stop", False, 2), ("set_state", "stop", True, -1)]
     assert (result.ok, result.forced, result.message) == (True, True, "no clean stop within 2 s")
-    assert ended == [("c-1", True)]
+    assert ended.calls == [("c-1", True, False)]
 
 
 def test_shutdown_with_timeout_zero_stops_at_once(ended):
@@ -476,19 +511,115 @@ def test_shutdown_with_timeout_zero_stops_at_once(ended):
     assert (result.forced, result.message) == (True, "stopped at once")
 
 
-def test_clean_ends_the_session_with_delete(ended):
+def test_clean_ends_the_session(ended):
     [result] = actions.act(FakeIncus("Stopped"), "clean", [target(status="Stopped")])
-    assert ended == [("c-1", True)]
-    assert result.ok
+    assert ended.calls == [("c-1", True, False)]
+    assert (result.ok, result.deleted) == (True, True)
+
+
+@pytest.mark.parametrize("action", ["kill", "shutdown", "clean"])
+def test_a_session_that_could_not_be_saved_keeps_the_container_and_fails(ended, action):
+    [result] = actions.act(FakeIncus("Stopped"), action,
+                           [target(status="Stopped", name="c-bad")])
+    assert (result.ok, result.deleted, result.saved) == (False, False, False)
+    assert result.message.startswith("could not save the session of c-bad: disk full")
+
+
+@pytest.mark.parametrize("action", ["kill", "shutdown"])
+def test_a_persistent_container_whose_save_failed_fails_too(ended, action):
+    [result] = actions.act(FakeIncus("Running"), action,
+                           [target(persistent=True, name="c-p-bad")], timeout=0)
+    assert (result.ok, result.deleted, result.persistent) == (False, False, True)
+    assert result.message.startswith("could not save the session of c-p-bad")
+
+
+def test_shutdown_all_leaves_a_stopped_persistent_container_alone_as_unchanged(ended):
+    stopped, running = target(persistent=True, status="Stopped"), target()
+    results = list(actions.act(FakeIncus("Stopped"), "shutdown", [stopped, running],
+                               skip_stopped=True))
+    assert [(r.name, r.ok, r.changed) for r in results] == [("c-p", True, False),
+                                                           ("c-1", True, True)]
+    assert [name for name, _, _ in ended.calls] == ["c-1"]
+
+
+def test_kill_all_still_removes_a_stopped_persistent_container(ended):
+    [result] = actions.act(FakeIncus("Stopped"), "kill",
+                           [target(persistent=True, status="Stopped")], skip_stopped=True)
+    assert (result.changed, result.deleted) == (True, True)
+
+
+def test_named_stopped_persistent_container_is_saved_again(ended):
+    [result] = actions.act(FakeIncus("Stopped"), "shutdown",
+                           [target(persistent=True, status="Stopped")])
+    assert ended.calls == [("c-p", True, False)]
+    assert result.changed
 
 
 def test_a_failure_on_one_container_is_a_result_and_the_next_one_still_runs(monkeypatch):
-    def end_session(client, name, *, delete):
+    def end_session(client, name, *, save=True, remove=False):
         if name == "c-1":
             raise CoiError("disk full")
+        return actions.sessions.Ending(saved=True, deleted=True)
 
     monkeypatch.setattr(actions.sessions, "end_session", end_session)
     second = {**target(), "name": "c-2"}
     results = list(actions.act(FakeIncus("Stopped"), "kill", [target(), second]))
     assert [(r.name, r.ok, r.message) for r in results] == [("c-1", False, "disk full"),
                                                            ("c-2", True, "")]
+
+
+# -- actions: whose containers ------------------------------------------------------------------
+
+
+class Listing:
+    """An Incus that lists session containers of two users (1001 and 1002)."""
+
+    def __init__(self):
+        self.found = [self.session("1a2b3c4d-1", "1001"), self.session("1a2b3c4d-2", "1002"),
+                      self.session("5e6f7a8b-1", "1001", status="Stopped")]
+
+    @staticmethod
+    def session(suffix, host_uid, status="Running"):
+        return {"name": f"{PREFIX}{suffix}", "status": status,
+                "config": {"user.coi.workspace": "/w", "user.coi.host_uid": host_uid,
+                           "user.coi.persistent": "false"}}
+
+    def instances(self, prefix=""):
+        return [i for i in self.found if i["name"].startswith(prefix)]
+
+
+def chosen(names=(), *, uid, all_users=False, every=False, action="kill"):
+    targets = actions.select(Listing(), PREFIX, action, list(names), every=every, uid=uid,
+                             all_users=all_users)
+    return [t["name"].removeprefix(PREFIX) for t in targets]
+
+
+def test_all_takes_only_the_callers_own_containers():
+    assert chosen(uid=1001, every=True) == ["1a2b3c4d-1", "5e6f7a8b-1"]
+    assert chosen(uid=1001, every=True, action="clean") == ["5e6f7a8b-1"]
+    assert chosen(uid=1003, every=True) == []
+
+
+def test_all_users_and_root_take_everyones():
+    every = ["1a2b3c4d-1", "1a2b3c4d-2", "5e6f7a8b-1"]
+    assert chosen(uid=1001, every=True, all_users=True) == every
+    assert chosen(uid=0, every=True) == every
+
+
+def test_naming_another_users_container_is_refused_before_anything_happens():
+    with pytest.raises(PermissionDenied) as refused:
+        chosen([f"{PREFIX}1a2b3c4d-1", f"{PREFIX}1a2b3c4d-2"], uid=1001)
+    assert "belongs to uid 1002" in refused.value.one_line()
+    assert "--all-users" in refused.value.one_line()
+    assert chosen([f"{PREFIX}1a2b3c4d-2"], uid=1001, all_users=True) == ["1a2b3c4d-2"]
+
+
+def test_a_name_that_is_not_coi_s_is_not_found_even_for_root():
+    with pytest.raises(NotFound):
+        chosen([f"{PREFIX}99999999-1"], uid=0)
+
+
+def test_the_listing_shows_only_the_callers_containers_unless_all_users():
+    mine = listing.list_containers(Listing(), PREFIX, uid=1002, all_users=False)
+    assert [(r.name.removeprefix(PREFIX), r.owner_uid) for r in mine] == [("1a2b3c4d-2", 1002)]
+    assert len(listing.list_containers(Listing(), PREFIX, uid=1002, all_users=True)) == 3

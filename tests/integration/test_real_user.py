@@ -1,0 +1,294 @@
+"""coi as the people it is for: a non-root member of incus-admin, added after setup,
+who installed coi the documented way (fixtures `installed_user`, `user_coi`), in
+the DEFAULT network mode, through the checkout's host service (`host_service`).
+
+Also the lifecycle rules that protect what users own: a persistent container is
+never deleted by a command's flags, a failed save keeps the container, long
+Incus operations are waited for, and an exec Incus failed to start is retried.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from coi_common import incus as incus_module
+from coi_common import naming, proc
+from coi_common import netpolicy as np
+from coi_common.errors import NotFound
+
+pytestmark = pytest.mark.incus
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def name_of(user_coi, slot: int) -> str:
+    return naming.container_name(str(user_coi.workspace), slot, user_coi.prefix)
+
+
+def status_of(client, name: str) -> str:
+    try:
+        return str(client.instance_state(name)["status"])
+    except NotFound:
+        return "Gone"
+
+
+# -- a member added after setup, default mode --------------------------------------------
+
+
+def test_a_member_added_after_setup_runs_a_default_session_and_owns_what_it_makes(
+        user_coi, incus_client):
+    done = user_coi("run", "--", "sh", "-c", "id -u; touch /workspace/x")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "1000\n"
+    made = user_coi.workspace / "x"
+    assert (made.stat().st_uid, made.stat().st_gid) == (user_coi.user.uid, user_coi.user.gid)
+    assert incus_client.instances(user_coi.prefix) == []
+
+
+def test_the_host_service_applies_rules_for_the_member_s_session_and_removes_them(
+        user_coi, host_service, incus_client):
+    """A persistent run leaves its container up: its rules are then in the service's
+    table, keyed on its fixed host-side interface; `coi kill` removes both."""
+    done = user_coi("run", "--persistent", "--", "true")
+    assert done.returncode == 0, done.stderr
+    name = name_of(user_coi, 1)
+    instance = incus_client.instance_config(name)
+    assert instance["config"]["user.coi.network"] == "restricted"
+    assert instance["config"]["user.coi.host_uid"] == str(user_coi.user.uid)
+    interface = np.host_name_for(name, "default")
+    assert interface in _table(host_service.table)
+    killed = user_coi("kill", name)
+    assert killed.returncode == 0, killed.stderr
+    assert interface not in _table(host_service.table)
+
+
+def _table(table: str) -> str:
+    listed = proc.run(["nft", "list", "table", "bridge", table], check=False)
+    return listed.stdout
+
+
+def test_a_user_outside_incus_admin_cannot_use_the_host_service(make_test_user,
+                                                                   host_service):
+    outsider = make_test_user(incus_admin=False)
+    done = outsider.run(["python3", "-c", "import socket; s = socket.socket(socket.AF_UNIX); "
+                         f"s.connect({host_service.socket!r})"])
+    assert done.returncode != 0
+    assert "Permission denied" in done.stderr
+
+
+def test_the_service_grants_an_id_map_only_for_the_caller_itself(installed_user,
+                                                                   host_service):
+    code = ("import json, os, sys; from coi_common import hostservice; "
+            "print(json.dumps(hostservice.call('idmap_grant')))")
+    python = installed_user.home / ".local/share/coi/venv/bin/python"
+    done = installed_user.run([str(python), "-c", code],
+                              env={"COI_HOST_SOCKET": host_service.socket})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert (result["uid"], result["gid"]) == (installed_user.uid, installed_user.gid)
+    for path, ident in (("/etc/subuid", installed_user.uid), ("/etc/subgid", installed_user.gid)):
+        assert f"root:{ident}:1" in Path(path).read_text().splitlines()
+
+
+def test_a_refused_verb_is_a_one_line_error_record(installed_user, host_service):
+    code = ("from coi_common import hostservice\n"
+            "try:\n    hostservice.call('net_apply', container='../etc', mode='open')\n"
+            "except Exception as exc:\n    print(type(exc).__name__, exc)")
+    python = installed_user.home / ".local/share/coi/venv/bin/python"
+    done = installed_user.run([str(python), "-c", code],
+                              env={"COI_HOST_SOCKET": host_service.socket})
+    assert done.stdout.startswith("BadInput"), done.stdout + done.stderr
+    assert len(done.stdout.strip().splitlines()) == 1
+
+
+# -- persistent containers are the user's ---------------------------------------------------
+
+
+def test_run_on_a_persistent_slot_without_the_flag_keeps_the_container(user_coi,
+                                                                      incus_client):
+    first = user_coi("run", "--persistent", "--slot", "3", "--", "sudo", "touch",
+                     "/opt/installed-here")
+    assert first.returncode == 0, first.stderr
+    again = user_coi("run", "--slot", "3", "--", "test", "-e", "/opt/installed-here")
+    assert again.returncode == 0, again.stderr
+    assert status_of(incus_client, name_of(user_coi, 3)) != "Gone"
+
+
+def test_the_persistent_flow_comes_back_to_the_same_container_with_what_was_installed(
+        user_coi, terminal, incus_client):
+    term = terminal(user_coi.argv("shell", "--persistent"), None, user_coi.workspace)
+    term.wait_for("dummy: 0 lines of history")
+    term.type("installed a package")
+    term.wait_for("noted installed a package")
+    term.type("/exit")
+    term.type("sudo touch /opt/package-marker && echo MARKED")
+    term.wait_for("MARKED")
+    term.keys("C-b", "d")
+    term.wait_for("COI-EXITED-0")
+    name = name_of(user_coi, 1)
+    back = terminal(user_coi.argv("attach"), None, user_coi.workspace)
+    back.wait_for("MARKED")
+    back.type("sudo poweroff")
+    back.wait_for("COI-EXITED-0", timeout=90)
+    assert status_of(incus_client, name) == "Stopped"
+    resumed = terminal(user_coi.argv("shell", "--persistent", "--resume"), None,
+                       user_coi.workspace)
+    resumed.wait_for("dummy: resumed", timeout=90)
+    assert "dummy: 1 lines of history" in resumed.screen()
+    resumed.type("/exit")
+    resumed.type("test -e /opt/package-marker && echo SAME-CONTAINER")
+    resumed.wait_for("SAME-CONTAINER")
+    assert [i["name"] for i in incus_client.instances(user_coi.prefix)] == [name]
+
+
+def test_attach_to_a_stopped_persistent_container_names_the_real_command(user_coi):
+    made = user_coi("run", "--persistent", "--slot", "2", "--", "true")
+    assert made.returncode == 0, made.stderr
+    stopped = user_coi("shutdown", name_of(user_coi, 2))
+    assert stopped.returncode == 0, stopped.stderr
+    done = user_coi("attach")
+    assert done.returncode != 0
+    assert "coi shell --slot 2 --persistent" in done.stderr
+    assert " N" not in done.stderr
+
+
+# -- what fails before anything is created --------------------------------------------------
+
+
+def test_shell_without_a_terminal_is_refused_before_any_container_exists(user_coi,
+                                                                          incus_client):
+    done = user_coi("shell")
+    assert done.returncode == 2
+    assert "needs a terminal" in done.stderr
+    assert incus_client.instances(user_coi.prefix) == []
+
+
+def test_a_missing_image_is_refused_before_any_container_exists(user_coi, incus_client):
+    done = user_coi("run", "--image", "coi-test-no-such-image", "--", "true")
+    assert done.returncode == 3, done.stderr
+    assert "coi build" in done.stderr
+    assert incus_client.instances(user_coi.prefix) == []
+
+
+def test_an_unknown_tool_is_refused_and_holds_no_slot(user_coi, incus_client):
+    done = user_coi("run", "--tool", "no-such-tool", "--", "true")
+    assert done.returncode != 0
+    assert "no-such-tool" in done.stderr
+    assert "Traceback" not in done.stderr
+    again = user_coi("run", "--", "true")
+    assert again.returncode == 0, again.stderr
+
+
+# -- a save that fails keeps the container ----------------------------------------------
+
+
+def test_a_failed_save_keeps_the_ephemeral_container_and_says_how_to_retry(user_coi,
+                                                                          incus_client):
+    store = user_coi.user.home / ".coi" / "sessions-dummy"
+    user_coi.user.run(["mkdir", "-p", str(store)])
+    os.chmod(store, 0o500)  # the user's own store refuses the save
+    try:
+        done = user_coi("run", "--", "sh", "-c", "mkdir -p ~/.dummy && echo x > ~/.dummy/history")
+        assert done.returncode == 0, done.stderr
+        assert "could not save" in done.stderr
+        assert "coi kill --no-save" in done.stderr
+        name = name_of(user_coi, 1)
+        assert status_of(incus_client, name) != "Gone"
+    finally:
+        os.chmod(store, stat.S_IRWXU)
+    retried = user_coi("kill", name_of(user_coi, 1))
+    assert retried.returncode == 0, retried.stderr
+    assert status_of(incus_client, name_of(user_coi, 1)) == "Gone"
+
+
+# -- Incus: long operations and transient exec failures -------------------------------------
+
+
+def test_an_operation_longer_than_the_socket_timeout_is_waited_for(make_container,
+                                                                   monkeypatch):
+    box = make_container()
+    monkeypatch.setattr(incus_module, "WAIT_ROUND", 1)
+    client = incus_module.Incus(timeout=2)
+    started = time.monotonic()
+    result = client.request("POST", f"/1.0/instances/{box.name}/exec",
+                            {"command": ["sh", "-c", "sleep 4; exit 3"],
+                             "wait-for-websocket": False, "interactive": False,
+                             "record-output": True})
+    assert time.monotonic() - started >= 4
+    assert result["metadata"]["return"] == 3
+
+
+def test_an_exec_incus_failed_to_start_is_tried_again_unseen(coi_env, tmp_path, test_image):
+    """A wrapper in front of the real incus answers the first exec as Incus does under
+    load; coi runs it again and the user sees only the command's own output."""
+    real = proc.which("incus")
+    marker = tmp_path / "failed-once"
+    wrapper = tmp_path / "bin" / "incus"
+    wrapper.parent.mkdir()
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'for a in "$@"; do [ "$a" = exec ] && [ ! -e {marker} ] && touch {marker} && '
+        "echo 'Error: Failed to retrieve PID of executing child process' >&2 && exit 1; done\n"
+        f'exec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    trace = tmp_path / "trace"
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    env = coi_env.environ(PATH=f"{wrapper.parent}:{os.environ['PATH']}",
+                          COI_DEFAULTS_IMAGE=test_image, COI_TOOL_NAME="dummy",
+                          COI_TRACE=str(trace))
+    done = proc.run([str(ROOT / "bin" / "coi"), "run",
+                                  "--workspace", str(workspace), "--network", "open", "--",
+                                  "echo", "hello"], env=env, check=False, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "hello\n"
+    assert "Failed to retrieve PID" not in done.stderr
+    assert marker.exists()
+    assert "retry-exec" in trace.read_text()
+
+
+def test_the_exec_retry_gives_up_after_a_few_tries_with_incus_s_words(monkeypatch):
+    monkeypatch.setattr(incus_module.time, "sleep", lambda _seconds: None)
+    calls = []
+
+    def attempt():
+        calls.append(1)
+        return "Error: Failed to retrieve PID of executing child process"
+
+    spec = incus_module.ExecSpec("c", ("true",))
+    last = incus_module.retry_exec(spec, attempt, incus_module.exec_not_started)
+    assert len(calls) == len(incus_module.EXEC_PAUSES) + 1
+    assert "Failed to retrieve PID" in last
+
+
+# -- whose store, whose exit status -------------------------------------------------------
+
+
+def test_root_ending_a_member_s_session_saves_it_into_the_member_s_store(user_coi, coi_env):
+    made = user_coi("run", "--persistent", "--", "sh", "-c",
+                    "mkdir -p ~/.dummy && echo remembered > ~/.dummy/history")
+    assert made.returncode == 0, made.stderr
+    name = name_of(user_coi, 1)
+    root_env = coi_env.environ(COI_CONTAINER_PREFIX=user_coi.prefix)
+    done = proc.run([str(ROOT / "bin" / "coi"), "shutdown", name], env=root_env, check=False,
+                    timeout=120)
+    assert done.returncode == 0, done.stderr
+    store = user_coi.user.home / ".coi" / "sessions-dummy"
+    saved = [p for p in store.rglob("history") if p.read_text() == "remembered\n"]
+    assert saved, f"no saved history under {store}: {done.stderr}"
+    assert saved[0].stat().st_uid == user_coi.user.uid
+    assert not (coi_env.home / ".coi" / "sessions-dummy").exists()
+
+
+def test_attach_exits_with_the_status_of_what_it_ran(user_coi, terminal):
+    made = user_coi("run", "--persistent", "--", "true")
+    assert made.returncode == 0, made.stderr
+    term = terminal(user_coi.argv("attach", "--bash"), None, user_coi.workspace)
+    term.wait_for("code@")
+    term.type("exit 3")
+    term.wait_for("COI-EXITED-3")

@@ -1,0 +1,47 @@
+"""Whether Incus may map a host uid (subuid/subgid delegation), and what coi says when not."""
+
+import pytest
+
+from coi_common import idmap, sessions
+from coi_common.errors import PermissionDenied
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_an_id_inside_any_root_range_is_delegated_and_others_are_not(tmp_path):
+    subuid = write(tmp_path, "subuid", "root:1000000:1000000000\nroot:21111:1\nbob:5000:10\n")
+    subgid = write(tmp_path, "subgid", "root:1000000:1000000000\n0:21111:1\n")
+    assert idmap.delegated(21111, 21111, subuid=subuid, subgid=subgid)
+    assert not idmap.delegated(5000, 21111, subuid=subuid, subgid=subgid)
+    assert not idmap.delegated(21112, 21111, subuid=subuid, subgid=subgid)
+
+
+def test_broken_lines_and_comments_delegate_nothing(tmp_path):
+    subuid = write(tmp_path, "subuid", "# root:1:100\nroot:x:1\nroot:7\nroot:9:1 # note\n")
+    assert idmap.root_ranges(subuid) == [(9, 1)]
+
+
+def test_missing_lines_are_added_once_and_keep_the_file_s_last_line(tmp_path):
+    subuid = write(tmp_path, "subuid", "root:1000000:1000000000")  # no final newline
+    subgid = write(tmp_path, "subgid", "")
+    missing = idmap.missing_lines([4242], [4243], subuid=subuid, subgid=subgid)
+    assert missing == {subuid: ["root:4242:1"], subgid: ["root:4243:1"]}
+    idmap.add_lines(missing)
+    assert (tmp_path / "subuid").read_text() == "root:1000000:1000000000\nroot:4242:1\n"
+    assert idmap.missing_lines([4242], [4243], subuid=subuid, subgid=subgid) == {}
+
+
+def test_root_without_delegation_is_told_the_exact_fix(monkeypatch):
+    monkeypatch.setattr(sessions.os, "geteuid", lambda: 0)
+    with pytest.raises(PermissionDenied) as refused:
+        sessions.ensure_idmap(sessions.IdMap(59999, 59998, shift=False))
+    assert "root:59999:1" in refused.value.one_line()
+    assert "root:59998:1" in refused.value.one_line()
+
+
+def test_a_shifted_mount_needs_no_delegation():
+    sessions.ensure_idmap(sessions.IdMap(1000, 1000, shift=True))
