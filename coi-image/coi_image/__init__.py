@@ -21,7 +21,8 @@ Commands:
   image list      coi's images (--all: every local image).
   image exists    Exit 0 when the image exists, 1 when not; prints nothing.
   image publish   Publish a stopped container as an image.
-  image delete    Delete an image by alias.
+  image delete    Delete an image by alias, or by fingerprint (at least its first 12
+                  hex digits, as `image list` shows them): also one without alias.
   image cleanup   Keep the newest N images whose alias starts with <prefix>,
                   delete the older ones.
 

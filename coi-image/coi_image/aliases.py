@@ -1,20 +1,31 @@
-"""Publishing images without ever leaving a half-built one under its real name.
+"""Publishing images without ever leaving a half-built one under its real name, or
+one without any name.
 
 A new image is first imported or published under a temporary alias; only
 when that succeeded does the real alias move to it, in one request, and the
-image it pointed at before is deleted. A failure leaves the old image as it
-was and removes the half-way one.
+image it pointed at before is deleted. A failure or an interruption leaves
+the old image as it was and removes the half-way one, also when Incus made
+the image but not its temporary alias: every staged image carries the
+property STAGED_AS (its temporary alias), which finds it either way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any, Final
 
-from coi_common.errors import CoiError
+from coi_common.errors import CoiError, IncusError, NotFound
 from coi_common.incus import Incus
+
+STAGED_AS: Final = "coi.staged_as"
+PUBLISH_SECONDS: Final = 1800
+"""The full coi image (~710 MiB) took 33-65 s to publish here; this is for slow disks."""
+SETTLE_SECONDS: Final = 600
+"""How long an interrupted build waits for Incus to end a publish it cannot cancel."""
 
 
 @contextlib.contextmanager
@@ -29,6 +40,48 @@ def staged(client: Incus, alias: str, prefix: str) -> Iterator[str]:
 
 def import_tarballs(client: Incus, meta: Path, rootfs: Path, tmp_alias: str) -> None:
     client.cli(["image", "import", str(meta), str(rootfs), "--alias", tmp_alias], timeout=900)
+
+
+def publish(client: Incus, instance: str, tmp_alias: str,
+            properties: Mapping[str, str]) -> None:
+    """Publish the stopped `instance` under `tmp_alias`, with STAGED_AS set.
+
+    Incus cannot cancel a publish: when the wait ends early (an error, Ctrl-C,
+    SIGTERM), this waits until Incus has finished or failed it before
+    re-raising, so that no image appears after the caller cleaned up.
+    """
+    body = {"source": {"type": "instance", "name": instance},
+            "properties": {**properties, STAGED_AS: tmp_alias},
+            "aliases": [{"name": tmp_alias}], "compression_algorithm": "zstd"}
+    started = client.request("POST", "/1.0/images", body, what=f"container {instance}",
+                             wait=False)
+    operation = f"/1.0/operations/{started['id']}"
+    try:
+        client.wait_operation(operation, what=f"container {instance}",
+                              timeout=PUBLISH_SECONDS)
+    except BaseException:
+        with contextlib.suppress(CoiError):  # the daemon gone, a second SIGTERM: stop waiting
+            _settle(client, operation)
+        raise
+
+
+def _settle(client: Incus, operation: str) -> None:
+    """Wait (SETTLE_SECONDS at most) until `operation` is over, saying why on stderr."""
+    try:
+        if _is_over(client.request("GET", operation)):
+            return
+    except NotFound:
+        return  # over, and Incus has forgotten it already
+    print("coi-image: Incus is still publishing (it cannot cancel that); "
+          "waiting for it to end, to remove the half-way image", file=sys.stderr, flush=True)
+    # A failed publish is over too; one still running after SETTLE_SECONDS is given up.
+    with contextlib.suppress(IncusError, NotFound):
+        client.wait_operation(operation, timeout=SETTLE_SECONDS)
+
+
+def _is_over(state: Mapping[str, Any] | None) -> bool:
+    # Incus status codes: 1xx while pending or running, 2xx success, 4xx failure.
+    return int((state or {}).get("status_code") or 200) >= 200
 
 
 def swap_alias(client: Incus, tmp_alias: str, alias: str) -> str:
@@ -49,18 +102,25 @@ def swap_alias(client: Incus, tmp_alias: str, alias: str) -> str:
     return str(new["fingerprint"])
 
 
-def _other_aliases(image: dict, alias: str) -> bool:
+def _other_aliases(image: Mapping[str, Any], alias: str) -> bool:
     return any(a.get("name") != alias for a in image.get("aliases") or [])
 
 
 def drop_tmp_alias(client: Incus, tmp_alias: str, alias: str) -> None:
-    """After a failed build: delete the half-way image, if it got that far."""
-    with contextlib.suppress(CoiError):
-        image = client.image_by_alias(tmp_alias)
-        if image is None:
-            return
-        current = client.image_by_alias(alias)
-        if current is not None and current["fingerprint"] == image["fingerprint"]:
-            client.delete_alias(tmp_alias)
-        else:
-            client.delete_image(image["fingerprint"])
+    """Remove what staging under tmp_alias left: the temporary alias and every image
+    staged under it (with or without that alias), except the one `alias` points at.
+    Best effort: the error that brought us here is the one to report."""
+    try:
+        images = client.images()
+    except CoiError:
+        return
+    for image in images:
+        names = {str(a.get("name")) for a in image.get("aliases") or []}
+        staged_as = (image.get("properties") or {}).get(STAGED_AS)
+        if tmp_alias not in names and staged_as != tmp_alias:
+            continue
+        with contextlib.suppress(CoiError):
+            if alias not in names:
+                client.delete_image(str(image["fingerprint"]))
+            elif tmp_alias in names:
+                client.delete_alias(tmp_alias)

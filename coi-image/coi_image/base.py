@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
 from coi_common.apt_sources import host_archive
@@ -61,10 +60,9 @@ def mirror_for(base: Base, configured: str) -> str:
 
 
 def bootstrap_recipe(base: Base, mirror: str) -> str:
-    """What a bootstrapped base is made of: the rootfs code, packages, suite, mirror."""
-    digest = hashlib.sha256(Path(rootfs.__file__).read_bytes())
-    digest.update(f"{base.spec}\0{mirror}\0{','.join(rootfs.BASE_PACKAGES)}".encode())
-    return digest.hexdigest()
+    """What a bootstrapped base is made of: suite, mirror and rootfs.recipe() (contents
+    only, never paths or Python bytes, so every checkout of one version agrees)."""
+    return hashlib.sha256(f"{base.spec}\0{mirror}\0{rootfs.recipe()}".encode()).hexdigest()
 
 
 def identity(client: Incus, base: Base, mirror: str) -> str:
@@ -105,7 +103,8 @@ def ensure(client: Incus, base: Base, mirror: str, *, log_path: str, progress: P
         rootfs.prepare_base(tree, log_path)
         meta, tarball = rootfs.pack(work, tree, {
             "description": f"coi base {base.distro} {base.release} (debootstrap minbase)",
-            "os": base.distro, "release": base.release, "coi.base_recipe": recipe})
+            "os": base.distro, "release": base.release, "coi.base_recipe": recipe,
+            aliases.STAGED_AS: tmp_alias})
         aliases.import_tarballs(client, meta, tarball, tmp_alias)
         aliases.swap_alias(client, tmp_alias, base.alias)
     return base.alias

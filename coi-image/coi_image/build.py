@@ -27,6 +27,12 @@ from coi_image.builder import RECIPE, SCRIPT_IN_BUILDER, Builder, builder
 
 HOST_CA_DIR: Final = Path("/usr/local/share/ca-certificates")
 CUSTOM_SCRIPT_IN_BUILDER: Final = "/root/coi-custom.sh"
+RECIPE_VERSION: Final = 2
+"""Bump by hand when this module or builder.py changes what goes into an image: the
+cache key holds no Python bytes (comments would rebuild images; two checkouts would
+disagree), so the build logic counts only through this number."""
+IMAGE_TOOL_FIELDS: Final = ("name", "binary", "version_args", "install")
+"""What of a tool definition the image build uses; the rest matters only at run time."""
 
 
 @dataclass(frozen=True)
@@ -81,11 +87,32 @@ def _coi_plan(client: incus.Incus, settings: config.Config, alias: str, spec: st
     names = settings.get("image.tools") or [settings.get("tool.name")]
     selected = tuple(tools.get_tool(name, registry) for name in names)
     certificates = ca_certificates(settings)
-    parts = [RECIPE.read_bytes(), Path(__file__).read_bytes(),
-             base_mod.identity(client, base, mirror).encode(),
-             json.dumps([t.to_dict() for t in selected], sort_keys=True).encode(),
-             *(cert.read_bytes() for cert in certificates)]
-    return Plan(alias, base, mirror, _hash(parts), certificates, selected, settings)
+    recipe = coi_recipe(base_mod.identity(client, base, mirror), selected, certificates)
+    return Plan(alias, base, mirror, recipe, certificates, selected, settings)
+
+
+def coi_recipe(base_identity: str, selected: Sequence[tools.Tool],
+               certificates: Sequence[Path]) -> str:
+    """The cache key of the coi image: recipe_hash() over what the image gets of each
+    tool (install, binary and version check; not where the definition lives)."""
+    image_tools = [{key: tool.to_dict()[key] for key in IMAGE_TOOL_FIELDS} for tool in selected]
+    return recipe_hash("coi", base_identity, certificates,
+                       json.dumps(image_tools, sort_keys=True).encode())
+
+
+def custom_recipe(script: Path, base_identity: str, certificates: Sequence[Path]) -> str:
+    """The cache key of a custom image: recipe_hash() over the script's content."""
+    return recipe_hash("custom", base_identity, certificates, script.read_bytes())
+
+
+def recipe_hash(kind: str, base_identity: str, certificates: Sequence[Path],
+                content: bytes) -> str:
+    """sha256 over RECIPE_VERSION, build-coi.sh (every build runs its CA step), the
+    base, the CA certificates' contents and `content`: contents only, no paths, so
+    two checkouts of one version agree that an image is up to date."""
+    return _hash([f"{kind} {RECIPE_VERSION}".encode(), RECIPE.read_bytes(),
+                  base_identity.encode(), _hash([c.read_bytes() for c in certificates]).encode(),
+                  content])
 
 
 def _hash(parts: Sequence[bytes]) -> str:
@@ -238,9 +265,7 @@ def build_custom(name: str, script: str, base_spec: str | None, *, force: bool,
                        hint="run 'coi build' first, or pass --base")
     mirror = base_mod.mirror_for(base, settings.get("image.mirror"))
     certificates = ca_certificates(settings)
-    recipe = _hash([script_path.read_bytes(), Path(__file__).read_bytes(),
-                    base_mod.identity(client, base, mirror).encode(),
-                    *(cert.read_bytes() for cert in certificates)])
+    recipe = custom_recipe(script_path, base_mod.identity(client, base, mirror), certificates)
     if not force and _recipe_of(client.image_by_alias(alias)) == recipe:
         return _report(client, alias, recipe, rebuilt=False, as_json=as_json)
     plan = Plan(alias, base, mirror, recipe, certificates, (), settings, script_path)

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Final
 
 from coi_common import proc
-from coi_common.errors import CoiError, CommandFailed
-from coi_common.incus import Incus
+from coi_common.errors import CoiError, CommandFailed, IncusError
+from coi_common.incus import ExecSpec, Incus
 from coi_image import aliases
 
 RECIPE: Final = Path(__file__).with_name("build-coi.sh")
@@ -101,8 +101,8 @@ class Builder:
 
     def run(self, argv: Sequence[str], *, check: bool = True,
             env: Mapping[str, str] | None = None, user: int | None = None) -> int:
-        status = self.client.exec_logged(self.name, argv, self.log_path,
-                                         env=env or BUILD_ENV, user=user)
+        spec = ExecSpec(self.name, tuple(argv), user=user, env=env or BUILD_ENV)
+        status = self.client.exec_logged(spec, self.log_path)
         if check and status != 0:
             print(proc.log_tail(self.log_path, TAIL_LINES), file=sys.stderr)
             raise CommandFailed(f"{' '.join(argv[:3])} failed in the builder (exit {status})",
@@ -115,7 +115,10 @@ class Builder:
         A clean shutdown first, so whatever an installer left running (npm
         post-install work) finishes before the rootfs is packed; once, a
         publish failed on a file that vanished while Incus walked the tree,
-        so a failed publish is tried a second time on the stopped builder.
+        so a publish that Incus failed is tried a second time on the stopped
+        builder, after removing what the first one left. Anything else (the
+        daemon gone, Ctrl-C, SIGTERM) ends the build, and `staged` removes
+        the half-way image.
         """
         self.run(["sync"])
         try:
@@ -124,8 +127,8 @@ class Builder:
             self.client.set_state(self.name, "stop", force=True)
         with aliases.staged(self.client, alias, tmp_prefix) as tmp_alias:
             try:
-                self.client.publish(self.name, alias=tmp_alias, properties=properties)
-            except CoiError:
+                aliases.publish(self.client, self.name, tmp_alias, properties)
+            except IncusError:
                 aliases.drop_tmp_alias(self.client, tmp_alias, alias)
-                self.client.publish(self.name, alias=tmp_alias, properties=properties)
+                aliases.publish(self.client, self.name, tmp_alias, properties)
             return aliases.swap_alias(self.client, tmp_alias, alias)

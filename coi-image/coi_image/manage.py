@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from coi_common import config, incus, output
 from coi_common.entry import Args
-from coi_common.errors import AlreadyExists, CoiError, NotFound, UsageError
+from coi_common.errors import AlreadyExists, BadInput, CoiError, NotFound, UsageError
 from coi_common.naming import validate_container_name, validate_image_name
 from coi_common.progress import Progress
 from coi_common.protocol import Record, make_record, write_record
@@ -30,6 +30,7 @@ COI_PROPERTY_PREFIX: Final = "coi."
 PUBLISHED_FROM: Final = "coi.published_from"
 PUBLISHED_AT: Final = "coi.published_at"
 FINGERPRINT_SHORT: Final = 12
+FINGERPRINT_PREFIX: Final = re.compile(rf"[0-9a-fA-F]{{{FINGERPRINT_SHORT},64}}")
 NO_ALIAS: Final = "-"
 KEEP_PATTERN: Final = re.compile(r"[0-9]{1,9}")
 """--keep: plain ASCII digits; nine at most keeps int() far from its size limit."""
@@ -192,13 +193,30 @@ def _remove_unnamed(client: incus.Incus, properties: Mapping[str, str]) -> None:
 
 
 def delete(client: incus.Incus, name: str) -> Image:
-    """Delete the image alias `name` points at (its other aliases go with it); return it."""
-    raw = client.image_by_alias(name)
-    if raw is None:
-        raise NotFound(f"image {name} does not exist", hint="see 'coi image list --all'")
-    image = image_from_incus(raw)
+    """Delete the image `name` names (find_image); its aliases go with it. Returns it."""
+    image = find_image(client, name)
     client.delete_image(image.fingerprint)
     return image
+
+
+def find_image(client: incus.Incus, name: str) -> Image:
+    """The image alias `name` points at, else the one whose fingerprint starts with it.
+
+    A fingerprint counts from FINGERPRINT_SHORT hex digits on (what `image list`
+    shows), so an image left without any alias can still be named; a prefix
+    that more than one image shares is refused (BadInput), never guessed.
+    """
+    raw = client.image_by_alias(name)
+    if raw is not None:
+        return image_from_incus(raw)
+    if FINGERPRINT_PREFIX.fullmatch(name):
+        found = [i for i in all_images(client) if i.fingerprint.startswith(name.lower())]
+        if len(found) > 1:
+            raise BadInput(f"{name} is the start of {len(found)} image fingerprints",
+                           hint="give more of the fingerprint, see 'coi image list --all'")
+        if found:
+            return found[0]
+    raise NotFound(f"image {name} does not exist", hint="see 'coi image list --all'")
 
 
 @dataclass(frozen=True)
@@ -319,10 +337,12 @@ def _label(image: Image) -> str:
 
 
 def _deleted_line(name: str, image: Image) -> str:
-    line = f"deleted {name} ({image.fingerprint[:FINGERPRINT_SHORT]})"
+    short = image.fingerprint[:FINGERPRINT_SHORT]
+    by_alias = name in image.aliases
+    line = f"deleted {name} ({short})" if by_alias else f"deleted image {short}"
     others = [a for a in image.aliases if a != name]
     if others:
-        line += f"; its other aliases went with it: {', '.join(others)}"
+        line += f"; its {'other ' if by_alias else ''}aliases went with it: {', '.join(others)}"
     return line
 
 

@@ -46,6 +46,15 @@ TEMPLATES: Final = {
 PRUNE: Final = ("var/lib/apt/lists", "var/cache/apt", "usr/share/doc", "usr/share/man",
                 "usr/share/info")
 TAIL_LINES: Final = 20
+ROOTFS_VERSION: Final = 1
+"""Bump by hand when this module makes a base differently in a way recipe() does not see."""
+
+
+def recipe() -> str:
+    """What a base made here contains, as text for its cache key: the version and the
+    packages, files and pruned folders."""
+    return "\0".join([f"rootfs {ROOTFS_VERSION}", ",".join(BASE_PACKAGES), INTERFACES,
+                       repr(sorted(TEMPLATES.items())), ",".join(PRUNE)])
 
 
 @contextmanager

@@ -5,9 +5,12 @@ Usage:
   build.py (-h | --help)
 
 The image has the alias `coi-test-image` and carries the property
-`coi.recipe_hash`: a sha256 over this script, every file under tests/image/,
-coi-image's rootfs and alias code, the dummy tool, the package list and the
-mirror. When the local image's hash equals the current one, the build prints
+`coi.recipe_hash`: a sha256 over what goes into the image and nothing else:
+the overlay files under tests/image/files/, the dummy tool, coi-image's
+rootfs recipe (rootfs.recipe()), the package list, the mirror and
+IMAGE_VERSION (bump it when the customise steps below change). Paths and
+Python bytes are not in it, so a comment or another checkout rebuilds nothing.
+When the local image's hash equals the current one, the build prints
 "test image up to date" and exits at once. Otherwise it makes an offline
 Debian bookworm minbase with coi-image's rootfs module, adds the tool user
 `code` (uid 1000, passwordless sudo), tmux, git, curl, the dummy tool and
@@ -49,8 +52,9 @@ TMP_PREFIX: Final = "coi-test-"
 SUITE: Final = "bookworm"
 PACKAGES: Final = (*rootfs.BASE_PACKAGES, "tmux", "git", "curl")
 DUMMY_TOOL: Final = ROOT / "lib" / "coi_common" / "tools" / "dummy"
-CODE_FILES: Final = (ROOT / "coi-image" / "coi_image" / "rootfs.py",
-                     ROOT / "coi-image" / "coi_image" / "aliases.py", DUMMY_TOOL)
+OVERLAY_DIR: Final = RECIPE_DIR / "files"
+IMAGE_VERSION: Final = 2
+"""Bump by hand when customise() or the image's properties change."""
 LOG_PATH: Final = Path("/var/tmp/coi-test-image-build.log")
 LOCK_PATH: Final = Path("/run/lock/coi-test-image-build.lock")
 UID: Final = 1000
@@ -91,9 +95,9 @@ def debian_mirror(sources: Path | None = None) -> str:
 
 def recipe_files() -> list[tuple[str, Path]]:
     """(label, path) of every file the image is made from, in a stable order."""
-    found = [(str(p.relative_to(RECIPE_DIR)), p) for p in sorted(RECIPE_DIR.rglob("*"))
-             if p.is_file() and "__pycache__" not in p.parts]
-    return [*found, *((str(p.relative_to(ROOT)), p) for p in CODE_FILES)]
+    found = [(str(p.relative_to(OVERLAY_DIR)), p) for p in sorted(OVERLAY_DIR.rglob("*"))
+             if p.is_file()]
+    return [*found, ("dummy", DUMMY_TOOL)]
 
 
 def recipe_hash(mirror: str) -> str:
@@ -103,6 +107,7 @@ def recipe_hash(mirror: str) -> str:
         digest.update(f"file {label} {path.stat().st_size}\0".encode())
         digest.update(path.read_bytes())
     digest.update(f"packages {','.join(PACKAGES)}\0mirror {mirror}\0".encode())
+    digest.update(f"image {IMAGE_VERSION}\0{rootfs.recipe()}".encode())
     return digest.hexdigest()
 
 
@@ -126,7 +131,8 @@ def build_image(client: Incus, mirror: str, recipe: str, progress: Progress) -> 
         with progress.step("pack"):
             meta, tarball = rootfs.pack(work, tree, {
                 "description": "coi test image (Debian bookworm minbase)", "os": "debian",
-                "release": SUITE, "coi.recipe_hash": recipe, "coi.test_image": "true"})
+                "release": SUITE, "coi.recipe_hash": recipe, "coi.test_image": "true",
+                aliases.STAGED_AS: tmp_alias})
         with progress.step(f"import as {tmp_alias}, then move {ALIAS}"):
             aliases.import_tarballs(client, meta, tarball, tmp_alias)
             return aliases.swap_alias(client, tmp_alias, ALIAS)

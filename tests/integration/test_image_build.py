@@ -1,5 +1,6 @@
 """coi build custom on the cached test image: results, caching, failures, interruption."""
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -7,6 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from coi_common.errors import NotFound
 
 pytestmark = pytest.mark.incus
 
@@ -29,8 +32,19 @@ def image_alias(coi_env, incus_client):
         incus_client.delete_image(image["fingerprint"])
 
 
-def script(tmp_path, body, name="build.sh"):
-    path = tmp_path / name
+@pytest.fixture
+def builds_removed(incus_client, tmp_path):
+    """Every image built from a script under tmp_path goes at the end, also one without alias."""
+    yield
+    for image in incus_client.images():
+        if image["properties"].get("coi.custom_script", "").startswith(f"{tmp_path}/"):
+            with contextlib.suppress(NotFound):
+                incus_client.delete_image(image["fingerprint"])
+
+
+def script(folder, body, name="build.sh"):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
     path.write_text(f"set -e\n{body}\n")
     return path
 
@@ -82,6 +96,17 @@ def test_unchanged_custom_build_is_up_to_date_in_under_a_second_and_force_rebuil
     assert incus_client.image_by_alias(image_alias)["fingerprint"] != first
 
 
+def test_the_same_script_content_at_another_path_is_up_to_date(coi_env, incus_client,
+                                                               image_alias, tmp_path):
+    body = "echo same > /etc/coi-test-same"
+    assert build_custom(image_alias, script(tmp_path / "one", body), coi_env.environ()) \
+        .returncode == 0
+    moved = script(tmp_path / "elsewhere" / "two", body, "renamed.sh")
+    again = build_custom(image_alias, moved, coi_env.environ())
+    assert again.returncode == 0, again.stderr
+    assert "is up to date" in again.stdout
+
+
 def test_failing_script_exits_non_zero_shows_the_log_and_keeps_the_old_image(
         coi_env, incus_client, image_alias, tmp_path):
     good = script(tmp_path, "echo good > /etc/coi-test-good", "good.sh")
@@ -119,6 +144,56 @@ def test_sigterm_during_a_build_removes_the_builder_and_keeps_the_old_image(
     assert not incus_client.instance_exists(builder)
     assert incus_client.image_by_alias(image_alias)["fingerprint"] == before
     assert leftovers(incus_client, coi_env.prefix) == ([], [])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_publish_interrupted_halfway_leaves_no_image_and_no_temporary_alias(
+        coi_env, incus_client, image_alias, tmp_path, builds_removed, signum):
+    # Incompressible data makes the publish last a few seconds, long enough to interrupt.
+    slow = script(tmp_path, "touch /tmp/coi-test-started\n"
+                            "head -c 300M /dev/urandom > /root/coi-test-noise", "noise.sh")
+    child = subprocess.Popen([COI, "build", "custom", image_alias, "--script", str(slow),
+                              "--base", "coi-test-image"], env=coi_env.environ(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        builder = wait_for_builder_running_script(incus_client, coi_env.prefix)
+        wait_for_publish(incus_client, builder)
+        child.send_signal(signum)
+        _, err = child.communicate(timeout=120)
+    finally:
+        stop(child)
+    assert child.returncode == 130, err
+    assert "Traceback" not in err
+    assert "waiting for it to end, to remove the half-way image" in err  # hit mid-publish
+    assert not incus_client.instance_exists(builder)
+    assert incus_client.image_by_alias(image_alias) is None
+    assert [i["fingerprint"] for i in incus_client.images()
+            if i["properties"].get("coi.custom_script") == str(slow)] == []
+    assert leftovers(incus_client, coi_env.prefix) == ([], [])
+
+
+def stop(child):
+    """A build still running after a failed test: SIGTERM lets it remove its builder."""
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
+def wait_for_publish(client, builder, timeout=120):
+    """Until the builder is stopped and Incus runs an image-making operation: the publish."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        # Without recursion: the state Incus adds with it fails ("Invalid PID") while stopping.
+        if client.request("GET", f"/1.0/instances/{builder}")["status"] == "Stopped":
+            running = client.request("GET", "/1.0/operations",
+                                     params={"recursion": "1"}).get("running") or []
+            if any(op["description"] == "Downloading image" for op in running):
+                return
+        time.sleep(0.05)
+    pytest.fail("the builder was never published")
 
 
 def wait_for_builder_running_script(client, prefix, timeout=60):

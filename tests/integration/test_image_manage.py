@@ -24,7 +24,7 @@ import pytest
 from coi_common.errors import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, CoiError, NotFound
 from coi_common.incus import Incus
 from coi_common.protocol import parse_record
-from coi_image import main, manage
+from coi_image import aliases, main, manage
 
 pytestmark = pytest.mark.incus
 
@@ -138,6 +138,29 @@ def stopped_container(make_container, sources, image_aliases):
     name = make_container(start=False).name
     sources.append(name)
     return name
+
+
+@pytest.fixture
+def unnamed_image(rand, import_image, incus_client) -> Iterator[Callable[..., str]]:
+    """unnamed_image(properties=None) -> fingerprint: a tiny image that has lost its only
+    alias, as a failed publish leaves one. Each is deleted at the end, whatever happened."""
+    made: list[str] = []
+
+    def factory(properties: dict | None = None) -> str:
+        alias = f"{rand}-unnamed-{len(made)}"
+        fingerprint = import_image(alias, properties=properties)
+        made.append(fingerprint)
+        incus_client.delete_alias(alias)
+        return fingerprint
+
+    yield factory
+    for fingerprint in made:
+        with contextlib.suppress(NotFound):
+            incus_client.delete_image(fingerprint)
+
+
+def fingerprints(client: Incus) -> set[str]:
+    return {image["fingerprint"] for image in client.images()}
 
 
 # -- publish --------------------------------------------------------------------------------
@@ -308,6 +331,24 @@ def test_delete_says_which_other_aliases_went_with_the_image(coi_env, rand, impo
     assert incus_client.image_by_alias(other) is None
 
 
+@pytest.mark.parametrize("digits", [64, 12])
+def test_delete_by_fingerprint_or_its_first_12_digits_removes_an_image_without_alias(
+        coi_env, unnamed_image, incus_client, digits):
+    fingerprint = unnamed_image()
+    status, out, err = coi("image", "delete", fingerprint[:digits], env=coi_env.environ())
+    assert (status, err) == (0, "")
+    assert out == f"deleted image {fingerprint[:12]}\n"
+    assert fingerprint not in fingerprints(incus_client)
+
+
+def test_delete_by_fingerprint_says_which_aliases_went_with_the_image(coi_env, rand,
+                                                                     import_image):
+    fingerprint = import_image(f"{rand}-by-fp")
+    status, out, _ = run_in_process("image", "delete", fingerprint[:16])
+    assert status == 0
+    assert out == f"deleted image {fingerprint[:12]}; its aliases went with it: {rand}-by-fp\n"
+
+
 def test_delete_of_a_missing_alias_is_not_found_in_one_line(coi_env, rand):
     status, out, err = coi("image", "delete", f"{rand}-nosuch", env=coi_env.environ())
     assert (status, out) == (EXIT_NOT_FOUND, "")
@@ -428,6 +469,32 @@ def test_cleanup_refuses_a_bad_keep_or_empty_prefix_with_exit_2(coi_env, prefix,
     assert (status, out) == (EXIT_USAGE, "")
     assert err.count("\n") == 1
     assert err.startswith(f"coi-image: {problem}")
+
+
+# -- staging (coi_image.aliases) --------------------------------------------------------------
+
+
+def test_dropping_a_staged_alias_removes_its_image_and_one_incus_made_without_the_alias(
+        rand, import_image, unnamed_image, incus_client):
+    tmp = f"{rand}-tmp-1"
+    stale = import_image(tmp)  # a retry finds what its first attempt left under the alias
+    unnamed = unnamed_image(properties={aliases.STAGED_AS: tmp})
+    unrelated = unnamed_image(properties={aliases.STAGED_AS: f"{rand}-tmp-2"})
+    aliases.drop_tmp_alias(incus_client, tmp, f"{rand}-real")
+    left = fingerprints(incus_client)
+    assert stale not in left
+    assert unnamed not in left
+    assert unrelated in left
+    assert incus_client.image_by_alias(tmp) is None
+
+
+def test_dropping_a_staged_alias_keeps_the_image_the_real_alias_points_at(
+        rand, import_image, incus_client):
+    real, tmp = f"{rand}-real", f"{rand}-tmp-1"
+    fingerprint = import_image(real, properties={aliases.STAGED_AS: tmp}, more_aliases=(tmp,))
+    aliases.drop_tmp_alias(incus_client, tmp, real)
+    assert incus_client.image_by_alias(real)["fingerprint"] == fingerprint
+    assert incus_client.image_by_alias(tmp) is None
 
 
 # -- helpers -------------------------------------------------------------------------------
