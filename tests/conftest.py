@@ -35,7 +35,7 @@ import pytest
 
 from coi_common import proc
 from coi_common.errors import CoiError, NotFound
-from coi_common.incus import Incus, ipv4_of
+from coi_common.incus import ExecSpec, Incus, ipv4_of
 
 pytest_plugins = ["fixtures_users"]  # test_user, make_test_user, installed_user
 
@@ -355,12 +355,9 @@ def run_in(incus_client: Incus) -> RunIn:
 
     def execute(name: str, argv: Sequence[str], *, user: int | None = None,
                 env: Mapping[str, str] | None = None, timeout: float = 60) -> proc.Result:
-        args = ["exec", name]
-        if user is not None:
-            args += ["--user", str(user)]
-        for key, value in (env or {}).items():
-            args += ["--env", f"{key}={value}"]
-        return incus_client.cli([*args, "--", *argv], check=False, timeout=timeout)
+        # Through coi's one exec layer, so Incus's transient failures are retried here too.
+        spec = ExecSpec(name, tuple(argv), user=user, env=dict(env or {}))
+        return incus_client.exec_capture(spec, timeout=timeout)
 
     return execute
 
@@ -456,6 +453,7 @@ class HostService:
 
     socket: str
     table: str
+    state_dir: Path
 
 
 @pytest.fixture(scope="session")
@@ -480,7 +478,7 @@ def host_service(incus_run_lock) -> Iterator[HostService]:
                 pytest.fail(f"the host service did not start: "
                             f"{(folder / 'service.log').read_text()}", pytrace=False)
             time.sleep(0.05)
-        yield HostService(socket_path, table)
+        yield HostService(socket_path, table, folder / "net-state")
     finally:
         child.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):

@@ -177,17 +177,17 @@ class Incus:
             url = f"{operation}/wait?{query}"
             reply = self._send("GET", url, None, round_seconds + WAIT_MARGIN)
             result = reply.get("metadata") or {}
-            # A round that ends with the operation still running: Incus 6.0 answers an
-            # error "context deadline exceeded" (later versions the running operation).
-            # A failed operation can say the same words (a stop that timed out), so the
-            # operation itself is asked which it was.
-            still_running = result.get("status") in RUNNING_OPERATION or (
-                reply.get("type") == "error" and ROUND_ENDED in str(reply.get("error"))
-                and self._operation_running(operation))
-            if not still_running:
-                if reply.get("type") == "error":
-                    raise _error_for(int(reply.get("error_code") or 0),
-                                     str(reply.get("error")), what)
+            if reply.get("type") == "error":
+                # A round that ended with the operation still running: Incus 6.0 answers
+                # "context deadline exceeded" (later versions the running operation). A
+                # failed operation can say the same words (a stop that timed out), and
+                # one may end just as the round does: the operation itself tells which.
+                message = str(reply.get("error"))
+                result = (self._operation_state(operation) or {}) \
+                    if ROUND_ENDED in message else {}
+                if not result:
+                    raise _error_for(int(reply.get("error_code") or 0), message, what)
+            if result.get("status") not in RUNNING_OPERATION:
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 raise IncusError(f"{what or operation}: still running after {timeout:g} s")
@@ -195,11 +195,10 @@ class Incus:
             raise _error_for(int(result["status_code"]), str(result.get("err")), what)
         return result
 
-    def _operation_running(self, operation: str) -> bool:
-        query = urlencode({"project": self.project})
-        reply = self._send("GET", f"{operation}?{query}", None)
-        return reply.get("type") != "error" and \
-            (reply.get("metadata") or {}).get("status") in RUNNING_OPERATION
+    def _operation_state(self, operation: str) -> dict[str, Any] | None:
+        """An operation as it is now (no waiting); None once Incus has forgotten it."""
+        reply = self._send("GET", f"{operation}?{urlencode({'project': self.project})}", None)
+        return None if reply.get("type") == "error" else (reply.get("metadata") or None)
 
     # -- server -------------------------------------------------------------
 

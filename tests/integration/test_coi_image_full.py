@@ -96,3 +96,35 @@ def test_dockerd_starts_in_a_nested_session_container(session_box, run_in):
     assert info is not None
     assert info.returncode == 0, info.stderr
     assert info.stdout.strip()
+
+
+def test_a_custom_build_on_top_of_the_full_image_publishes_and_cleans_up(
+        full_image, incus_client, run_in, tmp_path):
+    """The ~1 GiB publish takes longer than any single socket timeout: it is waited for,
+    and the result carries what the script made; no image is left without an alias."""
+    alias = f"coi-test-custom-{os.getpid()}"
+    script = tmp_path / "setup.sh"
+    script.write_text("#!/bin/sh\nset -e\necho custom-ok > /opt/custom-marker\n")
+    before = {i["fingerprint"] for i in incus_client.images()}
+    try:
+        done = subprocess.run([str(ROOT / "bin" / "coi"), "build", "custom", alias, "--base",
+                               ALIAS, "--script", str(script)], env=full_image,
+                              capture_output=True, text=True, timeout=1200, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        image = incus_client.image_by_alias(alias)
+        assert image is not None
+        box = f"{alias}-box"
+        incus_client.create_instance(box, alias, profiles=["coi"], start=False)
+        try:
+            incus_client.set_state(box, "start")
+            seen = run_in(box, ["cat", "/opt/custom-marker"])
+            assert seen.stdout == "custom-ok\n", seen.stderr
+        finally:
+            incus_client.delete_instance_force(box)
+        new = [i for i in incus_client.images() if i["fingerprint"] not in before]
+        assert [i["fingerprint"] for i in new] == [image["fingerprint"]]
+        assert all(i.get("aliases") for i in new)
+    finally:
+        found = incus_client.image_by_alias(alias)
+        if found is not None:
+            incus_client.delete_image(found["fingerprint"])
