@@ -292,3 +292,14 @@ def test_attach_exits_with_the_status_of_what_it_ran(user_coi, terminal):
     term.wait_for("code@")
     term.type("exit 3")
     term.wait_for("COI-EXITED-3")
+
+
+def test_doctor_passes_for_a_member_added_after_setup_with_the_service_setup_started(
+        installed_user):
+    """No COI_HOST_SOCKET: the member talks to the host service `coi setup` installed
+    (make test runs setup first) — the README's path, end to end."""
+    done = installed_user.run([str(installed_user.coi), "doctor", "--format", "json"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    assert checks["network rules"]["ok"], checks["network rules"]
+    assert "/run/coi/host.sock" in checks["network rules"]["detail"]
