@@ -404,7 +404,9 @@ def prepare_home(ctx: Context, session: saved_sessions.Session | None, *,
 def shell(args: Args) -> int:
     """Start or reattach to the tool's tmux session and hand the terminal over; exit
     with what the terminal session ended with."""
-    terminal = open_terminal()  # first: a script without a terminal is told at once
+    if args.get("--session"):
+        naming.validate_session_id(args["--session"])  # a malformed flag before all else
+    terminal = open_terminal()  # then: a script without a terminal is told at once
     try:
         ctx = context_from_args(args, record_on_stdin=True)
         wanted = resume_target(ctx, args)
