@@ -104,7 +104,7 @@ def gather_checks(settings: config.Config) -> Iterator[Check]:
     version = server.get("environment", {}).get("server_version", "?")
     yield Check("daemon", True, f"incusd {version} answering on {client.socket}")
     yield Check("permission", True, f"trusted ({server.get('auth', 'unknown')})")
-    yield from _incus_checks(client, server, settings, service)
+    yield from _incus_checks(client, settings, service)
 
 
 def _tool_check(program: str, why: str, fix: str) -> Check:
@@ -145,12 +145,10 @@ def _nft_usable_check() -> Check:
     return Check("network rules", True, f"applied as root with {nft}")
 
 
-def _idmap_check(shift_supported: bool, service: ServiceState) -> Check:
-    """A uid other than 1000 (or no idmapped mounts) needs raw.idmap, which only starts
-    when /etc/subuid and /etc/subgid let root map that uid and gid."""
+def _idmap_check(service: ServiceState) -> Check:
+    """Sessions map the user's uid/gid to the container's code with raw.idmap, which only
+    starts when /etc/subuid and /etc/subgid let root map them (sessions.IdMap)."""
     uid, gid = sessions.invoking_ids()
-    if sessions.choose_idmap(uid, gid, shift_supported).shift:
-        return Check("idmap delegation", True, f"uid {uid} gets an idmapped mount (shift=true)")
     ids = f"uid {uid}/gid {gid}"
     if idmap.delegated(uid, gid):
         return Check("idmap delegation", True,
@@ -167,7 +165,7 @@ def _idmap_check(shift_supported: bool, service: ServiceState) -> Check:
                  "sessions would not start", fix)
 
 
-def _incus_checks(client: incus.Incus, server: dict, settings: config.Config,
+def _incus_checks(client: incus.Incus, settings: config.Config,
                   service: ServiceState) -> Iterator[Check]:
     pool_name = settings.get("incus.pool")
     profile_name = settings.get("incus.profile")
@@ -190,11 +188,7 @@ def _incus_checks(client: incus.Incus, server: dict, settings: config.Config,
     yield Check("image", image_info is not None,
                 f"image {image!r} " + ("present" if image_info else "not built yet"),
                 "coi build", required=False)
-    shift = hostinfo.kernel_features(server).get("idmapped_mounts") == "true"
-    yield Check("idmapped mounts", shift,
-                "supported (shift=true)" if shift else "not supported: raw.idmap is used instead",
-                "a kernel of 5.12 or newer with idmapped mounts", required=False)
-    yield _idmap_check(shift, service)
+    yield _idmap_check(service)
 
 
 def _pool_checks(name: str, pool: dict | None) -> Iterator[Check]:

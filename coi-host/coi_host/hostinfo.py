@@ -10,7 +10,7 @@ import os
 import re
 import shlex
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,12 +175,6 @@ def _resolver_networks(path: str = "/etc/resolv.conf") -> list[ipaddress.IPv4Net
                 if len(parts) >= 2 and parts[0] == "nameserver" and "." in parts[1]:
                     found.append(ipaddress.IPv4Network(f"{parts[1]}/16", strict=False))
     return found
-
-
-def kernel_features(server: Mapping[str, object]) -> Mapping[str, str]:
-    """Incus's view of the kernel (idmapped_mounts, ...) from GET /1.0."""
-    env = server.get("environment", {})
-    return env.get("kernel_features", {}) if isinstance(env, dict) else {}
 
 
 def coi_users(group: str) -> tuple[set[int], set[int]]:

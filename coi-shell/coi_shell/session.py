@@ -194,9 +194,7 @@ def preflight(ctx: Context, *, creating: bool = True) -> sessions.IdMap:
     record, client = ctx.record, ctx.client
     if creating and client.image_by_alias(record.image) is None:
         raise NotFound(f"image {record.image}: no such image", hint="build it with 'coi build'")
-    uid, gid = sessions.invoking_ids()
-    features = client.server().get("environment", {}).get("kernel_features", {})
-    idmap = sessions.choose_idmap(uid, gid, features.get("idmapped_mounts") == "true")
+    idmap = sessions.IdMap(*sessions.invoking_ids())
     sessions.ensure_idmap(idmap)
     if record.network != "open" and os.geteuid() != 0:
         from coi_common import hostservice  # noqa: PLC0415
@@ -209,7 +207,7 @@ def _create(ctx: Context) -> None:
     idmap = preflight(ctx)
     record = dataclasses.replace(ctx.record,
                                  environment={**ctx.tool.env, **ctx.record.environment})
-    devices = {**sessions.container_devices(record, idmap),
+    devices = {**sessions.container_devices(record),
                **sessions.network_devices(record, ctx.settings)}
     try:
         # Created stopped: the egress rules go in before its first packet.

@@ -95,15 +95,21 @@ class SlotRecord:
 
 @dataclass(frozen=True)
 class IdMap:
-    """How /workspace files keep their host owner: shift (idmapped mount) or raw.idmap."""
+    """How /workspace files keep their host owner: raw.idmap maps the container's
+    `code` (uid/gid 1000) to the invoking user's uid/gid, and nothing else.
+
+    Container root stays in Incus's unprivileged range (host uid 1000000 and up), so
+    for a normal user nothing created in a host-backed mount, setuid or not, belongs
+    to host root. Idmapped mounts (`shift=true`) are not used for that reason: they
+    map container uid 0 to host uid 0, and a setuid-root shell planted from inside
+    ran as root on the host. When coi itself runs as host root, `code` is mapped to
+    root (so the files are root's, as the user expects): prefer a normal user.
+    """
 
     host_uid: int
     host_gid: int
-    shift: bool
 
     def config(self) -> dict[str, str]:
-        if self.shift:
-            return {}
         return {"raw.idmap": f"uid {self.host_uid} {TOOL_UID}\ngid {self.host_gid} {TOOL_UID}"}
 
 
@@ -113,12 +119,6 @@ def invoking_ids() -> tuple[int, int]:
     if uid == 0 and os.environ.get("SUDO_UID", "").isdigit():
         return int(os.environ["SUDO_UID"]), int(os.environ.get("SUDO_GID", "0") or 0)
     return uid, gid
-
-
-def choose_idmap(host_uid: int, host_gid: int, idmapped_mounts: bool) -> IdMap:
-    """shift=true only where it gives the right owner (host uid 1000 = container code)."""
-    return IdMap(host_uid, host_gid,
-                 shift=idmapped_mounts and host_uid == TOOL_UID and host_gid == TOOL_UID)
 
 
 def container_config(record: SlotRecord, idmap: IdMap) -> dict[str, str]:
@@ -132,16 +132,15 @@ def container_config(record: SlotRecord, idmap: IdMap) -> dict[str, str]:
     return config
 
 
-def container_devices(record: SlotRecord, idmap: IdMap) -> dict[str, dict[str, str]]:
-    """The workspace at /workspace, the storage dir and extra mounts."""
-    shift = {"shift": "true"} if idmap.shift else {}
+def container_devices(record: SlotRecord) -> dict[str, dict[str, str]]:
+    """The workspace at /workspace, the storage dir and extra mounts (never shifted:
+    see IdMap)."""
     devices = {"workspace": {"type": "disk", "source": record.workspace,
-                             "path": WORKSPACE_PATH, **shift}}
+                             "path": WORKSPACE_PATH}}
     if record.storage:
-        devices["storage"] = {"type": "disk", "source": record.storage, "path": STORAGE_PATH,
-                              **shift}
+        devices["storage"] = {"type": "disk", "source": record.storage, "path": STORAGE_PATH}
     for number, mount in enumerate(record.mounts):
-        device = {"type": "disk", "source": mount.source, "path": mount.path, **shift}
+        device = {"type": "disk", "source": mount.source, "path": mount.path}
         if mount.readonly:
             device["readonly"] = "true"
         devices[f"mount{number}"] = device
@@ -292,7 +291,7 @@ def ensure_idmap(idmap: IdMap) -> None:
     asking coi's host service to delegate them when this user is not root."""
     from coi_common import idmap as subids  # noqa: PLC0415
 
-    if idmap.shift or subids.delegated(idmap.host_uid, idmap.host_gid):
+    if subids.delegated(idmap.host_uid, idmap.host_gid):
         return
     fix = (f"as root, run 'coi setup' (it lets Incus map the ids of every incus-admin "
            f"member), or add 'root:{idmap.host_uid}:1' to /etc/subuid and "

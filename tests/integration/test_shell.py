@@ -25,13 +25,15 @@ from pathlib import Path
 import pytest
 
 from coi_common import naming
+from coi_host.setup import ensure_subids
 
 pytestmark = pytest.mark.incus
 
 ROOT = Path(__file__).resolve().parents[2]
 COI = str(ROOT / "bin" / "coi")
 INCUS_GROUP = grp.getgrnam("incus-admin").gr_gid
-SHIFTED_UID = 1000  # the container's `code`: a host uid equal to it takes the shift path
+SHIFTED_UID = 1000  # the container's `code`: a host uid equal to it
+UNPRIVILEGED_BASE = 1000000  # Incus's default map: container uid 0 is host uid 1000000
 
 
 def name_of(user_coi, slot):
@@ -130,21 +132,44 @@ def _own_workspace(request, uid):
 @pytest.fixture(params=["root", "uid-1000", "member"])
 def invoker(request):
     """root; the bare uid 1000; the installed incus-admin member."""
+    yield from _invoker(request)
+
+
+@pytest.fixture(params=["uid-1000", "member"])
+def normal_invoker(request):
+    """The bare uid 1000 and the installed incus-admin member: users who are not root."""
+    yield from _invoker(request)
+
+
+def _invoker(request):
     if request.param == "member":
         user_coi = request.getfixturevalue("user_coi")
-        return Invoker(user_coi.user.uid, user_coi.workspace, user_coi)
+        yield Invoker(user_coi.user.uid, user_coi.workspace, user_coi)
+        return
     if request.param == "root":
         workspace, env = _own_workspace(request, 0)
-        return Invoker(0, workspace, lambda *args: checkout_coi(env, workspace, *args))
-    # Host uid 1000 is the container's `code`, so its workspace is shift-mounted with no
-    # id map. No real test user can have uid 1000 (a system account holds it here), so
-    # this case runs the checkout's coi as the bare number, in open mode as before: it
-    # does not use the test run's host service, and ownership does not depend on the
-    # network.
+        yield Invoker(0, workspace, lambda *args: checkout_coi(env, workspace, *args))
+        return
+    # Host uid 1000 equals the container's `code`; it is mapped by raw.idmap like any
+    # other uid (idmapped mounts are never used: they map container root to host root).
+    # No real test user can have uid 1000 (a system account holds it here, outside
+    # incus-admin, so the host service would not delegate it): this case runs the
+    # checkout's coi as the bare number, in open mode, with the delegation added here
+    # and taken away again.
+    added = ensure_subids([SHIFTED_UID], [SHIFTED_UID])
     workspace, env = _own_workspace(request, SHIFTED_UID)
-    return Invoker(SHIFTED_UID, workspace,
-                   lambda *args: checkout_coi(env, workspace, *args, user=SHIFTED_UID),
-                   run_flags=("--network", "open"))
+    yield Invoker(SHIFTED_UID, workspace,
+                  lambda *args: checkout_coi(env, workspace, *args, user=SHIFTED_UID),
+                  run_flags=("--network", "open"))
+    _drop_lines(added)
+
+
+def _drop_lines(added):
+    """Remove the 'PATH root:ID:1' lines ensure_subids reported adding."""
+    for entry in added:
+        path, line = entry.split(" ", 1)
+        kept = [x for x in Path(path).read_text().splitlines(keepends=True) if x.strip() != line]
+        Path(path).write_text("".join(kept))
 
 
 def test_files_made_inside_belong_to_the_invoking_host_user(invoker):
@@ -157,6 +182,25 @@ def test_files_made_inside_belong_to_the_invoking_host_user(invoker):
     assert done.returncode == 0, done.stderr
     assert (invoker.workspace / "made-inside").stat().st_uid == invoker.uid
     assert host_made.read_text() == "host\nmore\n"
+
+
+def test_a_setuid_shell_planted_inside_never_runs_as_root_on_the_host(normal_invoker):
+    """The exploit: root inside copies bash into /workspace, gives it to uid 0 and sets
+    the setuid bit (and code does the same without sudo). For a normal user (the uid-1000
+    case included: no idmapped mount) neither file belongs to root on the host, so neither
+    can run with root's privilege. coi run BY root maps code to root (IdMap): that case
+    is not claimed here."""
+    invoker = normal_invoker
+    done = invoker.coi("run", *invoker.run_flags, "--", "sh", "-c",
+                       "sudo sh -c 'cp /bin/bash /workspace/rootsh; chown 0:0 /workspace/rootsh;"
+                       " chmod 4755 /workspace/rootsh' && cp /bin/bash /workspace/codesh && "
+                       "chmod 4755 /workspace/codesh")
+    assert done.returncode == 0, done.stderr
+    for name in ("rootsh", "codesh"):
+        info = (invoker.workspace / name).stat()
+        assert info.st_uid != 0, f"{name} belongs to host root"
+        assert info.st_gid != 0, f"{name} belongs to host group root"
+    assert (invoker.workspace / "rootsh").stat().st_uid >= UNPRIVILEGED_BASE
 
 
 # -- persistent containers and slots ---------------------------------------------------------

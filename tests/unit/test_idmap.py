@@ -38,10 +38,19 @@ def test_missing_lines_are_added_once_and_keep_the_file_s_last_line(tmp_path):
 def test_root_without_delegation_is_told_the_exact_fix(monkeypatch):
     monkeypatch.setattr(sessions.os, "geteuid", lambda: 0)
     with pytest.raises(PermissionDenied) as refused:
-        sessions.ensure_idmap(sessions.IdMap(59999, 59998, shift=False))
+        sessions.ensure_idmap(sessions.IdMap(59999, 59998))
     assert "root:59999:1" in refused.value.one_line()
     assert "root:59998:1" in refused.value.one_line()
 
 
-def test_a_shifted_mount_needs_no_delegation():
-    sessions.ensure_idmap(sessions.IdMap(1000, 1000, shift=True))
+def test_every_user_maps_only_their_own_ids_to_code():
+    assert sessions.IdMap(1000, 1000).config() == {"raw.idmap": "uid 1000 1000\ngid 1000 1000"}
+    assert sessions.IdMap(20001, 20002).config() == {
+        "raw.idmap": "uid 20001 1000\ngid 20002 1000"}
+
+
+def test_no_host_backed_mount_is_shifted():
+    record = sessions.SlotRecord("/tmp/ws", 1, "coi-0-1", False, "coi", "coi",
+                                 mounts=(sessions.Mount("/tmp/a", "/a"),), storage="/tmp/s")
+    devices = sessions.container_devices(record)
+    assert all("shift" not in device for device in devices.values())
