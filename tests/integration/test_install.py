@@ -55,6 +55,19 @@ def test_installed_coi_list_finds_coi_slot_beside_it(installed_user):
     assert isinstance(parse_record(done.stdout, "container_list")["active_containers"], list)
 
 
+def test_a_coi_linked_alone_still_finds_its_siblings(installed_user):
+    """A user who links only `coi` somewhere of their own (~/bin) still gets every
+    command: the dispatcher also looks beside the link's target, the venv's bin."""
+    lonely = installed_user.home / "lonely-bin"
+    installed_user.run(["mkdir", "-p", str(lonely)])
+    installed_user.run(["ln", "-sf", str(venv_of(installed_user) / "bin" / "coi"),
+                        str(lonely / "coi")])
+    done = installed_user.run([str(lonely / "coi"), "list", "--format", "json"],
+                              env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert isinstance(parse_record(done.stdout, "container_list")["active_containers"], list)
+
+
 def test_installed_doctor_finds_nft_outside_the_users_path(installed_user):
     done = installed_user.run(["coi", "doctor", "--format", "json"])
     checks = {c["name"]: c for c in parse_record(done.stdout, "doctor")["checks"]}
