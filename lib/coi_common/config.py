@@ -15,8 +15,10 @@ JSON and protocol code are imported where they are rendered.
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import re
+import stat
 import types
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -189,8 +191,10 @@ def load(workspace: str | None = None, *, profile: str | None = None,
             values[f"{section}.{key}"] = copy.deepcopy(spec.default)
             sources[f"{section}.{key}"] = DEFAULT_SOURCE
     files = []
-    for path in config_files(workspace, env):
-        data = _read_toml(path)
+    paths = config_files(workspace, env)
+    for path in paths:
+        # The workspace's own file (last) is the container's to write: no link is followed.
+        data = _read_toml(path, follow_links=workspace is None or path != paths[-1])
         if data is not None:
             files.append(path)
             _apply_file(path, data, values, sources)
@@ -221,21 +225,44 @@ def config_files(workspace: str | None, env: Mapping[str, str]) -> list[str]:
     return paths
 
 
-def _read_toml(path: str) -> dict[str, Any] | None:
-    """The parsed file, or None when it does not exist."""
+MAX_CONFIG_BYTES: Final = 1 << 20
+"""A config file larger than this is refused unread (no config needs more)."""
+
+
+def _read_toml(path: str, *, follow_links: bool = True) -> dict[str, Any] | None:
+    """The parsed file, or None when it does not exist.
+
+    Read safely, since the workspace's file is written by whatever runs inside the
+    container: opened without blocking (a FIFO cannot hang coi), a regular file
+    only (a link to /dev/zero is refused, not read forever), at most
+    MAX_CONFIG_BYTES, nesting bounded by the parser (RecursionError is refused);
+    the workspace layer does not follow a symbolic link at all (`follow_links`).
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
+        fd = os.open(path, flags)
     except FileNotFoundError:
         return None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"{path}: is a symbolic link; coi does not follow links for "
+                              "this file") from None
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path}: cannot read: not a regular file")
+    with os.fdopen(fd, "rb") as handle:
+        raw = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 10} KiB")
     try:
         return tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: not UTF-8 text at byte {exc.start}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
 
 
 def _apply_file(path: str, data: Mapping[str, Any], values: dict[str, Any],

@@ -239,11 +239,15 @@ def test_permission_error_is_reported_even_when_running_as_root(
         layout: Layout, monkeypatch: pytest.MonkeyPatch) -> None:
     write(layout.user, "[defaults]\n")
 
-    def refuse(path: str, mode: str = "r") -> None:
-        raise PermissionError(13, "Permission denied", path)
+    real_open = os.open
+
+    def refuse(path: str, flags: int, *args: int) -> int:
+        if str(path).endswith(".toml"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *args)
 
     # Root ignores file modes, so the refusal is simulated where the loader opens files.
-    monkeypatch.setattr(config, "open", refuse, raising=False)
+    monkeypatch.setattr(config.os, "open", refuse)
     assert error_of(layout) == f"{layout.system}: cannot read: Permission denied"
 
 
@@ -448,3 +452,33 @@ def test_render_text_prints_one_toml_line_per_key_with_its_source(layout: Layout
     assert "defaults.persistent = false  # default" in lines
     assert f'network.allowed_domains = ["a.com", "b.com"]  # {layout.user}' in lines
     assert f'defaults.environment = {{ "MY VAR" = "a\\"b" }}  # {layout.user}' in lines
+
+
+# -- the workspace's file is hostile input ------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dev-zero-link", "fifo", "huge", "deep", "link"])
+def test_a_hostile_workspace_file_is_refused_in_one_line_without_reading_it_all(
+        tmp_path, monkeypatch, kind):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("COI_SYSTEM_CONFIG", str(tmp_path / "none.toml"))
+    for name in [v for v in os.environ if v.startswith("COI_") and v != "COI_SYSTEM_CONFIG"]:
+        monkeypatch.delenv(name)
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    target = workspace / ".coi.toml"
+    if kind == "dev-zero-link":
+        target.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "huge":
+        target.write_text("# " + "x" * (2 << 20) + "\n")
+    elif kind == "deep":
+        target.write_text("a = " + "[" * 100000 + "]" * 100000 + "\n")
+    else:
+        (tmp_path / "elsewhere.toml").write_text("[defaults]\npersistent = true\n")
+        target.symlink_to(tmp_path / "elsewhere.toml")
+    with pytest.raises(ConfigError) as refused:
+        config.load(str(workspace))
+    assert str(target) in refused.value.one_line()
+    assert "\n" not in refused.value.one_line()
