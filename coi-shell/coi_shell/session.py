@@ -207,7 +207,7 @@ def _create(ctx: Context) -> None:
     idmap = preflight(ctx)
     record = dataclasses.replace(ctx.record,
                                  environment={**ctx.tool.env, **ctx.record.environment})
-    devices = {**sessions.container_devices(record),
+    devices = {**sessions.container_devices(record, sessions.invoking_home()),
                **sessions.network_devices(record, ctx.settings)}
     try:
         # Created stopped: the egress rules go in before its first packet.

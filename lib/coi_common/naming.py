@@ -203,6 +203,41 @@ def canonical_workspace(path: str | os.PathLike[str]) -> str:
     return real
 
 
+GUARDED_HOST_PATHS: Final = ("/etc", "/root", "/boot", "/proc", "/sys", "/dev",
+                              "/var/lib/incus", "/run/incus", "/var/lib/docker",
+                              "/run/docker.sock", "/var/run/docker.sock")
+"""Host paths no session may mount, nor any directory holding one of them."""
+HOME_SECRETS: Final = (".ssh", ".gnupg", ".aws", ".kube", ".docker", ".password-store",
+                       ".config/gh", ".config/incus")
+"""Directories of the user's home that hold credentials: never mounted, nor their parents."""
+
+
+def check_host_mount(path: str, what: str, home: str) -> str:
+    """`path` resolved, when a session may mount it (the workspace, --storage, --mount);
+    else BadInput naming why: the whole filesystem, the user's home itself (it holds
+    their keys) or anything above it, a guarded system path, a credentials directory,
+    or anything inside or above one of those."""
+    real = os.path.realpath(path)
+    home = os.path.realpath(home)
+    guarded = [*GUARDED_HOST_PATHS, *(os.path.join(home, secret) for secret in HOME_SECRETS)]
+    if real == "/":
+        reason = "it is the whole host filesystem"
+    elif real == home or _inside(home, real):
+        reason = f"it is or holds your home directory {home} (your keys live there)"
+    else:
+        hit = next((g for g in guarded if real == g or _inside(real, g) or _inside(g, real)),
+                   None)
+        reason = f"it is, holds or lies in {hit}" if hit else ""
+    if reason:
+        raise BadInput(f"{what} {path!r} may not be mounted into a session: {reason}",
+                       hint="use a project directory of its own")
+    return real
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path.startswith(folder.rstrip("/") + "/")
+
+
 def workspace_hash(path: str | os.PathLike[str]) -> str:
     """The first 8 hex digits of sha256 over the canonical workspace path."""
     # surrogateescape keeps undecodable file names hashable; valid UTF-8 is unchanged.

@@ -113,6 +113,16 @@ class IdMap:
         return {"raw.idmap": f"uid {self.host_uid} {TOOL_UID}\ngid {self.host_gid} {TOOL_UID}"}
 
 
+def invoking_home() -> str:
+    """The home directory of the user coi acts for (invoking_ids)."""
+    import pwd  # noqa: PLC0415
+
+    try:
+        return pwd.getpwuid(invoking_ids()[0]).pw_dir
+    except KeyError:
+        return os.path.expanduser("~")
+
+
 def invoking_ids() -> tuple[int, int]:
     """The user coi acts for: the one behind sudo when there is one."""
     uid, gid = os.getuid(), os.getgid()
@@ -132,15 +142,21 @@ def container_config(record: SlotRecord, idmap: IdMap) -> dict[str, str]:
     return config
 
 
-def container_devices(record: SlotRecord) -> dict[str, dict[str, str]]:
+def container_devices(record: SlotRecord, home: str) -> dict[str, dict[str, str]]:
     """The workspace at /workspace, the storage dir and extra mounts (never shifted:
-    see IdMap)."""
-    devices = {"workspace": {"type": "disk", "source": record.workspace,
-                             "path": WORKSPACE_PATH}}
+    see IdMap). The one place host paths become mounts: each is checked against
+    naming.check_host_mount for the user whose home is `home`."""
+    def source(path: str, what: str) -> str:
+        return naming.check_host_mount(path, what, home)
+
+    devices = {"workspace": {"type": "disk", "path": WORKSPACE_PATH,
+                             "source": source(record.workspace, "workspace")}}
     if record.storage:
-        devices["storage"] = {"type": "disk", "source": record.storage, "path": STORAGE_PATH}
+        devices["storage"] = {"type": "disk", "source": source(record.storage, "--storage"),
+                              "path": STORAGE_PATH}
     for number, mount in enumerate(record.mounts):
-        device = {"type": "disk", "source": mount.source, "path": mount.path}
+        device = {"type": "disk", "source": source(mount.source, "--mount"),
+                  "path": mount.path}
         if mount.readonly:
             device["readonly"] = "true"
         devices[f"mount{number}"] = device

@@ -303,3 +303,17 @@ def test_doctor_passes_for_a_member_added_after_setup_with_the_service_setup_sta
     checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
     assert checks["network rules"]["ok"], checks["network rules"]
     assert "/run/coi/host.sock" in checks["network rules"]["detail"]
+
+
+@pytest.mark.parametrize("args", [["--mount", "~/.ssh:/keys"], ["--workspace", "/"],
+                                  ["--storage", "/etc"], ["--mount", "~:/home-copy"]])
+def test_mounting_secrets_home_or_system_paths_is_refused_before_anything_exists(
+        user_coi, incus_client, args):
+    ssh = user_coi.user.home / ".ssh"
+    user_coi.user.run(["mkdir", "-p", str(ssh)])
+    expanded = [a.replace("~", str(user_coi.user.home)) for a in args]
+    done = user_coi("run", *expanded, "--", "true")
+    assert done.returncode == 2, done.stderr
+    assert "may not be mounted into a session" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert incus_client.instances(user_coi.prefix) == []

@@ -52,5 +52,5 @@ def test_every_user_maps_only_their_own_ids_to_code():
 def test_no_host_backed_mount_is_shifted():
     record = sessions.SlotRecord("/tmp/ws", 1, "coi-0-1", False, "coi", "coi",
                                  mounts=(sessions.Mount("/tmp/a", "/a"),), storage="/tmp/s")
-    devices = sessions.container_devices(record)
+    devices = sessions.container_devices(record, "/home/someone")
     assert all("shift" not in device for device in devices.values())

@@ -334,3 +334,39 @@ def test_new_session_ids_sort_by_creation_time():
     late = naming.new_session_id(datetime(2025, 1, 2, 0, 0, 0, tzinfo=UTC))
     assert early < late
     assert re.fullmatch(r"20250101-235959-[0-9a-f]{12}", early)
+
+
+# -- host paths a session may mount --------------------------------------------------------
+
+
+@pytest.mark.parametrize(("path", "why"), [
+    ("/", "whole host filesystem"),
+    ("/home/dev", "home directory"),
+    ("/home", "home directory"),
+    ("/home/dev/.ssh", ".ssh"),
+    ("/home/dev/.ssh/keys", ".ssh"),
+    ("/home/dev/.config", ".config/gh"),
+    ("/etc", "/etc"),
+    ("/etc/ssl", "/etc"),
+    ("/var/lib", "/var/lib/incus"),
+    ("/var/lib/incus/unix.socket", "/var/lib/incus"),
+    ("/root", "/root"),
+])
+def test_mounting_the_filesystem_home_secrets_or_system_paths_is_refused(path, why):
+    with pytest.raises(BadInput) as refused:
+        naming.check_host_mount(path, "--mount", "/home/dev")
+    assert why in refused.value.one_line()
+    assert path in refused.value.one_line()
+
+
+@pytest.mark.parametrize("path", ["/home/dev/src/app", "/tmp/project", "/srv/data",
+                                  "/home/dev/.config/coi-projects/x"])
+def test_a_project_directory_may_be_mounted(path):
+    assert naming.check_host_mount(path, "workspace", "/home/dev") == path
+
+
+def test_a_symlink_is_judged_by_where_it_points(tmp_path):
+    link = tmp_path / "innocent"
+    link.symlink_to("/etc")
+    with pytest.raises(BadInput):
+        naming.check_host_mount(str(link), "--mount", "/home/dev")
