@@ -3,11 +3,12 @@
 Usage:
   coi-shell [shell] [--workspace DIR] [--slot N] [--persistent] [--image NAME]
             [--profile NAME] [--tool NAME] [--network MODE] [--env K=V]...
-            [--storage PATH] [--mount SPEC]... [--resume] [--session ID] [--debug]
+            [--storage PATH] [--mount SPEC]... [--resume] [--session ID]
+            [--cpu N] [--memory SIZE] [--processes N] [--debug]
   coi-shell run [--workspace DIR] [--slot N] [--persistent] [--image NAME]
             [--profile NAME] [--tool NAME] [--network MODE] [--env K=V]...
-            [--storage PATH] [--mount SPEC]... [--resume] [--session ID] [--debug]
-            [--] <command>...
+            [--storage PATH] [--mount SPEC]... [--resume] [--session ID]
+            [--cpu N] [--memory SIZE] [--processes N] [--debug] [--] <command>...
   coi-shell attach [<name>] [--workspace DIR] [--slot N] [--bash] [--debug]
   coi-shell tmux list [--all-users] [--format FMT] [--debug]
   coi-shell tmux send <name> <text> [--all-users] [--debug]
@@ -54,6 +55,12 @@ Options:
                     restore session ID (refused when it belongs to another
                     workspace) and are read as --resume --session ID.
   --session ID      The saved session --resume restores (implies --resume).
+  --cpu N           CPUs the container may use (limits.cpu; default: all).
+  --memory SIZE     Memory limit: 512MiB, 4GiB or a share such as 25%
+                    (limits.memory; default 50%); past it the kernel kills
+                    inside the container, never on the host.
+  --processes N     Most processes at once (limits.processes; default 4096;
+                    0: none); a fork bomb stops there.
   --bash            attach: open bash instead of the tmux session.
   --all-users       tmux: also other users' sessions.
   --format FMT      Output format: text or json [default: text].

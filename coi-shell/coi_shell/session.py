@@ -15,6 +15,7 @@ import shlex
 import stat
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -58,6 +59,8 @@ class Context:
     tool: tools.Tool
     resume_id: str = ""
     """--resume=ID: the session asked for by id (restored even into a reused container)."""
+    limits: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Incus limits.* keys for a container this session creates (sessions.limits_config)."""
 
 
 # -- building the context ---------------------------------------------------------------
@@ -74,7 +77,9 @@ def _stdin_is_data() -> bool:
 
 def _cli_values(args: Args) -> dict[str, Any]:
     flags = {"--persistent": ("defaults.persistent", True), "--image": ("defaults.image", None),
-             "--tool": ("tool.name", None), "--network": ("network.mode", None)}
+             "--tool": ("tool.name", None), "--network": ("network.mode", None),
+             "--cpu": ("limits.cpu", None), "--memory": ("limits.memory", None),
+             "--processes": ("limits.processes", None)}
     values: dict[str, Any] = {}
     for flag, (key, constant) in flags.items():
         if args.get(flag):
@@ -88,14 +93,22 @@ def context_from_args(args: Args, *, record_on_stdin: bool) -> Context:
         record = sessions.SlotRecord.from_record(read_record("slot"))
         settings = config.load(record.workspace)
         tool = tools.get_tool(record.tool, tools.registry_from_config(settings))
+        limits = _limits(settings)
     else:
         settings = config.load(args["--workspace"], profile=args.get("--profile"),
                                cli=_cli_values(args))
-        # An unknown tool is refused before a slot is reserved.
+        # An unknown tool or a bad limit is refused before a slot is reserved.
         tool = tools.get_tool(settings.get("tool.name"), tools.registry_from_config(settings))
+        limits = _limits(settings)
         record = _new_record(args, settings)
     return Context(settings, incus.connect(settings), record, tool,
-                   resume_id=str(args.get("--session") or ""))
+                   resume_id=str(args.get("--session") or ""),
+                   limits=limits)
+
+
+def _limits(settings: config.Config) -> dict[str, str]:
+    return sessions.limits_config(settings.get("limits.cpu"), settings.get("limits.memory"),
+                                  settings.get("limits.processes"))
 
 
 def _new_record(args: Args, settings: config.Config) -> sessions.SlotRecord:
@@ -215,7 +228,8 @@ def _create(ctx: Context) -> None:
                               "first container of a new image takes longest)"):
             ctx.client.create_instance(
                 record.container, record.image, profiles=[record.profile],
-                config=sessions.container_config(record, idmap), devices=devices)
+                config={**sessions.container_config(record, idmap), **ctx.limits},
+                devices=devices)
     except NotFound as exc:
         raise NotFound(exc.message, hint="build it with 'coi build'") from None
     try:

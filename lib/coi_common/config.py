@@ -78,6 +78,11 @@ SCHEMA: Final[Mapping[str, Mapping[str, Key]]] = {
         "refresh_interval_minutes": Key("int", 30, minimum=0),
         "resolvers": Key("list", []),
     },
+    "limits": {
+        "cpu": Key("str", ""),
+        "memory": Key("str", "50%"),
+        "processes": Key("int", 4096, minimum=0, maximum=1000000),
+    },
     "image": {
         "base": Key("str", ""),
         "tools": Key("list", []),

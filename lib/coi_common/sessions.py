@@ -9,6 +9,7 @@ keys, so `coi list` needs one request and no local state.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,29 @@ class Mount:
         if not parts[1].startswith("/") or ".." in parts[1].split("/"):
             raise BadInput(f"--mount {text!r}: DST must be an absolute path without '..'")
         return cls(source, parts[1].rstrip("/") or "/", len(parts) == 3)
+
+
+CPU_PATTERN: Final = re.compile(r"[1-9][0-9]{0,3}")
+MEMORY_PATTERN: Final = re.compile(r"[1-9][0-9]{0,6}(MiB|GiB|MB|GB)|([1-9][0-9]?|100)%")
+
+
+def limits_config(cpu: str, memory: str, processes: int) -> dict[str, str]:
+    """Incus limits.* keys of a session container; each value checked, "" / 0 = none."""
+    config = {}
+    if cpu:
+        if not CPU_PATTERN.fullmatch(cpu):
+            raise BadInput(f"--cpu {cpu!r}: expected a number of CPUs such as 2")
+        config["limits.cpu"] = cpu
+    if memory:
+        if not MEMORY_PATTERN.fullmatch(memory):
+            raise BadInput(f"--memory {memory!r}: expected a size such as 512MiB or 4GiB, "
+                           "or a percentage such as 50%")
+        config["limits.memory"] = memory
+    if processes < 0:
+        raise BadInput(f"--processes {processes}: expected 0 (no limit) or more")
+    if processes:
+        config["limits.processes"] = str(processes)
+    return config
 
 
 @dataclass(frozen=True)

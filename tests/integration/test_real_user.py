@@ -317,3 +317,42 @@ def test_mounting_secrets_home_or_system_paths_is_refused_before_anything_exists
     assert "may not be mounted into a session" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert incus_client.instances(user_coi.prefix) == []
+
+
+# -- resource limits ----------------------------------------------------------------------
+
+
+BOMB = ("last=; n=0; for i in $(seq 300); do sleep 20 & "
+        'if [ "$!" != "$last" ]; then n=$((n+1)); last=$!; fi; done; echo started=$n')
+"""A bounded fork bomb: 300 background sleeps of 20 s, counted by their pids."""
+
+
+def test_a_fork_bomb_stops_at_the_process_limit(user_coi):
+    limited = user_coi("run", "--processes", "100", "--", "sh", "-c", BOMB, timeout=120)
+    assert limited.returncode != 0
+    assert "fork" in limited.stderr.lower(), limited.stdout + limited.stderr
+    assert "started=300" not in limited.stdout
+    # The control: the default limit (4096) lets the same 300 start.
+    free = user_coi("run", "--", "sh", "-c", BOMB, timeout=120)
+    assert "started=300" in free.stdout, free.stdout + free.stderr
+
+
+def test_a_memory_hog_is_killed_inside_the_container(user_coi):
+    """Bounded: the hog holds at most 400 MiB even if no limit applied (then the test
+    fails instead of the host); with --memory 128MiB the kernel kills it inside."""
+    done = user_coi("run", "--memory", "128MiB", "--", "sh", "-c",
+                    "head -c 400M /dev/zero | tail > /dev/null; echo status=$?", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "status=137" in done.stdout, done.stdout + done.stderr
+
+
+def test_default_limits_are_set_and_a_bad_one_is_refused_before_anything_exists(
+        user_coi, incus_client):
+    made = user_coi("run", "--persistent", "--", "true")
+    assert made.returncode == 0, made.stderr
+    keys = incus_client.instance_config(name_of(user_coi, 1))["config"]
+    assert (keys["limits.processes"], keys["limits.memory"]) == ("4096", "50%")
+    bad = user_coi("run", "--slot", "2", "--memory", "lots", "--", "true")
+    assert bad.returncode == 2
+    assert "--memory 'lots'" in bad.stderr
+    assert [i["name"] for i in incus_client.instances(user_coi.prefix)] == [name_of(user_coi, 1)]
