@@ -9,9 +9,12 @@ Incus operations are waited for, and an exec Incus failed to start is retried.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import stat
+import tempfile
 import time
 from pathlib import Path
 
@@ -356,3 +359,26 @@ def test_default_limits_are_set_and_a_bad_one_is_refused_before_anything_exists(
     assert bad.returncode == 2
     assert "--memory 'lots'" in bad.stderr
     assert [i["name"] for i in incus_client.instances(user_coi.prefix)] == [name_of(user_coi, 1)]
+
+
+def test_a_session_whose_tool_cannot_start_is_removed_and_says_so(user_coi, terminal,
+                                                                  incus_client):
+    """An `incus` in front of the real one fails every `tmux new-session` exec: coi shell
+    must not leave a running container without the tool."""
+    wrappers = Path(tempfile.mkdtemp(prefix="coi-test-wrap-", dir="/tmp"))
+    try:
+        wrappers.chmod(0o755)
+        fake = wrappers / "incus"
+        fake.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = new-session ] && '
+                        "echo 'Error: tmux refused (test)' >&2 && exit 1; done\n"
+                        f'exec {proc.which("incus")} "$@"\n')
+        fake.chmod(0o755)
+        path = f"{wrappers}:{user_coi.user.home}/.local/bin:/usr/bin:/bin"
+        broken = dataclasses.replace(user_coi, env={**user_coi.env, "PATH": path})
+        term = terminal(broken.argv("shell"), None, user_coi.workspace)
+        term.wait_for("COI-EXITED-1", timeout=90)
+        assert "could not start tmux" in term.screen()
+        assert "was removed" in term.screen()
+        assert incus_client.instances(user_coi.prefix) == []
+    finally:
+        shutil.rmtree(wrappers, ignore_errors=True)
