@@ -5,6 +5,7 @@ Usage:
   coi-host doctor [--format FMT] [--debug]
   coi-host config show [--workspace DIR] [--profile NAME] [--format FMT] [--debug]
   coi-host serve [--socket PATH] [--debug]
+  coi-host trust [--workspace DIR] [--show | --revoke] [--format FMT] [--debug]
   coi-host (-h | --help)
   coi-host --version
 
@@ -16,6 +17,9 @@ Commands:
                host tools; print a fix for each failing check. Exit 0 only
                when every required check holds.
   config show  Print the effective configuration and where each value came from.
+  trust        Let this workspace's .coi.toml widen settings (until then it may
+               only tighten them: a stricter network mode, fewer processes).
+               Trust pins the file's content: after any change, trust again.
   serve        Run coi's host service (root): the socket through which members
                of incus-admin get network rules applied and their id map
                delegated, without sudo. `coi setup` installs and starts it;
@@ -25,6 +29,8 @@ Options:
   --format FMT      Output format: text or json [default: text].
   --workspace DIR   Workspace whose .coi.toml applies [default: .].
   --profile NAME    Apply the [profiles.NAME] table of the configuration.
+  --show            trust: say whether the file is trusted, change nothing.
+  --revoke          trust: take the trust back.
   --socket PATH     serve: the socket to listen on (default: $COI_HOST_SOCKET,
                     else /run/coi/host.sock).
   --debug           Show tracebacks on errors.
@@ -34,6 +40,7 @@ Examples:
   sudo coi setup
   coi doctor --format json
   coi config show --profile rust
+  coi trust --show
 """
 
 from __future__ import annotations
@@ -58,6 +65,11 @@ def dispatch(args: Args) -> int:
         from coi_host.doctor import run_doctor  # noqa: PLC0415
 
         return run_doctor(as_json=as_json)
+    if args["trust"]:
+        from coi_host.config_show import trust_workspace  # noqa: PLC0415
+
+        return trust_workspace(args["--workspace"], show=args["--show"],
+                               revoke=args["--revoke"], as_json=as_json)
     if args["serve"]:
         from coi_common import hostservice  # noqa: PLC0415
         from coi_host.service import serve  # noqa: PLC0415

@@ -40,6 +40,7 @@ COMMANDS: Final[tuple[Command, ...]] = (
     Command("setup", "coi-host", "Install and initialise Incus for coi (needs root)"),
     Command("doctor", "coi-host", "Check that this machine can run coi, and say how to fix it"),
     Command("config", "coi-host", "Show the effective configuration and where values come from"),
+    Command("trust", "coi-host", "Let this workspace's .coi.toml widen settings (by content)"),
     Command("version", "coi", "Print coi, Python and Incus versions"),
     Command("help", "coi", "Show help for coi or one command"),
     Command("completion", "coi", "Print a shell completion script (bash)"),

@@ -19,6 +19,7 @@ import errno
 import os
 import re
 import stat
+import sys
 import types
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
+from coi_common import trust
 from coi_common.errors import ConfigError
 
 
@@ -197,12 +199,25 @@ def load(workspace: str | None = None, *, profile: str | None = None,
             sources[f"{section}.{key}"] = DEFAULT_SOURCE
     files = []
     paths = config_files(workspace, env)
+    ignored: list[str] = []
     for path in paths:
-        # The workspace's own file (last) is the container's to write: no link is followed.
-        data = _read_toml(path, follow_links=workspace is None or path != paths[-1])
-        if data is not None:
-            files.append(path)
-            _apply_file(path, data, values, sources)
+        # The workspace's own file (last) is the container's to write: no link is
+        # followed, and it may only tighten settings until the user trusts it.
+        untrusted = workspace is not None and path == paths[-1]
+        read = _read_toml(path, follow_links=not untrusted)
+        if read is None:
+            continue
+        files.append(path)
+        if untrusted:
+            ignored = narrow_untrusted(path, read, values, sources)
+        else:
+            _apply_file(path, read[0], values, sources)
+    for key in ignored:
+        warning = (f"coi: ignoring {key} in {paths[-1]}: a workspace file may only tighten "
+                   "settings; run 'coi trust' there to allow it")
+        if warning not in _WARNED:  # said once per process, however often config loads
+            _WARNED.add(warning)
+            print(warning, file=sys.stderr)
     _apply_env(env, values, sources)
     if profile is not None:
         _apply_profile(profile, values, sources)
@@ -234,8 +249,9 @@ MAX_CONFIG_BYTES: Final = 1 << 20
 """A config file larger than this is refused unread (no config needs more)."""
 
 
-def _read_toml(path: str, *, follow_links: bool = True) -> dict[str, Any] | None:
-    """The parsed file, or None when it does not exist.
+def _read_toml(path: str, *,
+               follow_links: bool = True) -> tuple[dict[str, Any], str] | None:
+    """The parsed file and the sha256 of its bytes, or None when it does not exist.
 
     Read safely, since the workspace's file is written by whatever runs inside the
     container: opened without blocking (a FIFO cannot hang coi), a regular file
@@ -261,7 +277,7 @@ def _read_toml(path: str, *, follow_links: bool = True) -> dict[str, Any] | None
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 10} KiB")
     try:
-        return tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8")), trust.digest(raw)
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: not UTF-8 text at byte {exc.start}") from None
     except tomllib.TOMLDecodeError as exc:
@@ -291,6 +307,55 @@ def _apply_file(path: str, data: Mapping[str, Any], values: dict[str, Any],
                                   f"(known in [{section}]: {', '.join(keys)})")
             values[dotted] = _check(path, dotted, keys[key], value)
             sources[dotted] = path
+
+
+_WARNED: set[str] = set()
+STRICTNESS: Final = {"open": 0, "restricted": 1, "allowlist": 2}
+UNTRUSTED_KEYS: Final = ("defaults.image", "defaults.persistent", "defaults.max_slots")
+"""What an untrusted workspace file may set freely: none of them widens access."""
+
+
+def narrow_untrusted(path: str, read: tuple[dict[str, Any], str], values: dict[str, Any],
+                     sources: dict[str, str]) -> list[str]:
+    """Lay the workspace file over `values` as far as it only tightens them, unless the
+    user trusted this content (`coi trust`); return the keys it was refused.
+
+    Tightening: UNTRUSTED_KEYS, a stricter network.mode, a lower (non-zero)
+    limits.processes. Everything else (allowlists, resolvers, tools and profiles,
+    incus socket/project/profile, image CA certificates, credential toggles, paths,
+    environment, memory and CPU limits) widens or redirects access and is refused.
+    """
+    data, sha256 = read
+    before, before_sources = dict(values), dict(sources)
+    _apply_file(path, data, values, sources)  # validated in full either way
+    if trust.trusted(expand_path(before["paths.state_dir"]), path, sha256):
+        return []
+    refused = [k for k, source in sources.items() if source == path
+               and not _tightens(k, before.get(k), values[k])]
+    for key in refused:
+        if key in before:
+            values[key], sources[key] = before[key], before_sources[key]
+        else:
+            del values[key], sources[key]
+    return refused
+
+
+def workspace_file(workspace: str) -> tuple[str, str | None]:
+    """The workspace's config file and the sha256 of its content (None: no file),
+    read as safely as the loader reads it and validated as TOML."""
+    path = config_files(os.path.realpath(workspace), {"HOME": "/"})[-1]
+    read = _read_toml(path, follow_links=False)
+    return path, read[1] if read else None
+
+
+def _tightens(key: str, old: Any, new: Any) -> bool:
+    if key in UNTRUSTED_KEYS:
+        return True
+    if key == "network.mode":
+        return STRICTNESS[new] >= STRICTNESS.get(old, 0)
+    if key == "limits.processes":
+        return 0 < new <= old or (old == 0 and new > 0)
+    return False
 
 
 def _apply_named_tables(path: str, section: str, tables: Any, values: dict[str, Any],

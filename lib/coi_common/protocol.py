@@ -38,6 +38,7 @@ REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "net_removed": ("container", "interface", "removed"),
     "net_refresh": ("container", "ok", "changed", "added", "removed"),
     "net_status": ("container", "mode", "interface", "rules", "allowed"),
+    "trust_state": ("path", "state", "sha256"),
     "host_request": ("verb",),
     "host_reply": ("verb", "result"),
 }

@@ -382,3 +382,29 @@ def test_a_session_whose_tool_cannot_start_is_removed_and_says_so(user_coi, term
         assert incus_client.instances(user_coi.prefix) == []
     finally:
         shutil.rmtree(wrappers, ignore_errors=True)
+
+
+def test_a_workspace_file_asking_for_open_network_gets_restricted_until_trusted(
+        user_coi, incus_client):
+    def write_config(text):
+        done = user_coi.user.run(["sh", "-c", f"printf '%s' '{text}' > .coi.toml"],
+                                 cwd=user_coi.workspace)
+        assert done.returncode == 0, done.stderr
+
+    def mode():
+        shown = user_coi("config", "show", "--format", "json")
+        assert shown.returncode == 0, shown.stderr
+        return json.loads(shown.stdout)["values"]["network.mode"]["value"]
+
+    write_config('[network]\nmode = "open"\n')
+    made = user_coi("run", "--persistent", "--", "true")
+    assert made.returncode == 0, made.stderr
+    assert "ignoring network.mode" in made.stderr
+    keys = incus_client.instance_config(name_of(user_coi, 1))["config"]
+    assert keys["user.coi.network"] == "restricted"
+    trusted = user_coi("trust")
+    assert trusted.returncode == 0, trusted.stderr
+    assert mode() == "open"
+    write_config('[network]\nmode = "open"\n# changed inside\n')
+    assert mode() == "restricted"
+    assert "changed since trusted" in user_coi("trust", "--show").stdout

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from coi_common import config
+from coi_common import config, trust
 from coi_common.errors import ConfigError
 from coi_common.protocol import validate
 
@@ -123,11 +123,11 @@ def test_each_layer_overrides_the_layers_below_it_and_is_named_as_source(
 def test_layers_merge_key_by_key_so_lower_values_survive(layout: Layout) -> None:
     write(layout.system, "[defaults]\nmax_slots = 5\n")
     write(layout.user, "[defaults]\npersistent = true\n")
-    write(layout.project, '[network]\nmode = "open"\n')
+    write(layout.project, '[network]\nmode = "allowlist"\n')
     cfg = layout.load()
     assert pair(cfg, "defaults.max_slots") == (5, str(layout.system))
     assert pair(cfg, "defaults.persistent") == (True, str(layout.user))
-    assert pair(cfg, "network.mode") == ("open", str(layout.project))
+    assert pair(cfg, "network.mode") == ("allowlist", str(layout.project))
     assert cfg.source("defaults.image") == "default"
     assert cfg.files == (str(layout.system), str(layout.user), str(layout.project))
 
@@ -322,7 +322,7 @@ def test_profile_environment_is_merged_over_defaults_environment(layout: Layout)
 
 
 def test_profile_overrides_image_persistent_tool_and_network(layout: Layout) -> None:
-    write(layout.project, """\
+    write(layout.user, """\
         [profiles.rust]
         image = "coi-rust"
         persistent = true
@@ -332,7 +332,7 @@ def test_profile_overrides_image_persistent_tool_and_network(layout: Layout) -> 
     cfg = layout.load(profile="rust")
     assert [cfg.get(k) for k in ("defaults.image", "defaults.persistent", "tool.name",
                                  "network.mode")] == ["coi-rust", True, "aider", "allowlist"]
-    assert cfg.source("tool.name") == f"profile rust ({layout.project})"
+    assert cfg.source("tool.name") == f"profile rust ({layout.user})"
     assert cfg.source("defaults.max_slots") == "default"
     assert cfg.profile == "rust"
 
@@ -482,3 +482,53 @@ def test_a_hostile_workspace_file_is_refused_in_one_line_without_reading_it_all(
         config.load(str(workspace))
     assert str(target) in refused.value.one_line()
     assert "\n" not in refused.value.one_line()
+
+
+# -- the workspace's file may only tighten until trusted -------------------------------------
+
+
+WIDENING = """\
+    [network]
+    mode = "open"
+    allowed_domains = ["evil.example"]
+    [incus]
+    profile = "privileged"
+    [defaults]
+    persistent = true
+    [tools.claude]
+    credential_files = [".ssh/id_ed25519"]
+    """
+
+
+def test_an_untrusted_workspace_file_cannot_widen_settings_and_each_refusal_is_said(
+        layout: Layout, capsys: pytest.CaptureFixture[str]) -> None:
+    write(layout.project, WIDENING)
+    cfg = layout.load()
+    assert pair(cfg, "network.mode") == ("restricted", "default")
+    assert cfg.get("network.allowed_domains") == []
+    assert cfg.get("incus.profile") == "coi"
+    assert "tools.claude" not in cfg.values
+    assert pair(cfg, "defaults.persistent") == (True, str(layout.project))  # harmless
+    said = capsys.readouterr().err
+    for key in ("network.mode", "network.allowed_domains", "incus.profile", "tools.claude"):
+        assert f"coi: ignoring {key} in {layout.project}" in said
+    assert "defaults.persistent" not in said
+
+
+def test_a_stricter_mode_and_fewer_processes_are_taken_from_an_untrusted_file(
+        layout: Layout) -> None:
+    write(layout.project, '[network]\nmode = "allowlist"\n[limits]\nprocesses = 64\n')
+    cfg = layout.load()
+    assert (cfg.get("network.mode"), cfg.get("limits.processes")) == ("allowlist", 64)
+    write(layout.project, "[limits]\nprocesses = 0\n")  # 0 = no limit: wider
+    assert layout.load().get("limits.processes") == 4096
+
+
+def test_trust_pins_the_content_and_an_edit_needs_trust_again(layout: Layout) -> None:
+    write(layout.project, WIDENING)
+    path, sha256 = config.workspace_file(str(layout.workspace))
+    assert path == str(layout.workspace.resolve() / ".coi.toml")
+    trust.pin(str(Path(layout.env["HOME"]) / ".coi"), path, sha256)
+    assert layout.load().get("network.mode") == "open"
+    write(layout.project, WIDENING + "# edited inside\n")
+    assert layout.load().get("network.mode") == "restricted"

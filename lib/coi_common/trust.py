@@ -1,0 +1,58 @@
+"""Which workspace config files the user has trusted (`coi trust`), by content.
+
+A workspace's `.coi.toml` is written by whatever runs in its containers, so the
+config loader lets it only tighten settings (config.narrow_untrusted) until the
+user trusts it. Trust pins the file's sha256: any change to the file needs trust
+again. The pins live in `<paths.state_dir>/trust.json`, written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Final
+
+from coi_common.protocol import make_record
+
+TRUST_FILE: Final = "trust.json"
+MAX_TRUST_BYTES: Final = 1 << 20
+
+
+def digest(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def pins(state_dir: str) -> dict[str, str]:
+    """config file path -> pinned sha256; a missing or damaged store pins nothing."""
+    try:
+        with open(os.path.join(state_dir, TRUST_FILE), "rb") as handle:
+            data = json.loads(handle.read(MAX_TRUST_BYTES))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    found = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(found, dict):
+        return {}
+    return {str(k): str(v) for k, v in found.items() if isinstance(v, str)}
+
+
+def trusted(state_dir: str, path: str, sha256: str) -> bool:
+    return pins(state_dir).get(path) == sha256
+
+
+def pin(state_dir: str, path: str, sha256: str | None) -> None:
+    """Trust `path` with this content (sha256), or revoke its trust (None)."""
+    current = pins(state_dir)
+    if sha256 is None:
+        current.pop(path, None)
+    else:
+        current[path] = sha256
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    record = make_record("trust", files=current)
+    fd, tmp = tempfile.mkstemp(prefix=".trust-", dir=state_dir)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, os.path.join(state_dir, TRUST_FILE))
