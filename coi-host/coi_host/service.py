@@ -39,7 +39,7 @@ from typing import Any, Final
 from coi_common import __version__, config, hostservice, idmap, incus, naming, proc
 from coi_common.dispatch import find_executable
 from coi_common.errors import BadInput, CoiError, NotFound, PermissionDenied
-from coi_common.protocol import Record, error_record, make_record, validate
+from coi_common.protocol import Record, error_record, make_record, parse_record
 from coi_host import install
 
 MODES: Final = ("restricted", "allowlist", "open")
@@ -122,13 +122,11 @@ class Service:
             if not peer.allowed:
                 raise PermissionDenied(f"uid {peer.uid} is neither root nor a member of "
                                        f"{self.group}")
-            request = validate(json.loads(raw), "host_request")
+            request = parse_record(raw.decode("utf-8", "replace"), "host_request")
             verb = request["verb"]
             if verb not in self.verbs:
                 raise BadInput(f"unknown verb {verb!r}; known: {', '.join(self.verbs)}")
             return make_record("host_reply", verb=verb, result=self.verbs[verb](peer, request))
-        except ValueError as exc:
-            return error_record(BadInput(f"request is not JSON: {exc}"))
         except CoiError as exc:
             return error_record(exc)
 

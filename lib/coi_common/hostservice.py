@@ -16,7 +16,7 @@ import socket
 from typing import Any, Final
 
 from coi_common.errors import ALL_ERRORS, BadInput, CoiError, IncusUnavailable, PermissionDenied
-from coi_common.protocol import Record, make_record, validate
+from coi_common.protocol import Record, make_record, parse_record
 
 SOCKET_VARIABLE: Final = "COI_HOST_SOCKET"
 DEFAULT_SOCKET: Final = "/run/coi/host.sock"
@@ -75,8 +75,8 @@ def _result(raw: bytes, verb: str) -> Record:
     if not raw:
         raise IncusUnavailable(f"coi's host service closed the connection ({verb})")
     try:
-        reply = validate(json.loads(raw), ("host_reply", "error"))
-    except (ValueError, BadInput) as exc:
+        reply = parse_record(raw.decode("utf-8", "replace"), ("host_reply", "error"))
+    except BadInput as exc:
         raise CoiError(f"coi's host service answered something unreadable: {exc}") from None
     if reply["kind"] == "error":
         kinds = {kind.code: kind for kind in ALL_ERRORS}

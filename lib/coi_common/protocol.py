@@ -90,14 +90,37 @@ def validate(record: Any, kind: str | tuple[str, ...] | None = None) -> Record:
     return record
 
 
-def parse_record(text: str, kind: str | tuple[str, ...] | None = None) -> Record:
-    """Decode and validate one record from text."""
+MAX_DEPTH: Final = 64
+"""Deepest nesting of objects and arrays coi accepts in JSON it did not write itself."""
+
+
+def loads(text: str | bytes, *, max_depth: int = MAX_DEPTH) -> Any:
+    """json.loads for input from outside (stdin, a socket, a file a container wrote):
+    nesting deeper than `max_depth` is refused as BadInput, never a RecursionError here
+    or in the recursive code that later walks the value."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadInput(f"input is not valid JSON: {exc.msg} at line {exc.lineno} "
                        f"column {exc.colno}") from None
-    return validate(data, kind)
+    except RecursionError:
+        raise BadInput(f"input JSON is nested more than {max_depth} levels deep") from None
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else \
+            value if isinstance(value, list) else ()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > max_depth:
+                    raise BadInput(f"input JSON is nested more than {max_depth} levels deep")
+                stack.append((child, depth + 1))
+    return data
+
+
+def parse_record(text: str, kind: str | tuple[str, ...] | None = None) -> Record:
+    """Decode and validate one record from text."""
+    return validate(loads(text), kind)
 
 
 def read_record(kind: str | tuple[str, ...] | None = None, stream: IO[str] | None = None) -> Record:

@@ -49,6 +49,7 @@ from coi_common import __version__, naming
 from coi_common.errors import BadInput, CoiError, CommandFailed, NotFound
 from coi_common.incus import ExecSpec, Incus, exec_not_started, retry_exec
 from coi_common.protocol import CONTRACT_VERSION, make_record
+from coi_common.protocol import loads as protocol_loads
 from coi_common.tools import HOME, TOOL_UID, Tool, get_tool, json_copy, registry_from_config
 
 KEY: Final = "user.coi."
@@ -936,9 +937,9 @@ def _json_object(data: bytes | None, where: str) -> dict[str, Any] | None:
     if data is None or not data.strip():
         return {}
     try:
-        value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        warn(f"{where} is not valid JSON; coi leaves it as it is")
+        value = protocol_loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, BadInput) as exc:
+        warn(f"{where} is not usable JSON ({exc}); coi leaves it as it is")
         return None
     if not isinstance(value, dict):
         warn(f"{where} is not a JSON object; coi leaves it as it is")

@@ -3,12 +3,15 @@
 import io
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from coi_common import protocol
 from coi_common.errors import BadInput, NotFound
+
+ROOT = Path(__file__).resolve().parents[2]
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 
@@ -85,3 +88,26 @@ def test_read_record_skips_blank_lines_and_refuses_empty_input():
     assert protocol.read_record("setup", stream)["kind"] == "setup"
     with pytest.raises(BadInput, match="got nothing"):
         protocol.read_record("setup", io.StringIO(""))
+
+
+@pytest.mark.parametrize("depth", [65, 100_000])
+def test_json_nested_too_deeply_is_bad_input_never_a_recursion_error(depth):
+    with pytest.raises(BadInput) as refused:
+        protocol.loads("[" * depth + "]" * depth)
+    assert "nested more than 64 levels" in refused.value.one_line()
+
+
+def test_json_of_ordinary_depth_is_read():
+    assert protocol.loads('{"a": ' * 10 + "1" + "}" * 10)["a"]["a"]["a"] is not None
+
+
+@pytest.mark.parametrize("argv", [["coi-net", "apply", "--dry-run"], ["coi-session", "save"]])
+def test_executables_refuse_a_deeply_nested_stdin_record_in_one_line(argv):
+    deep = '{"coi": 1, "kind": "slot", "x": ' + "[" * 50_000 + "]" * 50_000 + "}\n"
+    done = subprocess.run([str(ROOT / "bin" / argv[0]), *argv[1:]], input=deep, text=True,
+                          capture_output=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert "nested more than" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert "internal error" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
