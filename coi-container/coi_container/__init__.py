@@ -46,7 +46,9 @@ Commands:
   destination is the copy's name. Modes are kept (a push's files get --mode
   when given), missing parent directories are made (0755), and content is
   copied byte for byte. A pulled directory never merges into an existing one
-  on the host.
+  on the host, and a pull brings only regular files and directories (links,
+  FIFOs and devices stay behind); a pull that stalls for 20 s or grows past
+  8 GiB is stopped and writes nothing.
 
 Options:
   --ephemeral        The container is deleted when it stops.

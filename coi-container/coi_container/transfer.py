@@ -16,22 +16,28 @@ are skipped (and counted in the result line).
 
 A pull lands in a staging directory next to the destination and is then
 renamed into place, so a failed pull leaves nothing half-written, a file is
-replaced atomically, and a directory never merges into an existing one.
+replaced atomically, and a directory never merges into an existing one. What
+the container sends is hostile: only regular files and directories come out
+(links, FIFOs and devices are dropped), and a copy that grows past 8 GiB or
+never ends is stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import re
 import shutil
 import stat
+import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from coi_common import incus
+from coi_common import incus, proc
 from coi_common.entry import Args
 from coi_common.errors import (
     AlreadyExists,
@@ -247,15 +253,81 @@ def pull(client: incus.Incus, remote: Remote, target: str, *, recursive: bool) -
 def _pull_via_staging(client: incus.Incus, remote: Remote, kind: str, parent: str,
                       dest: str) -> None:
     """Pull into a fresh directory in `parent`, then rename the result to `dest`
-    (same file system, so the rename is atomic); the staging directory always goes."""
+    (same file system, so the rename is atomic); the staging directory always goes.
+
+    What the container sends is hostile: the pull is stopped when the staging
+    directory grows past PULL_MAX_BYTES or the copy runs PULL_SECONDS (a FIFO or a
+    device there would never end), and before the rename everything in it that is
+    not a regular file or a directory (links, FIFOs, devices) is removed, so a pull
+    never creates a link to a host path, nor a special file.
+    """
     staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=parent)
     try:
         flags = ["--recursive"] if kind == "directory" else []
-        client.cli(["file", "pull", "--quiet", *flags, f"{remote.name}{remote.path}",
-                    staging + "/"])
+        _bounded(client.cli_argv(["file", "pull", "--quiet", *flags,
+                                  f"{remote.name}{remote.path}", staging + "/"]),
+                 staging, remote)
         pulled = os.path.join(staging, posixpath.basename(remote.path))
-        if not os.path.lexists(pulled):
+        top = os.lstat(pulled) if os.path.lexists(pulled) else None
+        if top is None:
             raise CoiError(f"Incus copied nothing from {remote}")
+        if not (stat.S_ISREG(top.st_mode) or stat.S_ISDIR(top.st_mode)):
+            raise BadInput(f"{remote} turned into a link or special file during the copy; "
+                           "nothing was written")
+        _drop_special(pulled)
         os.replace(pulled, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+PULL_MAX_BYTES: Final = 8 << 30
+PULL_SECONDS: Final = 3600
+PULL_IDLE_SECONDS: Final = 20
+"""A pull that writes nothing for this long is stuck (a FIFO with no writer) and stopped."""
+
+
+def _bounded(argv: list[str], staging: str, remote: Remote) -> None:
+    """Run the pull, watching how much it has written; stop it past the bounds."""
+    child = proc.spawn(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + PULL_SECONDS
+    size, grew = 0, time.monotonic()
+    try:
+        while child.poll() is None:
+            now, seen = time.monotonic(), _tree_bytes(staging)
+            size, grew = (seen, now) if seen != size else (size, grew)
+            if seen > PULL_MAX_BYTES or now > deadline or now - grew > PULL_IDLE_SECONDS:
+                proc.stop_group(child)
+                raise BadInput(f"{remote}: the copy grew past {PULL_MAX_BYTES >> 30} GiB or "
+                               f"stalled for {PULL_IDLE_SECONDS} s (a FIFO or a device in "
+                               "it?); nothing was written")
+            time.sleep(0.2)
+    except BaseException:
+        proc.stop_group(child)
+        raise
+    errors = child.stderr.read().decode("utf-8", "replace") if child.stderr else ""
+    if child.returncode != 0:
+        raise CoiError(f"incus file pull of {remote} failed: "
+                       f"{proc.last_line(errors) or 'exit ' + str(child.returncode)}")
+
+
+def _tree_bytes(folder: str) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
+def _drop_special(top: str) -> None:
+    """Remove every entry under `top` that is neither a regular file nor a directory."""
+    if not os.path.isdir(top) or os.path.islink(top):
+        return
+    for root, dirs, files in os.walk(top):
+        for name in [*dirs, *files]:
+            path = os.path.join(root, name)
+            mode = os.lstat(path).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                os.unlink(path)
+        dirs[:] = [d for d in dirs if os.path.isdir(os.path.join(root, d))
+                   and not os.path.islink(os.path.join(root, d))]

@@ -463,7 +463,7 @@ def test_push_and_pull_a_directory_tree_with_r(coi_env, capsys, box, where, tmp_
     assert (back / "top.txt").read_text() == "top\n"
     assert (back / "sub dir" / "deep.bin").read_bytes() == b"\x00\x01\x02"
     assert stat.S_IMODE((back / "sub dir").stat().st_mode) == 0o700
-    assert os.readlink(back / "link") == "top.txt"
+    assert not os.path.lexists(back / "link")  # a pull never makes links (SECURITY.md)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".coi-pull-")]
 
 
@@ -486,6 +486,34 @@ def test_pull_r_never_merges_into_an_existing_directory(coi_env, capsys, box, tm
     assert code == EXIT_FAILED
     assert f"{existing}' is an existing directory (remove it or choose another name)" in err
     assert sorted(p.name for p in existing.iterdir()) == ["mine"]
+
+
+def test_pull_r_brings_only_files_and_directories_never_links_to_host_paths(
+        coi_env, capsys, box, where, tmp_path, run_in):
+    made = run_in(box, ["sh", "-c", f"mkdir -p {where}/sub && echo hi > {where}/a && "
+                        f"ln -s / {where}/root && ln -s /etc/passwd {where}/sub/pw && "
+                        f"ln -s /root/.ssh {where}/keys"])
+    assert made.returncode == 0, made.stderr
+    out = tmp_path / "out"
+    code, _, err = run_main(capsys, "file", "pull", "-r", f"{box}:{where}", str(out))
+    assert code == 0, err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["a", "sub"]
+    assert not any(p.is_symlink() for p in out.rglob("*"))
+
+
+def test_pull_of_a_tree_holding_a_fifo_stops_and_writes_nothing(coi_env, capsys, box, where,
+                                                                tmp_path, run_in):
+    """Bounded: the copy stalls on the FIFO (no writer) and is stopped after
+    PULL_IDLE_SECONDS (20 s) instead of hanging for ever."""
+    made = run_in(box, ["sh", "-c", f"mkdir -p {where} && echo hi > {where}/a && "
+                        f"mkfifo {where}/pipe"])
+    assert made.returncode == 0, made.stderr
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _, err = run_main(capsys, "file", "pull", "-r", f"{box}:{where}", str(out / "d"))
+    assert code == EXIT_USAGE, err
+    assert "stalled" in err
+    assert list(out.iterdir()) == []
 
 
 @pytest.mark.parametrize(("verb", "args", "problem"), [
