@@ -94,6 +94,7 @@ def install(root: Path = SERVICE_ROOT) -> tuple[bool, str]:
     """Make SERVICE_ROOT hold this code and its launchers; (changed, digest)."""
     dirs = package_dirs()
     digest = code_digest(dirs)
+    python = interpreter()
     target = root / f"lib-{digest}"
     changed = not target.is_dir()
     if changed:
@@ -102,9 +103,8 @@ def install(root: Path = SERVICE_ROOT) -> tuple[bool, str]:
         for name, folder in dirs.items():
             shutil.copytree(folder, staging / name,
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        proc.run([interpreter(), "-I", "-m", "compileall", "-q", str(staging)], check=False)
+        proc.run([python, "-I", "-m", "compileall", "-q", str(staging)], check=False)
         os.replace(staging, target)
-    python = interpreter()
     (root / "bin").mkdir(parents=True, exist_ok=True)
     for program, module in EXECUTABLES.items():
         changed |= _write_if_changed(root / "bin" / program,

@@ -147,7 +147,7 @@ def ensure_container(ctx: Context) -> str:
             if state.get("status") == "Running":
                 return RUNNING
             if sessions.is_persistent(client.instance_config(name)):
-                preflight(ctx, creating=False)
+                preflight(ctx)
                 with progress.waiting(f"starting persistent {name}"):
                     client.set_state(name, "start")
                     _wait_for_boot(ctx)
@@ -200,13 +200,11 @@ def _check_ours(instance: dict[str, Any], workspace: str) -> None:
                        f"{workspace}", hint="pick another slot or prefix")
 
 
-def preflight(ctx: Context, *, creating: bool = True) -> sessions.IdMap:
-    """What must hold before a container is created (or started again): the image
-    exists, Incus may map the user's ids, and this user can have network rules
-    applied. Returns the id map."""
-    record, client = ctx.record, ctx.client
-    if creating and client.image_by_alias(record.image) is None:
-        raise NotFound(f"image {record.image}: no such image", hint="build it with 'coi build'")
+def preflight(ctx: Context) -> sessions.IdMap:
+    """What must hold before a container is created (or started again): Incus may map
+    the user's ids, and this user can have network rules applied. (A missing image
+    is the create request's own refusal, before anything exists.) Returns the id map."""
+    record = ctx.record
     idmap = sessions.IdMap(*sessions.invoking_ids())
     sessions.ensure_idmap(idmap)
     if record.network != "open" and os.geteuid() != 0:

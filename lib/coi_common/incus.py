@@ -252,18 +252,22 @@ class Incus:
                   timeout: int = -1) -> None:
         """start, stop, restart, freeze or unfreeze a container."""
         body = {"action": action, "force": force, "timeout": timeout}
-        for pause in (*EXEC_PAUSES, None):
+
+        def attempt() -> IncusError | None:
             try:
                 self.request("PUT", f"/1.0/instances/{_seg(name)}/state", body,
                              what=f"container {name}")
-                return
             except IncusError as exc:
-                # A start whose id-map helper lost a race ("Invalid PID", seen about once
-                # in 50 starts here) succeeds when tried again; anything else is final.
-                if action != "start" or pause is None or not exec_not_started(exc.message):
-                    raise
-                _note_retry(ExecSpec(name, ("start",)), pause)
-                time.sleep(pause)
+                return exc
+            return None
+
+        # A start whose id-map helper lost a race ("Invalid PID", seen about once in 50
+        # starts here) succeeds when tried again: the same policy as a failed exec.
+        failed = retry_exec(ExecSpec(name, (action,)), attempt,
+                            lambda exc: exc is not None and action == "start"
+                            and exec_not_started(exc.message))
+        if failed is not None:
+            raise failed
 
     def set_config(self, name: str, values: Mapping[str, str]) -> None:
         """Set config keys of a container (PATCH: keys not given stay as they are)."""
@@ -470,12 +474,9 @@ class Incus:
     def cli(self, args: Sequence[str], *, input_text: str | None = None, check: bool = True,
             timeout: float | None = None) -> proc.Result:
         """Run `incus ARGS` in our project, mapping its failures to typed errors."""
-        argv = self.cli_argv(args)
         try:
-            return proc.run(argv, input_text=input_text, check=check, timeout=timeout)
-        except NotFound:
-            raise IncusUnavailable("the incus command is not installed",
-                                   hint="run 'coi setup' to install Incus") from None
+            return self._spawn_cli(lambda a: proc.run(a, input_text=input_text, check=check,
+                                                      timeout=timeout), self.cli_argv(args))
         except CommandFailed as exc:
             raise _cli_error(exc.message) from None
 
@@ -483,20 +484,12 @@ class Incus:
         """Run `incus ARGS` (stdin inherited), its output kept as bytes; never raises on
         its exit status, which is the inner command's for `incus exec`."""
         self._greet_first_run()
-        try:
-            return proc.run_bytes(self.cli_argv(args))
-        except NotFound:
-            raise IncusUnavailable("the incus command is not installed",
-                                   hint="run 'coi setup' to install Incus") from None
+        return self._spawn_cli(proc.run_bytes, self.cli_argv(args))
 
     def cli_hand_over(self, args: Sequence[str]) -> int:
         """Run `incus ARGS` owning the terminal (proc.hand_over); return its exit status."""
         self._greet_first_run()
-        try:
-            return proc.hand_over(self.cli_argv(args)).returncode
-        except NotFound:
-            raise IncusUnavailable("the incus command is not installed",
-                                   hint="run 'coi setup' to install Incus") from None
+        return self._spawn_cli(proc.hand_over, self.cli_argv(args)).returncode
 
     def _greet_first_run(self) -> None:
         """Let a throwaway call take the incus CLI's first-run banner.

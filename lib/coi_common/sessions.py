@@ -221,18 +221,17 @@ class Ending:
     message: str = ""
 
 
-def save_session(client: Incus, name: str) -> tuple[bool, str]:
+def save_session(client: Incus, name: str, owner: int | None) -> tuple[bool, str]:
     """The session-save hook: every path by which coi stops or removes a session
     container comes through here first. Returns (ok, message).
 
     Copies the tool's state out of the container (coi_common.saved_sessions;
     a stopped one is started briefly without a network), bounded by
     saved_sessions.SAVE_TIMEOUT, into the store of the container's OWNER
-    (user.coi.host_uid), whoever ends it. It never raises: this runs in
+    (`owner`, its user.coi.host_uid), whoever ends it. It never raises: this runs in
     cleanup paths; a failure is reported and the caller keeps the container.
     """
     try:
-        owner = owners.owner_uid(client.instance_config(name))
         result_line = _save_for(client, name, owner)
     except (Exception, KeyboardInterrupt) as exc:  # cleanup must go on, whatever failed
         if isinstance(exc, NotFound) and exc.message.startswith(f"container {name}"):
@@ -308,7 +307,8 @@ def end_session(client: Incus, name: str, *, save: bool = True,
         instance = client.instance_config(name)
     except NotFound:
         return Ending(saved=False, deleted=True)
-    saved, problem = save_session(client, name) if save else (False, "")
+    saved, problem = save_session(client, name, owners.owner_uid(instance)) if save \
+        else (False, "")
     if problem:
         return Ending(False, deleted=False,
                       message=f"{problem}; the container is kept (stopped or running) so "

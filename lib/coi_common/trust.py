@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Final
 
 from coi_common.protocol import make_record
@@ -48,11 +47,7 @@ def pin(state_dir: str, path: str, sha256: str | None) -> None:
         current.pop(path, None)
     else:
         current[path] = sha256
+    from coi_common.saved_sessions import write_json_atomic  # noqa: PLC0415 - writes only
+
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    record = make_record("trust", files=current)
-    fd, tmp = tempfile.mkstemp(prefix=".trust-", dir=state_dir)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, os.path.join(state_dir, TRUST_FILE))
+    write_json_atomic(os.path.join(state_dir, TRUST_FILE), make_record("trust", files=current))

@@ -156,20 +156,14 @@ def _invoker(request):
     # incus-admin, so the host service would not delegate it): this case runs the
     # checkout's coi as the bare number, in open mode, with the delegation added here
     # and taken away again.
+    sweeper = request.getfixturevalue("sweeper")
     added = ensure_subids([SHIFTED_UID], [SHIFTED_UID])
     workspace, env = _own_workspace(request, SHIFTED_UID)
     yield Invoker(SHIFTED_UID, workspace,
                   lambda *args: checkout_coi(env, workspace, *args, user=SHIFTED_UID),
                   run_flags=("--network", "open"))
-    _drop_lines(added)
-
-
-def _drop_lines(added):
-    """Remove the 'PATH root:ID:1' lines ensure_subids reported adding."""
-    for entry in added:
-        path, line = entry.split(" ", 1)
-        kept = [x for x in Path(path).read_text().splitlines(keepends=True) if x.strip() != line]
-        Path(path).write_text("".join(kept))
+    if added:  # only what this fixture added goes again
+        sweeper.drop_subid_lines(SHIFTED_UID, SHIFTED_UID)
 
 
 def test_files_made_inside_belong_to_the_invoking_host_user(invoker):
