@@ -13,6 +13,9 @@ per connection (docs/host-service.md):
   (apply) or a valid container name (remove, status).
 - `idmap_grant`: add `root:UID:1` / `root:GID:1` to /etc/subuid and /etc/subgid
   for the CALLER's own uid and primary gid (from SO_PEERCRED), nothing else.
+- `view_build`, `view_release`: the read-only/masked view of a workspace the
+  caller owns, for a container about to start (coi_common.views); mounts only
+  under /run/coi/views, placed by file descriptor inside the workspace.
 
 What it trusts: the kernel's peer credentials, checked again against the
 group database (root, or a member of incus-admin). Such a member can already
@@ -36,7 +39,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from coi_common import __version__, config, hostservice, idmap, incus, naming, proc
+from coi_common import __version__, config, hostservice, idmap, incus, naming, proc, views
 from coi_common.dispatch import find_executable
 from coi_common.errors import BadInput, CoiError, NotFound, PermissionDenied
 from coi_common.protocol import Record, error_record, make_record, parse_record
@@ -87,6 +90,25 @@ def _container(request: Mapping[str, Any]) -> str:
     return naming.validate_container_name(name)
 
 
+def _own_workspace(peer: Peer, request: Mapping[str, Any]) -> str:
+    """The workspace path of a request, resolved: a directory the peer owns (root: any)
+    that a session may mount (with the request's allow_home / force)."""
+    value = request.get("workspace")
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise BadInput("workspace: expected an absolute path")
+    real = os.path.realpath(value)
+    try:
+        info = os.stat(real)
+    except OSError:
+        raise NotFound(f"workspace {value!r} does not exist") from None
+    if peer.uid not in (0, info.st_uid):
+        raise PermissionDenied(f"workspace {value!r} does not belong to uid {peer.uid}")
+    flags = {flag: request.get(flag, False) for flag in ("allow_home", "force")}
+    if not all(isinstance(v, bool) for v in flags.values()):
+        raise BadInput("allow_home, force: expected true or false")
+    return naming.check_host_mount(real, "workspace", pwd.getpwuid(peer.uid).pw_dir, **flags)
+
+
 def net_apply_argv(request: Mapping[str, Any], program: str) -> list[str]:
     """coi-net apply's command line from a request; every field checked, nothing passed
     through that could become an option of its own."""
@@ -114,7 +136,8 @@ class Service:
         self.code = install.code_digest()
         self.verbs: dict[str, Callable[[Peer, Record], Record]] = {
             "ping": self.ping, "net_apply": self.net_apply, "net_remove": self.net_remove,
-            "net_status": self.net_status, "idmap_grant": self.idmap_grant}
+            "net_status": self.net_status, "idmap_grant": self.idmap_grant,
+            "view_build": self.view_build, "view_release": self.view_release}
 
     def answer(self, peer: Peer, raw: bytes) -> Record:
         """The reply record to one request line; every failure is an error record."""
@@ -152,6 +175,19 @@ class Service:
         gid = pwd.getpwuid(peer.uid).pw_gid
         added = idmap.add_lines(idmap.missing_lines([peer.uid], [gid]))
         return {"uid": peer.uid, "gid": gid, "added": added}
+
+    def view_build(self, peer: Peer, request: Record) -> Record:
+        name, workspace = _container(request), _own_workspace(peer, request)
+        view = views.build(name, workspace, _strings(request.get("protect", []), "protect"),
+                           _strings(request.get("mask", []), "mask"))
+        return view.to_record()
+
+    def view_release(self, _peer: Peer, request: Record) -> Record:
+        forget = request.get("forget", False)
+        if not isinstance(forget, bool):
+            raise BadInput("forget: expected true or false")
+        views.release(_container(request), forget=forget)
+        return {}
 
     def _coi_net(self, argv: list[str]) -> Record:
         done = proc.run(argv, check=False, timeout=NET_SECONDS)

@@ -26,6 +26,11 @@ from coi_image import base as base_mod
 from coi_image.builder import RECIPE, SCRIPT_IN_BUILDER, Builder, builder
 
 HOST_CA_DIR: Final = Path("/usr/local/share/ca-certificates")
+MAX_CERTIFICATE_BYTES: Final = 1 << 20
+"""An extra CA file larger than this is refused unread: a bundle of hundreds is smaller."""
+PEM_CERTIFICATE: Final = b"-----BEGIN CERTIFICATE-----"
+PEM_PRIVATE_KEY: Final = b"PRIVATE KEY"
+"""In the header of every PEM private key: PKCS#8, RSA, EC, ENCRYPTED, OPENSSH, PGP."""
 CUSTOM_SCRIPT_IN_BUILDER: Final = "/root/coi-custom.sh"
 RECIPE_VERSION: Final = 2
 """Bump by hand when this module or builder.py changes what goes into an image: the
@@ -123,17 +128,37 @@ def _hash(parts: Sequence[bytes]) -> str:
 
 
 def ca_certificates(settings: config.Config) -> tuple[Path, ...]:
-    """The host's locally added CAs (unless turned off) and [image] extra_ca_certificates."""
+    """The host's locally added CAs (unless turned off) and [image] extra_ca_certificates.
+
+    Each extra one is resolved and refused when it lies in a credential store or a
+    secret system path (naming.check_secret_path), whatever config named it, and must
+    be a PEM certificate holding no private key: it ends up world-readable in the
+    image's CA bundle.
+    """
     found: list[Path] = []
     if settings.get("image.host_ca_certificates") and HOST_CA_DIR.is_dir():
         found += sorted(p for p in HOST_CA_DIR.rglob("*.crt") if p.is_file())
+    key = f"{settings.source('image.extra_ca_certificates')}: image.extra_ca_certificates"
     for entry in settings.get("image.extra_ca_certificates"):
-        path = Path(config.expand_path(entry))
-        if not path.is_file() or not os.access(path, os.R_OK):
-            raise ConfigError(f"{settings.source('image.extra_ca_certificates')}: "
-                              f"image.extra_ca_certificates: cannot read {path}")
-        found.append(path)
+        real = naming.check_secret_path(config.expand_path(entry), key, os.path.expanduser("~"),
+                                        hint="copy the certificate to a file of its own")
+        found.append(_certificate(Path(real), key))
     return tuple(found)
+
+
+def _certificate(path: Path, key: str) -> Path:
+    """`path` when it is a readable PEM certificate without a private key in it."""
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ConfigError(f"{key}: cannot read {path}")
+    with path.open("rb") as handle:
+        text = handle.read(MAX_CERTIFICATE_BYTES + 1)
+    if len(text) > MAX_CERTIFICATE_BYTES or PEM_CERTIFICATE not in text:
+        raise ConfigError(f"{key}: {path} is not a PEM certificate",
+                          hint="update-ca-certificates takes PEM files (BEGIN CERTIFICATE)")
+    if PEM_PRIVATE_KEY in text:
+        raise ConfigError(f"{key}: {path} holds a private key, which would be readable by "
+                          "anyone in the image", hint="keep only the certificate in the file")
+    return path
 
 
 Step = tuple[str, Callable[[Builder], None]]

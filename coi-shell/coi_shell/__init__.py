@@ -4,11 +4,13 @@ Usage:
   coi-shell [shell] [--workspace DIR] [--slot N] [--persistent] [--image NAME]
             [--profile NAME] [--tool NAME] [--network MODE] [--env K=V]...
             [--storage PATH] [--mount SPEC]... [--resume] [--session ID]
-            [--cpu N] [--memory SIZE] [--processes N] [--debug]
+            [--cpu N] [--memory SIZE] [--processes N] [--no-mask]
+            [--allow-home] [--force] [--debug]
   coi-shell run [--workspace DIR] [--slot N] [--persistent] [--image NAME]
             [--profile NAME] [--tool NAME] [--network MODE] [--env K=V]...
             [--storage PATH] [--mount SPEC]... [--resume] [--session ID]
-            [--cpu N] [--memory SIZE] [--processes N] [--debug] [--] <command>...
+            [--cpu N] [--memory SIZE] [--processes N] [--no-mask]
+            [--allow-home] [--force] [--debug] [--] <command>...
   coi-shell attach [<name>] [--workspace DIR] [--slot N] [--bash] [--debug]
   coi-shell tmux list [--all-users] [--format FMT] [--debug]
   coi-shell tmux send <name> <text> [--all-users] [--debug]
@@ -61,6 +63,11 @@ Options:
                     inside the container, never on the host.
   --processes N     Most processes at once (limits.processes; default 4096;
                     0: none); a fork bomb stops there.
+  --no-mask         Show the workspace's secret files (security.mask: .env,
+                    keys, ...) inside; normally they appear empty and read-only.
+  --allow-home      Allow your home directory itself as the workspace or a mount.
+  --force           Allow any directory except / and Incus's own (system paths,
+                    credential folders): only when you really mean it.
   --bash            attach: open bash instead of the tmux session.
   --all-users       tmux: also other users' sessions.
   --format FMT      Output format: text or json [default: text].

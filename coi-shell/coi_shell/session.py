@@ -15,7 +15,7 @@ import shlex
 import stat
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -61,6 +61,10 @@ class Context:
     """--resume=ID: the session asked for by id (restored even into a reused container)."""
     limits: Mapping[str, str] = dataclasses.field(default_factory=dict)
     """Incus limits.* keys for a container this session creates (sessions.limits_config)."""
+    mask: bool = True
+    """Secret files of the workspace appear empty inside (--no-mask: off)."""
+    mount_flags: Mapping[str, bool] = dataclasses.field(default_factory=dict)
+    """allow_home / force for sessions.container_devices (--allow-home, --force)."""
 
 
 # -- building the context ---------------------------------------------------------------
@@ -103,7 +107,9 @@ def context_from_args(args: Args, *, record_on_stdin: bool) -> Context:
         record = _new_record(args, settings)
     return Context(settings, incus.connect(settings), record, tool,
                    resume_id=str(args.get("--session") or ""),
-                   limits=limits)
+                   limits=limits, mask=not args.get("--no-mask"),
+                   mount_flags={"allow_home": bool(args.get("--allow-home")),
+                                "force": bool(args.get("--force"))})
 
 
 def _limits(settings: config.Config) -> dict[str, str]:
@@ -146,10 +152,11 @@ def ensure_container(ctx: Context) -> str:
             _check_ours(client.instance_config(name), ctx.record.workspace)
             if state.get("status") == "Running":
                 return RUNNING
-            if sessions.is_persistent(client.instance_config(name)):
-                preflight(ctx)
+            instance = client.instance_config(name)
+            if sessions.is_persistent(instance):
+                idmap = preflight(ctx)
                 with progress.waiting(f"starting persistent {name}"):
-                    client.set_state(name, "start")
+                    _start(ctx, idmap, lambda _view: None, sessions.has_view(instance))
                     _wait_for_boot(ctx)
                 return RESTARTED
             ending = sessions.end_session(client, name)  # a stopped ephemeral leftover
@@ -205,7 +212,7 @@ def preflight(ctx: Context) -> sessions.IdMap:
     the user's ids, and this user can have network rules applied. (A missing image
     is the create request's own refusal, before anything exists.) Returns the id map."""
     record = ctx.record
-    idmap = sessions.IdMap(*sessions.invoking_ids())
+    idmap = sessions.session_idmap(record.workspace)
     sessions.ensure_idmap(idmap)
     if record.network != "open" and os.geteuid() != 0:
         from coi_common import hostservice  # noqa: PLC0415
@@ -218,24 +225,45 @@ def _create(ctx: Context) -> None:
     idmap = preflight(ctx)
     record = dataclasses.replace(ctx.record,
                                  environment={**ctx.tool.env, **ctx.record.environment})
-    devices = {**sessions.container_devices(record, sessions.invoking_home()),
-               **sessions.network_devices(record, ctx.settings)}
-    try:
-        # Created stopped: the egress rules go in before its first packet.
-        with progress.waiting(f"creating {record.container} from image {record.image} (the "
-                              "first container of a new image takes longest)"):
-            ctx.client.create_instance(
-                record.container, record.image, profiles=[record.profile],
-                config={**sessions.container_config(record, idmap), **ctx.limits},
-                devices=devices)
-    except NotFound as exc:
-        raise NotFound(exc.message, hint="build it with 'coi build'") from None
-    try:
+
+    def create(view: Any) -> None:
+        devices = {**sessions.container_devices(record, sessions.invoking_home(), view,
+                                                **ctx.mount_flags),
+                   **sessions.network_devices(record, ctx.settings)}
+        try:
+            # Created stopped: the egress rules go in before its first packet.
+            with progress.waiting(f"creating {record.container} from image {record.image} "
+                                  "(the first container of a new image takes longest)"):
+                ctx.client.create_instance(
+                    record.container, record.image, profiles=[record.profile],
+                    config={**sessions.container_config(
+                        record, idmap, owner=sessions.invoking_ids()[0],
+                        allow_setuid=ctx.settings.get("security.allow_setuid")),
+                        **ctx.limits},
+                    devices=devices)
+        except NotFound as exc:
+            raise NotFound(exc.message, hint="build it with 'coi build'") from None
         sessions.apply_network(record, ctx.settings)
-        ctx.client.set_state(record.container, "start")
+
+    try:
+        _start(ctx, idmap, create)
     except BaseException:
-        sessions.end_session(ctx.client, record.container, save=False)
+        with contextlib.suppress(CoiError):
+            sessions.end_session(ctx.client, record.container, save=False)
         raise
+
+
+def _start(ctx: Context, idmap: sessions.IdMap, before: Callable[[Any], None],
+           viewed: bool = True) -> None:
+    """Start the container on a fresh view of the workspace (`before` runs first, with
+    the view: creating the container); the view leaves the host once it started.
+    `viewed` False: a container made before views mounts the workspace itself."""
+    with sessions.workspace_view(ctx.record, ctx.settings, idmap, mask=ctx.mask,
+                                 wanted=viewed, mount_flags=ctx.mount_flags) as view:
+        before(view)
+        ctx.client.set_state(ctx.record.container, "start")
+    if view is not None:
+        print(f"coi: {view.summary()}", file=sys.stderr)
 
 
 def abandon(ctx: Context, reason: str) -> CoiError:

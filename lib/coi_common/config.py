@@ -47,6 +47,20 @@ class Key:
 
 NETWORK_MODES: Final = ("restricted", "open", "allowlist")
 
+# Workspace paths host programs obey (git runs hooks and config commands, editors run
+# tasks, Claude Code loads settings and MCP servers): read-only inside. A trailing "/"
+# marks a directory, so a missing one is made as an empty directory, not a file.
+PROTECTED_PATHS: Final = (
+    ".git/hooks/", ".git/config", ".git/config.worktree", ".git/info/attributes",
+    ".git/worktrees/", ".git/modules/", ".coi.toml", ".mcp.json",
+    ".claude/settings.json", ".claude/settings.local.json", ".husky/", ".vscode/",
+)
+# Names (shell patterns, anywhere in the workspace) shown empty inside; "!" excepts.
+MASKED_FILES: Final = (
+    ".env", ".env.*", "!.env.example", "*.pem", "id_rsa*", "id_ed25519*", ".npmrc",
+    ".pypirc", "credentials.json",
+)
+
 SCHEMA: Final[Mapping[str, Mapping[str, Key]]] = {
     "defaults": {
         "image": Key("str", "coi"),
@@ -84,6 +98,14 @@ SCHEMA: Final[Mapping[str, Mapping[str, Key]]] = {
         "cpu": Key("str", ""),
         "memory": Key("str", "50%"),
         "processes": Key("int", 4096, minimum=0, maximum=1000000),
+        "session_size": Key("str", "2GiB"),
+        "sessions_total": Key("str", "20GiB"),
+    },
+    "security": {
+        "protect": Key("bool", True),
+        "protected_paths": Key("list", list(PROTECTED_PATHS)),
+        "mask": Key("list", list(MASKED_FILES)),
+        "allow_setuid": Key("bool", False),
     },
     "image": {
         "base": Key("str", ""),
@@ -321,9 +343,11 @@ def narrow_untrusted(path: str, read: tuple[dict[str, Any], str], values: dict[s
     user trusted this content (`coi trust`); return the keys it was refused.
 
     Tightening: UNTRUSTED_KEYS, a stricter network.mode, a lower (non-zero)
-    limits.processes. Everything else (allowlists, resolvers, tools and profiles,
-    incus socket/project/profile, image CA certificates, credential toggles, paths,
-    environment, memory and CPU limits) widens or redirects access and is refused.
+    limits.processes, security.protect on, security.allow_setuid off, more protected
+    paths or masked names (never a "!" exception). Everything else (allowlists,
+    resolvers, tools and profiles, incus socket/project/profile, image CA certificates,
+    credential toggles, paths, environment, memory and CPU limits, save quotas) widens
+    or redirects access and is refused.
     """
     data, sha256 = read
     before, before_sources = dict(values), dict(sources)
@@ -355,6 +379,11 @@ def _tightens(key: str, old: Any, new: Any) -> bool:
         return STRICTNESS[new] >= STRICTNESS.get(old, 0)
     if key == "limits.processes":
         return 0 < new <= old or (old == 0 and new > 0)
+    if key in ("security.protect", "security.allow_setuid"):
+        return new in (key == "security.protect", old)
+    if key in ("security.protected_paths", "security.mask"):
+        added = set(new) - set(old or ())
+        return set(old or ()) <= set(new) and not any(a.startswith("!") for a in added)
     return False
 
 

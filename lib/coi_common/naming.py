@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
@@ -205,33 +206,178 @@ def canonical_workspace(path: str | os.PathLike[str]) -> str:
 
 GUARDED_HOST_PATHS: Final = ("/etc", "/root", "/boot", "/proc", "/sys", "/dev",
                               "/var/lib/incus", "/run/incus", "/var/lib/docker",
-                              "/run/docker.sock", "/var/run/docker.sock")
-"""Host paths no session may mount, nor any directory holding one of them."""
-HOME_SECRETS: Final = (".ssh", ".gnupg", ".aws", ".kube", ".docker", ".password-store",
-                       ".config/gh", ".config/incus")
-"""Directories of the user's home that hold credentials: never mounted, nor their parents."""
+                              "/run/docker.sock", "/var/run/docker.sock", "/run/containerd",
+                              "/run/podman", "/var/lib/lxd", "/var/snap/lxd", "/run/user")
+"""Host paths no session may mount without --force, nor anything inside or holding
+one of them: system configuration, kernel interfaces, and the container engines' state and
+sockets (each is root on the host); /run/user holds every user's agent and keyring
+sockets."""
+INCUS_HOST_PATHS: Final = ("/var/lib/incus", "/run/incus")
+"""Incus's own state and sockets: a session reaching them commands every container and
+the host itself, so not even --force mounts them (or a directory holding them)."""
+HOME_SECRETS: Final = (
+    ".ssh", ".gnupg", ".aws", ".azure", ".kube", ".docker", ".password-store",
+    ".config/gh", ".config/incus", ".config/lxc", ".config/gcloud", ".config/op",
+    ".local/share/keyrings", ".local/share/kwalletd",
+    # Browser profiles hold saved passwords and the session cookies of every site.
+    ".mozilla", ".config/google-chrome", ".config/chromium",
+    # Single files: token and password stores of git, curl, package registries, databases.
+    ".netrc", ".git-credentials", ".config/git/credentials", ".npmrc", ".pypirc",
+    ".cargo/credentials", ".cargo/credentials.toml", ".gem/credentials", ".pgpass",
+    ".vault-token", ".config/containers/auth.json", ".terraform.d/credentials.tfrc.json",
+)
+"""Credential stores in the user's home (directories or files): never mounted, nor
+anything inside; never read to be copied into a container or an image."""
+COI_HOME_PATHS: Final = (".coi", ".config/coi")
+"""coi's own state (trust pins, saved sessions) and user config: a session that could
+write them could widen its own settings, so they are mounted only with --force."""
+SECRET_SYSTEM_PATHS: Final = ("/root", "/proc", "/sys", "/dev", "/etc/shadow",
+                               "/etc/gshadow", "/etc/ssh", "/etc/ssl/private",
+                               "/var/lib/incus")
+"""Host paths coi never reads to copy into a container or an image: root's home, the
+kernel's interfaces (/proc/self/environ is coi's own environment), password hashes,
+host and TLS private keys, Incus's keys."""
 
 
-def check_host_mount(path: str, what: str, home: str) -> str:
-    """`path` resolved, when a session may mount it (the workspace, --storage, --mount);
-    else BadInput naming why: the whole filesystem, the user's home itself (it holds
-    their keys) or anything above it, a guarded system path, a credentials directory,
-    or anything inside or above one of those."""
+def check_host_mount(path: str, what: str, home: str, *, allow_home: bool = False,
+                     force: bool = False) -> str:
+    """`path` resolved (symlinks first), when a session may mount it (the workspace,
+    --storage, --mount); else BadInput naming the path, why, and the flag that would
+    allow it.
+
+    Refused: the whole filesystem; Incus's state and sockets (INCUS_HOST_PATHS) or a
+    directory holding them; a credentials store of `home` (HOME_SECRETS) or coi's own
+    config and state (COI_HOME_PATHS) or anything inside; a guarded system path
+    (GUARDED_HOST_PATHS, /root only when it is not `home`) or anything inside or
+    holding one; anything holding `home`; `home` itself and directories holding a
+    credentials store. `allow_home` permits the last two: the session then sees every
+    file of the home, the credential stores in it included. `force` lifts every
+    refusal but the first two: the whole filesystem and Incus's own state hand the
+    session the host, and no flag makes them a project directory.
+    """
+    real = os.path.realpath(path)
+    reason, flag = _mount_refusal(real, os.path.realpath(home), allow_home=allow_home,
+                                  force=force)
+    if reason:
+        hint = f"pass {flag} if you mean it" if flag else "no flag allows this mount"
+        raise BadInput(f"{what} {path!r} may not be mounted into a session: {reason}",
+                       hint=hint)
+    return real
+
+
+def _mount_refusal(real: str, home: str, *, allow_home: bool,
+                   force: bool) -> tuple[str, str | None]:
+    """Why `real` may not be mounted ("" when it may) and the flag that would allow it."""
+    lifted = {"--force": force, "--allow-home": force or allow_home}
+    tiers = ((_never_mounted, None), (_mounted_with_force, "--force"),
+             (_mounted_with_allow_home, "--allow-home"))
+    for check, flag in tiers:
+        reason = "" if flag and lifted[flag] else check(real, home)
+        if reason:
+            return reason, flag
+    return "", None
+
+
+def _never_mounted(real: str, _home: str) -> str:
+    if real == "/":
+        return "it is the whole host filesystem"
+    incus = _near(real, _resolved(INCUS_HOST_PATHS))
+    return f"it is, holds or lies in {incus}, Incus's own state" if incus else ""
+
+
+def _mounted_with_force(real: str, home: str) -> str:
+    places = _home_places(home)
+    store = next((p for p, _ in places if _within(real, p)), None)
+    if store:
+        return f"it is or lies in {dict(places)[store]} {store}"
+    if _inside(home, real):
+        return f"it holds your home directory {home}"
+    system = _near(real, [g for g in _resolved(GUARDED_HOST_PATHS) if g != home])
+    return f"it is, holds or lies in {system}" if system else ""
+
+
+def _mounted_with_allow_home(real: str, home: str) -> str:
+    if real == home:
+        return f"it is your home directory {home}, where your keys live"
+    places = _home_places(home)
+    held = next((p for p, _ in places if _inside(p, real)), None)
+    return f"it holds {dict(places)[held]} {held}" if held else ""
+
+
+def _home_places(home: str) -> list[tuple[str, str]]:
+    """(resolved path, what it is) of each credential store and coi path under `home`."""
+    return [*((p, "the credentials store") for p in _resolved(HOME_SECRETS, home)),
+            *((p, "coi's own config and state") for p in _resolved(COI_HOME_PATHS, home))]
+
+
+def check_secret_path(path: str, what: str, home: str, *, hint: str | None = None) -> str:
+    """`path` resolved, when coi may read it to copy it into a container or an image (a
+    tool's credential file, a CA certificate); else BadInput, one line starting with
+    `what` (say "<config file>: <key>"): it is or lies in a credentials store of `home`
+    (HOME_SECRETS) or a secret system path (SECRET_SYSTEM_PATHS, /root only when it
+    is not `home`). Symlinks are resolved first, so a link to ~/.ssh/id_ed25519 is
+    refused like the key itself."""
     real = os.path.realpath(path)
     home = os.path.realpath(home)
-    guarded = [*GUARDED_HOST_PATHS, *(os.path.join(home, secret) for secret in HOME_SECRETS)]
-    if real == "/":
-        reason = "it is the whole host filesystem"
-    elif real == home or _inside(home, real):
-        reason = f"it is or holds your home directory {home} (your keys live there)"
-    else:
-        hit = next((g for g in guarded if real == g or _inside(real, g) or _inside(g, real)),
-                   None)
-        reason = f"it is, holds or lies in {hit}" if hit else ""
-    if reason:
-        raise BadInput(f"{what} {path!r} may not be mounted into a session: {reason}",
-                       hint="use a project directory of its own")
+    places = [*_resolved(HOME_SECRETS, home),
+              *(p for p in _resolved(SECRET_SYSTEM_PATHS) if p != home)]
+    hit = next((p for p in places if _within(real, p)), None)
+    if hit:
+        shown = "" if real == os.path.abspath(path) else f" (it resolves to {real})"
+        raise BadInput(f"{what} {path!r}{shown} lies in {hit}, which holds secrets: coi "
+                       "copies nothing from there into a container or an image",
+                       hint=hint or f"use a file outside {hit}")
     return real
+
+
+def check_mount_targets(targets: Iterable[tuple[str, str]]) -> None:
+    """Refuse container-side mount paths that are not absolute and normalised (no '.',
+    '..', '//' or trailing '/'), that are "/", or that equal or nest in one another.
+
+    `targets` is (what, path) of every mount of one container, the fixed /workspace
+    and /storage included, so a --mount at /workspace (or inside it) collides with
+    the workspace. The one-line error names both mounts.
+    """
+    seen: list[tuple[str, str]] = []
+    for what, target in targets:
+        _check_target(what, target)
+        for other_what, other in seen:
+            if target == other:
+                raise BadInput(f"{what} and {other_what} both mount at {target!r}",
+                               hint="give each mount a target of its own")
+            if _inside(target, other) or _inside(other, target):
+                raise BadInput(f"{what} at {target!r} and {other_what} at {other!r} lie "
+                               "one inside the other",
+                               hint="give each mount a target outside the others")
+        seen.append((what, target))
+
+
+def _check_target(what: str, target: str) -> None:
+    if not isinstance(target, str) or not target.startswith("/") or \
+            any(not c.isprintable() for c in target):
+        raise BadInput(f"{what} target {_show(target)} must be an absolute path of "
+                       "printable characters")
+    if target == "/":
+        raise BadInput(f"{what} target '/' would hide the container's own filesystem",
+                       hint="mount it at a directory such as /data")
+    if posixpath.normpath(target) != target or target.startswith("//"):
+        raise BadInput(f"{what} target {_show(target)} is not normalised",
+                       hint="write it without '.', '..', '//' or a trailing '/'")
+
+
+def _resolved(paths: Sequence[str], under: str = "/") -> list[str]:
+    """Each of `paths` (relative ones joined to `under`) with its symlinks resolved, so a
+    guarded place reached through a link (~/.ssh -> /mnt/keys/ssh) is still guarded."""
+    return [os.path.realpath(os.path.join(under, path)) for path in paths]
+
+
+def _near(path: str, places: Sequence[str]) -> str | None:
+    """The first of `places` that `path` is, lies in or holds."""
+    return next((p for p in places if _within(path, p) or _inside(p, path)), None)
+
+
+def _within(path: str, place: str) -> bool:
+    return path == place or _inside(path, place)
 
 
 def _inside(path: str, folder: str) -> bool:

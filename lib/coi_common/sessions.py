@@ -8,10 +8,11 @@ keys, so `coi list` needs one request and no local state.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
@@ -120,14 +121,14 @@ class SlotRecord:
 @dataclass(frozen=True)
 class IdMap:
     """How /workspace files keep their host owner: raw.idmap maps the container's
-    `code` (uid/gid 1000) to the invoking user's uid/gid, and nothing else.
+    `code` (uid/gid 1000) to one host user's uid/gid, and nothing else.
 
     Container root stays in Incus's unprivileged range (host uid 1000000 and up), so
-    for a normal user nothing created in a host-backed mount, setuid or not, belongs
-    to host root. Idmapped mounts (`shift=true`) are not used for that reason: they
-    map container uid 0 to host uid 0, and a setuid-root shell planted from inside
-    ran as root on the host. When coi itself runs as host root, `code` is mapped to
-    root (so the files are root's, as the user expects): prefer a normal user.
+    nothing created in a host-backed mount belongs to host root. Idmapped mounts
+    (`shift=true`) are not used for that reason: they map container uid 0 to host
+    uid 0, and a setuid-root shell planted from inside ran as root on the host.
+    `code` is never host root either (session_idmap): when root runs coi, code
+    acts as the workspace's owner.
     """
 
     host_uid: int
@@ -155,26 +156,64 @@ def invoking_ids() -> tuple[int, int]:
     return uid, gid
 
 
-def container_config(record: SlotRecord, idmap: IdMap) -> dict[str, str]:
-    """Instance config: Docker nesting, the idmap, the session's env, coi's own keys."""
-    config = {**NESTING, **idmap.config()}
+def session_idmap(workspace: str) -> IdMap:
+    """The host user `code` is mapped to: the invoking user; for root, the workspace's
+    owner (with that user's group), since code must never be host root. A workspace
+    owned by root is refused: files only root may write cannot be the agent's."""
+    import pwd  # noqa: PLC0415
+
+    uid, gid = invoking_ids()
+    if uid != 0:
+        return IdMap(uid, gid)
+    owner = os.stat(workspace)
+    try:
+        gid = pwd.getpwuid(owner.st_uid).pw_gid
+    except KeyError:
+        gid = owner.st_gid
+    if owner.st_uid == 0 or gid == 0:
+        raise PermissionDenied(f"the workspace {workspace} belongs to root, and coi never "
+                               "maps the agent to host root",
+                               hint="run coi as the user who owns the workspace, or "
+                                    "chown it to a normal user")
+    return IdMap(owner.st_uid, gid)
+
+
+def container_config(record: SlotRecord, idmap: IdMap, *, owner: int,
+                     allow_setuid: bool = False) -> dict[str, str]:
+    """Instance config: Docker nesting, the idmap, no setuid files (seccomp), the
+    session's env, coi's own keys. `owner` is the uid coi acts for (host_uid)."""
+    from coi_common import seccomp  # noqa: PLC0415
+
+    config = {**NESTING, **idmap.config(), **seccomp.container_config(allow_setuid)}
     config.update({f"environment.{k}": v for k, v in record.environment.items()})
     config.update({f"{KEY}workspace": record.workspace, f"{KEY}slot": str(record.slot),
                    f"{KEY}persistent": str(record.persistent).lower(),
                    f"{KEY}image": record.image, f"{KEY}tool": record.tool,
-                   f"{KEY}network": record.network, f"{KEY}host_uid": str(idmap.host_uid)})
+                   f"{KEY}network": record.network, f"{KEY}host_uid": str(owner)})
     return config
 
 
-def container_devices(record: SlotRecord, home: str) -> dict[str, dict[str, str]]:
-    """The workspace at /workspace, the storage dir and extra mounts (never shifted:
-    see IdMap). The one place host paths become mounts: each is checked against
-    naming.check_host_mount for the user whose home is `home`."""
+def container_devices(record: SlotRecord, home: str, view: Any = None, *,
+                      allow_home: bool = False, force: bool = False
+                      ) -> dict[str, dict[str, str]]:
+    """The workspace at /workspace (through its view when there is one: views.py),
+    the storage dir and extra mounts (never shifted: see IdMap). The one place host
+    paths become mounts: each is checked against naming.check_host_mount for the
+    user whose home is `home` (--allow-home, --force), and no two targets may be
+    the same or nested."""
     def source(path: str, what: str) -> str:
-        return naming.check_host_mount(path, what, home)
+        return naming.check_host_mount(path, what, home, allow_home=allow_home, force=force)
 
-    devices = {"workspace": {"type": "disk", "path": WORKSPACE_PATH,
-                             "source": source(record.workspace, "workspace")}}
+    naming.check_mount_targets([
+        ("the workspace", WORKSPACE_PATH),
+        *([("--storage", STORAGE_PATH)] if record.storage else []),
+        *((f"--mount {m.source}", m.path) for m in record.mounts)])
+
+    workspace = {"type": "disk", "path": WORKSPACE_PATH,
+                 "source": source(record.workspace, "workspace")}
+    if view is not None:  # recursive: the view's read-only and masking mounts come along
+        workspace.update(source=view.source, recursive="true")
+    devices = {"workspace": workspace}
     if record.storage:
         devices["storage"] = {"type": "disk", "source": source(record.storage, "--storage"),
                               "path": STORAGE_PATH}
@@ -320,6 +359,9 @@ def end_session(client: Incus, name: str, *, save: bool = True,
     mode = (instance.get("config") or {}).get(f"{KEY}network")
     if mode and mode != "open":
         remove_network(name)
+    if has_view(instance):  # its empty directory: harmless if left, so never an error
+        with contextlib.suppress(CoiError):
+            _release_view(name, forget=True)
     return Ending(saved, deleted=True)
 
 
@@ -336,9 +378,11 @@ def ensure_idmap(idmap: IdMap) -> None:
     fix = (f"as root, run 'coi setup' (it lets Incus map the ids of every incus-admin "
            f"member), or add 'root:{idmap.host_uid}:1' to /etc/subuid and "
            f"'root:{idmap.host_gid}:1' to /etc/subgid")
-    if os.geteuid() == 0:
-        raise PermissionDenied(f"Incus may not map uid {idmap.host_uid}/gid "
-                               f"{idmap.host_gid} into containers", hint=fix)
+    if os.geteuid() == 0:  # root delegates the workspace owner's ids itself, as setup does
+        added = subids.add_lines(subids.missing_lines([idmap.host_uid], [idmap.host_gid]))
+        print(f"coi: let Incus map uid {idmap.host_uid}/gid {idmap.host_gid} "
+              f"({', '.join(added)})", file=sys.stderr)
+        return
     from coi_common import hostservice  # noqa: PLC0415
 
     try:
@@ -350,6 +394,63 @@ def ensure_idmap(idmap: IdMap) -> None:
     if not subids.delegated(idmap.host_uid, idmap.host_gid):
         raise PermissionDenied(f"coi's host service did not allow uid {idmap.host_uid}",
                                hint=fix)
+
+
+# -- the workspace view (views.py: as root, or by coi's host service) ---------------------
+
+
+@contextlib.contextmanager
+def workspace_view(record: SlotRecord, settings: Any, idmap: IdMap, *, mask: bool = True,
+                   wanted: bool = True, mount_flags: Mapping[str, bool] | None = None
+                   ) -> Iterator[Any]:
+    """Within: the view of the record's workspace for its container (None when not
+    `wanted`, or security.protect is off and nothing is masked); after: detached from
+    the host. Missing protected paths are made first, as the user (placeholders)."""
+    from coi_common import views  # noqa: PLC0415
+
+    protect = list(settings.get("security.protected_paths")) \
+        if settings.get("security.protect") else []
+    patterns = list(settings.get("security.mask")) if mask else []
+    if not wanted or (not protect and not [p for p in patterns if not p.startswith("!")]):
+        yield None
+        return
+    views.check_rules(protect, patterns)
+    owner = (idmap.host_uid, idmap.host_gid) if os.geteuid() == 0 else None
+    views.placeholders(record.workspace, protect, owner)
+    view = _build_view(record.container, record.workspace, protect, patterns,
+                       dict(mount_flags or {}))
+    try:
+        yield view
+    finally:
+        _release_view(record.container)
+
+
+def has_view(instance: Mapping[str, Any]) -> bool:
+    """Whether a container's /workspace comes from a view (made since views exist)."""
+    from coi_common import views  # noqa: PLC0415
+
+    device = (instance.get("devices") or {}).get("workspace") or {}
+    return os.path.dirname(str(device.get("source", ""))) == views.VIEW_ROOT
+
+
+def _build_view(name: str, workspace: str, protect: list[str], patterns: list[str],
+                mount_flags: dict[str, bool]) -> Any:
+    from coi_common import hostservice, views  # noqa: PLC0415
+
+    if os.geteuid() == 0:
+        return views.build(name, workspace, protect, patterns)
+    reply = hostservice.call("view_build", timeout=120, container=name, workspace=workspace,
+                             protect=protect, mask=patterns, **mount_flags)
+    return views.View.from_record(reply)
+
+
+def _release_view(name: str, *, forget: bool = False) -> None:
+    from coi_common import hostservice, views  # noqa: PLC0415
+
+    if os.geteuid() == 0:
+        views.release(name, forget=forget)
+    else:
+        hostservice.call("view_release", timeout=30, container=name, forget=forget)
 
 
 # -- network rules (coi-net as root, or coi's host service) ------------------------------

@@ -13,16 +13,18 @@ arguments, file pushes and image build scripts.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+from coi_common.config import config_files
 from coi_common.errors import BadInput, CoiError, NotFound
-from coi_common.naming import validate_tool_name
+from coi_common.naming import check_secret_path, validate_tool_name
 
 HOME: Final = "/home/code"
 """Home of the tool user in every container, whatever the image's own users."""
@@ -343,17 +345,37 @@ def _overlay(found: dict[str, tuple[dict[str, Any], dict[str, str]]],
 
 def load_registry(user_tools: Mapping[str, Mapping[str, Any]] | None = None,
                   user_source: str | Mapping[str, str] = "config", *,
-                  shipped_dir: Path | None = None) -> dict[str, Tool]:
+                  shipped_dir: Path | None = None, vouched: Collection[str] = (),
+                  home: str | None = None) -> dict[str, Tool]:
     """Every known tool by name: the shipped definitions with the user's tables over them.
 
     `user_source` labels the user's tables in error messages: one label (a
     config file path, say) or a label per tool name, for tables that came
     from different files. `shipped_dir` replaces TOOLS_DIR, for tests.
+
+    `credential_files` are copied from the host home (`home`, default ~) into
+    containers: unless they come from a shipped definition or a source in `vouched`
+    (the user's own config files), each is refused when it resolves into a credential
+    store (naming.check_secret_path), so a workspace file cannot send ~/.ssh in.
     """
     found = _shipped(TOOLS_DIR if shipped_dir is None else shipped_dir)
+    vouched = {*vouched, *(where for _, sources in found.values() for where in sources.values())}
     if user_tools is not None:
         _overlay(found, user_tools, user_source)
-    return {name: _build(name, raw, sources) for name, (raw, sources) in found.items()}
+    registry = {name: _build(name, raw, sources) for name, (raw, sources) in found.items()}
+    for name, (_, sources) in found.items():
+        where = sources.get("credential_files")
+        if where is not None and where not in vouched:
+            _refuse_secret_credentials(registry[name], where,
+                                       os.path.expanduser("~") if home is None else home)
+    return registry
+
+
+def _refuse_secret_credentials(tool: Tool, where: str, home: str) -> None:
+    for rel in tool.credential_files:
+        check_secret_path(os.path.join(home, rel),
+                          f"{where}: tools.{tool.name}.credential_files", home,
+                          hint="only a tool table in your own config file may name one there")
 
 
 def get_tool(name: str, registry: Mapping[str, Tool]) -> Tool:
@@ -366,6 +388,9 @@ def get_tool(name: str, registry: Mapping[str, Tool]) -> Tool:
 
 
 def registry_from_config(settings: Any) -> dict[str, Tool]:
-    """The registry with the `[tools.NAME]` tables of an effective config over it."""
+    """The registry with the `[tools.NAME]` tables of an effective config over it; the
+    credential files of tables from the system and user config files are vouched for,
+    those of a workspace's `.coi.toml` (trusted or not) are checked."""
     user = settings.tools
-    return load_registry(user, {name: settings.source(f"tools.{name}") for name in user})
+    return load_registry(user, {name: settings.source(f"tools.{name}") for name in user},
+                         vouched=config_files(None, os.environ))

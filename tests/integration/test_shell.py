@@ -15,6 +15,7 @@ import json
 import os
 import shlex
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -131,13 +132,8 @@ def _own_workspace(request, uid):
 
 @pytest.fixture(params=["root", "uid-1000", "member"])
 def invoker(request):
-    """root; the bare uid 1000; the installed incus-admin member."""
-    yield from _invoker(request)
-
-
-@pytest.fixture(params=["uid-1000", "member"])
-def normal_invoker(request):
-    """The bare uid 1000 and the installed incus-admin member: users who are not root."""
+    """root (in a workspace of the session's test user, whom code then acts as); the
+    bare uid 1000; the installed incus-admin member."""
     yield from _invoker(request)
 
 
@@ -147,21 +143,24 @@ def _invoker(request):
         yield Invoker(user_coi.user.uid, user_coi.workspace, user_coi)
         return
     if request.param == "root":
-        workspace, env = _own_workspace(request, 0)
-        yield Invoker(0, workspace, lambda *args: checkout_coi(env, workspace, *args))
+        owner = request.getfixturevalue("test_user").uid
+        workspace, env = _own_workspace(request, owner)
+        yield Invoker(owner, workspace, lambda *args: checkout_coi(env, workspace, *args))
         return
     # Host uid 1000 equals the container's `code`; it is mapped by raw.idmap like any
     # other uid (idmapped mounts are never used: they map container root to host root).
     # No real test user can have uid 1000 (a system account holds it here, outside
     # incus-admin, so the host service would not delegate it): this case runs the
-    # checkout's coi as the bare number, in open mode, with the delegation added here
+    # checkout's coi as the bare number, in open mode and without a workspace view (both
+    # need the host service, which serves members only), with the delegation added here
     # and taken away again.
     sweeper = request.getfixturevalue("sweeper")
     added = ensure_subids([SHIFTED_UID], [SHIFTED_UID])
     workspace, env = _own_workspace(request, SHIFTED_UID)
+    env["COI_SECURITY_PROTECT"] = "false"
     yield Invoker(SHIFTED_UID, workspace,
                   lambda *args: checkout_coi(env, workspace, *args, user=SHIFTED_UID),
-                  run_flags=("--network", "open"))
+                  run_flags=("--network", "open", "--no-mask"))
     if added:  # only what this fixture added goes again
         sweeper.drop_subid_lines(SHIFTED_UID, SHIFTED_UID)
 
@@ -178,23 +177,40 @@ def test_files_made_inside_belong_to_the_invoking_host_user(invoker):
     assert host_made.read_text() == "host\nmore\n"
 
 
-def test_a_setuid_shell_planted_inside_never_runs_as_root_on_the_host(normal_invoker):
+def test_a_setuid_shell_planted_inside_never_runs_as_root_on_the_host(invoker):
     """The exploit: root inside copies bash into /workspace, gives it to uid 0 and sets
-    the setuid bit (and code does the same without sudo). For a normal user (the uid-1000
-    case included: no idmapped mount) neither file belongs to root on the host, so neither
-    can run with root's privilege. coi run BY root maps code to root (IdMap): that case
-    is not claimed here."""
-    invoker = normal_invoker
+    the setuid bit (and code does the same without sudo, and creates one with the bit
+    at open). No file on the host carries a setuid or setgid bit, and none belongs to
+    host root, whoever ran coi (root included: code acts as the workspace's owner)."""
     done = invoker.coi("run", *invoker.run_flags, "--", "sh", "-c",
                        "sudo sh -c 'cp /bin/bash /workspace/rootsh; chown 0:0 /workspace/rootsh;"
-                       " chmod 4755 /workspace/rootsh' && cp /bin/bash /workspace/codesh && "
-                       "chmod 4755 /workspace/codesh")
+                       " chmod 4755 /workspace/rootsh; chmod g+s /workspace/rootsh';"
+                       " cp /bin/bash /workspace/codesh; chmod 6755 /workspace/codesh;"
+                       " install -m 4755 /bin/true /workspace/installed; echo planted")
     assert done.returncode == 0, done.stderr
-    for name in ("rootsh", "codesh"):
-        info = (invoker.workspace / name).stat()
+    assert "planted" in done.stdout
+    assert "Operation not permitted" in done.stderr
+    for name in ("rootsh", "codesh", "installed"):
+        path = invoker.workspace / name
+        if not path.exists():
+            continue
+        info = path.stat()
+        assert not info.st_mode & (stat.S_ISUID | stat.S_ISGID), f"{name} is setuid/setgid"
         assert info.st_uid != 0, f"{name} belongs to host root"
         assert info.st_gid != 0, f"{name} belongs to host group root"
     assert (invoker.workspace / "rootsh").stat().st_uid >= UNPRIVILEGED_BASE
+    assert (invoker.workspace / "codesh").stat().st_uid == invoker.uid
+
+
+def test_root_in_a_workspace_of_root_is_refused_before_anything_exists(request, incus_client):
+    """code is never host root: when root runs coi, code acts as the workspace's owner,
+    and a workspace owned by root gets a one-line refusal."""
+    workspace, env = _own_workspace(request, 0)
+    done = checkout_coi(env, workspace, "run", "--", "true")
+    assert done.returncode == 5, done.stderr  # PermissionDenied
+    assert done.stderr.count("\n") == 1
+    assert "belongs to root" in done.stderr and "never maps the agent to host root" in done.stderr
+    assert incus_client.instances(env["COI_CONTAINER_PREFIX"]) == []
 
 
 # -- persistent containers and slots ---------------------------------------------------------

@@ -1,5 +1,7 @@
 """Whether Incus may map a host uid (subuid/subgid delegation), and what coi says when not."""
 
+import os
+
 import pytest
 
 from coi_common import idmap, sessions
@@ -35,12 +37,22 @@ def test_missing_lines_are_added_once_and_keep_the_file_s_last_line(tmp_path):
     assert idmap.missing_lines([4242], [4243], subuid=subuid, subgid=subgid) == {}
 
 
-def test_root_without_delegation_is_told_the_exact_fix(monkeypatch):
-    monkeypatch.setattr(sessions.os, "geteuid", lambda: 0)
+def test_root_maps_code_to_the_workspace_owner_and_never_to_root(tmp_path, monkeypatch):
+    monkeypatch.setattr(sessions, "invoking_ids", lambda: (0, 0))
+    theirs, roots = tmp_path / "theirs", tmp_path / "roots"
+    theirs.mkdir()
+    roots.mkdir()
+    os.chown(theirs, 59999, 59998)  # no account: the directory's group is taken
+    os.chown(roots, 0, 0)
+    assert sessions.session_idmap(str(theirs)) == sessions.IdMap(59999, 59998)
     with pytest.raises(PermissionDenied) as refused:
-        sessions.ensure_idmap(sessions.IdMap(59999, 59998))
-    assert "root:59999:1" in refused.value.one_line()
-    assert "root:59998:1" in refused.value.one_line()
+        sessions.session_idmap(str(roots))
+    assert "never maps the agent to host root" in refused.value.one_line()
+
+
+def test_a_normal_user_maps_code_to_themselves_wherever_the_workspace(tmp_path, monkeypatch):
+    monkeypatch.setattr(sessions, "invoking_ids", lambda: (20001, 20002))
+    assert sessions.session_idmap(str(tmp_path)) == sessions.IdMap(20001, 20002)
 
 
 def test_every_user_maps_only_their_own_ids_to_code():

@@ -4,12 +4,16 @@ that an image is up to date, and a change to what goes into the image rebuilds i
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from coi_common import tools
+import pytest
+
+from coi_common import config, tools, trust
+from coi_common.errors import CoiError
 from coi_image import build
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,3 +127,81 @@ def test_two_checkouts_that_differ_in_path_and_python_comments_agree_on_the_reci
     two = recipes_of(checkout(tmp_path / "elsewhere" / "two", comment="only a comment"))
     assert len(one) == 2
     assert one == two
+
+
+# -- extra CA certificates: never a secret, always a certificate ------------------------------
+
+
+KEY = (b"-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjE\n"
+       b"-----END OPENSSH PRIVATE KEY-----\n")
+
+
+def settings_with_certificates(coi_env, entries: list[str], *, workspace: Path | None = None
+                               ) -> config.Config:
+    """The config of a build whose [image] extra_ca_certificates are `entries`: in the
+    user config, or (`workspace`) in that workspace's .coi.toml, trusted."""
+    text = ("[image]\nhost_ca_certificates = false\n"
+            f"extra_ca_certificates = {json.dumps(entries)}\n")
+    if workspace is None:
+        write(coi_env.config_home / "coi" / "config.toml", text.encode())
+        return config.load(None)
+    write(workspace / ".coi.toml", text.encode())
+    path, sha256 = config.workspace_file(str(workspace))
+    trust.pin(str(coi_env.home / ".coi"), path, sha256)
+    return config.load(str(workspace))
+
+
+def certificate_refusal(settings: config.Config) -> str:
+    with pytest.raises(CoiError) as refused:
+        build.ca_certificates(settings)
+    text = refused.value.one_line()
+    assert "\n" not in text
+    return text
+
+
+def test_a_trusted_workspace_file_cannot_bake_an_ssh_key_into_the_image(coi_env, tmp_path):
+    write(coi_env.home / ".ssh" / "id_ed25519", KEY)
+    workspace = tmp_path / "ws"
+    settings = settings_with_certificates(coi_env, ["~/.ssh/id_ed25519"], workspace=workspace)
+    text = certificate_refusal(settings)
+    assert text.startswith(f"{workspace}/.coi.toml: image.extra_ca_certificates '")
+    assert f"lies in {coi_env.home / '.ssh'}, which holds secrets" in text
+
+
+@pytest.mark.parametrize("secret", [".ssh/id_ed25519", ".aws/credentials", ".netrc"])
+def test_not_even_the_users_own_config_names_a_secret_as_a_certificate(coi_env, secret):
+    write(coi_env.home / secret, CERT)  # a certificate's content does not make it public
+    text = certificate_refusal(settings_with_certificates(coi_env, [f"~/{secret}"]))
+    assert "image.extra_ca_certificates" in text
+    assert "copy the certificate to a file of its own" in text
+
+
+def test_a_certificate_linked_to_a_key_is_judged_where_it_points(coi_env):
+    write(coi_env.home / ".ssh" / "id_ed25519", KEY)
+    (coi_env.home / "proxy.crt").symlink_to(coi_env.home / ".ssh" / "id_ed25519")
+    text = certificate_refusal(settings_with_certificates(coi_env, ["~/proxy.crt"]))
+    assert f"(it resolves to {coi_env.home / '.ssh' / 'id_ed25519'})" in text
+
+
+def test_the_environment_of_coi_is_never_read_as_a_certificate(coi_env):
+    assert "lies in /proc" in certificate_refusal(
+        settings_with_certificates(coi_env, ["/proc/self/environ"]))
+
+
+def test_a_certificate_file_holding_a_private_key_is_refused(coi_env):
+    write(coi_env.home / "certs" / "bundle.pem", CERT + KEY)
+    text = certificate_refusal(settings_with_certificates(coi_env, ["~/certs/bundle.pem"]))
+    assert "holds a private key" in text
+
+
+def test_a_file_that_is_no_pem_certificate_is_refused(coi_env):
+    write(coi_env.home / "certs" / "notes.txt", b"token=abc\n")
+    text = certificate_refusal(settings_with_certificates(coi_env, ["~/certs/notes.txt"]))
+    assert "is not a PEM certificate" in text
+
+
+def test_a_pem_certificate_of_its_own_is_taken_resolved(coi_env):
+    cert = write(coi_env.home / "certs" / "proxy.crt", CERT)
+    (coi_env.home / "proxy.crt").symlink_to(cert)
+    found = build.ca_certificates(settings_with_certificates(coi_env, ["~/proxy.crt"]))
+    assert found == (cert,)

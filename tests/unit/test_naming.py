@@ -339,34 +339,242 @@ def test_new_session_ids_sort_by_creation_time():
 # -- host paths a session may mount --------------------------------------------------------
 
 
-@pytest.mark.parametrize(("path", "why"), [
-    ("/", "whole host filesystem"),
-    ("/home/dev", "home directory"),
-    ("/home", "home directory"),
-    ("/home/dev/.ssh", ".ssh"),
-    ("/home/dev/.ssh/keys", ".ssh"),
-    ("/home/dev/.config", ".config/gh"),
-    ("/etc", "/etc"),
-    ("/etc/ssl", "/etc"),
-    ("/var/lib", "/var/lib/incus"),
-    ("/var/lib/incus/unix.socket", "/var/lib/incus"),
-    ("/root", "/root"),
-])
-def test_mounting_the_filesystem_home_secrets_or_system_paths_is_refused(path, why):
+HOME = "/home/dev"
+
+
+def mount_refusal(path: str, home: str = HOME, **flags: bool) -> str:
+    """The one-line message check_host_mount refuses `path` with."""
     with pytest.raises(BadInput) as refused:
-        naming.check_host_mount(path, "--mount", "/home/dev")
-    assert why in refused.value.one_line()
-    assert path in refused.value.one_line()
+        naming.check_host_mount(path, "--mount", home, **flags)
+    return one_line(refused.value)
+
+
+@pytest.mark.parametrize(("path", "why", "flag"), [
+    ("/", "whole host filesystem", None),
+    ("/var/lib/incus", "/var/lib/incus, Incus's own state", None),
+    ("/var/lib/incus/unix.socket", "/var/lib/incus, Incus's own state", None),
+    ("/var/lib", "/var/lib/incus, Incus's own state", None),
+    ("/run/incus", "/run/incus, Incus's own state", None),
+    ("/run", "/run/incus, Incus's own state", None),
+    ("/home/dev/.ssh", "credentials store /home/dev/.ssh", "--force"),
+    ("/home/dev/.ssh/keys", "credentials store /home/dev/.ssh", "--force"),
+    ("/home/dev/.gnupg", "credentials store /home/dev/.gnupg", "--force"),
+    ("/home/dev/.config/gcloud", "credentials store /home/dev/.config/gcloud", "--force"),
+    ("/home/dev/.netrc", "credentials store /home/dev/.netrc", "--force"),
+    ("/home/dev/.coi", "coi's own config and state /home/dev/.coi", "--force"),
+    ("/home/dev/.config/coi", "coi's own config and state /home/dev/.config/coi", "--force"),
+    ("/home", "holds your home directory /home/dev", "--force"),
+    ("/etc", "lies in /etc", "--force"),
+    ("/etc/ssl", "lies in /etc", "--force"),
+    ("/root", "lies in /root", "--force"),
+    ("/run/docker.sock", "lies in /run/docker.sock", "--force"),
+    ("/run/user/1000", "lies in /run/user", "--force"),
+    ("/home/dev", "your home directory /home/dev", "--allow-home"),
+    ("/home/dev/.config", "holds the credentials store /home/dev/.config/", "--allow-home"),
+    ("/home/dev/.local", "holds the credentials store /home/dev/.local/share/", "--allow-home"),
+])
+def test_mounting_the_filesystem_home_secrets_or_system_paths_is_refused_naming_the_flag(
+        path, why, flag):
+    text = mount_refusal(path)
+    assert repr(path) in text
+    assert why in text
+    if flag:
+        assert f"pass {flag} if you mean it" in text
+    else:
+        assert "no flag allows this mount" in text
+        assert "--force" not in text
+        assert "--allow-home" not in text
 
 
 @pytest.mark.parametrize("path", ["/home/dev/src/app", "/tmp/project", "/srv/data",
-                                  "/home/dev/.config/coi-projects/x"])
+                                  "/home/dev/.config/coi-projects/x", "/home/dev/.sshx",
+                                  "/home/devx", "/var/lib/incus-projects/x"])
 def test_a_project_directory_may_be_mounted(path):
-    assert naming.check_host_mount(path, "workspace", "/home/dev") == path
+    assert naming.check_host_mount(path, "workspace", HOME) == path
+
+
+@pytest.mark.parametrize("path", ["/home/dev", "/home/dev/.config", "/home/dev/.local/share"])
+def test_allow_home_permits_the_home_and_directories_between_it_and_a_project(path):
+    mount_refusal(path)
+    assert naming.check_host_mount(path, "--mount", HOME, allow_home=True) == path
+
+
+@pytest.mark.parametrize("path", ["/", "/home", "/etc", "/root", "/var/lib/incus",
+                                  "/home/dev/.ssh", "/home/dev/.ssh/id_ed25519",
+                                  "/home/dev/.aws", "/home/dev/.git-credentials"])
+def test_allow_home_still_refuses_the_filesystem_system_paths_and_credential_stores(path):
+    assert "--allow-home" not in mount_refusal(path, allow_home=True)
+
+
+@pytest.mark.parametrize("path", ["/home/dev/.ssh", "/home/dev/.aws/credentials", "/etc",
+                                  "/root", "/home", "/home/dev", "/run/docker.sock",
+                                  "/home/dev/.coi", "/dev"])
+def test_force_lifts_every_refusal_but_the_filesystem_and_incus(path):
+    mount_refusal(path)
+    assert naming.check_host_mount(path, "--mount", HOME, force=True) == path
+
+
+@pytest.mark.parametrize("path", ["/", "/var", "/var/lib", "/var/lib/incus",
+                                  "/var/lib/incus/unix.socket", "/run", "/run/incus"])
+def test_force_never_mounts_the_filesystem_or_incus_state_and_sockets(path):
+    text = mount_refusal(path, force=True, allow_home=True)
+    assert "no flag allows this mount" in text
+
+
+def test_when_root_runs_coi_a_project_under_root_is_a_project_and_root_a_home():
+    assert naming.check_host_mount("/root/src/app", "workspace", "/root") == "/root/src/app"
+    assert "--allow-home" in mount_refusal("/root", home="/root")
+    assert "credentials store /root/.ssh" in mount_refusal("/root/.ssh", home="/root",
+                                                            allow_home=True)
+    assert "lies in /root" in mount_refusal("/root/src/app")  # someone else's home
 
 
 def test_a_symlink_is_judged_by_where_it_points(tmp_path):
     link = tmp_path / "innocent"
     link.symlink_to("/etc")
-    with pytest.raises(BadInput):
-        naming.check_host_mount(str(link), "--mount", "/home/dev")
+    assert "lies in /etc" in mount_refusal(str(link))
+
+
+@pytest.fixture
+def home_with_keys(tmp_path):
+    """A home with ~/.ssh/id_ed25519 and ~/.aws/credentials, and a project beside them."""
+    home = tmp_path / "home"
+    for secret in (".ssh/id_ed25519", ".aws/credentials"):
+        (home / secret).parent.mkdir(parents=True)
+        (home / secret).write_text("secret\n")
+    (home / "src" / "app").mkdir(parents=True)
+    return home
+
+
+def test_a_symlink_into_ssh_is_resolved_and_refused(home_with_keys):
+    link = home_with_keys / "src" / "app" / "keys"
+    link.symlink_to(home_with_keys / ".ssh")
+    text = mount_refusal(str(link), home=str(home_with_keys))
+    assert f"credentials store {home_with_keys / '.ssh'}" in text
+    assert naming.check_host_mount(str(home_with_keys / "src" / "app"), "workspace",
+                                   str(home_with_keys)) == str(home_with_keys / "src" / "app")
+
+
+def test_a_credentials_store_reached_through_a_link_is_guarded_where_it_lives(tmp_path):
+    home, vault = tmp_path / "home", tmp_path / "vault" / "ssh"
+    vault.mkdir(parents=True)
+    home.mkdir()
+    (home / ".ssh").symlink_to(vault)
+    assert f"credentials store {vault}" in mount_refusal(str(vault.parent), home=str(home))
+
+
+# -- container-side mount targets -----------------------------------------------------------
+
+
+FIXED = [("the workspace", "/workspace"), ("--storage", "/storage")]
+
+
+def target_refusal(targets) -> str:
+    with pytest.raises(BadInput) as refused:
+        naming.check_mount_targets(targets)
+    return one_line(refused.value)
+
+
+def test_separate_targets_are_accepted_also_when_one_name_starts_another():
+    naming.check_mount_targets([*FIXED, ("--mount /a", "/data"), ("--mount /b", "/data2"),
+                                ("--mount /c", "/workspaces"), ("--mount /d", "/opt/x/y")])
+
+
+def test_two_mounts_at_one_target_are_refused_naming_both():
+    text = target_refusal([*FIXED, ("--mount /a", "/data"), ("--mount /b", "/data")])
+    assert "--mount /b and --mount /a both mount at '/data'" in text
+
+
+@pytest.mark.parametrize("target", ["/workspace", "/storage"])
+def test_a_mount_at_the_workspace_or_storage_target_collides_with_it(target):
+    text = target_refusal([*FIXED, ("--mount /a", target)])
+    assert f"both mount at {target!r}" in text
+    assert "--mount /a" in text
+
+
+@pytest.mark.parametrize(("outer", "inner"), [("/data", "/data/x"), ("/data/x", "/data"),
+                                              ("/workspace", "/workspace/sub")])
+def test_nested_targets_are_refused_naming_both(outer, inner):
+    first, second = ("--mount /one", outer), ("--mount /two", inner)
+    targets = [("--storage", "/storage"), first, second]
+    if outer != "/workspace":
+        targets.insert(0, ("the workspace", "/workspace"))
+    text = target_refusal(targets)
+    assert repr(outer) in text
+    assert repr(inner) in text
+    assert "one inside the other" in text
+
+
+@pytest.mark.parametrize(("target", "why"), [
+    ("data", "absolute path"),
+    ("", "absolute path"),
+    ("/da\nta", "printable"),
+    ("/da\0ta", "printable"),
+    (None, "absolute path"),
+    ("/", "hide the container's own filesystem"),
+    ("/data/../etc", "not normalised"),
+    ("/data/./x", "not normalised"),
+    ("/data/", "not normalised"),
+    ("//data", "not normalised"),
+    ("/data//x", "not normalised"),
+])
+def test_a_target_that_is_not_an_absolute_normalised_path_is_refused(target, why):
+    text = target_refusal([*FIXED, ("--mount /a", target)])
+    assert why in text
+    assert text.startswith("--mount /a target")
+
+
+# -- host paths coi reads to copy into a container or an image --------------------------------
+
+
+def secret_refusal(path: str, home: str, **kwargs: str) -> str:
+    with pytest.raises(BadInput) as refused:
+        naming.check_secret_path(path, "/ws/.coi.toml: image.extra_ca_certificates", home,
+                                 **kwargs)
+    text = one_line(refused.value)
+    assert text.startswith("/ws/.coi.toml: image.extra_ca_certificates ")
+    return text
+
+
+@pytest.mark.parametrize("secret", [".ssh/id_ed25519", ".aws/credentials"])
+def test_a_file_in_a_credentials_store_is_never_read_for_a_container(home_with_keys, secret):
+    text = secret_refusal(str(home_with_keys / secret), str(home_with_keys))
+    assert f"lies in {home_with_keys / secret.split('/')[0]}, which holds secrets" in text
+
+
+def test_a_credential_file_of_its_own_is_refused_too(tmp_path):
+    (tmp_path / ".netrc").write_text("machine x password y\n")
+    assert f"lies in {tmp_path / '.netrc'}" in secret_refusal(str(tmp_path / ".netrc"),
+                                                              str(tmp_path))
+
+
+def test_a_symlink_to_a_key_is_resolved_and_refused_saying_where_it_points(home_with_keys):
+    link = home_with_keys / "proxy-ca.crt"
+    link.symlink_to(home_with_keys / ".ssh" / "id_ed25519")
+    text = secret_refusal(str(link), str(home_with_keys))
+    assert f"(it resolves to {home_with_keys / '.ssh' / 'id_ed25519'})" in text
+
+
+@pytest.mark.parametrize(("path", "place"), [("/proc/self/environ", "/proc"),
+                                             ("/etc/shadow", "/etc/shadow"),
+                                             ("/etc/ssh/ssh_host_ed25519_key", "/etc/ssh"),
+                                             ("/root/.ssh/id_ed25519", "/root")])
+def test_secret_system_paths_are_never_read_for_a_container(path, place):
+    assert f"lies in {place}, which holds secrets" in secret_refusal(path, HOME)
+
+
+def test_the_refusal_of_a_secret_carries_the_callers_hint(home_with_keys):
+    text = secret_refusal(str(home_with_keys / ".ssh" / "id_ed25519"), str(home_with_keys),
+                          hint="copy the certificate to a file of its own")
+    assert text.endswith("(copy the certificate to a file of its own)")
+
+
+@pytest.mark.parametrize("path", ["/etc/ssl/certs/proxy.pem", "/usr/local/share/x.crt",
+                                  "/home/dev/certs/proxy.crt", "/home/dev/.sshx/ca.crt"])
+def test_ordinary_files_may_be_read(path):
+    assert naming.check_secret_path(path, "key", HOME) == path
+
+
+def test_when_root_runs_coi_its_own_files_may_be_read_but_not_its_keys():
+    assert naming.check_secret_path("/root/ca.crt", "key", "/root") == "/root/ca.crt"
+    assert "lies in /root/.ssh" in secret_refusal("/root/.ssh/id_ed25519", "/root")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from coi_common import tools
+from coi_common import config, tools, trust
 from coi_common.errors import BadInput, NotFound
 
 
@@ -314,6 +314,93 @@ def test_invalid_toml_in_a_shipped_file_names_the_file(tmp_path):
     text = rejection(None, shipped_dir=tmp_path)
     assert str(tmp_path / "broken.toml") in text
     assert "not valid TOML" in text
+
+
+# --- credential files that point into secrets --------------------------------------------
+
+
+WORKSPACE_FILE = "/ws/.coi.toml"
+ATTACK = {"claude": {"credential_files": [".ssh/id_ed25519", ".aws/credentials"]}}
+
+
+@pytest.fixture
+def host_home(tmp_path):
+    """A host home holding an SSH key, AWS credentials and a Claude login."""
+    home = tmp_path / "home"
+    for rel in (".ssh/id_ed25519", ".aws/credentials", ".claude/.credentials.json"):
+        (home / rel).parent.mkdir(parents=True, exist_ok=True)
+        (home / rel).write_text("secret\n")
+    return home
+
+
+def test_a_workspace_file_cannot_name_ssh_keys_as_credential_files(host_home):
+    text = rejection(ATTACK, WORKSPACE_FILE, home=str(host_home))
+    assert text.startswith(f"{WORKSPACE_FILE}: tools.claude.credential_files '{host_home}/")
+    assert f"lies in {host_home / '.ssh'}, which holds secrets" in text
+    assert "only a tool table in your own config file may name one there" in text
+
+
+def test_a_credential_file_linked_into_ssh_is_resolved_and_refused(host_home):
+    (host_home / ".claude" / "token").symlink_to(host_home / ".ssh" / "id_ed25519")
+    text = rejection({"claude": {"credential_files": [".claude/token"]}}, WORKSPACE_FILE,
+                     home=str(host_home))
+    assert f"(it resolves to {host_home / '.ssh' / 'id_ed25519'})" in text
+
+
+def test_the_users_own_config_may_name_any_credential_file(host_home):
+    user_file = str(host_home / ".config" / "coi" / "config.toml")
+    claude = tools.load_registry(ATTACK, user_file, vouched=[user_file],
+                                 home=str(host_home))["claude"]
+    assert claude.credential_files == (".ssh/id_ed25519", ".aws/credentials")
+
+
+def test_the_shipped_credential_files_are_taken_as_given_even_through_a_link(host_home):
+    (host_home / ".claude" / ".credentials.json").unlink()
+    (host_home / ".claude" / ".credentials.json").symlink_to(host_home / ".aws" / "credentials")
+    registry = tools.load_registry({"claude": {"binary": "claude2"}}, WORKSPACE_FILE,
+                                   home=str(host_home))
+    assert registry["claude"].credential_files == (".claude/.credentials.json", ".claude.json")
+
+
+def test_a_workspace_file_may_name_credential_files_outside_the_secret_stores(host_home):
+    tool = tools.load_registry({"claude": {"credential_files": [".claude/.credentials.json"]}},
+                               WORKSPACE_FILE, home=str(host_home))["claude"]
+    assert tool.credential_files == (".claude/.credentials.json",)
+
+
+def trusted_workspace(coi_env, tmp_path, text: str) -> str:
+    """A workspace whose .coi.toml holds `text`, trusted as `coi trust` does."""
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / ".coi.toml").write_text(text)
+    path, sha256 = config.workspace_file(str(workspace))
+    trust.pin(str(coi_env.home / ".coi"), path, sha256)
+    return str(workspace)
+
+
+ATTACK_TOML = '[tools.claude]\ncredential_files = [".ssh/id_ed25519", ".aws/credentials"]\n'
+
+
+def test_even_a_trusted_workspace_file_cannot_send_ssh_keys_into_the_container(
+        coi_env, tmp_path):
+    workspace = trusted_workspace(coi_env, tmp_path, ATTACK_TOML)
+    settings = config.load(workspace)
+    assert settings.source("tools.claude").endswith(".coi.toml")  # trusted, so it applied
+    with pytest.raises(BadInput) as refused:
+        tools.registry_from_config(settings)
+    text = refused.value.one_line()
+    assert text.startswith(f"{workspace}/.coi.toml: tools.claude.credential_files '")
+    assert f"lies in {coi_env.home / '.ssh'}" in text
+
+
+@pytest.mark.parametrize("which", ["user", "system"])
+def test_the_same_table_in_the_user_or_system_config_is_honoured(coi_env, which):
+    target = coi_env.config_home / "coi" / "config.toml" if which == "user" \
+        else coi_env.system_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(ATTACK_TOML)
+    claude = tools.registry_from_config(config.load(None))["claude"]
+    assert claude.credential_files == (".ssh/id_ed25519", ".aws/credentials")
 
 
 # --- lookup -----------------------------------------------------------------
