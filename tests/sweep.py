@@ -6,9 +6,10 @@ Usage:
 
 Removes instances named `coi-test-*` (forced), images all of whose aliases
 are `coi-test-*` (half-done builds, images tests published), network
-namespaces `coi-test-*`, nftables tables `coi_test_*` of any family and the
-test accounts `coi-test-u*` (their processes, /tmp home and the `root:ID:1`
-lines of their uid and gid in /etc/subuid and /etc/subgid). The cached test
+namespaces `coi-test-*`, nftables tables `coi_test_*` of any family, workspace
+views /run/coi/views/coi-test-* and the test accounts `coi-test-u*` (their
+processes, /tmp home and the `root:ID:1` lines of their uid and gid in
+/etc/subuid and /etc/subgid). The cached test
 images `coi-test-image` and `coi-test-full-image` always stay.
 Prints one line per removed thing, or nothing; exits 0.
 
@@ -43,7 +44,7 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 if str(ROOT / "lib") not in sys.path:
     sys.path.insert(0, str(ROOT / "lib"))
 
-from coi_common import idmap, proc  # noqa: E402 - needs the path above when run as a script
+from coi_common import idmap, proc, views  # noqa: E402 - needs the path above when run as a script
 from coi_common.errors import NotFound  # noqa: E402
 from coi_common.incus import Incus  # noqa: E402
 
@@ -70,6 +71,7 @@ def sweep(client: Incus | None = None, *, scope: str = "") -> list[str]:
             *_sweep_images(client, IMAGE_PREFIX + scope),
             *_sweep_netns(NETNS_PREFIX + scope),
             *_sweep_nft(NFT_PREFIX + scope.replace("-", "_")),
+            *_sweep_views(INSTANCE_PREFIX + scope),
             *_sweep_users(USER_PREFIX + scope)]
 
 
@@ -123,6 +125,16 @@ def _sweep_nft(prefix: str) -> list[str]:
         if table and table["name"].startswith(prefix):
             proc.run(["nft", "delete", "table", table["family"], table["name"]])
             removed.append(f"removed nft table {table['family']} {table['name']}")
+    return removed
+
+
+def _sweep_views(prefix: str) -> list[str]:
+    """Workspace views (and their empty directories) of test containers."""
+    removed = []
+    root = Path(views.VIEW_ROOT)
+    for folder in sorted(root.glob(f"{prefix}*")) if root.is_dir() else []:
+        views.release(folder.name, forget=True)
+        removed.append(f"removed workspace view {folder.name}")
     return removed
 
 

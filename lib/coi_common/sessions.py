@@ -416,8 +416,8 @@ def workspace_view(record: SlotRecord, settings: Any, idmap: IdMap, *, mask: boo
         return
     views.check_rules(protect, patterns)
     owner = (idmap.host_uid, idmap.host_gid) if os.geteuid() == 0 else None
-    views.placeholders(record.workspace, protect, owner)
-    view = _build_view(record.container, record.workspace, protect, patterns,
+    targets = views.placeholders(record.workspace, protect, owner)
+    view = _build_view(record.container, record.workspace, targets, patterns,
                        dict(mount_flags or {}))
     try:
         yield view

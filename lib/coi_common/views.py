@@ -142,20 +142,20 @@ def masks(name: str, patterns: Sequence[str]) -> bool:
 
 def placeholders(workspace: str, protect: Sequence[str], owner: tuple[int, int] | None
                  ) -> list[str]:
-    """Make the missing protected paths, so the agent cannot create them later: an
-    empty directory, or for a missing file an empty one (`{}` for JSON). Where the
-    directory holding a missing file is missing too, that directory is the
-    placeholder (and is protected instead: see protected_targets), as empty
-    directories stay out of `git status`. Nothing is made inside a missing .git
-    except .git itself, and no file at the top (.coi.toml, .mcp.json would show
-    in `git status`; their readers gate them: coi trust, Claude Code's approval).
-    Returns what was made; `owner` (uid, gid) gets it when root makes it for a user."""
-    made = []
+    """What to protect in this project (protected_targets), after making the missing
+    ones, so the agent cannot create them later: an empty directory, or for a
+    missing file an empty one (`{}` for JSON). Where the directory holding a
+    missing file is missing too, that directory is the placeholder (and is what is
+    protected), as empty directories stay out of `git status`. Nothing is made
+    inside a missing .git except .git itself, and no file at the top (.coi.toml,
+    .mcp.json would show in `git status`; their readers gate them: coi trust,
+    Claude Code's approval). `owner` (uid, gid) gets what root makes for a user.
+    The result goes to build() as is: decided once, before anything was made."""
     with _opened(workspace, os.O_PATH | os.O_DIRECTORY) as root:
-        for target in protected_targets(root, protect):
-            if _make(root, target, owner):
-                made.append(target)
-    return made
+        targets = protected_targets(root, protect)
+        for target in targets:
+            _make(root, target, owner)
+    return targets
 
 
 def protected_targets(root: int, protect: Sequence[str]) -> list[str]:
@@ -189,11 +189,10 @@ def _kind(root: int, rel: str) -> str | None:
     return "dir" if stat.S_ISDIR(info.st_mode) else "file"
 
 
-def _make(root: int, target: str, owner: tuple[int, int] | None) -> bool:
+def _make(root: int, target: str, owner: tuple[int, int] | None) -> None:
     rel = target.rstrip("/")
-    if _kind(root, rel) is not None or ("/" not in rel and \
-            not target.endswith("/")):
-        return False  # a top-level file (.coi.toml): its reader gates it (coi trust)
+    if _kind(root, rel) is not None or ("/" not in rel and not target.endswith("/")):
+        return  # there, or a top-level file (.coi.toml): its reader gates it (coi trust)
     parent, _, name = rel.rpartition("/")
     with _walk(root, parent.split("/") if parent else []) as folder:
         if target.endswith("/"):
@@ -205,7 +204,6 @@ def _make(root: int, target: str, owner: tuple[int, int] | None) -> bool:
                 handle.write(PLACEHOLDER_TEXT.get(os.path.splitext(name)[1], b""))
         if owner is not None:
             os.chown(name, *owner, dir_fd=folder, follow_symlinks=False)
-    return True
 
 
 # -- the view (root) ---------------------------------------------------------------------------
