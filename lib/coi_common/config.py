@@ -30,7 +30,7 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
-from coi_common import trust
+from coi_common import sizes, trust
 from coi_common.errors import ConfigError
 
 
@@ -46,6 +46,8 @@ class Key:
 
 
 NETWORK_MODES: Final = ("restricted", "open", "allowlist")
+SIZE_KEYS: Final = ("limits.session_size", "limits.sessions_total")
+"""String keys that hold a byte size (coi_common.sizes), checked when they are read."""
 
 # Workspace paths host programs obey (git runs hooks and config commands, editors run
 # tasks, Claude Code loads settings and MCP servers): read-only inside. A trailing "/"
@@ -515,11 +517,22 @@ def _check(where: str, dotted: str, spec: Key, value: Any) -> Any:
     if spec.choices and value not in spec.choices:
         raise ConfigError(f"{where}: {dotted} must be one of {', '.join(spec.choices)}, "
                           f"got {_describe(value)}")
+    if dotted in SIZE_KEYS and not _is_size(value):
+        raise ConfigError(f"{where}: {dotted} must be 0 or a size such as \"2GiB\" or "
+                          f"\"512MiB\", got {_describe(value)}")
     too_low = spec.minimum is not None and value < spec.minimum
     too_high = spec.maximum is not None and value > spec.maximum
     if too_low or too_high:
         raise ConfigError(f"{where}: {dotted} must be {_expected(spec)}, got {_describe(value)}")
     return value
+
+
+def _is_size(text: str) -> bool:
+    try:
+        sizes.parse_size(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _expected(spec: Key) -> str:

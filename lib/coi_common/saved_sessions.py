@@ -12,6 +12,11 @@ tool's state directories and files as they were under /home/code.
   followed); everything else is dropped and counted. The copy is built in a
   temp directory beside the session and swapped in atomically under the
   store's lock, so an interrupted save leaves the previous one intact.
+- Sparse files stay sparse both ways (`tar --sparse` out, holes written as
+  holes here, PAX 1.0 sparse members back in), and a save is bounded while
+  it writes: `limits.session_size`, `limits.sessions_total` and a reserve of
+  free disk. After a save, the oldest sessions go until the store fits
+  `limits.sessions_total`.
 - Restoring streams the saved tree back as one tar stream into `tar -x`
   running as `code` (so uid 1000 owns it), then fresh credentials and the
   merged settings file go in the same way.
@@ -45,7 +50,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any, Final
 
-from coi_common import __version__, naming
+from coi_common import __version__, naming, sizes
 from coi_common.errors import BadInput, CoiError, CommandFailed, NotFound
 from coi_common.incus import ExecSpec, Incus, exec_not_started, retry_exec
 from coi_common.protocol import CONTRACT_VERSION, make_record
@@ -67,17 +72,24 @@ STORE_PREFIX: Final = "sessions-"
 
 SAVE_TIMEOUT: Final = 60.0
 """A save (start if stopped, stream, stop) that takes longer is abandoned; the old copy stays."""
-MAX_BYTES: Final = 8 * 1024**3
-"""A save writes at most this much to the host: bigger state is refused, not truncated."""
+DISK_RESERVE: Final = 1024**3
+"""A save stops before the disk of the store has less free than this (or 5% of it, if
+less): whatever the quotas say, a save never fills the disk."""
+HEADER_MAX: Final = 8 * 1024**2
+"""Most bytes the headers of one member (pax records, long names, sparse maps) may take:
+tarfile holds them in memory."""
 MAX_MEMBERS: Final = 500_000
 SMALL_FILE_MAX: Final = 1024**2
 """Credential and settings files larger than this are not copied (they are not real ones)."""
 LEFTOVER_AGE: Final = 24 * 3600
 SHOWN_DROPS: Final = 20
+SHOWN_EVICTED: Final = 5
 TRAILING_MAX: Final = 1024**2
 
 _DURATION: Final = re.compile(r"([1-9][0-9]{0,5})([smhdw])")
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_LONGEST: Final = timedelta(days=366_000)
+"""Longer ages are refused: now minus the age must still be a date (999999w is not)."""
 _COPY_CHUNK: Final = 1024 * 1024
 
 
@@ -103,7 +115,10 @@ def parse_duration(text: str) -> timedelta:
     if match is None:
         raise BadInput(f"duration {text!r} is not a number followed by s, m, h, d or w",
                        hint="for example 30d or 12h")
-    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    age = timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+    if age > _LONGEST:
+        raise BadInput(f"duration {text!r} is longer than 1000 years", hint="for example 30d")
+    return age
 
 
 # -- the session record ------------------------------------------------------------------
@@ -412,6 +427,24 @@ class Store:
                 deleted.append(session)
         return deleted
 
+    def evict(self, limit: int, keep: str) -> list[Session]:
+        """Delete the oldest sessions of every tool, never `keep`, until the sessions
+        together hold at most `limit` bytes of data (their recorded `bytes`; 0: no
+        limit); return what was deleted, oldest first."""
+        found = self.sessions()
+        total = sum(s.bytes for s in found)
+        deleted = []
+        for session in reversed(found):
+            if not limit or total <= limit:
+                break
+            if session.id == keep:
+                continue
+            with contextlib.suppress(NotFound):
+                self.delete(session)
+                deleted.append(session)
+            total -= session.bytes
+        return deleted
+
 
 def _valid_id(text: str) -> bool:
     return _passes(naming.validate_session_id, text)
@@ -499,6 +532,40 @@ def _swap_in(tmp: str, target: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+# -- quotas ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Quota:
+    """A size-valued config key that bounds saved sessions: its bytes (0: no limit)."""
+
+    key: str
+    limit: int
+    text: str
+
+    @classmethod
+    def of(cls, settings: Any, key: str) -> Quota:
+        return cls(key, sizes.config_size(settings, key), str(settings.get(key)))
+
+    def exceeded(self, count: int) -> bool:
+        return self.limit > 0 and count > self.limit
+
+    def __str__(self) -> str:
+        return f"{self.key} ({self.text})"
+
+
+def save_quotas(settings: Any) -> tuple[Quota, Quota]:
+    """limits.session_size and limits.sessions_total: a save may hold neither more than
+    the first nor, as the store can never fit it, more than the second."""
+    return Quota.of(settings, "limits.session_size"), Quota.of(settings, "limits.sessions_total")
+
+
+def _disk_room(path: str) -> tuple[int, int]:
+    """(free bytes, the reserve a save leaves) of the file system holding `path`."""
+    info = os.statvfs(path)
+    return info.f_bavail * info.f_frsize, min(DISK_RESERVE, info.f_blocks * info.f_frsize // 20)
+
+
 # -- tar streams out of a container -----------------------------------------------------
 
 
@@ -518,6 +585,52 @@ class Pulled:
         self.dropped.append(f"{name!r} ({why})")
 
 
+class _Metered:
+    """The container's tar stream as tarfile reads it: while one member's headers are
+    parsed (`headers()`), at most HEADER_MAX bytes may be read, so a hostile pax
+    record, long name or sparse map cannot fill the host's memory."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self._depth = 0
+        self._left = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        if self._depth:
+            self._left -= len(data)
+            if self._left < 0:
+                raise CoiError(f"a tar header in the state stream is larger than "
+                               f"{sizes.human(HEADER_MAX)}; not saved")
+        return data
+
+    @contextlib.contextmanager
+    def headers(self) -> Iterator[None]:
+        if not self._depth:  # a pax header parses the header it describes inside it
+            self._left = HEADER_MAX
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+
+
+def _member_class(meter: _Metered) -> type[tarfile.TarInfo]:
+    """TarInfo whose headers are read under the meter's bound, and whose malformed
+    headers (numbers tarfile does not check) are a tarfile.ReadError, not a crash."""
+
+    class Member(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+            with meter.headers():
+                try:
+                    return super().fromtarfile(tarfile_)
+                except (ValueError, IndexError, OverflowError) as exc:
+                    raise tarfile.ReadError(f"malformed tar header ({exc})") from None
+
+    return Member
+
+
 class StateWriter:
     """Writes the members of an untrusted tar stream into `home`, a fresh directory.
 
@@ -527,18 +640,32 @@ class StateWriter:
     never creates a link, so no write can leave `home`. Links, devices, FIFOs,
     absolute or `..` paths, and paths outside the state are dropped and counted.
     Members named in `exclude` (injected credentials) are skipped and counted apart.
+
+    Holes of sparse members stay holes: only their data is written (and counted
+    in `bytes`). Before a file's data is written, the data so far plus its data
+    is checked against every quota and the free disk (DISK_RESERVE): the save
+    stops there, so it can never write past a limit.
     """
 
     def __init__(self, home: str, state_dirs: Sequence[str], state_files: Sequence[str],
-                 exclude: Sequence[str] = (), max_bytes: int = MAX_BYTES) -> None:
+                 exclude: Sequence[str] = (), quotas: Sequence[Quota] = ()) -> None:
         self.home = home
         self.state_dirs = tuple(state_dirs)
         self.state_files = tuple(state_files)
         self.exclude = frozenset(exclude)
-        self.max_bytes = max_bytes
+        self.quotas = sorted(quotas, key=lambda q: q.limit)
         self.result = Pulled()
         self.members = 0
         os.makedirs(home, mode=0o700, exist_ok=True)
+
+    def consume(self, stream: IO[bytes]) -> Pulled:
+        """Write what the untrusted tar `stream` holds (read once, in order; each member's
+        headers bounded by HEADER_MAX) and return the result."""
+        meter = _Metered(stream)
+        with tarfile.open(fileobj=meter, mode="r|", tarinfo=_member_class(meter)) as archive:
+            for member in archive:
+                self.add(member, archive)
+        return self.result
 
     def add(self, member: tarfile.TarInfo, archive: tarfile.TarFile) -> None:
         self.members += 1
@@ -584,19 +711,32 @@ class StateWriter:
                     return False
         return True
 
+    def _check_room(self, data: int) -> None:
+        """Refuse (CoiError) a file whose `data` bytes would pass a quota or the disk reserve."""
+        total = self.result.bytes + data
+        for quota in self.quotas:
+            if quota.exceeded(total):
+                raise CoiError(f"the tool state holds more than {quota} of data; not saved, "
+                               "the previous save is kept",
+                               hint=f"raise {quota.key} in your config; 0 is no limit")
+        free, reserve = _disk_room(self.home)
+        if free - data < reserve:
+            raise CoiError(f"saving would leave less than {sizes.human(reserve)} free on the "
+                           f"disk of {self.home}; not saved, the previous save is kept",
+                           hint="free disk space, e.g. coi session prune --keep 1 --all")
+
     def _write_file(self, rel: str, member: tarfile.TarInfo, archive: tarfile.TarFile) -> None:
         parts = rel.split("/")
-        if member.size < 0 or self.result.bytes + member.size > self.max_bytes:
-            raise CoiError(f"the saved state is larger than {self.max_bytes // 1024**2} MiB; "
-                           "not saved")
+        segments = _segments(member, archive)
+        if segments is None:
+            self.result.drop(rel, "bad sparse map")
+            return
+        data = sum(length for _, length in segments)
+        self._check_room(data)
         if not self._make_dirs(parts[:-1]):
             self.result.drop(rel, "type conflict")
             return
         path = os.path.join(self.home, *parts)
-        source = archive.extractfile(member)
-        if source is None:
-            self.result.drop(rel, "unreadable")
-            return
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW |
                          os.O_CLOEXEC, 0o600)
@@ -605,16 +745,63 @@ class StateWriter:
                 self.result.drop(rel, "type conflict")
                 return
             raise
-        with os.fdopen(fd, "wb") as target:
-            shutil.copyfileobj(source, target, _COPY_CHUNK)
+        try:
+            _copy_segments(archive.fileobj, member.offset_data, fd, segments)
+            # The size last: what no segment covered, up to it, stays a hole.
+            os.ftruncate(fd, member.size)
             # Owner-only; the owner's execute bit survives (hook scripts stay runnable).
-            os.fchmod(target.fileno(), 0o600 | (member.mode & 0o100))
+            os.fchmod(fd, 0o600 | (member.mode & 0o100))
+        except (OSError, OverflowError) as exc:
+            os.unlink(path)
+            if isinstance(exc, OSError) and exc.errno not in (errno.EFBIG, errno.EINVAL):
+                raise
+            self.result.drop(rel, f"size {member.size} cannot be stored")  # nor off_t
+            return
+        finally:
+            os.close(fd)
         with contextlib.suppress(OSError, OverflowError, ValueError):
             os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
         self.result.files += 1
-        self.result.bytes += member.size
+        self.result.bytes += data
         if len(self.result.first_files) < 2:
             self.result.first_files.append(rel)
+
+
+def _segments(member: tarfile.TarInfo, archive: tarfile.TarFile) -> list[tuple[int, int]] | None:
+    """Where the member's stored data goes in the file: (offset, length), in stream order
+    (one segment, or a sparse member's map without its empty entries). None for a map
+    out of order, overlapping, past the file's size or claiming more than is stored."""
+    if member.size < 0:
+        return None
+    if member.sparse is None:
+        return [(0, member.size)] if member.size else []
+    found: list[tuple[int, int]] = []
+    end = 0
+    for offset, length in member.sparse:
+        if length == 0:
+            continue
+        if offset < end or length < 0 or offset + length > member.size:
+            return None
+        found.append((offset, length))
+        end = offset + length
+    stored = archive.offset - member.offset_data
+    return found if sum(length for _, length in found) <= stored else None
+
+
+def _copy_segments(stream: IO[bytes], start: int, fd: int,
+                   segments: Sequence[tuple[int, int]]) -> None:
+    """Write a member's data, stored back to back in `stream` from `start`, to `fd` at the
+    file offsets of `segments`; what lies between stays a hole."""
+    stream.seek(start)
+    for offset, length in segments:
+        at, end = offset, offset + length
+        while at < end:
+            chunk = memoryview(stream.read(min(end - at, _COPY_CHUNK)))
+            if not chunk:
+                raise tarfile.ReadError("unexpected end of data")
+            while chunk:
+                done = os.pwrite(fd, chunk, at)
+                chunk, at = chunk[done:], at + done
 
 
 def clean_member_name(name: str) -> str | None:
@@ -668,35 +855,35 @@ def _not_started(errors: IO[bytes] | bytes) -> bool:
 
 
 def pull_state(client: Incus, name: str, tool: Tool, home: str, *,
-               exclude: Sequence[str] = (), timeout: float = SAVE_TIMEOUT) -> Pulled:
+               exclude: Sequence[str] = (), quotas: Sequence[Quota] = (),
+               timeout: float = SAVE_TIMEOUT) -> Pulled:
     """Stream the tool's state out of the RUNNING container `name` into `home`.
 
-    One `tar -c` runs in the container as code; its output is parsed here as a
-    stream (tarfile "r|") by a StateWriter. The whole stream is abandoned (the
-    process group killed) after `timeout` seconds. An exec that Incus failed to
-    start is tried again.
+    One `tar --sparse -c` runs in the container as code (holes are not sent);
+    its output is parsed here as a stream (tarfile "r|") by a StateWriter bound
+    by `quotas`. The whole stream is abandoned (the process group killed) after
+    `timeout` seconds. An exec that Incus failed to start is tried again.
     """
     deadline = time.monotonic() + timeout
     return _again(name, lambda: _pull_once(client, name, tool, home, exclude=exclude,
+                                     quotas=quotas,
                                      timeout=max(1.0, deadline - time.monotonic())))
 
 
 def _pull_once(client: Incus, name: str, tool: Tool, home: str, *, exclude: Sequence[str],
-               timeout: float) -> Pulled:
+               quotas: Sequence[Quota], timeout: float) -> Pulled:
     paths = [*tool.state_dirs, *tool.state_files]
-    writer = StateWriter(home, tool.state_dirs, tool.state_files, exclude)
+    writer = StateWriter(home, tool.state_dirs, tool.state_files, exclude, quotas)
     with tempfile.TemporaryFile() as errors:
         child = client.exec_stream(
-            _as_code(name, ["tar", "--ignore-failed-read", "-C", HOME, "-cf", "-", "--", *paths],
-                     {"HOME": HOME, "LC_ALL": "C"}),
+            _as_code(name, ["tar", "--ignore-failed-read", "--sparse", "-C", HOME, "-cf", "-",
+                            "--", *paths], {"HOME": HOME, "LC_ALL": "C"}),
             stdout=subprocess.PIPE, stderr=errors)
         expired = _Watchdog(child, timeout)
         try:
             assert child.stdout is not None
             try:
-                with tarfile.open(fileobj=child.stdout, mode="r|") as archive:
-                    for member in archive:
-                        writer.add(member, archive)
+                writer.consume(child.stdout)
                 _drain(child.stdout)
             except (tarfile.TarError, EOFError, OSError) as exc:
                 if expired.fired:
@@ -801,9 +988,77 @@ def _tar_info(rel: str, kind: bytes, mode: int, size: int = 0,
     return info
 
 
+def _data_segments(fd: int, size: int) -> list[tuple[int, int]]:
+    """(offset, length) of the data of the open file `fd` of `size` bytes, holes left
+    out; one segment where the file system cannot tell (no SEEK_DATA)."""
+    segments: list[tuple[int, int]] = []
+    at = 0
+    try:
+        while at < size:
+            start = os.lseek(fd, at, os.SEEK_DATA)
+            at = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            segments.append((start, at - start))
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:  # ENXIO: no data after `at`, the rest is a hole
+            return [(0, size)] if size else []
+    return segments
+
+
+class _SparseSource:
+    """The stored data of a PAX 1.0 sparse member (GNU tar's format, which `tar -x`
+    restores with holes): the map as decimal lines padded to a block, then the data
+    segments read from `fd`. Reads return exactly what tarfile asks for."""
+
+    def __init__(self, fd: int, segments: Sequence[tuple[int, int]], size: int) -> None:
+        entries = [*segments, (size, 0)]  # the final empty entry marks the file's end
+        text = f"{len(entries)}\n" + "".join(f"{o}\n{n}\n" for o, n in entries)
+        self.head = text.encode() + b"\0" * (-len(text) % tarfile.BLOCKSIZE)
+        self.size = len(self.head) + sum(n for _, n in segments)
+        self._fd = fd
+        self._left = list(segments)
+
+    def read(self, size: int) -> bytes:
+        parts = [self.head[:size]]
+        self.head = self.head[size:]
+        size -= len(parts[0])
+        while size and self._left:
+            offset, length = self._left[0]
+            data = os.pread(self._fd, min(size, length), offset)
+            if not data:
+                break
+            parts.append(data)
+            size -= len(data)
+            self._left[0] = (offset + len(data), length - len(data))
+            if self._left[0][1] == 0:
+                self._left.pop(0)
+        return b"".join(parts)
+
+
+def _add_file(archive: tarfile.TarFile, rel: str, source: IO[bytes]) -> int:
+    """Add the open regular file `source` as `rel`, a sparse member when it has holes;
+    return its data bytes."""
+    opened = os.fstat(source.fileno())
+    info = _tar_info(rel, tarfile.REGTYPE, 0o600 | (opened.st_mode & 0o100), opened.st_size,
+                     opened.st_mtime)
+    segments = _data_segments(source.fileno(), opened.st_size)
+    source.seek(0)  # SEEK_DATA/SEEK_HOLE moved the file offset
+    data = sum(n for _, n in segments)
+    if data == opened.st_size:
+        archive.addfile(info, source)
+        return data
+    sparse = _SparseSource(source.fileno(), segments, opened.st_size)
+    folder, _, base = rel.rpartition("/")
+    info.name = f"{folder}/GNUSparseFile.0/{base}" if folder else f"GNUSparseFile.0/{base}"
+    info.size = sparse.size
+    info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                        "GNU.sparse.name": rel, "GNU.sparse.realsize": str(opened.st_size)}
+    archive.addfile(info, sparse)  # type: ignore[arg-type]  # read() is all addfile uses
+    return data
+
+
 def _write_saved_tree(archive: tarfile.TarFile, home: str) -> tuple[int, int]:
     """Add every directory and regular file under `home` (never following a link);
-    return (files, bytes)."""
+    return (files, data bytes)."""
     files = size = 0
     for folder, dirs, names in os.walk(home, followlinks=False):
         rel_folder = os.path.relpath(folder, home)
@@ -817,12 +1072,8 @@ def _write_saved_tree(archive: tarfile.TarFile, home: str) -> tuple[int, int]:
             elif stat.S_ISREG(info.st_mode):
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
                 with os.fdopen(fd, "rb") as source:
-                    opened = os.fstat(source.fileno())
-                    mode = 0o600 | (opened.st_mode & 0o100)
-                    archive.addfile(_tar_info(rel, tarfile.REGTYPE, mode, opened.st_size,
-                                              opened.st_mtime), source)
+                    size += _add_file(archive, rel, source)
                 files += 1
-                size += opened.st_size
     return files, size
 
 
@@ -1082,6 +1333,9 @@ class SaveResult:
     excluded: int = 0
     started: bool = False
     seconds: float = 0.0
+    evicted: tuple[str, ...] = ()
+    """Ids of the oldest sessions deleted afterwards to fit the total quota, oldest first."""
+    total_quota: str = ""
 
     def to_record(self) -> dict[str, Any]:
         session = self.session
@@ -1092,14 +1346,23 @@ class SaveResult:
             files=self.files, bytes=self.bytes, dropped=len(self.dropped),
             dropped_paths=list(self.dropped[:SHOWN_DROPS]),
             credentials_excluded=self.excluded, started=self.started,
-            seconds=round(self.seconds, 3), path=session.path if session else None)
+            seconds=round(self.seconds, 3), path=session.path if session else None,
+            evicted=list(self.evicted))
 
     def line(self) -> str:
         if self.session is None:
             return f"nothing to save in {self.container} (no tool state there)"
         dropped = f", {len(self.dropped)} unsafe entries dropped" if self.dropped else ""
+        evicted = ""
+        if self.evicted:
+            shown = ", ".join(self.evicted[:SHOWN_EVICTED])
+            more = f" and {len(self.evicted) - SHOWN_EVICTED} more" \
+                if len(self.evicted) > SHOWN_EVICTED else ""
+            evicted = (f"; removed the {len(self.evicted)} oldest saved session(s) to stay "
+                       f"within {self.total_quota}: {shown}{more}")
         return (f"{self.how} session {self.session.id} from {self.container} "
-                f"({self.files} files, {_size(self.bytes)}{dropped}, {self.seconds:.2f} s)")
+                f"({self.files} files, {sizes.human(self.bytes)}{dropped}, "
+                f"{self.seconds:.2f} s){evicted}")
 
 
 @dataclass(frozen=True)
@@ -1126,16 +1389,7 @@ class RestoreResult:
         creds = f", credentials {', '.join(self.credentials)}" if self.credentials else ""
         what = f"session {self.session.id}" if self.session else "credentials"
         return (f"restored {what} into {self.container} ({self.files} files, "
-                f"{_size(self.bytes)}{creds}, {self.seconds:.2f} s)")
-
-
-def _size(count: int) -> str:
-    size = float(count)
-    for unit in ("B", "KiB", "MiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
+                f"{sizes.human(self.bytes)}{creds}, {self.seconds:.2f} s)")
 
 
 def _coi_keys(instance: Mapping[str, Any]) -> dict[str, str]:
@@ -1159,8 +1413,10 @@ def save_container(client: Incus, name: str, *, settings: Any = None,
     """Save the tool state of the coi container `name` (running or stopped).
 
     The tool is the container's `user.coi.tool`, the store `paths.state_dir` of
-    the config of its workspace (or `settings`). Raises on failure; the previous
-    save of the session is then untouched.
+    the config of its workspace (or `settings`). Raises on failure (also when the
+    state holds more than limits.session_size or limits.sessions_total); the
+    previous save of the session is then untouched. After the save, the oldest
+    other sessions are deleted until the store fits limits.sessions_total.
     """
     started_at = time.monotonic()
     naming.validate_container_name(name)
@@ -1169,6 +1425,7 @@ def save_container(client: Incus, name: str, *, settings: Any = None,
     tool = get_tool(keys["tool"], registry_from_config(settings))
     if not tool.state_dirs and not tool.state_files:
         return SaveResult(name, None)
+    per_session, total = save_quotas(settings)
     store = Store(settings.path("paths.state_dir"))
     exclude = tool.credential_files if injects_credentials(tool, settings) else ()
     tmp = store.new_tmp(tool.name)
@@ -1176,7 +1433,8 @@ def save_container(client: Incus, name: str, *, settings: Any = None,
         with running(client, name) as started:
             left = max(1.0, timeout - (time.monotonic() - started_at))
             pulled = pull_state(client, name, tool, os.path.join(tmp, HOME_DIR),
-                                exclude=exclude, timeout=left)
+                                exclude=exclude, quotas=(per_session, total),
+                                timeout=left)
         if pulled.files == 0 or pulled.first_files == [tool.settings_file]:
             # Nothing, or only the settings file coi itself wrote at the start.
             return SaveResult(name, None, dropped=tuple(pulled.dropped),
@@ -1196,8 +1454,10 @@ def save_container(client: Incus, name: str, *, settings: Any = None,
     with contextlib.suppress(NotFound):
         client.set_config(name, {SESSION_ID_KEY: session.id,
                                  SESSION_BASE_KEY: session.updated_at})
+    evicted = tuple(s.id for s in store.evict(total.limit, keep=session.id))
     return SaveResult(name, session, how, pulled.files, pulled.bytes, tuple(pulled.dropped),
-                      pulled.excluded, started, time.monotonic() - started_at)
+                      pulled.excluded, started, time.monotonic() - started_at, evicted,
+                      str(total))
 
 
 def _hash(workspace: str) -> str:

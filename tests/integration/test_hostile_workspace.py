@@ -18,7 +18,10 @@ from coi_common import naming
 pytestmark = pytest.mark.incus
 
 ATTACKS = r"""
-try() { name=$1; shift; if "$@" >/dev/null 2>&1; then echo "OPEN $name"; else echo "BLOCKED $name"; fi; }
+try() {
+  name=$1; shift
+  if "$@" >/dev/null 2>&1; then echo "OPEN $name"; else echo "BLOCKED $name"; fi
+}
 cd /workspace
 try hook sh -c 'printf "#!/bin/sh\ntouch $MARK\n" > .git/hooks/pre-commit'
 try hooks-path git config core.hooksPath /workspace/planted
@@ -33,12 +36,17 @@ try umount sudo umount /workspace/.git/hooks
 try umount-lazy sudo umount -l /workspace/.git/config
 try remount-rw sudo mount -o remount,rw,bind /workspace/.git/hooks
 try bind-without-submounts sh -c 'sudo mkdir -p /mnt/w && sudo mount --bind /workspace /mnt/w'
-try move sh -c 'sudo mkdir -p /mnt/h && sudo mount --make-private /workspace && sudo mount --move /workspace/.git/hooks /mnt/h'
+try move sh -c 'sudo mkdir -p /mnt/h && sudo mount --make-private /workspace &&
+  sudo mount --move /workspace/.git/hooks /mnt/h'
 try unshare-umount sudo unshare -m sh -c 'umount /workspace/.git/hooks'
-mkdir -p planted && printf '#!/bin/sh\ntouch %s\n' "$MARK" > planted/pre-commit && printf '#!/bin/sh\ntouch %s\n' "$MARK" > planted/run
+mkdir -p planted
+printf '#!/bin/sh\ntouch %s\n' "$MARK" > planted/pre-commit
+printf '#!/bin/sh\ntouch %s\n' "$MARK" > planted/run
 chmod +x planted/pre-commit planted/run
 echo change > work.txt
-git add work.txt && git -c user.name=agent -c user.email=agent@example.invalid commit -qm "agent work" && echo COMMITTED
+git add work.txt &&
+  git -c user.name=agent -c user.email=agent@example.invalid commit -qm "agent work" &&
+  echo COMMITTED
 git branch agent-branch && echo BRANCHED
 """
 
@@ -67,12 +75,14 @@ def test_git_metadata_and_tool_settings_cannot_be_planted_but_commits_still_work
     assert done.returncode == 0, done.stderr
     opened = [line for line in done.stdout.splitlines() if line.startswith("OPEN")]
     assert opened == [], f"attacks that got through: {opened}\n{done.stdout}"
-    assert "COMMITTED" in done.stdout and "BRANCHED" in done.stdout, done.stdout
+    assert "COMMITTED" in done.stdout, done.stdout
+    assert "BRANCHED" in done.stdout, done.stdout
     assert "paths read-only inside" in done.stderr
     # On the host, the user's git afterwards runs nothing the agent planted.
     status = host_git(user_coi, "status", "--short")
     commit = host_git(user_coi, "commit", "-q", "--allow-empty", "-m", "host after")
-    assert status.returncode == 0 and commit.returncode == 0, status.stderr + commit.stderr
+    assert status.returncode == 0, status.stderr + commit.stderr
+    assert commit.returncode == 0, status.stderr + commit.stderr
     assert not Path(mark).exists(), "host git ran code the agent planted"
     log = host_git(user_coi, "log", "--format=%s").stdout.split("\n")
     assert log[:3] == ["host after", "agent work", "first"]
@@ -97,7 +107,8 @@ def test_secret_files_are_empty_inside_and_untouched_on_the_host(user_coi):
               "echo x > .env 2>/dev/null && echo OPEN write; true")
     masked = user_coi("run", "--", "sh", "-c", script)
     assert masked.returncode == 0, masked.stderr
-    assert ".env=[]" in masked.stdout and "api/.env.local=[]" in masked.stdout
+    assert ".env=[]" in masked.stdout
+    assert "api/.env.local=[]" in masked.stdout
     assert "certs/server.pem=[]" in masked.stdout
     assert ".env.example=[API_KEY=]" in masked.stdout, "an excepted name was masked"
     assert "OPEN" not in masked.stdout
@@ -105,7 +116,8 @@ def test_secret_files_are_empty_inside_and_untouched_on_the_host(user_coi):
     for rel, text in files.items():
         assert (workspace / rel).read_text() == text
     shown = user_coi("run", "--no-mask", "--", "cat", ".env")
-    assert shown.returncode == 0 and shown.stdout == files[".env"], shown.stderr
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == files[".env"], shown.stderr
 
 
 def test_a_protected_path_that_is_a_link_is_refused_before_anything_exists(user_coi,
@@ -114,7 +126,8 @@ def test_a_protected_path_that_is_a_link_is_refused_before_anything_exists(user_
     link.symlink_to("/etc")
     done = user_coi("run", "--", "true")
     assert done.returncode == 2, done.stderr
-    assert done.stderr.count("\n") == 1 and "'.vscode'" in done.stderr
+    assert done.stderr.count("\n") == 1
+    assert "'.vscode'" in done.stderr
     assert "symbolic link" in done.stderr
     assert incus_client.instances(user_coi.prefix) == []
 
@@ -125,7 +138,8 @@ def test_missing_protected_paths_become_inert_placeholders_outside_git_status(re
     assert done.returncode == 0, done.stderr
     for rel in (".vscode", ".husky", ".claude"):
         path = user_coi.workspace / rel
-        assert path.is_dir() and list(path.iterdir()) == [], rel
+        assert path.is_dir(), rel
+        assert list(path.iterdir()) == [], rel
         assert path.stat().st_uid == user_coi.user.uid
     assert host_git(user_coi, "status", "--porcelain").stdout == ""
     assert not (user_coi.workspace / ".coi.toml").exists()

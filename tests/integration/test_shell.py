@@ -209,7 +209,8 @@ def test_root_in_a_workspace_of_root_is_refused_before_anything_exists(request, 
     done = checkout_coi(env, workspace, "run", "--", "true")
     assert done.returncode == 5, done.stderr  # PermissionDenied
     assert done.stderr.count("\n") == 1
-    assert "belongs to root" in done.stderr and "never maps the agent to host root" in done.stderr
+    assert "belongs to root" in done.stderr
+    assert "never maps the agent to host root" in done.stderr
     assert incus_client.instances(env["COI_CONTAINER_PREFIX"]) == []
 
 

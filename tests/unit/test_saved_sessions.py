@@ -9,6 +9,7 @@ tests/integration/test_session_resume.py.
 import io
 import json
 import os
+import subprocess
 import tarfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -16,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from coi_common import config, protocol, saved_sessions, tools
-from coi_common.errors import BadInput, CoiError, NotFound
-from coi_common.saved_sessions import Session, StateWriter, Store
+from coi_common import config, protocol, saved_sessions, sizes, tools
+from coi_common.errors import BadInput, CoiError, ConfigError, NotFound
+from coi_common.saved_sessions import Quota, SaveResult, Session, StateWriter, Store
 from coi_session import __doc__ as SESSION_USAGE
 from coi_session import main as session_main
 from coi_shell import normalise_argv
@@ -53,10 +54,7 @@ def stream(*members):
 
 
 def feed(writer, buffer):
-    with tarfile.open(fileobj=buffer, mode="r|") as archive:
-        for info in archive:
-            writer.add(info, archive)
-    return writer.result
+    return writer.consume(buffer)
 
 
 def tree(root):
@@ -64,7 +62,7 @@ def tree(root):
 
 
 def make_session(store_root, session_id, *, tool="dummy", workspace=WORKSPACE,
-                 updated_at="2026-03-01T09:00:00.000000Z", files=None):
+                 updated_at="2026-03-01T09:00:00.000000Z", files=None, size=0):
     path = Path(store_root) / f"sessions-{tool}" / session_id
     (path / "home").mkdir(parents=True)
     for rel, text in (files or {".dummy/history": "one\n"}).items():
@@ -72,7 +70,7 @@ def make_session(store_root, session_id, *, tool="dummy", workspace=WORKSPACE,
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
     session = Session(id=session_id, tool=tool, workspace=workspace, updated_at=updated_at,
-                      created_at=updated_at, path=str(path))
+                      created_at=updated_at, bytes=size, path=str(path))
     (path / "metadata.json").write_text(json.dumps(session.metadata()))
     return session
 
@@ -196,10 +194,212 @@ def test_modes_are_owner_only_and_keep_the_execute_bit(home):
     assert (home / ".dummy" / "data").stat().st_mode & 0o7777 == 0o600
 
 
-def test_state_larger_than_the_limit_is_refused(home):
-    writer = StateWriter(str(home), [".dummy"], [], max_bytes=10)
-    with pytest.raises(CoiError, match="larger than"):
-        feed(writer, stream(member(".dummy/a", data=b"123456"), member(".dummy/b", data=b"78901")))
+# -- sparse files and bounds ----------------------------------------------------------------
+
+GIB = 1024**3
+DATA_AT = 1024**2
+
+
+def sparse_file(path, size=3 * GIB):
+    """A file of `size` bytes that is one hole but for one block of data at DATA_AT."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.truncate(size)
+        handle.seek(DATA_AT)
+        handle.write(b"x" * 4096)
+    return path
+
+
+def disk_bytes(path):
+    return os.lstat(path).st_blocks * 512
+
+
+def gnu_tar(folder, tar_format, *paths):
+    """What the container sends: GNU tar's `--sparse` stream of `paths` under `folder`."""
+    done = subprocess.run(["tar", "--sparse", f"--format={tar_format}", "-C", str(folder),
+                           "-cf", "-", "--", *paths], capture_output=True, check=True)
+    return io.BytesIO(done.stdout)
+
+
+def sparse_pax_member(name, realsize, entries, data):
+    """A PAX 1.0 sparse member built by hand, with any map a hostile tar could send."""
+    text = f"{len(entries)}\n" + "".join(f"{o}\n{n}\n" for o, n in entries)
+    head = text.encode() + b"\0" * (-len(text) % tarfile.BLOCKSIZE)
+    info = tarfile.TarInfo(f"GNUSparseFile.0/{name.rsplit('/', 1)[-1]}")
+    info.size = len(head) + len(data)
+    info.mode = 0o600
+    info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                        "GNU.sparse.name": name, "GNU.sparse.realsize": str(realsize)}
+    return info, head + data
+
+
+def quota(limit, key="limits.session_size"):
+    return Quota(key, limit, f"{limit}B")
+
+
+@pytest.mark.parametrize("tar_format", ["gnu", "posix"])
+def test_a_sparse_file_is_saved_with_its_holes(home, tmp_path, tar_format):
+    source = sparse_file(tmp_path / "container" / ".dummy" / "big")
+    writer = StateWriter(str(home), [".dummy"], [], quotas=[quota(2 * GIB)])
+    result = feed(writer, gnu_tar(tmp_path / "container", tar_format, ".dummy"))
+    saved = home / ".dummy" / "big"
+    assert saved.stat().st_size == 3 * GIB
+    assert disk_bytes(saved) < 1024**2, f"{disk_bytes(saved)} bytes on disk"
+    assert result.bytes == 4096  # data, not holes
+    with open(saved, "rb") as copy, open(source, "rb") as original:
+        copy.seek(DATA_AT - 10)
+        original.seek(DATA_AT - 10)
+        assert copy.read(5000) == original.read(5000)
+
+
+def test_the_saved_tree_goes_back_with_its_holes(tmp_path):
+    saved = tmp_path / "saved"
+    sparse_file(saved / ".dummy" / "big")
+    (saved / ".dummy" / "history").write_text("a\n")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+        files, size = saved_sessions._write_saved_tree(archive, str(saved))
+    assert (files, size) == (2, 4096 + 2)
+    assert len(buffer.getvalue()) < 64 * 1024
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    subprocess.run(["tar", "-C", str(restored), "-xf", "-"], input=buffer.getvalue(),
+                   check=True)
+    big = restored / ".dummy" / "big"
+    assert big.stat().st_size == 3 * GIB
+    assert disk_bytes(big) < 1024**2
+    assert (restored / ".dummy" / "history").read_text() == "a\n"
+    with open(big, "rb") as handle:
+        handle.seek(DATA_AT)
+        assert handle.read(4096) == b"x" * 4096
+
+
+@pytest.mark.parametrize(("entries", "data"), [
+    ([(4096, 10), (0, 10)], b"y" * 20),       # out of order
+    ([(0, 10), (5, 10)], b"y" * 20),          # overlapping
+    ([(100, 10)], b"y" * 10),                 # past the file's size (100)
+    ([(0, 4096)], b"y" * 10),                 # more data than the stream stores
+])
+def test_a_hostile_sparse_map_is_dropped(home, entries, data):
+    realsize = 100 if entries == [(100, 10)] else 8192
+    writer = StateWriter(str(home), [".dummy"], [])
+    result = feed(writer, stream(sparse_pax_member(".dummy/big", realsize, entries, data),
+                                 member(".dummy/next", data=b"after")))
+    assert result.dropped == ["'.dummy/big' (bad sparse map)"]
+    assert (home / ".dummy" / "next").read_bytes() == b"after"
+
+
+def test_a_size_no_file_system_can_hold_is_dropped(home):
+    writer = StateWriter(str(home), [".dummy"], [])
+    result = feed(writer, stream(sparse_pax_member(".dummy/huge", 2**70, [(0, 4)], b"data"),
+                                 member(".dummy/next", data=b"after")))
+    assert result.dropped == [f"'.dummy/huge' (size {2**70} cannot be stored)"]
+    assert tree(home) == [".dummy", ".dummy/next"]
+
+
+def test_a_malformed_sparse_map_is_a_tar_error_not_a_crash(home):
+    info, data = sparse_pax_member(".dummy/big", 8192, [(0, 4)], b"data")
+    data = b"not a number\n" + data[len("2\n"):]
+    with pytest.raises(tarfile.ReadError, match="malformed"):
+        feed(StateWriter(str(home), [".dummy"], []), stream((info, data)))
+
+
+def test_a_header_larger_than_the_bound_is_refused_without_reading_it_all(home):
+    class Endless(io.RawIOBase):
+        """A pax header that claims 4 GiB and never ends; counts what was read."""
+
+        def __init__(self):
+            info = tarfile.TarInfo("././@PaxHeader")
+            info.type = tarfile.XHDTYPE
+            info.size = 4 * GIB
+            self.head = info.tobuf(tarfile.USTAR_FORMAT)[:tarfile.BLOCKSIZE]
+            self.read_bytes = 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            chunk = (self.head + b"1" * len(buffer))[:len(buffer)]
+            self.head = self.head[len(chunk):]
+            buffer[:len(chunk)] = chunk
+            self.read_bytes += len(chunk)
+            return len(chunk)
+
+    endless = Endless()
+    with pytest.raises(CoiError, match=r"tar header .* larger than 8\.0 MiB"):
+        feed(StateWriter(str(home), [".dummy"], []), endless)
+    assert endless.read_bytes < saved_sessions.HEADER_MAX + 1024**2
+
+
+def test_a_state_over_the_session_size_stops_before_writing_past_it(home):
+    writer = StateWriter(str(home), [".dummy"], [], quotas=[quota(10)])
+    with pytest.raises(CoiError) as refused:
+        feed(writer, stream(member(".dummy/a", data=b"123456"),
+                            member(".dummy/b", data=b"78901")))
+    line = refused.value.one_line()
+    assert "more than limits.session_size (10B)" in line
+    assert "raise limits.session_size" in line
+    assert "\n" not in line
+    assert tree(home) == [".dummy", ".dummy/a"]
+
+
+def test_the_tightest_quota_names_itself_and_zero_is_no_limit(home):
+    writer = StateWriter(str(home), [".dummy"], [], quotas=[
+        quota(0), quota(8, "limits.sessions_total")])
+    with pytest.raises(CoiError, match=r"limits\.sessions_total \(8B\)"):
+        feed(writer, stream(member(".dummy/a", data=b"123456789")))
+    unlimited = StateWriter(str(home.parent / "other"), [".dummy"], [],
+                            quotas=[quota(0), quota(0, "limits.sessions_total")])
+    assert feed(unlimited, stream(member(".dummy/a", data=b"123456789"))).bytes == 9
+
+
+def test_holes_do_not_count_against_the_session_size(home, tmp_path):
+    sparse_file(tmp_path / "container" / ".dummy" / "big")
+    writer = StateWriter(str(home), [".dummy"], [], quotas=[quota(1024**2)])
+    assert feed(writer, gnu_tar(tmp_path / "container", "gnu", ".dummy")).files == 1
+
+
+def test_a_save_stops_before_the_disk_is_nearly_full(home, monkeypatch):
+    real = os.statvfs
+
+    def nearly_full(path):
+        found = real(path)
+        fields = list(found)
+        fields[4] = (saved_sessions.DISK_RESERVE + 5) // found.f_frsize  # f_bavail
+        return os.statvfs_result(fields)
+
+    monkeypatch.setattr(os, "statvfs", nearly_full)
+    writer = StateWriter(str(home), [".dummy"], [])
+    with pytest.raises(CoiError, match=r"less than 1\.0 GiB free on the disk"):
+        feed(writer, stream(member(".dummy/a", data=b"x" * 1024**2)))
+    assert tree(home) == []
+
+
+@pytest.mark.parametrize(("text", "count"), [("0", 0), ("2GiB", 2 * GIB), ("512MiB", 512 << 20),
+                                             ("20GiB", 20 * GIB), ("1GB", 10**9),
+                                             ("64KiB", 65536), ("1TiB", 1024 * GIB)])
+def test_sizes(text, count):
+    assert sizes.parse_size(text) == count
+
+
+@pytest.mark.parametrize("text", ["", "2", "-1GiB", "2 GiB", "1.5GiB", "GiB", "2gib", "00"])
+def test_bad_sizes_are_refused(text):
+    with pytest.raises(ValueError, match="is not a size"):
+        sizes.parse_size(text)
+
+
+def test_the_quotas_default_to_2_and_20_gib_and_name_a_bad_value_with_its_source(
+        coi_env, monkeypatch):
+    per_session, total = saved_sessions.save_quotas(config.load(None))
+    assert (per_session.limit, total.limit) == (2 * GIB, 20 * GIB)
+    assert str(total) == "limits.sessions_total (20GiB)"
+    monkeypatch.setenv("COI_LIMITS_SESSION_SIZE", "2G")
+    with pytest.raises(ConfigError) as refused:  # when loaded or, at the latest, when used
+        saved_sessions.save_quotas(config.load(None))
+    line = refused.value.one_line()
+    assert "limits.session_size" in line
+    assert "env COI_LIMITS_SESSION_SIZE" in line
+    assert "2G" in line
 
 
 # -- the store: reading -------------------------------------------------------------------
@@ -407,6 +607,41 @@ def test_prune_older_than_deletes_by_updated_at_in_one_workspace(store):
     deleted = store.prune(older_than=timedelta(days=30), workspace=WORKSPACE)
     assert [s.id for s in deleted] == ["s-old"]
     assert sorted(s.id for s in store.sessions()) == ["s-old-other", "s-recent"]
+
+
+def test_the_total_quota_removes_the_oldest_sessions_of_any_tool_never_the_new_one(store):
+    make_session(store.root, "s-1", updated_at="2026-01-01T00:00:00Z", size=400)
+    make_session(store.root, "s-2", tool="other", updated_at="2026-01-02T00:00:00Z", size=300)
+    make_session(store.root, "s-3", updated_at="2026-01-03T00:00:00Z", size=300)
+    make_session(store.root, "s-new", updated_at="2026-01-04T00:00:00Z", size=500)
+    evicted = store.evict(1000, keep="s-new")
+    assert [s.id for s in evicted] == ["s-1", "s-2"]
+    assert sorted(s.id for s in store.sessions()) == ["s-3", "s-new"]
+
+
+def test_the_session_just_saved_stays_even_when_it_is_the_oldest(store):
+    make_session(store.root, "s-kept", updated_at="2026-01-01T00:00:00Z", size=900)
+    make_session(store.root, "s-2", updated_at="2026-01-02T00:00:00Z", size=900)
+    assert [s.id for s in store.evict(1000, keep="s-kept")] == ["s-2"]
+    assert [s.id for s in store.evict(1, keep="s-kept")] == []
+
+
+def test_a_total_of_zero_removes_nothing(store):
+    make_session(store.root, "s-1", size=10**12)
+    assert store.evict(0, keep="s-other") == []
+    assert [s.id for s in store.sessions()] == ["s-1"]
+
+
+def test_a_save_that_removed_sessions_says_which_in_one_line():
+    session = Session(id="s-new", tool="dummy", workspace=WORKSPACE, updated_at="x")
+    result = SaveResult("coi-1a2b3c4d-1", session, "created", 1, 10,
+                        evicted=tuple(f"s-{n}" for n in range(7)),
+                        total_quota="limits.sessions_total (20GiB)")
+    line = result.line()
+    assert "\n" not in line
+    assert line.endswith("; removed the 7 oldest saved session(s) to stay within "
+                         "limits.sessions_total (20GiB): s-0, s-1, s-2, s-3, s-4 and 2 more")
+    assert result.to_record()["evicted"] == [f"s-{n}" for n in range(7)]
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("45s", 45), ("90m", 5400), ("12h", 43200),
