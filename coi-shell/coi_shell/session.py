@@ -245,6 +245,8 @@ def _create(ctx: Context) -> None:
             raise NotFound(exc.message, hint="build it with 'coi build'") from None
         sessions.apply_network(record, ctx.settings)
 
+    # Every host path is checked before the view makes anything in the workspace.
+    sessions.container_devices(record, sessions.invoking_home(), **ctx.mount_flags)
     try:
         _start(ctx, idmap, create)
     except BaseException:

@@ -154,7 +154,12 @@ def placeholders(workspace: str, protect: Sequence[str], owner: tuple[int, int] 
     with _opened(workspace, os.O_PATH | os.O_DIRECTORY) as root:
         targets = protected_targets(root, protect)
         for target in targets:
-            _make(root, target, owner)
+            try:
+                _make(root, target, owner)
+            except OSError as exc:
+                raise BadInput(f"cannot make the placeholder {target!r} in {workspace}: "
+                               f"{exc.strerror}", hint="make it yourself, or set "
+                               "security.protect = false in your own config") from None
     return targets
 
 

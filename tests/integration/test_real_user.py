@@ -226,9 +226,11 @@ def test_an_operation_longer_than_the_socket_timeout_is_waited_for(make_containe
     assert result["metadata"]["return"] == 3
 
 
-def test_an_exec_incus_failed_to_start_is_tried_again_unseen(coi_env, tmp_path, test_image):
+def test_an_exec_incus_failed_to_start_is_tried_again_unseen(coi_env, tmp_path, test_image,
+                                                            test_user):
     """A wrapper in front of the real incus answers the first exec as Incus does under
-    load; coi runs it again and the user sees only the command's own output."""
+    load; coi runs it again and the user sees only the command's own output. (Root runs
+    coi here, in a workspace of the test user: code acts as its owner.)"""
     real = proc.which("incus")
     marker = tmp_path / "failed-once"
     wrapper = tmp_path / "bin" / "incus"
@@ -242,6 +244,7 @@ def test_an_exec_incus_failed_to_start_is_tried_again_unseen(coi_env, tmp_path, 
     trace = tmp_path / "trace"
     workspace = tmp_path / "ws"
     workspace.mkdir()
+    os.chown(workspace, test_user.uid, test_user.gid)
     env = coi_env.environ(PATH=f"{wrapper.parent}:{os.environ['PATH']}",
                           COI_DEFAULTS_IMAGE=test_image, COI_TOOL_NAME="dummy",
                           COI_TRACE=str(trace))
@@ -341,10 +344,10 @@ def test_a_fork_bomb_stops_at_the_process_limit(user_coi):
 
 
 def test_a_memory_hog_is_killed_inside_the_container(user_coi):
-    """Bounded: the hog holds at most 400 MiB even if no limit applied (then the test
-    fails instead of the host); with --memory 128MiB the kernel kills it inside."""
-    done = user_coi("run", "--memory", "128MiB", "--", "sh", "-c",
-                    "head -c 400M /dev/zero | tail > /dev/null; echo status=$?", timeout=120)
+    """Bounded: the hog holds at most 600 MiB even if no limit applied (then the test
+    fails instead of the host); with --memory 256MiB the kernel kills it inside."""
+    done = user_coi("run", "--memory", "256MiB", "--", "sh", "-c",
+                    "head -c 600M /dev/zero | tail > /dev/null; echo status=$?", timeout=120)
     assert done.returncode == 0, done.stderr
     assert "status=137" in done.stdout, done.stdout + done.stderr
 

@@ -561,12 +561,13 @@ def test_kill_saves_the_session_into_the_store_of_its_user(make_session, users, 
 # -- repeated flags through the dispatcher ------------------------------------------------------
 
 
-def test_coi_run_with_two_mounts_sees_both(coi_env, incus_client, open_tmp):
+def test_coi_run_with_two_mounts_sees_both(coi_env, incus_client, open_tmp, test_user):
     workspace, first, second = (open_tmp / n for n in ("run-ws", "one", "two"))
     for path, marker in ((workspace, ""), (first, "first"), (second, "second")):
         path.mkdir()
         if marker:
             (path / "marker").write_text(f"{marker}\n")
+    os.chown(workspace, test_user.uid, test_user.gid)  # root runs coi: code acts as its owner
     env = coi_env.environ(COI_DEFAULTS_IMAGE="coi-test-image", COI_TOOL_NAME="dummy")
     try:
         done = subprocess.run(
