@@ -242,6 +242,9 @@ def serve(path: str) -> int:
     if os.geteuid() != 0:
         raise PermissionDenied("coi-host serve runs as root", hint="sudo coi setup starts it")
     service = Service(config.load(None))
+    with contextlib.suppress(CoiError):  # Incus not up yet: a start through coi makes them
+        for name in views.keep_directories(service.client.instances()):
+            print(f"coi-host serve: made the view directory of {name} again", file=sys.stderr)
     try:
         gid = grp.getgrnam(service.group).gr_gid
     except KeyError:

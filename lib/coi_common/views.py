@@ -255,6 +255,22 @@ def release(name: str, *, forget: bool = False) -> None:
             os.rmdir(target)
 
 
+def keep_directories(instances: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Make the empty view directory again for each container whose /workspace is a
+    view (after a reboot emptied /run): Incus refuses any change to a container whose
+    disk source is missing, a save's start-for-the-copy included. Returns the names."""
+    made = []
+    for instance in instances:
+        device = (instance.get("devices") or {}).get("workspace") or {}
+        source = str(device.get("source", ""))
+        if os.path.dirname(source) != VIEW_ROOT or os.path.isdir(source):
+            continue
+        naming.validate_container_name(os.path.basename(source))
+        os.makedirs(source, mode=0o700, exist_ok=True)
+        made.append(os.path.basename(source))
+    return made
+
+
 def _private_root() -> None:
     """VIEW_ROOT as a private mount of its own, so views never propagate elsewhere."""
     os.makedirs(VIEW_ROOT, mode=0o711, exist_ok=True)

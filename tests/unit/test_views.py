@@ -1,0 +1,83 @@
+"""What the workspace view protects and masks, decided from the project's own files
+(the mounts themselves are proven against real containers in
+tests/integration/test_hostile_workspace.py)."""
+
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+
+from coi_common import config, views
+from coi_common.errors import BadInput
+
+
+def test_mask_patterns_match_names_anywhere_and_bang_excepts():
+    patterns = list(config.MASKED_FILES)
+    for name in (".env", ".env.local", "server.pem", "id_ed25519", "id_rsa.pub", ".npmrc",
+                 "credentials.json"):
+        assert views.masks(name, patterns), name
+    for name in (".env.example", "README.md", "env", "pem", "my.env"):
+        assert not views.masks(name, patterns), name
+
+
+@pytest.mark.parametrize("bad", ["/etc/passwd", "../x", ".git/../../x", "a//b", "./a", ""])
+def test_a_protected_path_leaving_the_workspace_is_refused(bad):
+    with pytest.raises(BadInput) as refused:
+        views.check_rules([bad], [])
+    assert "protected path" in refused.value.one_line()
+
+
+def test_a_mask_pattern_with_a_slash_is_refused():
+    with pytest.raises(BadInput):
+        views.check_rules([], ["secrets/*.pem"])
+
+
+def test_missing_paths_become_placeholders_and_the_targets_say_what_is_protected(tmp_path):
+    (tmp_path / ".git" / "hooks").mkdir(parents=True)
+    (tmp_path / ".git" / "config").write_text("[core]\n")
+    (tmp_path / ".claude").mkdir()
+    targets = views.placeholders(str(tmp_path), list(config.PROTECTED_PATHS), None)
+    assert ".git/hooks/" in targets
+    assert ".git/info/" in targets  # the missing directory above a missing file
+    assert ".claude/settings.json" in targets  # .claude exists: the file is made
+    assert (tmp_path / ".claude" / "settings.json").read_text() == "{}\n"
+    assert (tmp_path / ".git" / "info").is_dir()
+    assert (tmp_path / ".vscode").is_dir()
+    assert not (tmp_path / ".coi.toml").exists()  # top-level files are not made
+    again = views.placeholders(str(tmp_path), list(config.PROTECTED_PATHS), None)
+    assert set(again) >= {".git/hooks/", ".claude/settings.json", ".vscode/"}
+
+
+def test_without_git_only_git_itself_is_made(tmp_path):
+    targets = views.placeholders(str(tmp_path), [".git/hooks/", ".git/config"], None)
+    assert targets == [".git/"]
+    assert (tmp_path / ".git").is_dir()
+    assert list((tmp_path / ".git").iterdir()) == []
+
+
+def test_a_link_where_a_protected_path_lies_is_refused_and_nothing_is_made(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / ".claude").symlink_to(outside)
+    with pytest.raises(BadInput) as refused:
+        views.placeholders(str(project), [".claude/settings.json"], None)
+    assert "symbolic link" in refused.value.one_line()
+    assert list(outside.iterdir()) == []
+
+
+def test_a_view_directory_emptied_by_a_reboot_is_made_again():
+    name = f"coi-test-{secrets.token_hex(4)}-1"
+    source = Path(views.VIEW_ROOT) / name
+    instances = [{"name": name, "devices": {"workspace": {"source": str(source)}}},
+                 {"name": "other", "devices": {"workspace": {"source": "/srv/project"}}}]
+    try:
+        assert views.keep_directories(instances) == [name]
+        assert source.is_dir()
+        assert views.keep_directories(instances) == []
+    finally:
+        views.release(name, forget=True)
+    assert not source.exists()
+    assert os.path.isdir(views.VIEW_ROOT)
