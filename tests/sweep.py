@@ -4,13 +4,13 @@ Usage:
   sweep.py [--force] [--debug]
   sweep.py (-h | --help)
 
-Removes instances named `coi-test-*` (forced), images all of whose aliases
-are `coi-test-*` (half-done builds, images tests published), network
-namespaces `coi-test-*`, nftables tables `coi_test_*` of any family, workspace
-views /run/coi/views/coi-test-* and the test accounts `coi-test-u*` (their
-processes, /tmp home and the `root:ID:1` lines of their uid and gid in
-/etc/subuid and /etc/subgid). The cached test
-images `coi-test-image` and `coi-test-full-image` always stay.
+Removes instances named `coi-test-*` (forced), images all of whose aliases are
+`coi-test-*` (half-done builds, images tests published), network namespaces
+`coi-test-*`, nftables tables `coi_test_*` of any family, workspace views
+/run/coi/views/coi-test-*, profiles `coi-test-*` and the test accounts
+`coi-test-u*` (their processes, /tmp home and the `root:ID:1` lines of their
+uid and gid in /etc/subuid and /etc/subgid). The cached test images
+`coi-test-image` and `coi-test-full-image` always stay.
 Prints one line per removed thing, or nothing; exits 0.
 
 A pytest session that uses Incus holds a shared lock on LOCK_PATH for as long
@@ -72,6 +72,7 @@ def sweep(client: Incus | None = None, *, scope: str = "") -> list[str]:
             *_sweep_netns(NETNS_PREFIX + scope),
             *_sweep_nft(NFT_PREFIX + scope.replace("-", "_")),
             *_sweep_views(INSTANCE_PREFIX + scope),
+            *_sweep_profiles(INSTANCE_PREFIX + scope),
             *_sweep_users(USER_PREFIX + scope)]
 
 
@@ -125,6 +126,17 @@ def _sweep_nft(prefix: str) -> list[str]:
         if table and table["name"].startswith(prefix):
             proc.run(["nft", "delete", "table", table["family"], table["name"]])
             removed.append(f"removed nft table {table['family']} {table['name']}")
+    return removed
+
+
+def _sweep_profiles(prefix: str) -> list[str]:
+    """Profiles tests made (after the instances, which may have used them)."""
+    listing = proc.run(["incus", "profile", "list", "--format", "json"], check=False)
+    removed = []
+    for profile in json.loads(listing.stdout or "[]") if listing.ok else []:
+        if profile["name"].startswith(prefix):
+            proc.run(["incus", "profile", "delete", profile["name"]], check=False)
+            removed.append(f"removed profile {profile['name']}")
     return removed
 
 

@@ -70,7 +70,9 @@ def _run_query(args: Args) -> int:
 
 def client(settings: config.Config | None = None) -> incus.Incus:
     """The Incus client of the effective config ([incus] socket and project)."""
-    return incus.connect(settings if settings is not None else config.load(os.getcwd()))
+    if settings is None:  # lenient: the agent's .coi.toml must not stop shutdown or kill
+        settings = config.load(os.getcwd(), lenient=True)
+    return incus.connect(settings)
 
 
 def require(client: incus.Incus, name: str) -> dict[str, Any]:

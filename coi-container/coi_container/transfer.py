@@ -146,7 +146,9 @@ def push(client: incus.Incus, source: str, remote: Remote, *, recursive: bool,
     """Copy the host file (directory with recursive) `source` into the container,
     owned by `owner` (default: code, 1000:1000)."""
     owner = owner or Ownership()
-    if not source or not os.path.exists(source):
+    if not source:
+        raise BadInput("host path '' is not a usable path")
+    if not os.path.exists(source):
         raise NotFound(f"host path {source!r} does not exist")
     is_dir = os.path.isdir(source)
     if is_dir and not recursive:

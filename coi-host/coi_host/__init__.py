@@ -74,7 +74,8 @@ def dispatch(args: Args) -> int:
         from coi_common import hostservice  # noqa: PLC0415
         from coi_host.service import serve  # noqa: PLC0415
 
-        return serve(args["--socket"] or hostservice.socket_path())
+        given = args["--socket"]  # given empty is refused, not read as the default
+        return serve(hostservice.socket_path() if given is None else given)
     from coi_host.config_show import show_config  # noqa: PLC0415
 
     return show_config(args["--workspace"], args["--profile"], as_json=as_json)

@@ -10,7 +10,7 @@ from coi_common.protocol import make_record, write_record
 
 def show_config(workspace: str, profile: str | None, *, as_json: bool) -> int:
     """Print every key, its value and the layer that set it."""
-    effective = config.load(workspace, profile=profile)
+    effective = config.load(naming.canonical_workspace(workspace), profile=profile)
     # A broken [tools.NAME] table should surface here, not at the next session start.
     tools.get_tool(effective.get("tool.name"), tools.registry_from_config(effective))
     if as_json:

@@ -34,6 +34,7 @@ import pwd
 import signal
 import socket
 import socketserver
+import stat
 import struct
 import sys
 from collections.abc import Callable, Mapping
@@ -238,9 +239,16 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
 
 def serve(path: str) -> int:
-    """Listen on `path` (root:GROUP, 0660) until stopped; root only."""
+    """Listen on `path` (root:GROUP, 0660) until stopped; root only. What is at `path`
+    is replaced only when it is a socket (a stale one of ours)."""
     if os.geteuid() != 0:
         raise PermissionDenied("coi-host serve runs as root", hint="sudo coi setup starts it")
+    if not os.path.isabs(path):
+        raise BadInput(f"--socket {path!r} must be an absolute path",
+                       hint=f"e.g. {hostservice.DEFAULT_SOCKET}")
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise BadInput(f"--socket {path} exists and is not a socket; it is left alone")
     service = Service(config.load(None))
     with contextlib.suppress(CoiError):  # Incus not up yet: a start through coi makes them
         for name in views.keep_directories(service.client.instances()):

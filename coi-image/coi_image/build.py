@@ -59,6 +59,8 @@ class Plan:
 
 def build_coi(base_spec: str | None, *, force: bool, as_json: bool) -> int:
     """Build the `coi` image (defaults.image), or say it is up to date."""
+    if base_spec is not None:
+        base_mod.parse(base_spec)  # a malformed --base is refused before Incus is asked
     settings = config.load(os.getcwd())
     client = incus.connect(settings)
     alias = naming.validate_image_name(settings.get("defaults.image"))
@@ -284,7 +286,7 @@ def build_custom(name: str, script: str, base_spec: str | None, *, force: bool,
     script_path = _readable_script(script)
     settings = config.load(os.getcwd())
     client = incus.connect(settings)
-    base = base_mod.parse(base_spec or settings.get("defaults.image"))
+    base = base_mod.parse(settings.get("defaults.image") if base_spec is None else base_spec)
     if base.kind == "local" and client.image_by_alias(base.alias) is None:
         raise NotFound(f"base image {base.alias!r} does not exist",
                        hint="run 'coi build' first, or pass --base")

@@ -71,22 +71,27 @@ def _apply(args: Args, *, as_json: bool) -> int:
         name, mode, workspace = slot.container, slot.network, slot.workspace
     name = validate_container_name(name)
     settings = config.load(workspace)
-    mode = np.validate_mode(args["--mode"] or mode or settings.get("network.mode"))
+    if args["--mode"] is not None:  # an empty --mode is refused, not read as the default
+        mode = args["--mode"]
+    elif not mode:
+        mode = settings.get("network.mode")
+    mode = np.validate_mode(mode)
     timeout = np.parse_timeout(args["--dns-timeout"])
     minutes = (np.parse_refresh_minutes(args["--refresh-minutes"])
                if args["--refresh-minutes"] is not None
                else np.validate_refresh_minutes(settings.get("network.refresh_interval_minutes")))
+    entries = args["--allow"] or settings.get("network.allowed_domains")
+    np.parse_allowed(entries, None)  # every flag is refused before Incus is asked
+    resolvers = np.parse_resolvers(args["--resolver"] or settings.get("network.resolvers"))
     ctx = _context(settings, dry_run=dry_run)
     bridge = ops.bridge_facts(ctx.client, ctx.bridge_name)
-    allowed = np.parse_allowed(args["--allow"] or settings.get("network.allowed_domains"),
-                               bridge)
+    allowed = np.parse_allowed(entries, bridge)  # nor an address in the bridge's subnet
     if mode == "allowlist" and not (allowed.names or allowed.addresses):
         print(f"{PROG}: warning: allowlist mode with nothing allowed: {name} can reach only "
               "the bridge's DNS", file=sys.stderr)
     request = ops.Request(name, mode, allowed if mode == "allowlist" else np.Allowed(),
-                          np.parse_resolvers(args["--resolver"]
-                                             or settings.get("network.resolvers")),
-                          minutes, timeout, nic_filtering=not args["--no-nic-filtering"])
+                          resolvers, minutes, timeout,
+                          nic_filtering=not args["--no-nic-filtering"])
     record = ops.apply(ctx, request)
     if record["nic_pending"]:
         print(f"{PROG}: warning: {name} is running: Incus's NIC filtering stays as it is "

@@ -35,21 +35,23 @@ def run(args: Args) -> int:
 
 
 def _workspace(args: Args) -> str:
-    return naming.canonical_workspace(args.get("--workspace") or ".")
+    given = args.get("--workspace")
+    return naming.canonical_workspace("." if given is None else given)  # "" is refused
 
 
 def _store(workspace: str | None = None) -> tuple[Store, Any]:
-    settings = config.load(workspace)
+    settings = config.load(workspace, lenient=True)
     return Store(settings.path("paths.state_dir")), settings
 
 
 def _tool_filter(args: Args) -> str | None:
-    return naming.validate_tool_name(args["--tool"]) if args.get("--tool") else None
+    return naming.validate_tool_name(args["--tool"]) if args.get("--tool") is not None \
+        else None
 
 
 def _container(args: Args) -> str:
     """<name>, or the container of a slot record on stdin."""
-    if args.get("<name>"):
+    if args.get("<name>") is not None:
         return naming.validate_container_name(args["<name>"])
     if sys.stdin.isatty():
         raise BadInput("name a container, or pipe a slot record in (coi-slot next | ...)")
@@ -137,7 +139,7 @@ def _show(args: Args, as_json: bool) -> int:
 
 
 def _info(args: Args, as_json: bool) -> int:
-    if args.get("<id>"):
+    if args.get("<id>") is not None:  # an empty id is refused, not read as "the newest"
         return _show(args, as_json)
     return _show_latest(args, as_json)
 

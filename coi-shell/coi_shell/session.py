@@ -86,8 +86,11 @@ def _cli_values(args: Args) -> dict[str, Any]:
              "--processes": ("limits.processes", None)}
     values: dict[str, Any] = {}
     for flag, (key, constant) in flags.items():
-        if args.get(flag):
-            values[key] = constant if constant is not None else args[flag]
+        if constant is not None:
+            if args.get(flag):
+                values[key] = constant
+        elif args.get(flag) is not None:  # given empty is checked (and refused), not unset
+            values[key] = args[flag]
     return values
 
 
@@ -108,8 +111,11 @@ def context_from_args(args: Args, *, record_on_stdin: bool) -> Context:
     return Context(settings, incus.connect(settings), record, tool,
                    resume_id=str(args.get("--session") or ""),
                    limits=limits, mask=not args.get("--no-mask"),
-                   mount_flags={"allow_home": bool(args.get("--allow-home")),
-                                "force": bool(args.get("--force"))})
+                   mount_flags=_mount_flags(args))
+
+
+def _mount_flags(args: Args) -> dict[str, bool]:
+    return {"allow_home": bool(args.get("--allow-home")), "force": bool(args.get("--force"))}
 
 
 def _limits(settings: config.Config) -> dict[str, str]:
@@ -119,19 +125,28 @@ def _limits(settings: config.Config) -> dict[str, str]:
 
 def _new_record(args: Args, settings: config.Config) -> sessions.SlotRecord:
     slot = naming.validate_slot(args["--slot"], settings.get("defaults.max_slots"),
-                                allow_auto=True) if args["--slot"] else None
+                                allow_auto=True) if args["--slot"] is not None else None
     mounts = [sessions.Mount.parse(spec) for spec in args["--mount"]]
-    storage = _storage_dir(args["--storage"]) if args["--storage"] else ""
     extra_env = sessions.parse_env(args["--env"])
+    storage = _storage_dir(args["--storage"]) if args["--storage"] is not None else ""
+    # Every host path is refused before a slot is reserved or a directory is made
+    # (container_devices checks them again when the container is made).
+    home, flags = sessions.invoking_home(), _mount_flags(args)
+    sessions.check_mount_targets(bool(storage), mounts)
+    for path, what in [*((m.source, "--mount") for m in mounts),
+                       *([(storage, "--storage")] if storage else [])]:
+        naming.check_host_mount(path, what, home, **flags)
+    if storage:
+        os.makedirs(storage, exist_ok=True)
     record = sessions.new_slot_record(incus.connect(settings), settings, args["--workspace"],
                                       slot=slot or None, mounts=mounts, storage=storage)
     return dataclasses.replace(record, environment={**record.environment, **extra_env})
 
 
 def _storage_dir(path: str) -> str:
-    folder = os.path.realpath(os.path.expanduser(path))
-    os.makedirs(folder, exist_ok=True)
-    return folder
+    if not path:
+        raise BadInput("--storage needs a directory", hint="e.g. --storage ~/coi-storage")
+    return os.path.realpath(os.path.expanduser(path))
 
 
 # -- the container ----------------------------------------------------------------------
@@ -444,8 +459,7 @@ def prepare_home(ctx: Context, session: saved_sessions.Session | None, *,
 def shell(args: Args) -> int:
     """Start or reattach to the tool's tmux session and hand the terminal over; exit
     with what the terminal session ended with."""
-    if args.get("--session"):
-        naming.validate_session_id(args["--session"])  # a malformed flag before all else
+    _check_session_flag(args)
     terminal = open_terminal()  # then: a script without a terminal is told at once
     try:
         ctx = context_from_args(args, record_on_stdin=True)
@@ -465,9 +479,16 @@ def shell(args: Args) -> int:
             terminal.close()
 
 
+def _check_session_flag(args: Args) -> None:
+    """A malformed --session (empty too) is refused before all else."""
+    if args.get("--session") is not None:
+        naming.validate_session_id(args["--session"])
+
+
 def run_command(args: Args) -> int:
     """One command in the slot's container; cleaned up whatever happens. The container
     is deleted afterwards unless it is persistent (its own setting decides)."""
+    _check_session_flag(args)
     ctx = context_from_args(args, record_on_stdin=False)
     wanted = resume_target(ctx, args)
     state = ensure_container(ctx)
@@ -485,7 +506,12 @@ def run_command(args: Args) -> int:
 
 def attach(args: Args) -> int:
     """Reattach to a running session of this workspace (or the named container)."""
-    settings = config.load(args["--workspace"])
+    # The flags are checked before Incus is asked.
+    if args["<name>"] is not None:
+        naming.validate_container_name(args["<name>"])
+    if args["--slot"] is not None:
+        naming.validate_slot(args["--slot"], naming.SLOT_CEILING)
+    settings = config.load(naming.canonical_workspace(args["--workspace"]), lenient=True)
     client = incus.connect(settings)
     instance = _pick_attach_target(client, args)
     record = _record_of(instance, settings)
@@ -510,7 +536,7 @@ def _pick_attach_target(client: incus.Incus, args: Args) -> dict[str, Any]:
     mine = owners.visible(sessions.coi_containers(client, prefix),
                           uid=owners.caller_uid(), all_users=False)
     ours = {i["name"]: i for i in mine}
-    if args["<name>"]:
+    if args["<name>"] is not None:
         name = naming.validate_container_name(args["<name>"])
         if name not in ours:
             if client.instance_exists(name):
@@ -522,7 +548,7 @@ def _pick_attach_target(client: incus.Incus, args: Args) -> dict[str, Any]:
         workspace = naming.canonical_workspace(args["--workspace"])
         candidates = [i for i in ours.values()
                       if i["config"].get(f"{sessions.KEY}workspace") == workspace]
-        if args["--slot"]:
+        if args["--slot"] is not None:
             slot = str(naming.validate_slot(args["--slot"], naming.SLOT_CEILING))
             candidates = [i for i in candidates if i["config"].get(f"{sessions.KEY}slot") == slot]
         if not candidates:

@@ -140,11 +140,15 @@ CLI_SOURCE: Final = "command line"
 
 _TRUE_WORDS: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE_WORDS: Final = frozenset({"0", "false", "no", "off"})
-_INT_TEXT: Final = re.compile(r"[+-]?[0-9]+")
+_INT_TEXT: Final = re.compile(r"[+-]?[0-9]{1,18}")
+"""Eighteen digits at most: a longer number is out of every key's range, and past
+Python's 4300-digit limit int() itself would fail."""
 
 # TOML basic-string escapes; the same text is valid in error messages and output.
 _ESCAPES: Final = {
-    **{code: f"\\u{code:04x}" for code in [*range(0x20), 0x7F]},
+    # C0 and C1 controls and bidi overrides: never raw in a message or on a terminal.
+    **{code: f"\\u{code:04x}" for code in [*range(0x20), *range(0x7F, 0xA0),
+                                          *range(0x202A, 0x202F), *range(0x2066, 0x206A)]},
     ord('"'): '\\"', ord("\\"): "\\\\", ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r",
 }
 _BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
@@ -206,13 +210,16 @@ def expand_path(value: str) -> str:
 
 
 def load(workspace: str | None = None, *, profile: str | None = None,
-         cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Config:
+         cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+         lenient: bool = False) -> Config:
     """Read every layer and return the effective configuration.
 
     `workspace` None leaves out the project file; `env` defaults to os.environ
     and also decides where the system and user files are. `cli` maps dotted
     keys to flag values; None values (flags not given) are skipped. Raises
-    ConfigError for any invalid file, variable, flag or unknown profile.
+    ConfigError for any invalid file, variable, flag or unknown profile, except
+    that `lenient` leaves out a bad workspace file with a warning: commands that
+    end or manage sessions must not be stopped by what the agent wrote there.
     """
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
@@ -228,20 +235,16 @@ def load(workspace: str | None = None, *, profile: str | None = None,
         # The workspace's own file (last) is the container's to write: no link is
         # followed, and it may only tighten settings until the user trusts it.
         untrusted = workspace is not None and path == paths[-1]
-        read = _read_toml(path, follow_links=not untrusted)
-        if read is None:
-            continue
-        files.append(path)
         if untrusted:
-            ignored = narrow_untrusted(path, read, values, sources)
-        else:
+            ignored = _apply_workspace_file(path, values, sources, files, lenient=lenient)
+            continue
+        read = _read_toml(path, follow_links=True)
+        if read is not None:
+            files.append(path)
             _apply_file(path, read[0], values, sources)
     for key in ignored:
-        warning = (f"coi: ignoring {key} in {paths[-1]}: a workspace file may only tighten "
+        _warn_once(f"coi: ignoring {key} in {paths[-1]}: a workspace file may only tighten "
                    "settings; run 'coi trust' there to allow it")
-        if warning not in _WARNED:  # said once per process, however often config loads
-            _WARNED.add(warning)
-            print(warning, file=sys.stderr)
     _apply_env(env, values, sources)
     if profile is not None:
         _apply_profile(profile, values, sources)
@@ -308,6 +311,35 @@ def _read_toml(path: str, *,
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
     except RecursionError:
         raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
+
+
+def _apply_workspace_file(path: str, values: dict[str, Any], sources: dict[str, str],
+                          files: list[str], *, lenient: bool) -> list[str]:
+    """The workspace's own file (the container's to write): no link followed, only
+    tightening until trusted. Returns the keys it was refused."""
+    before = dict(values), dict(sources)
+    try:
+        read = _read_toml(path, follow_links=False)
+        if read is None:
+            return []
+        refused = narrow_untrusted(path, read, values, sources)
+    except ConfigError as exc:
+        if not lenient:
+            raise
+        values.clear()
+        values.update(before[0])
+        sources.clear()
+        sources.update(before[1])
+        _warn_once(f"coi: ignoring {path}: {exc.message}")
+        return []
+    files.append(path)
+    return refused
+
+
+def _warn_once(warning: str) -> None:
+    if warning not in _WARNED:  # said once per process, however often config loads
+        _WARNED.add(warning)
+        print(warning, file=sys.stderr)
 
 
 def _apply_file(path: str, data: Mapping[str, Any], values: dict[str, Any],

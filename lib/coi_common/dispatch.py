@@ -93,7 +93,7 @@ def unknown_command_message(name: str) -> str:
     """One line for an unknown command, with the closest known name when there is one."""
     close = difflib.get_close_matches(name, list(BY_NAME), n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else "; see 'coi --help'"
-    return f"'{name}' is not a coi command{hint}"
+    return f"{name!r} is not a coi command{hint}"  # repr: never a raw escape sequence
 
 
 def find_executable(program: str) -> str | None:
@@ -125,12 +125,13 @@ def exec_owner(owner: str, argv: list[str]) -> None:
 
 def show_help(rest: list[str]) -> int:
     """`coi help` lists commands; `coi help NAME` shows NAME's own help."""
-    if not rest:
+    name = parse_args("coi help", HELP_USAGE, ["help", *rest])["<command>"]
+    if name is None:
         print(overview())
         return 0
-    command = BY_NAME.get(rest[0])
+    command = BY_NAME.get(name)
     if command is None:
-        raise UsageError(unknown_command_message(rest[0]))
+        raise UsageError(unknown_command_message(name))
     if command.owner == "coi":
         usage = {"version": VERSION_USAGE, "completion": COMPLETION_USAGE}.get(command.name)
         print(f"{command.summary}.\n\n{usage or HELP_USAGE}")

@@ -8,6 +8,7 @@ stdout. Tracebacks appear only with --debug or COI_DEBUG=1.
 
 from __future__ import annotations
 
+import ast
 import copy
 import os
 import re
@@ -267,9 +268,29 @@ def _usage_problem(docopt_message: str) -> str:
     if first.startswith("Usage:") or not first:
         return "invalid arguments"
     if "unmatched" in first:
-        names = re.findall(r"'([^']+)'", first)
-        return "unexpected argument " + ", ".join(repr(n) for n in names if n != "None")
+        return "unexpected argument " + ", ".join(repr(w) for w in _unmatched_words(first))
     return first
+
+
+def _unmatched_words(line: str) -> list[str]:
+    """The argv words in docopt's `found unmatched (duplicate?) arguments [...]`, as typed.
+
+    The list holds reprs (`Argument(None, 'x')`, `Option(None, '--x', 0, True)`), so it
+    is read as a Python expression (parsed, never run): a word that is empty or holds a
+    quote or a control character comes out as it was typed.
+    """
+    try:
+        listed = ast.parse(line[line.index("["):], mode="eval").body
+    except (ValueError, SyntaxError):
+        return []
+    words = []
+    for item in listed.elts if isinstance(listed, ast.List) else ():
+        # Argument(None, value) gives its value; Option(short, long, ...) its long name.
+        strings = [arg.value for arg in getattr(item, "args", ())[:2]
+                   if isinstance(arg, ast.Constant) and isinstance(arg.value, str)]
+        if strings:
+            words.append(strings[-1])
+    return words
 
 
 def _describe(item: str) -> str:

@@ -191,9 +191,12 @@ class Bridge:
             raise BadInput(f"stored bridge facts are malformed: {exc}") from None
 
 
-def blocked_v4(bridge: Bridge) -> list[ipaddress.IPv4Network]:
-    """The destinations no filtered container may reach, without overlaps."""
-    nets = [ipaddress.IPv4Network(n) for n in BLOCKED_V4] + [bridge.ipv4.network]
+def blocked_v4(bridge: Bridge | None) -> list[ipaddress.IPv4Network]:
+    """The destinations no filtered container may reach, without overlaps; without a
+    bridge (not asked for yet) the fixed ranges only."""
+    nets = [ipaddress.IPv4Network(n) for n in BLOCKED_V4]
+    if bridge is not None:
+        nets.append(bridge.ipv4.network)
     return list(ipaddress.collapse_addresses(nets))
 
 
@@ -204,7 +207,7 @@ def blocked_v6(bridge: Bridge) -> list[ipaddress.IPv6Network]:
     return list(ipaddress.collapse_addresses(nets))
 
 
-def is_blocked(address: str, bridge: Bridge) -> bool:
+def is_blocked(address: str, bridge: Bridge | None) -> bool:
     """True for an IPv4 address a filtered container may never reach (DNS rebinding)."""
     ip = ipaddress.IPv4Address(address)
     return any(ip in net for net in blocked_v4(bridge))
@@ -218,8 +221,9 @@ class Allowed:
     addresses: tuple[str, ...] = ()
 
 
-def parse_allowed(entries: Iterable[object], bridge: Bridge) -> Allowed:
-    """Validate allowed_domains: names and public IPv4 addresses, deduplicated in order."""
+def parse_allowed(entries: Iterable[object], bridge: Bridge | None) -> Allowed:
+    """Validate allowed_domains: names and public IPv4 addresses, deduplicated in order
+    (bridge None: not yet checked against the bridge's own subnet)."""
     names: list[str] = []
     addresses: list[str] = []
     count = 0

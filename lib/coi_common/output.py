@@ -10,7 +10,9 @@ from coi_common.errors import UsageError
 
 def wants_json(args: Mapping[str, Any], formats: Sequence[str] = ("text", "json")) -> bool:
     """Check `--format` against the formats a command offers; True for json."""
-    chosen = args.get("--format") or formats[0]
+    chosen = args.get("--format")
+    if chosen is None:  # not given; an empty value given is refused like any other
+        chosen = formats[0]
     if chosen not in formats:
         raise UsageError(f"unknown format {chosen!r}; use {' or '.join(formats)}")
     return chosen == "json"

@@ -105,6 +105,11 @@ def loads(text: str | bytes, *, max_depth: int = MAX_DEPTH) -> Any:
                        f"column {exc.colno}") from None
     except RecursionError:
         raise BadInput(f"input JSON is nested more than {max_depth} levels deep") from None
+    except UnicodeDecodeError:  # bytes that are neither UTF-8 nor UTF-16/32
+        raise BadInput("input JSON is not UTF-8 text") from None
+    except ValueError:  # what is left: an integer past Python's digit limit
+        raise BadInput(f"input JSON has a number of more than "
+                       f"{sys.get_int_max_str_digits()} digits") from None
     stack = [(data, 1)]
     while stack:
         value, depth = stack.pop()
@@ -126,7 +131,10 @@ def parse_record(text: str, kind: str | tuple[str, ...] | None = None) -> Record
 def read_record(kind: str | tuple[str, ...] | None = None, stream: IO[str] | None = None) -> Record:
     """Read the first record from stdin (or `stream`); empty input is an error."""
     source = stream or sys.stdin
-    for line in source:
-        if line.strip():
-            return parse_record(line, kind)
+    try:
+        for line in source:
+            if line.strip():
+                return parse_record(line, kind)
+    except UnicodeDecodeError:
+        raise BadInput("standard input is not UTF-8 text") from None
     raise BadInput("expected a JSON record on standard input, got nothing")

@@ -1405,7 +1405,7 @@ def _settings_for(workspace: str, settings: Any) -> Any:
         return settings
     from coi_common import config  # noqa: PLC0415
 
-    return config.load(workspace if os.path.isdir(workspace) else None)
+    return config.load(workspace if os.path.isdir(workspace) else None, lenient=True)
 
 
 def save_container(client: Incus, name: str, *, settings: Any = None,

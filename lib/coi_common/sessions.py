@@ -19,6 +19,7 @@ from typing import Any, Final
 from coi_common import naming, owners, proc
 from coi_common.errors import BadInput, CoiError, NotFound, PermissionDenied
 from coi_common.incus import ExecSpec, Incus
+from coi_common.netpolicy import MODES
 from coi_common.protocol import make_record, validate
 from coi_common.tools import HOME, TOOL_UID
 
@@ -45,10 +46,15 @@ class Mount:
         parts = text.split(":")
         if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "ro"):
             raise BadInput(f"--mount {text!r}: expected SRC:DST or SRC:DST:ro")
-        source = naming.canonical_workspace(os.path.expanduser(parts[0]))
-        if not parts[1].startswith("/") or ".." in parts[1].split("/"):
-            raise BadInput(f"--mount {text!r}: DST must be an absolute path without '..'")
-        return cls(source, parts[1].rstrip("/") or "/", len(parts) == 3)
+        return cls.checked(parts[0], parts[1], len(parts) == 3, spec=text)
+
+    @classmethod
+    def checked(cls, source: str, path: str, readonly: bool, *, spec: str) -> Mount:
+        """SRC an existing directory (resolved), DST absolute without '..'."""
+        real = naming.canonical_workspace(os.path.expanduser(source))
+        if not path.startswith("/") or ".." in path.split("/"):
+            raise BadInput(f"--mount {spec!r}: DST must be an absolute path without '..'")
+        return cls(real, path.rstrip("/") or "/", readonly)
 
 
 CPU_PATTERN: Final = re.compile(r"[1-9][0-9]{0,3}")
@@ -98,24 +104,55 @@ class SlotRecord:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> SlotRecord:
-        """A validated record from stdin; every field is checked, nothing trusted."""
+        """A validated record from stdin; every field is checked, nothing trusted: each
+        has its JSON type, names pass their validators, mounts and environment are
+        what --mount and --env would take."""
         data = validate(dict(record), "slot")
-        try:
-            mounts = tuple(Mount(str(m["source"]), str(m["path"]), bool(m.get("readonly")))
-                           for m in data.get("mounts") or [])
-            environment = {str(k): str(v) for k, v in (data.get("environment") or {}).items()}
-            slot = naming.validate_slot(data["slot"], naming.SLOT_CEILING)
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise BadInput(f"slot record has a malformed field: {exc}") from None
-        workspace = naming.canonical_workspace(str(data["workspace"]))
+        slot = naming.validate_slot(data["slot"], naming.SLOT_CEILING)
+        workspace = naming.canonical_workspace(_record_field(data, "workspace", str))
         container = naming.validate_container_name(data["container"])
         if container != naming.container_name(workspace, slot):
             raise BadInput(f"slot record: container {container!r} is not slot {slot} of "
                            f"{workspace} (expected {naming.container_name(workspace, slot)})")
-        return cls(workspace, slot, container, bool(data["persistent"]),
-                   naming.validate_image_name(data["image"]), str(data["profile"]),
-                   str(data.get("tool") or "claude"), str(data.get("network") or "restricted"),
-                   environment, mounts, str(data.get("storage") or ""))
+        network = _record_field(data, "network", str, "restricted")
+        if network not in MODES:
+            raise BadInput(f"slot record: network {network!r} is not one of {', '.join(MODES)}")
+        environment = _record_field(data, "environment", dict, {})
+        if not all(isinstance(value, str) for value in environment.values()):
+            raise BadInput("slot record: environment values must be strings")
+        parse_env([f"{key}={value}" for key, value in environment.items()])
+        storage = _record_field(data, "storage", str, "")
+        if storage and not os.path.isabs(storage):
+            raise BadInput(f"slot record: storage {storage!r} is not an absolute path")
+        return cls(workspace, slot, container, _record_field(data, "persistent", bool),
+                   naming.validate_image_name(data["image"]),
+                   _record_field(data, "profile", str),
+                   naming.validate_tool_name(_record_field(data, "tool", str, "claude")),
+                   network, environment,
+                   tuple(_record_mount(m) for m in _record_field(data, "mounts", list, [])),
+                   storage)
+
+
+def _record_field(data: Mapping[str, Any], key: str, kind: type, default: Any = None) -> Any:
+    """data[key] when it is a `kind` (bool is not an int here); missing: `default`, or
+    refused when there is none."""
+    value = data.get(key, default)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise BadInput(f"slot record: {key} must be a JSON {_JSON_NAMES[kind]}, "
+                       f"got {type(value).__name__}")
+    return value
+
+
+_JSON_NAMES: Final = {str: "string", bool: "boolean", dict: "object", list: "array"}
+
+
+def _record_mount(item: object) -> Mount:
+    """One mount of a slot record, checked as `--mount` is (host paths: when mounted)."""
+    if not isinstance(item, dict):
+        raise BadInput("slot record: each mount must be a JSON object")
+    source, path = _record_field(item, "source", str), _record_field(item, "path", str)
+    return Mount.checked(source, path, _record_field(item, "readonly", bool, False),
+                         spec=f"{source}:{path}")
 
 
 @dataclass(frozen=True)
@@ -204,10 +241,7 @@ def container_devices(record: SlotRecord, home: str, view: Any = None, *,
     def source(path: str, what: str) -> str:
         return naming.check_host_mount(path, what, home, allow_home=allow_home, force=force)
 
-    naming.check_mount_targets([
-        ("the workspace", WORKSPACE_PATH),
-        *([("--storage", STORAGE_PATH)] if record.storage else []),
-        *((f"--mount {m.source}", m.path) for m in record.mounts)])
+    check_mount_targets(bool(record.storage), record.mounts)
 
     workspace = {"type": "disk", "path": WORKSPACE_PATH,
                  "source": source(record.workspace, "workspace")}
@@ -224,6 +258,15 @@ def container_devices(record: SlotRecord, home: str, view: Any = None, *,
             device["readonly"] = "true"
         devices[f"mount{number}"] = device
     return devices
+
+
+def check_mount_targets(storage: bool, mounts: Sequence[Mount]) -> None:
+    """No two of the container paths a session mounts (/workspace, /storage when
+    `storage`, each --mount) may be the same or nested (naming.check_mount_targets)."""
+    naming.check_mount_targets([
+        ("the workspace", WORKSPACE_PATH),
+        *([("--storage", STORAGE_PATH)] if storage else []),
+        *((f"--mount {m.source}", m.path) for m in mounts)])
 
 
 def session_env(term: str | None = None) -> dict[str, str]:

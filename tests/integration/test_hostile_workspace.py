@@ -9,6 +9,7 @@ it did not, so a failure names the hole.
 
 import secrets
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,46 @@ def test_the_view_leaves_nothing_mounted_on_the_host(user_coi):
     again = user_coi("run", "--persistent", "--slot", "1", "--", "cat", "/workspace/.env")
     assert again.returncode in (0, 1), again.stderr  # started again on a fresh view
     assert f"/run/coi/views/{name}" not in Path("/proc/self/mountinfo").read_text()
+
+
+@pytest.mark.parametrize("plant", ["ln -s /dev/zero .coi.toml", "mkfifo .coi.toml",
+                                   "head -c 2M /dev/zero | tr '\\0' a > .coi.toml"])
+def test_a_config_file_planted_during_the_session_neither_hangs_nor_keeps_it(
+        user_coi, incus_client, plant):
+    """The session still ends (saved, container deleted) with a one-line warning; the
+    next session is refused in one line until the user removes the file."""
+    done = user_coi("run", "--", "sh", "-c", f"{plant} && echo planted", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "planted" in done.stdout
+    assert f"coi: ignoring {user_coi.workspace}/.coi.toml" in done.stderr, done.stderr
+    assert incus_client.instances(user_coi.prefix) == []
+    again = user_coi("run", "--", "true", timeout=60)
+    assert again.returncode == 2, again.stderr
+    assert again.stderr.count("\n") == 1
+    assert ".coi.toml" in again.stderr
+
+
+@pytest.fixture
+def privileged_profile(incus_client):
+    """A test profile like coi's, but privileged (uid 0 inside is host uid 0)."""
+    name = f"coi-test-priv-{secrets.token_hex(3)}"
+    subprocess.run(["incus", "profile", "copy", "coi", name], check=True, capture_output=True)
+    try:
+        subprocess.run(["incus", "profile", "set", name, "security.privileged=true"],
+                       check=True, capture_output=True)
+        yield name
+    finally:
+        subprocess.run(["incus", "profile", "delete", name], check=False, capture_output=True)
+
+
+def test_a_workspace_file_cannot_pick_the_profile_socket_or_project(user_coi,
+                                                                    privileged_profile):
+    (user_coi.workspace / ".coi.toml").write_text(
+        f'[incus]\nprofile = "{privileged_profile}"\nsocket = "/tmp/coi-test-none.sock"\n'
+        'project = "coi-test-elsewhere"\n')
+    done = user_coi("run", "--", "head", "-1", "/proc/self/uid_map")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[:2] != ["0", "0"], "the privileged profile was used"
+    assert int(done.stdout.split()[1]) >= 1000000
+    for key in ("incus.profile", "incus.socket", "incus.project"):
+        assert f"coi: ignoring {key}" in done.stderr, done.stderr
