@@ -49,6 +49,8 @@ git add work.txt &&
   git -c user.name=agent -c user.email=agent@example.invalid commit -qm "agent work" &&
   echo COMMITTED
 git branch agent-branch && echo BRANCHED
+git clone -q --bare /workspace /tmp/mirror && git -C /tmp/mirror branch -q fetched &&
+  git fetch -q /tmp/mirror fetched:refs/heads/fetched && echo FETCHED
 """
 
 
@@ -78,6 +80,7 @@ def test_git_metadata_and_tool_settings_cannot_be_planted_but_commits_still_work
     assert opened == [], f"attacks that got through: {opened}\n{done.stdout}"
     assert "COMMITTED" in done.stdout, done.stdout
     assert "BRANCHED" in done.stdout, done.stdout
+    assert "FETCHED" in done.stdout, done.stdout
     assert "paths read-only inside" in done.stderr
     # On the host, the user's git afterwards runs nothing the agent planted.
     status = host_git(user_coi, "status", "--short")
