@@ -49,13 +49,16 @@ NETWORK_MODES: Final = ("restricted", "open", "allowlist")
 SIZE_KEYS: Final = ("limits.session_size", "limits.sessions_total")
 """String keys that hold a byte size (coi_common.sizes), checked when they are read."""
 
-# Workspace paths host programs obey (git runs hooks and config commands, editors run
-# tasks, Claude Code loads settings and MCP servers): read-only inside. A trailing "/"
+# Workspace paths host programs obey (git runs hooks and config commands, and reads
+# its config from the directory .git/commondir names; editors run tasks, devcontainer
+# initializeCommand runs on the host, hook runners run what their config says, Claude
+# Code loads settings and MCP servers): read-only inside. A trailing "/"
 # marks a directory, so a missing one is made as an empty directory, not a file.
 PROTECTED_PATHS: Final = (
-    ".git/hooks/", ".git/config", ".git/config.worktree", ".git/info/attributes",
-    ".git/worktrees/", ".git/modules/", ".coi.toml", ".mcp.json",
+    ".git/hooks/", ".git/config", ".git/config.worktree", ".git/commondir",
+    ".git/info/attributes", ".git/worktrees/", ".git/modules/", ".coi.toml", ".mcp.json",
     ".claude/settings.json", ".claude/settings.local.json", ".husky/", ".vscode/",
+    ".devcontainer/", ".pre-commit-config.yaml", "lefthook.yml", ".lefthook.yml",
 )
 # Names (shell patterns, anywhere in the workspace) shown empty inside; "!" excepts.
 MASKED_FILES: Final = (

@@ -51,7 +51,9 @@ MAX_WALKED: Final = 100_000
 SKIPPED_DIRS: Final = frozenset({".git", "node_modules", ".venv", "venv", "__pycache__",
                                  ".tox", ".mypy_cache", "target"})
 """Trees masking does not enter: tool caches, not where a project keeps its secrets."""
-PLACEHOLDER_TEXT: Final = {".json": b"{}\n"}
+PLACEHOLDER_TEXT: Final = {".json": b"{}\n", "commondir": b".\n"}
+"""What a placeholder file holds, by extension or name: `{}` is valid JSON, and a
+commondir of "." names the repository itself (git behaves as without one, measured)."""
 
 # The new mount API (same numbers on every architecture since Linux 5.2/5.12).
 SYS_OPEN_TREE: Final = 428
@@ -206,7 +208,8 @@ def _make(root: int, target: str, owner: tuple[int, int] | None) -> None:
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
                          dir_fd=folder)
             with os.fdopen(fd, "wb") as handle:
-                handle.write(PLACEHOLDER_TEXT.get(os.path.splitext(name)[1], b""))
+                handle.write(PLACEHOLDER_TEXT.get(name) or
+                             PLACEHOLDER_TEXT.get(os.path.splitext(name)[1], b""))
         if owner is not None:
             os.chown(name, *owner, dir_fd=folder, follow_symlinks=False)
 

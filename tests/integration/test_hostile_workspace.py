@@ -28,6 +28,8 @@ try hook sh -c 'printf "#!/bin/sh\ntouch $MARK\n" > .git/hooks/pre-commit'
 try hooks-path git config core.hooksPath /workspace/planted
 try fsmonitor git config core.fsmonitor /workspace/planted/run
 try attributes sh -c 'echo "* filter=x" > .git/info/attributes'
+try commondir sh -c 'echo planted > .git/commondir'
+try devcontainer sh -c 'echo "{}" > .devcontainer/devcontainer.json'
 try rename-git mv .git .git-old
 try rename-hooks mv .git/hooks .git/hooks-old
 try remove-config rm -f .git/config
@@ -91,6 +93,7 @@ def test_git_metadata_and_tool_settings_cannot_be_planted_but_commits_still_work
     log = host_git(user_coi, "log", "--format=%s").stdout.split("\n")
     assert log[:3] == ["host after", "agent work", "first"]
     assert not (user_coi.workspace / ".git" / "hooks" / "pre-commit").exists()
+    assert (user_coi.workspace / ".git" / "commondir").read_text() == ".\n"
     assert "hooksPath" not in (user_coi.workspace / ".git" / "config").read_text()
 
 

@@ -43,6 +43,7 @@ def test_missing_paths_become_placeholders_and_the_targets_say_what_is_protected
     assert ".claude/settings.json" in targets  # .claude exists: the file is made
     assert (tmp_path / ".claude" / "settings.json").read_text() == "{}\n"
     assert (tmp_path / ".git" / "info").is_dir()
+    assert (tmp_path / ".git" / "commondir").read_text() == ".\n"  # git: this repository
     assert (tmp_path / ".vscode").is_dir()
     assert not (tmp_path / ".coi.toml").exists()  # top-level files are not made
     again = views.placeholders(str(tmp_path), list(config.PROTECTED_PATHS), None)
