@@ -40,6 +40,7 @@ sweep: venv
 
 lint: venv
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 # The suite runs as root (through sudo for a developer who is not): it creates
 # test users, network namespaces and nftables tables; the tests of sessions run
