@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import itertools
 import os
 import re
 import signal
@@ -329,6 +330,14 @@ def debug_enabled(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("COI_DEBUG", "") not in ("", "0", "false")
 
 
+def json_requested(argv: list[str]) -> bool:
+    """`--format json` (or `--format=json`) before any `--`: seen before parsing, so a
+    usage error of a command asked for JSON is a JSON error record too."""
+    words = argv[:argv.index("--")] if "--" in argv else argv
+    return "--format=json" in words or any(
+        pair == ("--format", "json") for pair in itertools.pairwise(words))
+
+
 def _raise_interrupted(signum: int, _frame: object) -> NoReturn:
     raise Interrupted(f"stopped by {signal.Signals(signum).name}")
 
@@ -355,7 +364,7 @@ def run_main(prog: str, doc: str, handler: Handler, argv: list[str] | None = Non
     shown_as = os.environ.pop(PROG_VARIABLE, None) or None
     debug = debug_enabled(argv)
     signal.signal(signal.SIGTERM, _raise_interrupted)
-    as_json = False
+    as_json = json_requested(argv)
     try:
         args = parse_args(prog, doc, argv, options_first=options_first, shown_as=shown_as)
         as_json = wants_json(args)

@@ -3,9 +3,12 @@
 import json
 import os
 import signal
+import subprocess
+from pathlib import Path
 
 import pytest
 
+from coi_common import entry
 from coi_common.entry import PROG_VARIABLE, USAGE_WIDTH, parse_args, run_main
 from coi_common.errors import NotFound
 from coi_container import __doc__ as CONTAINER_USAGE
@@ -13,6 +16,8 @@ from coi_image import __doc__ as IMAGE_USAGE
 from coi_net import __doc__ as NET_USAGE
 from coi_shell import __doc__ as SHELL_USAGE
 from coi_slot import __doc__ as SLOT_USAGE
+
+ROOT = Path(__file__).resolve().parents[2]
 
 DOC = """Usage:
   prog show [--format FMT]
@@ -231,3 +236,22 @@ def test_a_usage_the_analysis_cannot_take_apart_still_gives_one_line(monkeypatch
     code, err = usage_error(ALTERNATIVES, ["pick", "c"], monkeypatch, capsys)
     assert code == 2
     assert err.splitlines()[0] == "prog pick: invalid arguments"
+
+
+@pytest.mark.parametrize("argv", [["list", "--format", "json", "--bogus"],
+                                  ["list", "--bogus", "--format=json"],
+                                  ["run", "--format", "json", "--", "true"]])
+def test_a_usage_error_of_a_command_asked_for_json_is_a_json_error_record(argv):
+    done = subprocess.run([str(ROOT / "bin" / "coi"), *argv], capture_output=True, text=True,
+                          check=False, timeout=30)
+    assert done.returncode == 2
+    record = json.loads(done.stdout)
+    assert (record["kind"], record["code"], record["exit_code"]) == ("error", "usage", 2)
+    assert "unexpected argument" in record["message"]
+
+
+def test_format_json_after_the_double_dash_belongs_to_the_command():
+    assert entry.json_requested(["list", "--format", "json"])
+    assert entry.json_requested(["list", "--format=json"])
+    assert not entry.json_requested(["run", "--", "tool", "--format", "json"])
+    assert not entry.json_requested(["list", "--format", "text"])
