@@ -87,7 +87,9 @@ SCHEMA: Final[Mapping[str, Mapping[str, Key]]] = {
     "incus": {
         "project": Key("str", "default"),
         "group": Key("str", "incus-admin"),
-        "claude_uid": Key("int", 1000, minimum=0),
+        # coi's images make `code` uid 1000 and raw.idmap maps it: the key is accepted
+        # (configs of the original name it) and held to that value.
+        "claude_uid": Key("int", 1000, minimum=1000, maximum=1000),
         "profile": Key("str", "coi"),
         "pool": Key("str", "coi"),
         "network": Key("str", "coibr0"),

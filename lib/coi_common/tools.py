@@ -13,6 +13,7 @@ arguments, file pushes and image build scripts.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -390,7 +391,16 @@ def get_tool(name: str, registry: Mapping[str, Tool]) -> Tool:
 def registry_from_config(settings: Any) -> dict[str, Tool]:
     """The registry with the `[tools.NAME]` tables of an effective config over it; the
     credential files of tables from the system and user config files are vouched for,
-    those of a workspace's `.coi.toml` (trusted or not) are checked."""
+    those of a workspace's `.coi.toml` (trusted or not) are checked. `tool.binary`,
+    when set, is the program of the tool `tool.name` picks."""
     user = settings.tools
-    return load_registry(user, {name: settings.source(f"tools.{name}") for name in user},
-                         vouched=config_files(None, os.environ))
+    registry = load_registry(user, {name: settings.source(f"tools.{name}") for name in user},
+                             vouched=config_files(None, os.environ))
+    binary, chosen = settings.get("tool.binary"), settings.get("tool.name")
+    if binary and chosen in registry:
+        try:
+            registry[chosen] = dataclasses.replace(registry[chosen], binary=_binary(binary))
+        except _Invalid as exc:
+            raise BadInput(f"tool.binary (from {settings.source('tool.binary')}): "
+                           f"{exc}") from None
+    return registry

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from coi_common import config, tools, trust
-from coi_common.errors import BadInput, NotFound
+from coi_common.errors import BadInput, ConfigError, NotFound
 
 
 def rejection(user_tools, source="config.toml", **kwargs) -> str:
@@ -422,3 +422,27 @@ def test_get_tool_unknown_is_not_found_listing_known_names():
 def test_get_tool_refuses_hostile_names_as_bad_input():
     with pytest.raises(BadInput):
         tools.get_tool("../claude", tools.load_registry())
+
+
+def test_tool_binary_replaces_the_program_of_the_chosen_tool_only():
+    settings = config.load(None, env={"COI_TOOL_BINARY": "/opt/claude/bin/claude",
+                                      "COI_SYSTEM_CONFIG": "/nonexistent", "HOME": "/nonexistent"})
+    registry = tools.registry_from_config(settings)
+    assert registry["claude"].command()[0] == "/opt/claude/bin/claude"
+    assert registry["aider"].command()[0] == "aider"
+
+
+def test_a_bad_tool_binary_is_one_line_naming_the_key():
+    settings = config.load(None, env={"COI_TOOL_BINARY": "rm -rf /",
+                                      "COI_SYSTEM_CONFIG": "/nonexistent", "HOME": "/nonexistent"})
+    with pytest.raises(BadInput) as refused:
+        tools.registry_from_config(settings)
+    assert "tool.binary" in refused.value.one_line()
+
+
+def test_claude_uid_is_accepted_only_as_the_uid_of_code():
+    env = {"COI_SYSTEM_CONFIG": "/nonexistent", "HOME": "/nonexistent"}
+    assert config.load(None, env={**env, "COI_INCUS_CLAUDE_UID": "1000"}).get(
+        "incus.claude_uid") == 1000
+    with pytest.raises(ConfigError):
+        config.load(None, env={**env, "COI_INCUS_CLAUDE_UID": "0"})
