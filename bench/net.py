@@ -35,10 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "lib"), str(ROOT / "coi-net")]
 
-from coi_common import netpolicy as np  # noqa: E402
-from coi_common import nft  # noqa: E402
 from coi_common.incus import Incus  # noqa: E402
-from coi_net import ops  # noqa: E402
+from coi_net import nft, ops  # noqa: E402
+from coi_net import policy as np  # noqa: E402
 
 IMAGE = "coi-test-image"
 APPLY_TARGET_MS = 100.0

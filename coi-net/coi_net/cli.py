@@ -2,7 +2,7 @@
 
 Inputs are validated here before anything runs as root: container names,
 modes, allowlist entries, resolvers and numbers all go through
-coi_common.naming and coi_common.netpolicy validators. The config is read
+coi_common.naming and coi_net.policy validators. The config is read
 once (coi_common.config) for defaults; flags win over it.
 """
 
@@ -14,13 +14,13 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from coi_common import config, incus, nft
-from coi_common import netpolicy as np
+from coi_common import config, incus
 from coi_common.entry import Args
 from coi_common.errors import EXIT_FAILED, EXIT_OK
 from coi_common.naming import validate_container_name
 from coi_common.protocol import Record, write_record
-from coi_net import ops
+from coi_net import nft, ops
+from coi_net import policy as np
 
 PROG = "coi-net"
 

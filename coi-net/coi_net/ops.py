@@ -1,7 +1,7 @@
 """The verbs of coi-net: apply, remove, refresh, status, gc. They return records;
 coi_net.cli renders them.
 
-Each change to nftables is ONE transaction (coi_common.nft.run) made under the
+Each change to nftables is ONE transaction (coi_net.nft.run) made under the
 store's lock, and the state file is written after it, so concurrent runs
 (a session start and the cron refresh) never interleave.
 """
@@ -14,12 +14,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from coi_common import netpolicy as np
-from coi_common import nft
 from coi_common.errors import BadInput, CoiError, NotFound, PermissionDenied
 from coi_common.incus import Incus
 from coi_common.naming import validate_container_name
 from coi_common.protocol import Record, make_record
+from coi_net import nft
+from coi_net import policy as np
 
 STATE_VARIABLE: Final = "COI_NET_STATE_DIR"
 DEFAULT_STATE_DIR: Final = "/var/lib/coi/net"

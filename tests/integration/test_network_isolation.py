@@ -37,10 +37,11 @@ import dns.message
 import dns.query
 import pytest
 
-from coi_common import naming, nft, proc
-from coi_common import netpolicy as np
+from coi_common import naming, proc
 from coi_common.protocol import parse_record
 from coi_common.sessions import SlotRecord
+from coi_net import nft
+from coi_net import policy as np
 
 pytestmark = pytest.mark.incus
 

@@ -22,8 +22,8 @@ import pytest
 
 from coi_common import incus as incus_module
 from coi_common import naming, proc
-from coi_common import netpolicy as np
 from coi_common.errors import NotFound
+from coi_net import policy as np
 
 pytestmark = pytest.mark.incus
 ROOT = Path(__file__).resolve().parents[2]

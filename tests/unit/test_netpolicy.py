@@ -1,4 +1,4 @@
-"""coi_common.netpolicy and coi_common.nft without touching the system.
+"""coi_net.policy and coi_net.nft without touching the system.
 
 The rules are checked two ways: their JSON shape, and what they DO, by a
 small evaluator of exactly the expressions netpolicy emits, run over
@@ -24,9 +24,10 @@ import dns.rrset
 import pytest
 
 import coi_net
-from coi_common import config, nft
-from coi_common import netpolicy as np
+from coi_common import config
 from coi_common.errors import BadInput
+from coi_net import nft
+from coi_net import policy as np
 
 BRIDGE = np.Bridge("coibr0", ipaddress.IPv4Interface("10.151.43.1/24"))
 BRIDGE6 = np.Bridge("coibr0", ipaddress.IPv4Interface("10.151.43.1/24"),

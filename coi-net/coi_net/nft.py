@@ -2,7 +2,7 @@
 
 Every change is a list of nftables JSON commands applied as ONE transaction:
 libnftables turns one buffer into one netlink batch, which the kernel
-applies whole or not at all. Rules are data (built by coi_common.netpolicy),
+applies whole or not at all. Rules are data (built by coi_net.policy),
 never text pasted together.
 
 The binding is a few lines of ctypes over `libnftables.so.1` (a dependency
