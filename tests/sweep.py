@@ -7,7 +7,8 @@ Usage:
 Removes instances named `coi-test-*` (forced), images all of whose aliases are
 `coi-test-*` (half-done builds, images tests published), network namespaces
 `coi-test-*`, nftables tables `coi_test_*` of any family, workspace views
-/run/coi/views/coi-test-*, profiles `coi-test-*` and the test accounts
+/run/coi/views/coi-test-*, their lock files in /run/coi/locks, profiles
+`coi-test-*` and the test accounts
 `coi-test-u*` (their processes, /tmp home and the `root:ID:1` lines of their
 uid and gid in /etc/subuid and /etc/subgid). The cached test images
 `coi-test-image` and `coi-test-full-image` always stay.
@@ -44,7 +45,7 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 if str(ROOT / "lib") not in sys.path:
     sys.path.insert(0, str(ROOT / "lib"))
 
-from coi_common import idmap, proc, views  # noqa: E402 - needs the path above when run as a script
+from coi_common import idmap, proc, sessions, views  # noqa: E402 - needs the path above when run as a script
 from coi_common.errors import NotFound  # noqa: E402
 from coi_common.incus import Incus  # noqa: E402
 
@@ -72,6 +73,7 @@ def sweep(client: Incus | None = None, *, scope: str = "") -> list[str]:
             *_sweep_netns(NETNS_PREFIX + scope),
             *_sweep_nft(NFT_PREFIX + scope.replace("-", "_")),
             *_sweep_views(INSTANCE_PREFIX + scope),
+            *_sweep_locks(INSTANCE_PREFIX + scope),
             *_sweep_profiles(INSTANCE_PREFIX + scope),
             *_sweep_users(USER_PREFIX + scope)]
 
@@ -137,6 +139,16 @@ def _sweep_profiles(prefix: str) -> list[str]:
         if profile["name"].startswith(prefix):
             proc.run(["incus", "profile", "delete", profile["name"]], check=False)
             removed.append(f"removed profile {profile['name']}")
+    return removed
+
+
+def _sweep_locks(prefix: str) -> list[str]:
+    """Session-end lock files of test containers (coi never deletes them itself)."""
+    removed = []
+    root = Path(sessions.SHARED_LOCKS)
+    for file in sorted(root.glob(f"{prefix}*.lock")) if root.is_dir() else []:
+        file.unlink(missing_ok=True)
+        removed.append(f"removed lock file {file.name}")
     return removed
 
 

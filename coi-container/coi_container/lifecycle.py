@@ -13,7 +13,7 @@ import os
 import posixpath
 from typing import Any, Final
 
-from coi_common import config, incus
+from coi_common import config, incus, naming, sessions
 from coi_common.entry import Args
 from coi_common.errors import AlreadyExists, BadInput, CoiError, NotFound
 from coi_common.naming import (
@@ -47,7 +47,10 @@ def run(args: Args) -> int:
         line = delete(client(), name, force=args["--force"])
     else:
         device = validate_device_name(args["<device>"])
-        source = host_directory(args["<source>"])
+        # The same host path policy as a session's mounts: never /, a credentials
+        # store, a system path or the home itself (naming.check_host_mount).
+        source = naming.check_host_mount(host_directory(args["<source>"]), "mount source",
+                                         sessions.invoking_home())
         path = container_path(args["<path>"], what="mount path")
         line = mount(client(), name, device, source, path, shift=args["--shift"])
     print(line, flush=True)

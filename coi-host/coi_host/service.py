@@ -40,7 +40,17 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from coi_common import __version__, config, hostservice, idmap, incus, naming, proc, views
+from coi_common import (
+    __version__,
+    config,
+    hostservice,
+    idmap,
+    incus,
+    naming,
+    proc,
+    sessions,
+    views,
+)
 from coi_common.dispatch import find_executable
 from coi_common.errors import BadInput, CoiError, NotFound, PermissionDenied
 from coi_common.protocol import Record, error_record, make_record, parse_record
@@ -253,6 +263,8 @@ def serve(path: str) -> int:
     with contextlib.suppress(CoiError):  # Incus not up yet: a start through coi makes them
         for name in views.keep_directories(service.client.instances()):
             print(f"coi-host serve: made the view directory of {name} again", file=sys.stderr)
+    with contextlib.suppress(CoiError, OSError):  # members fall back to their own folders
+        sessions.prepare_ending_locks(service.client)
     try:
         gid = grp.getgrnam(service.group).gr_gid
     except KeyError:

@@ -22,6 +22,7 @@ from typing import IO, Any
 from coi_common import (
     config,
     incus,
+    locks,
     naming,
     owners,
     proc,
@@ -38,6 +39,9 @@ from coi_common.protocol import read_record
 RUNNING, RESTARTED, CREATED = "running", "restarted", "created"
 """What ensure_container found or did."""
 ATTACH_SETTLE_SECONDS = 30.0
+DOWN = ("Stopped", "Gone")
+"""States (_status) of a container whose session is over: stopped, or ended and deleted
+by another coi command already."""
 DEFAULT_TERM = "xterm-256color"
 BOOT_SECONDS = 60
 KILLED = 128 + 9
@@ -357,13 +361,30 @@ def hand_terminal_to(ctx: Context, command: list[str], terminal: IO[bytes] | Non
 def after_terminal(ctx: Context, exit_code: int) -> int:
     """Poweroff inside ends the session (save, delete unless persistent); else say how
     to come back. Returns the exit status for the command: the terminal's, or 0
-    for a session that ended and was saved, or 1 when its save failed."""
+    for a session that ended (here or by another coi command), or 1 when its save
+    failed.
+
+    Decided under the container's ending lock: a `coi shutdown` that stopped the
+    container may be ending it right now (its save even starts it for a moment).
+    Waiting for that one, the shell then finds the container gone, or stopped with
+    its session saved, and end_session does nothing twice."""
+    name = ctx.record.container
+    try:
+        with sessions.ending_lock(ctx.client, name):
+            return _end_when_down(ctx, exit_code)
+    except locks.LockTimeout as exc:
+        print(f"coi: {exc.one_line()}; 'coi list' shows what became of {name}",
+              file=sys.stderr)
+        return 1
+
+
+def _end_when_down(ctx: Context, exit_code: int) -> int:
     name = ctx.record.container
     if _container_stopping(ctx):
         deadline = time.monotonic() + ATTACH_SETTLE_SECONDS
-        while time.monotonic() < deadline and _status(ctx) != "Stopped":
+        while time.monotonic() < deadline and _status(ctx) not in DOWN:
             time.sleep(0.3)
-    if _status(ctx) == "Stopped":
+    if _status(ctx) in DOWN:
         ending = sessions.end_session(ctx.client, name)
         if ending.message:
             print(f"coi: {ending.message}", file=sys.stderr)

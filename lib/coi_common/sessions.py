@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from coi_common import naming, owners, proc
+from coi_common import locks, naming, owners, proc
 from coi_common.errors import BadInput, CoiError, NotFound, PermissionDenied
 from coi_common.incus import ExecSpec, Incus
 from coi_common.netpolicy import MODES
@@ -377,6 +377,114 @@ def owners_process(owner: int, work: Callable[[], str]) -> str:
     return text
 
 
+ENDING_LOCK_SECONDS: Final = 240.0
+"""How long ending a session waits for another coi command ending the same container: an
+attached shell's wait for the stop (30 s), a save (saved_sessions.SAVE_TIMEOUT, 60 s, plus
+a start and a stop), the removal of its rules (60 s), and a margin."""
+SHARED_LOCKS: Final = "/run/coi/locks"
+SHARED_LOCKS_MODE: Final = 0o1770
+ENDED_KEY: Final = f"{KEY}ended_run"
+"""Set when a session was ended and its container kept, stopped: the container's Incus
+`last_used_at` (its last start) at that moment. While the two are equal, nothing has run
+in it since, so a second end has nothing new to save."""
+_ending: set[str] = set()
+"""The containers whose ending lock this process holds (ending_lock is reentrant)."""
+
+
+@contextlib.contextmanager
+def ending_lock(client: Incus, name: str) -> Iterator[None]:
+    """Hold the lock of ending `name`'s session: end_session takes it, and so does a
+    caller deciding whether to end it (an attached shell). Reentrant in a process;
+    locks.LockTimeout after ENDING_LOCK_SECONDS.
+
+    Where the lock files are, and why there: everyone who may end a session (root,
+    and members of the Incus socket's group, as the member who runs the shell or
+    root running `coi shutdown`) must meet on one file per container, and nobody
+    else may make, hold, remove or redirect it. /run/coi is root's, so root makes
+    /run/coi/locks in it: owned by root, group of the Incus socket, mode 1770, so
+    members make and lock files there, the sticky bit keeps them from removing (and
+    so splitting) another's lock, and other users cannot even look in. Files are
+    opened relative to the checked folder, never through a link (locks.py), and
+    every wait is bounded. A member who finds no /run/coi/locks (no root coi
+    command or host service since boot) locks in their own ~/.coi/locks, which
+    still orders that user's own commands. With no usable folder at all the
+    session ends unlocked, with a warning: a lock never keeps a session from ending.
+    Lock files stay (one empty file per container name, and names come back with
+    their slot): removing one that another process waits on would let a third lock
+    a new file of that name beside it.
+    """
+    if name in _ending:
+        yield
+        return
+    fd, problem = _ending_lock_file(client, name)
+    if fd is None:
+        print(f"coi: ending {name} without its lock ({problem}); another coi command "
+              "ending it at the same time may save it twice", file=sys.stderr)
+        yield
+        return
+    try:
+        with locks.held(fd, timeout=ENDING_LOCK_SECONDS,
+                        what=f"waiting for another coi command to finish ending {name}"):
+            _ending.add(name)
+            try:
+                yield
+            finally:
+                _ending.discard(name)
+    finally:
+        os.close(fd)
+
+
+def prepare_ending_locks(client: Incus) -> None:
+    """As root: make /run/coi/locks now (at boot: coi setup, coi-host serve), so that
+    members lock there from their first session on, not in their own folders."""
+    shared = next(_lock_folders(client))
+    if os.geteuid() != 0:
+        raise PermissionDenied(f"only root makes {shared[0]}", hint="run this as root")
+    os.close(_open_lock_folder(*shared))
+
+
+def _ending_lock_file(client: Incus, name: str) -> tuple[int | None, str]:
+    """The open lock file of ending `name` (see ending_lock): in the first folder of
+    _lock_folders that is usable; None, and why, when none is."""
+    problems = []
+    for place in _lock_folders(client):
+        try:
+            folder = _open_lock_folder(*place)
+            try:
+                return locks.open_file(folder, f"{naming.validate_container_name(name)}.lock"), ""
+            finally:
+                os.close(folder)
+        except (OSError, CoiError) as exc:
+            problems.append(exc.one_line() if isinstance(exc, CoiError)
+                            else f"{place[0]}: {exc.strerror}")
+    return None, "; ".join(problems)
+
+
+def _open_lock_folder(path: str, owner: int, mode: int, group: int) -> int:
+    if os.geteuid() == owner:  # its parent first: /run/coi (root's) or ~/.coi (the user's)
+        os.makedirs(os.path.dirname(path), mode=0o755 if owner == 0 else 0o700, exist_ok=True)
+    return locks.open_folder(path, owner=owner, mode=mode, group=group)
+
+
+def _lock_folders(client: Incus) -> Iterator[tuple[str, int, int, int]]:
+    """(path, owner, mode, group) of each folder ending locks may be in, in order: the
+    shared one (group: the Incus socket's), then, for a member, their own."""
+    try:
+        group = os.stat(client.socket).st_gid
+    except OSError:
+        group = 0  # no local socket: only root uses Incus here
+    yield SHARED_LOCKS, 0, SHARED_LOCKS_MODE, group
+    uid = os.geteuid()
+    if uid != 0:
+        import pwd  # noqa: PLC0415
+
+        try:  # pwd, not $HOME: every process of the user must find the same folder
+            home = pwd.getpwuid(uid).pw_dir
+        except KeyError:  # a uid without an account has none
+            return
+        yield os.path.join(home, ".coi", "locks"), uid, 0o700, -1
+
+
 def end_session(client: Incus, name: str, *, save: bool = True,
                 remove: bool = False) -> Ending:
     """Save the session, then delete the container unless it is persistent, and with
@@ -384,28 +492,55 @@ def end_session(client: Incus, name: str, *, save: bool = True,
     OWN user.coi.persistent key, never from a session command's flags; only an
     explicit removal (`remove`, as `coi kill` asks) deletes a persistent one. A
     failed save keeps the container (Ending.message says so); save=False deletes
-    without saving."""
-    try:
+    without saving.
+
+    All under the container's ending_lock, so two coi commands ending it at once
+    (`coi shutdown` while the attached shell sees it stop) do the work once: the
+    second waits, then finds it gone, or kept stopped with nothing run in it since
+    the first ended it (ENDED_KEY), and saves nothing again (a removal still
+    deletes it). Ending.saved: the session is in the store, saved by this call or,
+    with nothing run since, by the one that ended it before."""
+    with ending_lock(client, name):
+        try:
+            instance = client.instance_config(name)
+        except NotFound:
+            return Ending(saved=False, deleted=True)
+        kept_since = _ended_since_start(instance)
+        saved, problem = save_session(client, name, owners.owner_uid(instance)) \
+            if save and not kept_since else (save and kept_since, "")
+        if problem:
+            return Ending(False, deleted=False,
+                          message=f"{problem}; the container is kept (stopped or running) so "
+                                  f"nothing is lost: try again with 'coi shutdown {name}', or "
+                                  f"discard the session with 'coi kill --no-save {name}'")
+        if is_persistent(instance) and not remove:
+            if saved and not kept_since:
+                _mark_ended(client, name)
+            return Ending(saved, deleted=False)
+        client.delete_instance_force(name)
+        mode = (instance.get("config") or {}).get(f"{KEY}network")
+        if mode and mode != "open":
+            remove_network(name)
+        if has_view(instance):  # its empty directory: harmless if left, so never an error
+            with contextlib.suppress(CoiError):
+                _release_view(name, forget=True)
+        return Ending(saved, deleted=True)
+
+
+def _ended_since_start(instance: Mapping[str, Any]) -> bool:
+    used = str(instance.get("last_used_at") or "")
+    return bool(used) and instance.get("status") == "Stopped" \
+        and (instance.get("config") or {}).get(ENDED_KEY) == used
+
+
+def _mark_ended(client: Incus, name: str) -> None:
+    """ENDED_KEY on a kept container that is stopped now (the save may have started it
+    for the copy, so its last start is read again). Only a running container is left
+    unmarked: whatever it still does must be saved by the next end."""
+    with contextlib.suppress(CoiError):  # unmarked, the next end saves once more: no loss
         instance = client.instance_config(name)
-    except NotFound:
-        return Ending(saved=False, deleted=True)
-    saved, problem = save_session(client, name, owners.owner_uid(instance)) if save \
-        else (False, "")
-    if problem:
-        return Ending(False, deleted=False,
-                      message=f"{problem}; the container is kept (stopped or running) so "
-                              f"nothing is lost: try again with 'coi shutdown {name}', or "
-                              f"discard the session with 'coi kill --no-save {name}'")
-    if is_persistent(instance) and not remove:
-        return Ending(saved, deleted=False)
-    client.delete_instance_force(name)
-    mode = (instance.get("config") or {}).get(f"{KEY}network")
-    if mode and mode != "open":
-        remove_network(name)
-    if has_view(instance):  # its empty directory: harmless if left, so never an error
-        with contextlib.suppress(CoiError):
-            _release_view(name, forget=True)
-    return Ending(saved, deleted=True)
+        if instance.get("status") == "Stopped" and instance.get("last_used_at"):
+            client.set_config(name, {ENDED_KEY: str(instance["last_used_at"])})
 
 
 # -- id maps ----------------------------------------------------------------------------------
