@@ -672,3 +672,12 @@ def test_exec_json_record_round_trips_through_json(coi_env, capsys, box):
     _, out, _ = run_main(capsys, "container", "exec", box, "--capture", "--", "printf",
                          "caf\\303\\251 \\377")
     assert json.loads(out)["stdout"] == "caf\u00e9 \ufffd"
+
+
+@pytest.mark.parametrize("source", ["/", "/etc", "/var/lib/incus"])
+def test_container_mount_of_a_host_secret_or_system_path_is_refused_before_incus(
+        capsys, box, source):
+    code, _, err = run_main(capsys, "container", "mount", box, "extra", source, "/mnt/extra")
+    assert code == EXIT_USAGE, err
+    assert "may not be mounted into a session" in err
+    assert "extra" not in Incus().instance_config(box).get("devices", {})
