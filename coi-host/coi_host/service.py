@@ -163,6 +163,8 @@ class Service:
             return make_record("host_reply", verb=verb, result=self.verbs[verb](peer, request))
         except CoiError as exc:
             return error_record(exc)
+        except Exception as exc:  # the client gets one line; the service keeps serving
+            return error_record(CoiError(f"internal error: {type(exc).__name__}: {exc}"))
 
     def ping(self, peer: Peer, _request: Record) -> Record:
         return {"version": __version__, "code": self.code, "uid": peer.uid,

@@ -226,14 +226,23 @@ def build(name: str, workspace: str, protect: Sequence[str], mask: Sequence[str]
     target = os.path.join(VIEW_ROOT, name)
     with contextlib.suppress(FileExistsError):  # the empty one an earlier view left
         os.mkdir(target, 0o700)
-    with _opened(workspace, os.O_PATH | os.O_DIRECTORY) as project:
-        tree = _clone(project, recursive=True)
+    try:
+        with _opened(workspace, os.O_PATH | os.O_DIRECTORY) as project:
+            tree = _clone(project, recursive=True)
+    except OSError as exc:  # e.g. a FUSE mount root may not enter
+        raise CoiError(f"cannot build the view of the workspace {workspace}: "
+                       f"{exc.strerror}") from None
     try:
         _move(tree, target)
         _setattr(tree, propagation=MS_PRIVATE)
         bound: set[str] = set()
         covered = [_protect(tree, rel, bound) for rel in protected_targets(tree, protect)]
         masked, notes = _mask_all(tree, mask)
+    except OSError as exc:
+        os.close(tree)
+        release(name)
+        raise CoiError(f"cannot build the view of the workspace {workspace}: "
+                       f"{exc.strerror} ({exc.filename or 'a path in it'})") from None
     except BaseException:
         os.close(tree)
         release(name)

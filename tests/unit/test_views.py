@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from coi_common import config, views
-from coi_common.errors import BadInput
+from coi_common.errors import BadInput, CoiError
 
 
 def test_mask_patterns_match_names_anywhere_and_bang_excepts():
@@ -82,3 +82,13 @@ def test_a_view_directory_emptied_by_a_reboot_is_made_again():
         views.release(name, forget=True)
     assert not source.exists()
     assert os.path.isdir(views.VIEW_ROOT)
+
+
+def test_a_workspace_the_view_cannot_open_is_one_line(tmp_path):
+    name = f"coi-test-{secrets.token_hex(4)}-1"
+    try:
+        with pytest.raises(CoiError) as refused:
+            views.build(name, str(tmp_path / "gone"), [], [])
+    finally:
+        views.release(name, forget=True)
+    assert "cannot build the view of the workspace" in refused.value.one_line()
