@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from coi_common import seccomp, sessions
+
 pytestmark = [pytest.mark.incus, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 ALIAS = "coi-test-full-image"
-SESSION_CONFIG = {"security.nesting": "true", "security.syscalls.intercept.mknod": "true",
-                  "security.syscalls.intercept.setxattr": "true"}
+# What coi-shell gives a session container: nesting and the no-setuid seccomp policy.
+SESSION_CONFIG = {**sessions.NESTING, **seccomp.container_config(allow_setuid=False)}
 
 
 def coi_build(env, timeout):

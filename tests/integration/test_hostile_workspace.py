@@ -29,6 +29,7 @@ try hooks-path git config core.hooksPath /workspace/planted
 try fsmonitor git config core.fsmonitor /workspace/planted/run
 try attributes sh -c 'echo "* filter=x" > .git/info/attributes'
 try commondir sh -c 'echo planted > .git/commondir'
+try device sudo mknod /workspace/zero c 1 5
 try devcontainer sh -c 'echo "{}" > .devcontainer/devcontainer.json'
 try rename-git mv .git .git-old
 try rename-hooks mv .git/hooks .git/hooks-old
