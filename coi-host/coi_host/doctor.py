@@ -147,7 +147,7 @@ def _nft_usable_check() -> Check:
 
 def _idmap_check(service: ServiceState) -> Check:
     """Sessions map the user's uid/gid to the container's code with raw.idmap, which only
-    starts when /etc/subuid and /etc/subgid let root map them (sessions.IdMap)."""
+    starts when /etc/subuid and /etc/subgid let root map them (container.IdMap)."""
     uid, gid = sessions.invoking_ids()
     ids = f"uid {uid}/gid {gid}"
     if idmap.delegated(uid, gid):

@@ -13,6 +13,7 @@ from coi_common import config, incus, naming, owners, proc, sessions
 from coi_common.entry import Args
 from coi_common.errors import CoiError, NotFound
 from coi_common.protocol import make_record, write_record
+from coi_shell import container
 
 TMUX_TIMEOUT = 30
 """Seconds one tmux command in a container may take."""
@@ -46,7 +47,7 @@ def _running_session(client: incus.Incus, name: str, *, uid: int, all_users: boo
 
 
 def _in_session(client: incus.Incus, name: str, tmux_args: list[str]) -> proc.Result:
-    spec = sessions.as_code(name, ["tmux", *tmux_args], tty=False, env=sessions.session_env())
+    spec = container.as_code(name, ["tmux", *tmux_args], tty=False, env=container.session_env())
     return client.exec_capture(spec, timeout=TMUX_TIMEOUT)
 
 

@@ -35,6 +35,7 @@ from coi_common import (
 from coi_common.entry import Args
 from coi_common.errors import BadInput, CoiError, IncusError, NotFound, UsageError
 from coi_common.protocol import read_record
+from coi_shell import container
 
 RUNNING, RESTARTED, CREATED = "running", "restarted", "created"
 """What ensure_container found or did."""
@@ -64,11 +65,11 @@ class Context:
     resume_id: str = ""
     """--resume=ID: the session asked for by id (restored even into a reused container)."""
     limits: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    """Incus limits.* keys for a container this session creates (sessions.limits_config)."""
+    """Incus limits.* keys for a container this session creates (container.limits_config)."""
     mask: bool = True
     """Secret files of the workspace appear empty inside (--no-mask: off)."""
     mount_flags: Mapping[str, bool] = dataclasses.field(default_factory=dict)
-    """allow_home / force for sessions.container_devices (--allow-home, --force)."""
+    """allow_home / force for container.container_devices (--allow-home, --force)."""
 
 
 # -- building the context ---------------------------------------------------------------
@@ -123,7 +124,7 @@ def _mount_flags(args: Args) -> dict[str, bool]:
 
 
 def _limits(settings: config.Config) -> dict[str, str]:
-    return sessions.limits_config(settings.get("limits.cpu"), settings.get("limits.memory"),
+    return container.limits_config(settings.get("limits.cpu"), settings.get("limits.memory"),
                                   settings.get("limits.processes"))
 
 
@@ -136,7 +137,7 @@ def _new_record(args: Args, settings: config.Config) -> sessions.SlotRecord:
     # Every host path is refused before a slot is reserved or a directory is made
     # (container_devices checks them again when the container is made).
     home, flags = sessions.invoking_home(), _mount_flags(args)
-    sessions.check_mount_targets(bool(storage), mounts)
+    container.check_mount_targets(bool(storage), mounts)
     for path, what in [*((m.source, "--mount") for m in mounts),
                        *([(storage, "--storage")] if storage else [])]:
         naming.check_host_mount(path, what, home, **flags)
@@ -226,13 +227,13 @@ def _check_ours(instance: dict[str, Any], workspace: str) -> None:
                        f"{workspace}", hint="pick another slot or prefix")
 
 
-def preflight(ctx: Context) -> sessions.IdMap:
+def preflight(ctx: Context) -> container.IdMap:
     """What must hold before a container is created (or started again): Incus may map
     the user's ids, and this user can have network rules applied. (A missing image
     is the create request's own refusal, before anything exists.) Returns the id map."""
     record = ctx.record
-    idmap = sessions.session_idmap(record.workspace)
-    sessions.ensure_idmap(idmap)
+    idmap = container.session_idmap(record.workspace)
+    container.ensure_idmap(idmap)
     if record.network != "open" and os.geteuid() != 0:
         from coi_common import hostservice  # noqa: PLC0415
 
@@ -246,26 +247,26 @@ def _create(ctx: Context) -> None:
                                  environment={**ctx.tool.env, **ctx.record.environment})
 
     def create(view: Any) -> None:
-        devices = {**sessions.container_devices(record, sessions.invoking_home(), view,
+        devices = {**container.container_devices(record, sessions.invoking_home(), view,
                                                 **ctx.mount_flags),
-                   **sessions.network_devices(record, ctx.settings)}
+                   **container.network_devices(record, ctx.settings)}
         try:
             # Created stopped: the egress rules go in before its first packet.
             with progress.waiting(f"creating {record.container} from image {record.image} "
                                   "(the first container of a new image takes longest)"):
                 ctx.client.create_instance(
                     record.container, record.image, profiles=[record.profile],
-                    config={**sessions.container_config(
+                    config={**container.container_config(
                         record, idmap, owner=sessions.invoking_ids()[0],
                         allow_setuid=ctx.settings.get("security.allow_setuid")),
                         **ctx.limits},
                     devices=devices)
         except NotFound as exc:
             raise NotFound(exc.message, hint="build it with 'coi build'") from None
-        sessions.apply_network(record, ctx.settings)
+        container.apply_network(record, ctx.settings)
 
     # Every host path is checked before the view makes anything in the workspace.
-    sessions.container_devices(record, sessions.invoking_home(), **ctx.mount_flags)
+    container.container_devices(record, sessions.invoking_home(), **ctx.mount_flags)
     try:
         _start(ctx, idmap, create)
     except BaseException:
@@ -274,12 +275,12 @@ def _create(ctx: Context) -> None:
         raise
 
 
-def _start(ctx: Context, idmap: sessions.IdMap, before: Callable[[Any], None],
+def _start(ctx: Context, idmap: container.IdMap, before: Callable[[Any], None],
            viewed: bool = True) -> None:
     """Start the container on a fresh view of the workspace (`before` runs first, with
     the view: creating the container); the view leaves the host once it started.
     `viewed` False: a container made before views mounts the workspace itself."""
-    with sessions.workspace_view(ctx.record, ctx.settings, idmap, mask=ctx.mask,
+    with container.workspace_view(ctx.record, ctx.settings, idmap, mask=ctx.mask,
                                  wanted=viewed, mount_flags=ctx.mount_flags) as view:
         before(view)
         ctx.client.set_state(ctx.record.container, "start")
@@ -311,8 +312,8 @@ def _shell_command(record: sessions.SlotRecord) -> str:
 
 
 def _exec_quiet(ctx: Context, command: list[str]) -> proc.Result:
-    spec = sessions.as_code(ctx.record.container, command, tty=False,
-                            env=sessions.session_env(DEFAULT_TERM))
+    spec = container.as_code(ctx.record.container, command, tty=False,
+                            env=container.session_env(DEFAULT_TERM))
     return ctx.client.exec_capture(spec, timeout=30)
 
 
@@ -353,8 +354,8 @@ def open_terminal() -> IO[bytes] | None:
 
 
 def hand_terminal_to(ctx: Context, command: list[str], terminal: IO[bytes] | None) -> int:
-    spec = sessions.as_code(ctx.record.container, command, tty=True,
-                            env=sessions.session_env(os.environ.get("TERM") or DEFAULT_TERM))
+    spec = container.as_code(ctx.record.container, command, tty=True,
+                            env=container.session_env(os.environ.get("TERM") or DEFAULT_TERM))
     return ctx.client.exec_handover(spec, terminal=terminal)
 
 
@@ -516,8 +517,8 @@ def run_command(args: Args) -> int:
     try:
         if state != RUNNING:
             prepare_home(ctx, wanted, reused=state == RESTARTED)
-        spec = sessions.as_code(ctx.record.container, list(args["<command>"]), tty=False,
-                                env=sessions.session_env(os.environ.get("TERM")))
+        spec = container.as_code(ctx.record.container, list(args["<command>"]), tty=False,
+                                env=container.session_env(os.environ.get("TERM")))
         return ctx.client.exec_handover(spec)
     finally:
         ending = sessions.end_session(ctx.client, ctx.record.container)

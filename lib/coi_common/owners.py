@@ -1,7 +1,7 @@
 """Whose session container is it: each user acts on their own by default.
 
 A session container records the host uid of the user who started it in
-`user.coi.host_uid` (sessions.container_config). Members of `incus-admin`
+`user.coi.host_uid` (container.container_config). Members of `incus-admin`
 are root-equivalent, so this is no security boundary: it keeps one user
 from killing or typing into another user's session by mistake. Root
 (uid 0, not through sudo) sees everyone's; `--all-users` does the same for

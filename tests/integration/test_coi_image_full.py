@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from coi_common import seccomp, sessions
+from coi_shell import container, seccomp
 
 pytestmark = [pytest.mark.incus, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 ALIAS = "coi-test-full-image"
 # What coi-shell gives a session container: nesting and the no-setuid seccomp policy.
-SESSION_CONFIG = {**sessions.NESTING, **seccomp.container_config(allow_setuid=False)}
+SESSION_CONFIG = {**container.NESTING, **seccomp.container_config(allow_setuid=False)}
 
 
 def coi_build(env, timeout):

@@ -6,6 +6,7 @@ import pytest
 
 from coi_common import idmap, sessions
 from coi_common.errors import PermissionDenied
+from coi_shell import container
 
 
 def write(tmp_path, name, text):
@@ -38,31 +39,31 @@ def test_missing_lines_are_added_once_and_keep_the_file_s_last_line(tmp_path):
 
 
 def test_root_maps_code_to_the_workspace_owner_and_never_to_root(tmp_path, monkeypatch):
-    monkeypatch.setattr(sessions, "invoking_ids", lambda: (0, 0))
+    monkeypatch.setattr(container, "invoking_ids", lambda: (0, 0))
     theirs, roots = tmp_path / "theirs", tmp_path / "roots"
     theirs.mkdir()
     roots.mkdir()
     os.chown(theirs, 59999, 59998)  # no account: the directory's group is taken
     os.chown(roots, 0, 0)
-    assert sessions.session_idmap(str(theirs)) == sessions.IdMap(59999, 59998)
+    assert container.session_idmap(str(theirs)) == container.IdMap(59999, 59998)
     with pytest.raises(PermissionDenied) as refused:
-        sessions.session_idmap(str(roots))
+        container.session_idmap(str(roots))
     assert "never maps the agent to host root" in refused.value.one_line()
 
 
 def test_a_normal_user_maps_code_to_themselves_wherever_the_workspace(tmp_path, monkeypatch):
-    monkeypatch.setattr(sessions, "invoking_ids", lambda: (20001, 20002))
-    assert sessions.session_idmap(str(tmp_path)) == sessions.IdMap(20001, 20002)
+    monkeypatch.setattr(container, "invoking_ids", lambda: (20001, 20002))
+    assert container.session_idmap(str(tmp_path)) == container.IdMap(20001, 20002)
 
 
 def test_every_user_maps_only_their_own_ids_to_code():
-    assert sessions.IdMap(1000, 1000).config() == {"raw.idmap": "uid 1000 1000\ngid 1000 1000"}
-    assert sessions.IdMap(20001, 20002).config() == {
+    assert container.IdMap(1000, 1000).config() == {"raw.idmap": "uid 1000 1000\ngid 1000 1000"}
+    assert container.IdMap(20001, 20002).config() == {
         "raw.idmap": "uid 20001 1000\ngid 20002 1000"}
 
 
 def test_no_host_backed_mount_is_shifted():
     record = sessions.SlotRecord("/tmp/ws", 1, "coi-0-1", False, "coi", "coi",
                                  mounts=(sessions.Mount("/tmp/a", "/a"),), storage="/tmp/s")
-    devices = sessions.container_devices(record, "/home/someone")
+    devices = container.container_devices(record, "/home/someone")
     assert all("shift" not in device for device in devices.values())
