@@ -25,6 +25,8 @@ MAX_MESSAGE: Final = 1 << 20
 VERBS: Final = ("ping", "net_apply", "net_remove", "net_status", "idmap_grant", "view_build",
                  "view_release")
 START_HINT: Final = "run 'sudo coi setup' (as root: 'coi setup'); it starts the service"
+UPDATE_HINT: Final = ("coi's host service is older than this coi: run 'sudo coi setup' (as "
+                      "root: 'coi setup') to replace it")
 
 
 def socket_path() -> str:
@@ -81,7 +83,10 @@ def _result(raw: bytes, verb: str) -> Record:
         raise CoiError(f"coi's host service answered something unreadable: {exc}") from None
     if reply["kind"] == "error":
         kinds = {kind.code: kind for kind in ALL_ERRORS}
-        raise kinds.get(str(reply["code"]), CoiError)(str(reply["message"]))
+        message = str(reply["message"])
+        # A service started by an older coi: the fix is to let setup replace it.
+        hint = UPDATE_HINT if message.startswith(f"unknown verb {verb!r}") else None
+        raise kinds.get(str(reply["code"]), CoiError)(message, hint=hint)
     result = reply.get("result")
     if not isinstance(result, dict):
         raise CoiError(f"coi's host service answered {verb} without a result")

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from coi_common import hostservice, naming, proc
 from coi_common import incus as incus_module
-from coi_common import naming, proc
-from coi_common.errors import NotFound
+from coi_common.errors import CoiError, NotFound
 from coi_net import policy as np
 
 pytestmark = pytest.mark.incus
@@ -107,6 +107,14 @@ def test_a_refused_verb_is_a_one_line_error_record(installed_user, host_service)
                               env={"COI_HOST_SOCKET": host_service.socket})
     assert done.stdout.startswith("BadInput"), done.stdout + done.stderr
     assert len(done.stdout.strip().splitlines()) == 1
+
+
+def test_a_verb_an_older_service_lacks_says_to_run_setup_again(host_service, monkeypatch):
+    monkeypatch.setenv("COI_HOST_SOCKET", host_service.socket)
+    with pytest.raises(CoiError) as refused:
+        hostservice.call("view_build_v9", timeout=10)
+    assert "unknown verb 'view_build_v9'" in refused.value.one_line()
+    assert "'sudo coi setup'" in refused.value.one_line()
 
 
 # -- persistent containers are the user's ---------------------------------------------------
