@@ -121,6 +121,10 @@ def incus_run_lock(request: pytest.FixtureRequest) -> Iterator[None]:
             reporter.write_line("sweep: another test run is active; leftovers left alone")
         lock.share()
         yield
+        # The run's containers are gone; the empty view directories and lock files coi
+        # keeps for containers are the run's to remove (when no other run needs them).
+        if lock.try_exclusive():
+            sweep_script.sweep_container_files()
     finally:
         lock.release()
 

@@ -142,6 +142,11 @@ def _sweep_profiles(prefix: str) -> list[str]:
     return removed
 
 
+def sweep_container_files(scope: str = "") -> list[str]:
+    """Only the workspace views and session-end lock files of test containers."""
+    return [*_sweep_views(INSTANCE_PREFIX + scope), *_sweep_locks(INSTANCE_PREFIX + scope)]
+
+
 def _sweep_locks(prefix: str) -> list[str]:
     """Session-end lock files of test containers (coi never deletes them itself)."""
     removed = []
