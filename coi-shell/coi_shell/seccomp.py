@@ -22,6 +22,7 @@ your own config (a workspace file cannot).
 
 from __future__ import annotations
 
+import errno
 from typing import Final
 
 S_ISUID: Final = 0o4000
@@ -46,8 +47,6 @@ MODE_ARGUMENTS: Final = {
     "open": (2, 1), "openat": (3, 2), "mknod": (1, None), "mknodat": (2, None),
 }
 NOT_IMPLEMENTED: Final = ("fchmodat2", "openat2", "io_uring_setup")
-EPERM: Final = 1
-ENOSYS: Final = 38
 
 
 def _masked(index: int, bits: int) -> str:
@@ -60,8 +59,8 @@ def no_setuid_policy() -> str:
     for call, (mode, flags) in MODE_ARGUMENTS.items():
         for bit in (S_ISUID, S_ISGID):
             created = f" {_masked(flags, O_CREAT)}" if flags is not None else ""
-            lines.append(f"{call} errno {EPERM}{created} {_masked(mode, bit)}")
-    lines += [f"{call} errno {ENOSYS}" for call in NOT_IMPLEMENTED]
+            lines.append(f"{call} errno {errno.EPERM}{created} {_masked(mode, bit)}")
+    lines += [f"{call} errno {errno.ENOSYS}" for call in NOT_IMPLEMENTED]
     return INCUS_DEFAULT + "\n".join(lines) + "\n"
 
 

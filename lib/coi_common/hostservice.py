@@ -22,8 +22,6 @@ SOCKET_VARIABLE: Final = "COI_HOST_SOCKET"
 DEFAULT_SOCKET: Final = "/run/coi/host.sock"
 MAX_MESSAGE: Final = 1 << 20
 """Longest request or reply line, in bytes; anything longer is refused unread."""
-VERBS: Final = ("ping", "net_apply", "net_remove", "net_status", "idmap_grant", "view_build",
-                 "view_release")
 START_HINT: Final = "run 'sudo coi setup' (as root: 'coi setup'); it starts the service"
 UPDATE_HINT: Final = ("coi's host service is older than this coi: run 'sudo coi setup' (as "
                       "root: 'coi setup') to replace it")

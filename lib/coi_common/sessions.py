@@ -412,7 +412,7 @@ def has_view(instance: Mapping[str, Any]) -> bool:
     from coi_common import views  # noqa: PLC0415
 
     device = (instance.get("devices") or {}).get("workspace") or {}
-    return os.path.dirname(str(device.get("source", ""))) == views.VIEW_ROOT
+    return views.is_view_source(device.get("source"))
 
 
 def release_view(name: str, *, forget: bool = False) -> None:

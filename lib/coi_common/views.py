@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fnmatch
 import os
 import stat
@@ -69,7 +70,6 @@ MOUNT_ATTR_NOSUID: Final = 0x2
 MOUNT_ATTR_NODEV: Final = 0x4
 MS_PRIVATE: Final = 1 << 18
 MNT_DETACH: Final = 2
-EINVAL: Final = 22
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -97,8 +97,8 @@ class View:
         """The host service's reply, checked: the source must be a view's path."""
         source, protected = data.get("source"), data.get("protected")
         masked, notes = data.get("masked"), data.get("notes", [])
-        if not (isinstance(source, str) and os.path.dirname(source) == VIEW_ROOT
-                and isinstance(protected, list) and all(isinstance(p, str) for p in protected)
+        if not (is_view_source(source) and isinstance(protected, list)
+                and all(isinstance(p, str) for p in protected)
                 and isinstance(masked, int) and not isinstance(masked, bool) and masked >= 0
                 and isinstance(notes, list) and all(isinstance(n, str) for n in notes)):
             raise CoiError("coi's host service answered view_build with a malformed view")
@@ -111,6 +111,11 @@ class View:
                 f"{self.masked} secret file{'s' if self.masked != 1 else ''} shown empty "
                 "(security.mask; --no-mask shows them)")
         return "; ".join([line, *self.notes])
+
+
+def is_view_source(source: object) -> bool:
+    """Whether a disk device's source is a view's path (VIEW_ROOT/<container>)."""
+    return isinstance(source, str) and os.path.dirname(source) == VIEW_ROOT
 
 
 # -- the rules, shared by the client and the service -------------------------------------------
@@ -260,7 +265,7 @@ def release(name: str, *, forget: bool = False) -> None:
     target = os.path.join(VIEW_ROOT, name)
     if not os.path.isdir(target):
         return
-    if _libc.umount2(target.encode(), MNT_DETACH) != 0 and ctypes.get_errno() != EINVAL:
+    if _libc.umount2(target.encode(), MNT_DETACH) != 0 and ctypes.get_errno() != errno.EINVAL:
         raise _failure("detach", target)  # EINVAL: not mounted (a failed build)
     if forget:
         with contextlib.suppress(OSError):
@@ -274,8 +279,8 @@ def keep_directories(instances: Sequence[Mapping[str, Any]]) -> list[str]:
     made = []
     for instance in instances:
         device = (instance.get("devices") or {}).get("workspace") or {}
-        source = str(device.get("source", ""))
-        if os.path.dirname(source) != VIEW_ROOT or os.path.isdir(source):
+        source = device.get("source")
+        if not is_view_source(source) or os.path.isdir(source):
             continue
         naming.validate_container_name(os.path.basename(source))
         os.makedirs(source, mode=0o700, exist_ok=True)
