@@ -115,43 +115,56 @@ def container_config(record: SlotRecord, idmap: IdMap, *, owner: int,
     return config
 
 
-def container_devices(record: SlotRecord, home: str, view: Any = None, *,
-                      allow_home: bool = False, force: bool = False
-                      ) -> dict[str, dict[str, str]]:
-    """The workspace at /workspace (through its view when there is one: views.py),
-    the storage dir and extra mounts (never shifted: see IdMap). The one place host
-    paths become mounts: each is checked against naming.check_host_mount for the
-    user whose home is `home` (--allow-home, --force), and no two targets may be
-    the same or nested."""
+def host_sources(workspace: str, storage: str, mounts: Sequence[Mount], home: str, *,
+                 allow_home: bool = False, force: bool = False) -> dict[str, str]:
+    """Device name -> resolved host source of everything a session mounts, each checked
+    against naming.check_host_mount for the user whose home is `home` (--allow-home,
+    --force); no two targets (/workspace, /storage, each --mount) may be the same or
+    nested. The one check of host paths: before a slot is reserved, and again for a
+    record that came on stdin."""
+    naming.check_mount_targets([
+        ("the workspace", WORKSPACE_PATH),
+        *([("--storage", STORAGE_PATH)] if storage else []),
+        *((f"--mount {m.source}", m.path) for m in mounts)])
+
     def source(path: str, what: str) -> str:
         return naming.check_host_mount(path, what, home, allow_home=allow_home, force=force)
 
-    check_mount_targets(bool(record.storage), record.mounts)
+    sources = {"workspace": source(workspace, "workspace")}
+    if storage:
+        sources["storage"] = source(storage, "--storage")
+    for number, mount in enumerate(mounts):
+        sources[f"mount{number}"] = source(mount.source, "--mount")
+    return sources
 
-    workspace = {"type": "disk", "path": WORKSPACE_PATH,
-                 "source": source(record.workspace, "workspace")}
-    if view is not None:  # recursive: the view's read-only and masking mounts come along
-        workspace.update(source=view.source, recursive="true")
-    devices = {"workspace": workspace}
+
+def container_devices(record: SlotRecord, home: str, *, allow_home: bool = False,
+                      force: bool = False) -> dict[str, dict[str, str]]:
+    """The workspace at /workspace, the storage dir and extra mounts (never shifted:
+    see IdMap), from host_sources."""
+    sources = host_sources(record.workspace, record.storage, record.mounts, home,
+                           allow_home=allow_home, force=force)
+    devices = {"workspace": {"type": "disk", "path": WORKSPACE_PATH,
+                             "source": sources["workspace"]}}
     if record.storage:
-        devices["storage"] = {"type": "disk", "source": source(record.storage, "--storage"),
+        devices["storage"] = {"type": "disk", "source": sources["storage"],
                               "path": STORAGE_PATH}
     for number, mount in enumerate(record.mounts):
-        device = {"type": "disk", "source": source(mount.source, "--mount"),
-                  "path": mount.path}
+        device = {"type": "disk", "source": sources[f"mount{number}"], "path": mount.path}
         if mount.readonly:
             device["readonly"] = "true"
         devices[f"mount{number}"] = device
     return devices
 
 
-def check_mount_targets(storage: bool, mounts: Sequence[Mount]) -> None:
-    """No two of the container paths a session mounts (/workspace, /storage when
-    `storage`, each --mount) may be the same or nested (naming.check_mount_targets)."""
-    naming.check_mount_targets([
-        ("the workspace", WORKSPACE_PATH),
-        *([("--storage", STORAGE_PATH)] if storage else []),
-        *((f"--mount {m.source}", m.path) for m in mounts)])
+def through_view(devices: Mapping[str, dict[str, str]], view: Any
+                 ) -> dict[str, dict[str, str]]:
+    """`devices` with /workspace coming from the view (views.py) when there is one;
+    recursive, so the view's read-only and masking mounts come along."""
+    if view is None:
+        return dict(devices)
+    return {**devices, "workspace": {**devices["workspace"], "source": view.source,
+                                     "recursive": "true"}}
 
 
 def session_env(term: str | None = None) -> dict[str, str]:

@@ -134,13 +134,9 @@ def _new_record(args: Args, settings: config.Config) -> sessions.SlotRecord:
     mounts = [sessions.Mount.parse(spec) for spec in args["--mount"]]
     extra_env = sessions.parse_env(args["--env"])
     storage = _storage_dir(args["--storage"]) if args["--storage"] is not None else ""
-    # Every host path is refused before a slot is reserved or a directory is made
-    # (container_devices checks them again when the container is made).
-    home, flags = sessions.invoking_home(), _mount_flags(args)
-    container.check_mount_targets(bool(storage), mounts)
-    for path, what in [*((m.source, "--mount") for m in mounts),
-                       *([(storage, "--storage")] if storage else [])]:
-        naming.check_host_mount(path, what, home, **flags)
+    # Every host path is refused before a slot is reserved or a directory is made.
+    container.host_sources(args["--workspace"], storage, mounts, sessions.invoking_home(),
+                           **_mount_flags(args))
     if storage:
         os.makedirs(storage, exist_ok=True)
     record = sessions.new_slot_record(incus.connect(settings), settings, args["--workspace"],
@@ -169,10 +165,10 @@ def ensure_container(ctx: Context) -> str:
     try:
         state = _state_of(client, name)
         if state is not None:
-            _check_ours(client.instance_config(name), ctx.record.workspace)
+            instance = client.instance_config(name)
+            _check_ours(instance, ctx.record.workspace)
             if state.get("status") == "Running":
                 return RUNNING
-            instance = client.instance_config(name)
             if sessions.is_persistent(instance):
                 idmap = preflight(ctx)
                 with progress.waiting(f"starting persistent {name}"):
@@ -246,10 +242,12 @@ def _create(ctx: Context) -> None:
     record = dataclasses.replace(ctx.record,
                                  environment={**ctx.tool.env, **ctx.record.environment})
 
+    # Every host path is checked before the view makes anything in the workspace.
+    devices = {**container.container_devices(record, sessions.invoking_home(),
+                                             **ctx.mount_flags),
+               **container.network_devices(record, ctx.settings)}
+
     def create(view: Any) -> None:
-        devices = {**container.container_devices(record, sessions.invoking_home(), view,
-                                                **ctx.mount_flags),
-                   **container.network_devices(record, ctx.settings)}
         try:
             # Created stopped: the egress rules go in before its first packet.
             with progress.waiting(f"creating {record.container} from image {record.image} "
@@ -260,13 +258,11 @@ def _create(ctx: Context) -> None:
                         record, idmap, owner=sessions.invoking_ids()[0],
                         allow_setuid=ctx.settings.get("security.allow_setuid")),
                         **ctx.limits},
-                    devices=devices)
+                    devices=container.through_view(devices, view))
         except NotFound as exc:
             raise NotFound(exc.message, hint="build it with 'coi build'") from None
         container.apply_network(record, ctx.settings)
 
-    # Every host path is checked before the view makes anything in the workspace.
-    container.container_devices(record, sessions.invoking_home(), **ctx.mount_flags)
     try:
         _start(ctx, idmap, create)
     except BaseException:
