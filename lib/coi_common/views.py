@@ -207,16 +207,23 @@ def _make(root: int, target: str, owner: tuple[int, int] | None) -> None:
         return  # there, or a top-level file (.coi.toml): its reader gates it (coi trust)
     parent, _, name = rel.rpartition("/")
     with _walk(root, parent.split("/") if parent else []) as folder:
-        if target.endswith("/"):
-            os.mkdir(name, 0o755, dir_fd=folder)
-        else:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
-                         dir_fd=folder)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(PLACEHOLDER_TEXT.get(name) or
-                             PLACEHOLDER_TEXT.get(os.path.splitext(name)[1], b""))
+        try:
+            _create(folder, name, directory=target.endswith("/"))
+        except FileExistsError:
+            return  # a concurrent coi of the same project made it first (build() checks it)
         if owner is not None:
             os.chown(name, *owner, dir_fd=folder, follow_symlinks=False)
+
+
+def _create(folder: int, name: str, *, directory: bool) -> None:
+    if directory:
+        os.mkdir(name, 0o755, dir_fd=folder)
+        return
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
+                 dir_fd=folder)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(PLACEHOLDER_TEXT.get(name) or
+                     PLACEHOLDER_TEXT.get(os.path.splitext(name)[1], b""))
 
 
 # -- the view (root) ---------------------------------------------------------------------------

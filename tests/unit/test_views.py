@@ -50,6 +50,21 @@ def test_missing_paths_become_placeholders_and_the_targets_say_what_is_protected
     assert set(again) >= {".git/hooks/", ".claude/settings.json", ".vscode/"}
 
 
+def test_a_placeholder_another_coi_made_first_is_not_an_error(tmp_path, monkeypatch):
+    """Five `coi run` in one project at once: each sees .vscode missing, one makes it."""
+    real_create = views._create
+
+    def the_other_coi_wins(folder, name, *, directory):
+        real_create(folder, name, directory=directory)  # the concurrent coi, just before
+        real_create(folder, name, directory=directory)
+
+    monkeypatch.setattr(views, "_create", the_other_coi_wins)
+    targets = views.placeholders(str(tmp_path), [".vscode/", ".git/hooks/"], None)
+    assert targets == [".vscode/", ".git/"]
+    assert (tmp_path / ".vscode").is_dir()
+    assert (tmp_path / ".git").is_dir()
+
+
 def test_without_git_only_git_itself_is_made(tmp_path):
     targets = views.placeholders(str(tmp_path), [".git/hooks/", ".git/config"], None)
     assert targets == [".git/"]
