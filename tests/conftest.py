@@ -173,6 +173,8 @@ def coi_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[CoiEnv]
     table = "coi_test_" + env.prefix.removeprefix(CONTAINER_PREFIX).rstrip("-")
     monkeypatch.setenv("COI_NFT_TABLE", table)
     monkeypatch.setenv("COI_NET_STATE_DIR", str(root / "net-state"))
+    # coi's own children (coi-slot end runs coi-session save, ...) come from this checkout.
+    monkeypatch.setenv("COI_BIN_DIR", str(ROOT / "bin"))
     yield env
     for family in ("bridge", "inet"):
         proc.run(["nft", "delete", "table", family, table], check=False)

@@ -45,7 +45,7 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 if str(ROOT / "lib") not in sys.path:
     sys.path.insert(0, str(ROOT / "lib"))
 
-from coi_common import idmap, proc, sessions, views  # noqa: E402 - needs the path above when run as a script
+from coi_common import idmap, locks, proc, views  # noqa: E402 - needs the path above when run as a script
 from coi_common.errors import NotFound  # noqa: E402
 from coi_common.incus import Incus  # noqa: E402
 
@@ -150,7 +150,7 @@ def sweep_container_files(scope: str = "") -> list[str]:
 def _sweep_locks(prefix: str) -> list[str]:
     """Session-end lock files of test containers (coi never deletes them itself)."""
     removed = []
-    root = Path(sessions.SHARED_LOCKS)
+    root = Path(locks.SHARED_LOCKS)
     for file in sorted(root.glob(f"{prefix}*.lock")) if root.is_dir() else []:
         file.unlink(missing_ok=True)
         removed.append(f"removed lock file {file.name}")

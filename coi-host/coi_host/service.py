@@ -46,9 +46,9 @@ from coi_common import (
     hostservice,
     idmap,
     incus,
+    locks,
     naming,
     proc,
-    sessions,
     views,
 )
 from coi_common.dispatch import find_executable
@@ -56,7 +56,6 @@ from coi_common.errors import BadInput, CoiError, NotFound, PermissionDenied
 from coi_common.protocol import Record, error_record, make_record, parse_record
 from coi_host import install
 
-MODES: Final = ("restricted", "allowlist", "open")
 MAX_ENTRIES: Final = 1000
 MAX_ENTRY_LENGTH: Final = 255
 REQUEST_SECONDS: Final = 10.0
@@ -124,8 +123,8 @@ def net_apply_argv(request: Mapping[str, Any], program: str) -> list[str]:
     """coi-net apply's command line from a request; every field checked, nothing passed
     through that could become an option of its own."""
     mode = request.get("mode")
-    if mode not in MODES:
-        raise BadInput(f"mode: expected one of {', '.join(MODES)}")
+    if mode not in naming.NETWORK_MODES:
+        raise BadInput(f"mode: expected one of {', '.join(naming.NETWORK_MODES)}")
     minutes = request.get("refresh_minutes", 30)
     if not isinstance(minutes, int) or isinstance(minutes, bool) or not 0 <= minutes <= 10080:
         raise BadInput("refresh_minutes: expected a whole number of minutes, 0..10080")
@@ -266,7 +265,7 @@ def serve(path: str) -> int:
         for name in views.keep_directories(service.client.instances()):
             print(f"coi-host serve: made the view directory of {name} again", file=sys.stderr)
     with contextlib.suppress(CoiError, OSError):  # members fall back to their own folders
-        sessions.prepare_ending_locks(service.client)
+        locks.prepare_ending_locks(service.client)
     try:
         gid = grp.getgrnam(service.group).gr_gid
     except KeyError:

@@ -62,8 +62,10 @@ Options:
   --debug              Show tracebacks on errors.
   -h --help            Show this help.
 
-Changing rules needs root: members of incus-admin run `sudo coi-net ...`
-through the sudoers rule in docs/network.md. `coi network ARGS` is
+Changing rules needs root. A member of incus-admin who runs apply or remove
+gets them done by coi's host service (started by `coi setup`), which runs its
+own root-owned coi-net with the same, re-checked values; refresh and gc stay
+root's (the service and cron run them). `coi network ARGS` is
 `coi-net network ARGS`; the word `network` is optional.
 
 Examples:

@@ -8,6 +8,7 @@ once (coi_common.config) for defaults; flags win over it.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterable
@@ -16,9 +17,9 @@ from typing import Any
 
 from coi_common import config, incus
 from coi_common.entry import Args
-from coi_common.errors import EXIT_FAILED, EXIT_OK
+from coi_common.errors import EXIT_FAILED, EXIT_OK, CoiError, PermissionDenied
 from coi_common.naming import validate_container_name
-from coi_common.protocol import Record, write_record
+from coi_common.protocol import Record, validate, write_record
 from coi_net import nft, ops
 from coi_net import policy as np
 
@@ -30,9 +31,12 @@ def run(args: Args, *, as_json: bool) -> int:
     if args["apply"]:
         return _apply(args, as_json=as_json)
     dry_run = bool(args["--dry-run"])
+    names = [validate_container_name(n) for n in args["<name>"] or []]
+    if args["remove"] and not dry_run and os.geteuid() != 0:
+        records = [_by_service("net_remove", "net_removed", container=name) for name in names]
+        return _render(records, None, as_json=as_json, text=_removed_text)
     if not (args["status"] or dry_run):
         ops.require_root(_verb(args))
-    names = [validate_container_name(n) for n in args["<name>"] or []]
     ctx = _context(config.load(None), dry_run=dry_run)
     if args["remove"]:
         records = [ops.remove(ctx, name) for name in names]
@@ -58,19 +62,34 @@ def _context(settings: config.Config, *, dry_run: bool) -> ops.Context:
                        bridge_name=settings.get("incus.network"), dry_run=dry_run)
 
 
+def _by_service(verb: str, kind: str, **fields: Any) -> Record:
+    """A member's apply or remove: coi's host service runs its own root-owned coi-net
+    with these fields (checked again there) and hands its record back."""
+    from coi_common import hostservice  # noqa: PLC0415
+
+    records = hostservice.call(verb, timeout=ops.SERVICE_SECONDS, **fields).get("records")
+    if not isinstance(records, list) or len(records) != 1:
+        raise CoiError(f"coi's host service answered {verb} without one {kind} record")
+    return validate(records[0], kind)
+
+
 def _apply(args: Args, *, as_json: bool) -> int:
     dry_run = bool(args["--dry-run"])
-    if not dry_run:
-        ops.require_root("apply")
+    member = os.geteuid() != 0 and not dry_run
+    if member and (args["--no-nic-filtering"] or args["--dns-timeout"] != "2"):
+        raise PermissionDenied("--no-nic-filtering and --dns-timeout need root",
+                               hint=ops.SUDO_HINT)
     name, mode, workspace = args["<name>"][0] if args["<name>"] else None, None, None
+    profile = None
     if name is None:
         from coi_common.protocol import read_record  # noqa: PLC0415
         from coi_common.sessions import SlotRecord  # noqa: PLC0415
 
         slot = SlotRecord.from_record(read_record("slot"))
         name, mode, workspace = slot.container, slot.network, slot.workspace
+        profile = slot.config_profile or None
     name = validate_container_name(name)
-    settings = config.load(workspace)
+    settings = config.load(workspace, profile=profile)
     if args["--mode"] is not None:  # an empty --mode is refused, not read as the default
         mode = args["--mode"]
     elif not mode:
@@ -82,7 +101,8 @@ def _apply(args: Args, *, as_json: bool) -> int:
                else np.validate_refresh_minutes(settings.get("network.refresh_interval_minutes")))
     entries = args["--allow"] or settings.get("network.allowed_domains")
     np.parse_allowed(entries, None)  # every flag is refused before Incus is asked
-    resolvers = np.parse_resolvers(args["--resolver"] or settings.get("network.resolvers"))
+    resolver_entries = [str(r) for r in args["--resolver"] or settings.get("network.resolvers")]
+    resolvers = np.parse_resolvers(resolver_entries)
     ctx = _context(settings, dry_run=dry_run)
     bridge = ops.bridge_facts(ctx.client, ctx.bridge_name)
     allowed = np.parse_allowed(entries, bridge)  # nor an address in the bridge's subnet
@@ -92,7 +112,9 @@ def _apply(args: Args, *, as_json: bool) -> int:
     request = ops.Request(name, mode, allowed if mode == "allowlist" else np.Allowed(),
                           resolvers, minutes, timeout,
                           nic_filtering=not args["--no-nic-filtering"])
-    record = ops.apply(ctx, request)
+    record = _by_service("net_apply", "net_rules", container=name, mode=mode,
+                         allow=[str(e) for e in entries], resolvers=resolver_entries,
+                         refresh_minutes=minutes) if member else ops.apply(ctx, request)
     if record["nic_pending"]:
         print(f"{PROG}: warning: {name} is running: Incus's NIC filtering stays as it is "
               "until coi-net apply runs with the container stopped (coi's rules are in "
@@ -109,9 +131,9 @@ def _kept(addresses: list[str]) -> str:
     return f"kept {len(addresses)} cached address{'es' if len(addresses) > 1 else ''}"
 
 
-def _render(records: Iterable[Record], ctx: ops.Context, *, as_json: bool,
+def _render(records: Iterable[Record], ctx: ops.Context | None, *, as_json: bool,
             text: Any) -> int:
-    if ctx.dry_run:
+    if ctx is not None and ctx.dry_run:
         for commands in ctx.planned:
             print(nft.dump(commands))
         return EXIT_OK

@@ -23,8 +23,10 @@ from coi_net import policy as np
 
 STATE_VARIABLE: Final = "COI_NET_STATE_DIR"
 DEFAULT_STATE_DIR: Final = "/var/lib/coi/net"
-SUDO_HINT: Final = ("run it as root; members of incus-admin use 'sudo coi-net ...' "
-                    "(see the sudoers rule in docs/network.md)")
+SUDO_HINT: Final = ("run it as root; a member of incus-admin applies and removes the "
+                    "rules of coi's own containers through coi's host service (coi setup)")
+SERVICE_SECONDS: Final = 120.0
+"""How long a member's apply or remove waits for the host service (its DNS lookups)."""
 
 
 def state_dir(env: Mapping[str, str] | None = None) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import ipaddress
 import json
 import os
@@ -40,28 +41,86 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from coi_common import netpolicy
 from coi_common.errors import BadInput
-from coi_common.naming import validate_container_name
+from coi_common.naming import NETWORK_MODES, validate_container_name
 
-# What the rest of coi shares with coi-net (coi_common.netpolicy), under this module's
-# name too, so coi-net's code reads one namespace.
-MODES = netpolicy.MODES
-DEFAULT_MODE = netpolicy.DEFAULT_MODE
-IFNAME_PREFIX = netpolicy.IFNAME_PREFIX
-IFNAME_HASH_LEN = netpolicy.IFNAME_HASH_LEN
-IFNAME_PATTERN = netpolicy.IFNAME_PATTERN
-NIC_SECURITY = netpolicy.NIC_SECURITY
-MAX_REFRESH_MINUTES = netpolicy.MAX_REFRESH_MINUTES
-validate_mode = netpolicy.validate_mode
-validate_project = netpolicy.validate_project
-validate_ifname = netpolicy.validate_ifname
-validate_refresh_minutes = netpolicy.validate_refresh_minutes
-host_name_for = netpolicy.host_name_for
-nic_settings = netpolicy.nic_settings
-net_device_override = netpolicy.net_device_override
-apply_argv = netpolicy.apply_argv
-remove_argv = netpolicy.remove_argv
+MODES: Final = NETWORK_MODES
+DEFAULT_MODE: Final = "restricted"
+
+IFNAME_PREFIX: Final = "coi"
+IFNAME_HASH_LEN: Final = 12
+IFNAME_PATTERN: Final = re.compile(r"coi[0-9a-f]{12}")
+NIC_SECURITY: Final = ("security.ipv4_filtering", "security.mac_filtering",
+                       "security.port_isolation")
+MAX_REFRESH_MINUTES: Final = 10080
+_PROJECT: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+
+
+# -- validation -------------------------------------------------------------------------
+
+
+def validate_mode(mode: object) -> str:
+    if mode not in MODES:
+        raise BadInput(f"network mode {mode!r} is not one of {', '.join(MODES)}")
+    return str(mode)
+
+
+def validate_project(project: object) -> str:
+    if not isinstance(project, str) or not _PROJECT.fullmatch(project):
+        raise BadInput(f"Incus project name {project!r} is not valid")
+    return project
+
+
+def validate_ifname(name: object) -> str:
+    """A host-side interface name coi made (`coi` + 12 hex digits)."""
+    if not isinstance(name, str) or not IFNAME_PATTERN.fullmatch(name):
+        raise BadInput(f"interface name {name!r} is not one coi makes")
+    return name
+
+
+def validate_refresh_minutes(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or \
+            not 0 <= value <= MAX_REFRESH_MINUTES:
+        raise BadInput(f"refresh interval {value!r} must be whole minutes from 0 to "
+                       f"{MAX_REFRESH_MINUTES} (0 turns automatic refresh off)")
+    return value
+
+
+# -- names on the host and the NIC -----------------------------------------------------------
+
+
+def host_name_for(container: str, project: str = "default") -> str:
+    """The fixed host-side veth name of a container: `coi` + 12 hex digits (15 chars,
+    the kernel's limit), from the project and the container name."""
+    validate_container_name(container)
+    validate_project(project)
+    digest = hashlib.sha256(f"{project}/{container}".encode()).hexdigest()
+    return IFNAME_PREFIX + digest[:IFNAME_HASH_LEN]
+
+
+def nic_settings(current: Mapping[str, str], ifname: str, mode: str, *,
+                 nic_filtering: bool = True) -> dict[str, str]:
+    """The NIC device as coi wants it: its settings plus the fixed host_name and, unless
+    the mode is open, Incus's own MAC/IPv4 anti-spoofing and port isolation."""
+    settings = {**current, "host_name": validate_ifname(ifname)}
+    value = "true" if validate_mode(mode) != "open" and nic_filtering else "false"
+    settings.update(dict.fromkeys(NIC_SECURITY, value))
+    return settings
+
+
+def net_device_override(container: str, *, network: str = "coibr0", mode: str = DEFAULT_MODE,
+                        device: str = "eth0", project: str = "default",
+                        nic_filtering: bool = True) -> dict[str, dict[str, str]]:
+    """Devices to merge into a container's create request so its NIC has coi's fixed
+    host-side name (and filtering) from the very first start.
+
+    coi-shell: `devices = {**container_devices(...), **net_device_override(name, ...)}`,
+    create stopped, run `coi-net apply` (with the slot record), then start.
+    """
+    base = {"type": "nic", "network": network, "name": device}
+    return {device: nic_settings(base, host_name_for(container, project), mode,
+                                 nic_filtering=nic_filtering)}
+
 
 MARK: Final = 0x636F6900
 """The packet mark of filtered containers' traffic ('coi\\0'); see docs/network.md."""

@@ -2,7 +2,7 @@
 
 Usage:
   coi-session [session] save [<name>] [--format FMT] [--debug]
-  coi-session [session] restore <id> [<name>] [--format FMT] [--debug]
+  coi-session [session] restore [<id>] [<name>] [--check] [--format FMT] [--debug]
   coi-session [session] list [--workspace DIR | --all] [--tool NAME] [--format FMT]
               [--debug]
   coi-session [session] latest [--workspace DIR] [--tool NAME] [--format FMT] [--debug]
@@ -25,7 +25,12 @@ Commands:
   restore   Put saved session <id> into container <name> (or the container of
             a slot record on stdin), owned by code, then copy fresh
             credentials in and merge the tool's settings file. The session
-            must be of the container's workspace and tool.
+            must be of the container's workspace and tool. Without <id>, the
+            slot record's `resume` says what: nothing (credentials only), the
+            newest session of its workspace and tool (none saved: credentials
+            only, with a warning), or one session by id. --check: only say
+            which session that would be (its record; nothing when none),
+            refusing one of another workspace or tool, touching nothing.
   list      Saved sessions of the workspace (--all: of every workspace),
             newest first.
   latest    The newest session of the workspace: its id (text) or record.
@@ -44,6 +49,7 @@ Options:
                            directory.
   --all                    Every workspace.
   --tool NAME              Only sessions of this AI tool.
+  --check                  restore: decide, do not restore.
   --keep N                 How many of the newest sessions to keep (0 or more).
   --older-than DURATION    Age such as 30d, 12h, 90m, 2w or 45s.
   --format FMT             Output format: text or json [default: text].

@@ -1,4 +1,4 @@
-"""The verbs of coi-session on top of coi_common.saved_sessions; rendering at the edge.
+"""The verbs of coi-session on top of coi_session.saved_sessions; rendering at the edge.
 
 Each verb returns records (sessions, save or restore results); `run()` prints
 them as text or JSON (one record, or JSON Lines for listings).
@@ -11,12 +11,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Final
 
-from coi_common import config, incus, naming, output, saved_sessions
+from coi_common import config, incus, naming, output
 from coi_common.entry import Args
 from coi_common.errors import BadInput, NotFound
 from coi_common.protocol import make_record, read_record, write_record
-from coi_common.saved_sessions import Session, Store
-from coi_common.sessions import SlotRecord
+from coi_common.sessions import RESUME_LATEST, SlotRecord
+from coi_session import saved_sessions
+from coi_session.saved_sessions import Session, Store
 
 NONE_SHOWN: Final = "-"
 _KEEP: Final = re.compile(r"0|[1-9][0-9]{0,5}")
@@ -53,9 +54,13 @@ def _container(args: Args) -> str:
     """<name>, or the container of a slot record on stdin."""
     if args.get("<name>") is not None:
         return naming.validate_container_name(args["<name>"])
+    return _slot_record().container
+
+
+def _slot_record() -> SlotRecord:
     if sys.stdin.isatty():
         raise BadInput("name a container, or pipe a slot record in (coi-slot next | ...)")
-    return SlotRecord.from_record(read_record("slot")).container
+    return SlotRecord.from_record(read_record("slot"))
 
 
 def _client(name: str) -> incus.Incus:
@@ -74,26 +79,52 @@ def _when(text: str) -> str:
 def _save(args: Args, as_json: bool) -> int:
     name = _container(args)
     result = saved_sessions.save_container(_client(name), name)
+    for dropped in result.dropped[:saved_sessions.SHOWN_DROPS]:
+        print(f"coi: dropped {dropped}", file=sys.stderr)
     if as_json:
         write_record(result.to_record())
     else:
         print(result.line(), flush=True)
-        for dropped in result.dropped[:saved_sessions.SHOWN_DROPS]:
-            print(f"coi: dropped {dropped}", file=sys.stderr)
     return 0
 
 
 def _restore(args: Args, as_json: bool) -> int:
-    session_id = naming.validate_session_id(args["<id>"])
-    name = _container(args)
-    store, _ = _store(None)
-    session = store.find(session_id)
-    result = saved_sessions.restore_into(_client(name), name, session)
+    if args["<id>"] is not None:
+        session_id = naming.validate_session_id(args["<id>"])
+        name = _container(args)
+        store, _ = _store(None)
+        session: Session | None = store.find(session_id)
+        settings = None  # the config of the container's own workspace
+    else:
+        record = _slot_record()
+        name = record.container
+        settings = config.load(record.workspace, profile=record.config_profile or None,
+                               lenient=True)
+        session = _asked_for(Store(settings.path("paths.state_dir")), record)
+    if args["--check"]:
+        if session is not None:
+            _print_session(session, as_json)
+        return 0
+    result = saved_sessions.restore_into(_client(name), name, session, settings=settings)
     if as_json:
         write_record(result.to_record())
     else:
         print(result.line(), flush=True)
     return 0
+
+
+def _asked_for(store: Store, record: SlotRecord) -> Session | None:
+    """The saved session a slot record's `resume` asks for: only ever one of its
+    workspace and tool; None (with a warning) when it asks for the newest and there
+    is none: the tool then starts fresh."""
+    if not record.resume:
+        return None
+    wanted = None if record.resume == RESUME_LATEST else record.resume
+    session = store.for_resume(record.workspace, record.tool, wanted)
+    if session is None:
+        print(f"coi: no saved {record.tool} session for {record.workspace}; starting fresh",
+              file=sys.stderr)
+    return session
 
 
 def _list(args: Args, as_json: bool) -> int:

@@ -5,12 +5,12 @@ Usage:
             [--profile NAME] [--tool NAME] [--network MODE] [--env K=V]...
             [--storage PATH] [--mount SPEC]... [--resume] [--session ID]
             [--cpu N] [--memory SIZE] [--processes N] [--no-mask]
-            [--allow-home] [--force] [--debug]
+            [--allow-home] [--force] [--record FILE] [--debug]
   coi-shell run [--workspace DIR] [--slot N] [--persistent] [--image NAME]
             [--profile NAME] [--tool NAME] [--network MODE] [--env K=V]...
             [--storage PATH] [--mount SPEC]... [--resume] [--session ID]
             [--cpu N] [--memory SIZE] [--processes N] [--no-mask]
-            [--allow-home] [--force] [--debug] [--] <command>...
+            [--allow-home] [--force] [--record FILE] [--debug] [--] <command>...
   coi-shell attach [<name>] [--workspace DIR] [--slot N] [--bash] [--debug]
   coi-shell tmux list [--all-users] [--format FMT] [--debug]
   coi-shell tmux send <name> <text> [--all-users] [--debug]
@@ -68,6 +68,11 @@ Options:
   --allow-home      Allow your home directory itself as the workspace or a mount.
   --force           Allow any directory except / and Incus's own (system paths,
                     credential folders): only when you really mean it.
+  --record FILE     Use the slot record in FILE (- : stdin), as printed by
+                    coi-slot next, instead of flags: `coi-slot next FLAGS >r;
+                    coi-shell run --record r -- CMD` is `coi run FLAGS -- CMD`.
+                    The flags then come from the record; giving others too is
+                    refused.
   --bash            attach: open bash instead of the tmux session.
   --all-users       tmux: also other users' sessions.
   --format FMT      Output format: text or json [default: text].
@@ -87,35 +92,18 @@ from __future__ import annotations
 import sys
 
 from coi_common import output
-from coi_common.entry import Args, run_main
-
-RESUME_FLAGS = ("--resume", "--continue")
+from coi_common.entry import Args, expand_resume_flags, run_main
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of coi-shell."""
-    run_main("coi-shell", __doc__ or "", dispatch,
-             normalise_argv(sys.argv[1:] if argv is None else argv))
+    words = expand_resume_flags(sys.argv[1:] if argv is None else argv)
+    run_main("coi-shell", __doc__ or "", lambda args: dispatch(args, words), words)
 
 
-def normalise_argv(argv: list[str]) -> list[str]:
-    """docopt has no option with an optional value: `--resume=ID` and `--continue=ID`
-    become `--resume --session ID`, a bare `--continue` becomes `--resume`. Nothing
-    after `--` (the command of `coi run`) is touched."""
-    result: list[str] = []
-    for index, arg in enumerate(argv):
-        if arg == "--":
-            return result + argv[index:]
-        flag, sep, value = arg.partition("=")
-        if flag in RESUME_FLAGS:
-            result += ["--resume", "--session", value] if sep else ["--resume"]
-        else:
-            result.append(arg)
-    return result
-
-
-def dispatch(args: Args) -> int:
-    """Run the chosen command; each returns the exit status."""
+def dispatch(args: Args, argv: list[str]) -> int:
+    """Run the chosen command; each returns the exit status. shell and run pass their
+    flags on to coi-slot next as they were given (`argv`)."""
     output.wants_json(args)
     if args["tmux"]:
         from coi_shell import automation  # noqa: PLC0415
@@ -124,7 +112,7 @@ def dispatch(args: Args) -> int:
     from coi_shell import session  # noqa: PLC0415
 
     if args["run"]:
-        return session.run_command(args)
+        return session.run_command(args, argv)
     if args["attach"]:
         return session.attach(args)
-    return session.shell(args)
+    return session.shell(args, argv)

@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from coi_common import naming, proc
-from coi_common.errors import BadInput, CoiError, PermissionDenied
+from coi_common import plumbing
+from coi_common.errors import CoiError, PermissionDenied
 from coi_common.incus import ExecSpec
 from coi_common.sessions import (
-    KEY,
     STORAGE_PATH,
     WORKSPACE_PATH,
-    Mount,
+    SessionContainer,
     SlotRecord,
-    coi_net_program,
     invoking_ids,
     release_view,
 )
@@ -37,27 +34,12 @@ from coi_shell import seccomp
 NESTING: Final = {"security.nesting": "true"}
 
 
-CPU_PATTERN: Final = re.compile(r"[1-9][0-9]{0,3}")
-MEMORY_PATTERN: Final = re.compile(r"[1-9][0-9]{0,6}(MiB|GiB|MB|GB)|([1-9][0-9]?|100)%")
-
-
-def limits_config(cpu: str, memory: str, processes: int) -> dict[str, str]:
-    """Incus limits.* keys of a session container; each value checked, "" / 0 = none."""
-    config = {}
-    if cpu:
-        if not CPU_PATTERN.fullmatch(cpu):
-            raise BadInput(f"--cpu {cpu!r}: expected a number of CPUs such as 2")
-        config["limits.cpu"] = cpu
-    if memory:
-        if not MEMORY_PATTERN.fullmatch(memory):
-            raise BadInput(f"--memory {memory!r}: expected a size such as 512MiB or 4GiB, "
-                           "or a percentage such as 50%")
-        config["limits.memory"] = memory
-    if processes < 0:
-        raise BadInput(f"--processes {processes}: expected 0 (no limit) or more")
-    if processes:
-        config["limits.processes"] = str(processes)
-    return config
+def limits_config(limits: Mapping[str, Any]) -> dict[str, str]:
+    """Incus limits.* keys of a session container from a record's limits (checked by
+    naming.validate_limits); "" / 0 = none."""
+    config = {"limits.cpu": limits["cpu"], "limits.memory": limits["memory"],
+              "limits.processes": str(limits["processes"] or "")}
+    return {key: value for key, value in config.items() if value}
 
 
 @dataclass(frozen=True)
@@ -108,42 +90,16 @@ def container_config(record: SlotRecord, idmap: IdMap, *, owner: int,
     session's env, coi's own keys. `owner` is the uid coi acts for (host_uid)."""
     config = {**NESTING, **idmap.config(), **seccomp.container_config(allow_setuid)}
     config.update({f"environment.{k}": v for k, v in record.environment.items()})
-    config.update({f"{KEY}workspace": record.workspace, f"{KEY}slot": str(record.slot),
-                   f"{KEY}persistent": str(record.persistent).lower(),
-                   f"{KEY}image": record.image, f"{KEY}tool": record.tool,
-                   f"{KEY}network": record.network, f"{KEY}host_uid": str(owner)})
+    config.update(SessionContainer(record.workspace, record.slot, record.persistent,
+                                   record.image, record.tool, record.network,
+                                   owner).to_config())
     return config
 
 
-def host_sources(workspace: str, storage: str, mounts: Sequence[Mount], home: str, *,
-                 allow_home: bool = False, force: bool = False) -> dict[str, str]:
-    """Device name -> resolved host source of everything a session mounts, each checked
-    against naming.check_host_mount for the user whose home is `home` (--allow-home,
-    --force); no two targets (/workspace, /storage, each --mount) may be the same or
-    nested. The one check of host paths: before a slot is reserved, and again for a
-    record that came on stdin."""
-    naming.check_mount_targets([
-        ("the workspace", WORKSPACE_PATH),
-        *([("--storage", STORAGE_PATH)] if storage else []),
-        *((f"--mount {m.source}", m.path) for m in mounts)])
-
-    def source(path: str, what: str) -> str:
-        return naming.check_host_mount(path, what, home, allow_home=allow_home, force=force)
-
-    sources = {"workspace": source(workspace, "workspace")}
-    if storage:
-        sources["storage"] = source(storage, "--storage")
-    for number, mount in enumerate(mounts):
-        sources[f"mount{number}"] = source(mount.source, "--mount")
-    return sources
-
-
-def container_devices(record: SlotRecord, home: str, *, allow_home: bool = False,
-                      force: bool = False) -> dict[str, dict[str, str]]:
+def container_devices(record: SlotRecord, home: str) -> dict[str, dict[str, str]]:
     """The workspace at /workspace, the storage dir and extra mounts (never shifted:
-    see IdMap), from host_sources."""
-    sources = host_sources(record.workspace, record.storage, record.mounts, home,
-                           allow_home=allow_home, force=force)
+    see IdMap), from the record's host_sources."""
+    sources = record.host_sources(home)
     devices = {"workspace": {"type": "disk", "path": WORKSPACE_PATH,
                              "source": sources["workspace"]}}
     if record.storage:
@@ -216,8 +172,7 @@ def ensure_idmap(idmap: IdMap) -> None:
 
 
 @contextlib.contextmanager
-def workspace_view(record: SlotRecord, settings: Any, idmap: IdMap, *, mask: bool = True,
-                   wanted: bool = True, mount_flags: Mapping[str, bool] | None = None
+def workspace_view(record: SlotRecord, settings: Any, idmap: IdMap, *, wanted: bool = True
                    ) -> Iterator[Any]:
     """Within: the view of the record's workspace for its container (None when not
     `wanted`, or security.protect is off and nothing is masked); after: detached from
@@ -226,7 +181,7 @@ def workspace_view(record: SlotRecord, settings: Any, idmap: IdMap, *, mask: boo
 
     protect = list(settings.get("security.protected_paths")) \
         if settings.get("security.protect") else []
-    patterns = list(settings.get("security.mask")) if mask else []
+    patterns = list(settings.get("security.mask")) if record.mask else []
     if not wanted or (not protect and not [p for p in patterns if not p.startswith("!")]):
         yield None
         return
@@ -234,7 +189,7 @@ def workspace_view(record: SlotRecord, settings: Any, idmap: IdMap, *, mask: boo
     owner = (idmap.host_uid, idmap.host_gid) if os.geteuid() == 0 else None
     targets = views.placeholders(record.workspace, protect, owner)
     view = _build_view(record.container, record.workspace, targets, patterns,
-                       dict(mount_flags or {}))
+                       {"allow_home": record.allow_home, "force": record.force})
     try:
         yield view
     finally:
@@ -255,48 +210,11 @@ def _build_view(name: str, workspace: str, protect: list[str], patterns: list[st
 # -- network rules (coi-net as root, or coi's host service) ------------------------------
 
 
-def network_devices(record: SlotRecord, settings: Any) -> dict[str, dict[str, str]]:
-    """The NIC with coi's fixed host-side name, so rules can exist before the first start."""
-    if record.network == "open":
-        return {}
-    from coi_common import netpolicy  # noqa: PLC0415 - ~20 ms, only for filtered sessions
-
-    return netpolicy.net_device_override(record.container, network=settings.get("incus.network"),
-                                         mode=record.network,
-                                         project=settings.get("incus.project"))
-
-
-def network_request(record: SlotRecord, settings: Any) -> dict[str, Any]:
-    """The validated fields of a rules request (coi-net apply's flags, host service's
-    net_apply): checked here, before the container exists."""
-    from coi_common import netpolicy  # noqa: PLC0415
-
-    return {"container": naming.validate_container_name(record.container),
-            "mode": netpolicy.validate_mode(record.network),
-            "allow": [str(a) for a in settings.get("network.allowed_domains")],
-            "resolvers": [str(r) for r in settings.get("network.resolvers")],
-            "refresh_minutes": netpolicy.validate_refresh_minutes(
-                settings.get("network.refresh_interval_minutes"))}
-
-
-def apply_network(record: SlotRecord, settings: Any) -> None:
-    """Put the container's egress rules in place: coi-net itself when we are root, coi's
-    host service otherwise (never sudo on a program next to us)."""
-    if record.network == "open":
-        return
-    request = network_request(record, settings)
-    if os.geteuid() != 0:
-        from coi_common import hostservice  # noqa: PLC0415
-
-        hostservice.call("net_apply", **request)
-        return
-    from coi_common import netpolicy  # noqa: PLC0415
-
-    argv = netpolicy.apply_argv(request["container"], request["mode"],
-                                allowed=request["allow"], resolvers=request["resolvers"],
-                                refresh_minutes=request["refresh_minutes"],
-                                program=coi_net_program())
-    done = proc.run(argv, check=False, timeout=120)
-    if not done.ok:
-        raise CoiError(f"network rules for {record.container} could not be applied: "
-                       f"{proc.last_line(done.stderr) or 'exit ' + str(done.returncode)}")
+def apply_network(record: SlotRecord) -> None:
+    """Put the container's egress rules in place: `coi-net apply` given the slot record
+    (as root it writes them itself; for a member, coi's host service does), with the
+    container created and not yet started: it gives the NIC coi's fixed host-side name,
+    so the rules are there before the first packet. Its warnings (a name that did not
+    resolve) reach the user on stderr."""
+    if record.network != "open":
+        plumbing.call("coi-net", ["apply"], record=record.to_record(), kind="net_rules")

@@ -2,8 +2,8 @@
 
 Containers are created non-ephemeral in Incus terms, so the session can
 still be saved after a `sudo poweroff` from inside; coi deletes them itself
-afterwards unless they are persistent, always through
-`sessions.end_session` (the save hook).
+afterwards unless they are persistent, always through `coi-slot end` (the one
+owner of saving and deleting, end_session here).
 """
 
 from __future__ import annotations
@@ -22,14 +22,12 @@ from typing import IO, Any
 from coi_common import (
     config,
     incus,
-    locks,
     naming,
     owners,
+    plumbing,
     proc,
     progress,
-    saved_sessions,
     sessions,
-    slots,
     tools,
 )
 from coi_common.entry import Args
@@ -62,14 +60,11 @@ class Context:
     client: incus.Incus
     record: sessions.SlotRecord
     tool: tools.Tool
-    resume_id: str = ""
-    """--resume=ID: the session asked for by id (restored even into a reused container)."""
-    limits: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    """Incus limits.* keys for a container this session creates (container.limits_config)."""
-    mask: bool = True
-    """Secret files of the workspace appear empty inside (--no-mask: off)."""
-    mount_flags: Mapping[str, bool] = dataclasses.field(default_factory=dict)
-    """allow_home / force for container.container_devices (--allow-home, --force)."""
+
+    @property
+    def resume_id(self) -> str:
+        """--resume=ID: the session asked for by id (restored even into a reused one)."""
+        return "" if self.record.resume in ("", sessions.RESUME_LATEST) else self.record.resume
 
 
 # -- building the context ---------------------------------------------------------------
@@ -84,70 +79,66 @@ def _stdin_is_data() -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
 
 
-def _cli_values(args: Args) -> dict[str, Any]:
-    flags = {"--persistent": ("defaults.persistent", True), "--image": ("defaults.image", None),
-             "--tool": ("tool.name", None), "--network": ("network.mode", None),
-             "--cpu": ("limits.cpu", None), "--memory": ("limits.memory", None),
-             "--processes": ("limits.processes", None)}
-    values: dict[str, Any] = {}
-    for flag, (key, constant) in flags.items():
-        if constant is not None:
-            if args.get(flag):
-                values[key] = constant
-        elif args.get(flag) is not None:  # given empty is checked (and refused), not unset
-            values[key] = args[flag]
-    return values
-
-
-def context_from_args(args: Args, *, record_on_stdin: bool) -> Context:
-    """Flags and config (or a slot record on stdin) to a Context with a reserved slot."""
-    if record_on_stdin and _stdin_is_data():
-        record = sessions.SlotRecord.from_record(read_record("slot"))
-        settings = config.load(record.workspace)
-        tool = tools.get_tool(record.tool, tools.registry_from_config(settings))
-        limits = _limits(settings)
+def slot_flags(argv: list[str], command: list[str]) -> list[str]:
+    """The flags of `coi-shell shell|run ... [--] [COMMAND]` that are coi-slot next's
+    (all of them but --debug): passed on unread, so the two can never take a flag
+    differently."""
+    if "--" in argv:
+        words = argv[:argv.index("--")]
+    elif command and argv[-len(command):] == command:
+        words = argv[:-len(command)]
+    elif command:
+        raise UsageError("coi run: put -- between the flags and the command",
+                         hint="coi run --persistent -- make test")
     else:
-        settings = config.load(args["--workspace"], profile=args.get("--profile"),
-                               cli=_cli_values(args))
-        # An unknown tool or a bad limit is refused before a slot is reserved.
-        tool = tools.get_tool(settings.get("tool.name"), tools.registry_from_config(settings))
-        limits = _limits(settings)
-        record = _new_record(args, settings)
-    return Context(settings, incus.connect(settings), record, tool,
-                   resume_id=str(args.get("--session") or ""),
-                   limits=limits, mask=not args.get("--no-mask"),
-                   mount_flags=_mount_flags(args))
+        words = argv
+    if words and words[0] in ("shell", "run"):
+        words = words[1:]
+    return [word for word in words if word != "--debug"]
 
 
-def _mount_flags(args: Args) -> dict[str, bool]:
-    return {"allow_home": bool(args.get("--allow-home")), "force": bool(args.get("--force"))}
+def slot_record(argv: list[str], command: list[str], *, record_on_stdin: bool,
+                record_file: str | None = None) -> sessions.SlotRecord:
+    """The session's slot record: from --record FILE, or on stdin (coi-slot next |
+    coi-shell), else the one `coi-slot next FLAGS` prints (it checks the flags and
+    reserves the slot)."""
+    flags = slot_flags(argv, command)
+    if record_file is not None or (record_on_stdin and _stdin_is_data()):
+        given = _without_record_flag(flags)
+        if given:
+            raise UsageError(f"{given[0]}: with a slot record the record says everything",
+                             hint="give the flags to coi-slot next instead")
+        return _record_from_file(record_file or "-")
+    found = plumbing.call("coi-slot", ["next", *flags], kind="slot")
+    if len(found) != 1:
+        raise CoiError(f"coi-slot next printed {len(found)} slot records, not one")
+    return sessions.SlotRecord.from_record(found[0])
 
 
-def _limits(settings: config.Config) -> dict[str, str]:
-    return container.limits_config(settings.get("limits.cpu"), settings.get("limits.memory"),
-                                  settings.get("limits.processes"))
+def _without_record_flag(flags: list[str]) -> list[str]:
+    if "--record" in flags:
+        at = flags.index("--record")
+        return flags[:at] + flags[at + 2:]
+    return [flag for flag in flags if not flag.startswith("--record=")]
 
 
-def _new_record(args: Args, settings: config.Config) -> sessions.SlotRecord:
-    slot = naming.validate_slot(args["--slot"], settings.get("defaults.max_slots"),
-                                allow_auto=True) if args["--slot"] is not None else None
-    mounts = [sessions.Mount.parse(spec) for spec in args["--mount"]]
-    extra_env = sessions.parse_env(args["--env"])
-    storage = _storage_dir(args["--storage"]) if args["--storage"] is not None else ""
-    # Every host path is refused before a slot is reserved or a directory is made.
-    container.host_sources(args["--workspace"], storage, mounts, sessions.invoking_home(),
-                           **_mount_flags(args))
-    if storage:
-        os.makedirs(storage, exist_ok=True)
-    record = sessions.new_slot_record(incus.connect(settings), settings, args["--workspace"],
-                                      slot=slot or None, mounts=mounts, storage=storage)
-    return dataclasses.replace(record, environment={**record.environment, **extra_env})
+def _record_from_file(path: str) -> sessions.SlotRecord:
+    if path == "-":
+        return sessions.SlotRecord.from_record(read_record("slot"))
+    try:
+        with open(path, encoding="utf-8") as source:
+            return sessions.SlotRecord.from_record(read_record("slot", source))
+    except OSError as exc:
+        raise BadInput(f"--record {path}: {exc.strerror}") from None
 
 
-def _storage_dir(path: str) -> str:
-    if not path:
-        raise BadInput("--storage needs a directory", hint="e.g. --storage ~/coi-storage")
-    return os.path.realpath(os.path.expanduser(path))
+def context_from_args(args: Args, argv: list[str], *, record_on_stdin: bool) -> Context:
+    """The slot record (reserved) and what it takes: config, tool, Incus client."""
+    record = slot_record(argv, list(args.get("<command>") or []),
+                         record_on_stdin=record_on_stdin, record_file=args.get("--record"))
+    settings = config.load(record.workspace, profile=record.config_profile or None)
+    tool = tools.get_tool(record.tool, tools.registry_from_config(settings))
+    return Context(settings, incus.connect(settings), record, tool)
 
 
 # -- the container ----------------------------------------------------------------------
@@ -162,34 +153,40 @@ def ensure_container(ctx: Context) -> str:
     started again as it is, with whatever was installed in it.
     """
     name, client = ctx.record.container, ctx.client
-    try:
-        state = _state_of(client, name)
-        if state is not None:
-            instance = client.instance_config(name)
-            _check_ours(instance, ctx.record.workspace)
-            if state.get("status") == "Running":
-                return RUNNING
-            if sessions.is_persistent(instance):
-                idmap = preflight(ctx)
-                with progress.waiting(f"starting persistent {name}"):
-                    _start(ctx, idmap, lambda _view: None, sessions.has_view(instance))
-                    _wait_for_boot(ctx)
-                return RESTARTED
-            ending = sessions.end_session(client, name)  # a stopped ephemeral leftover
-            if not ending.deleted:
-                raise CoiError(f"slot {ctx.record.slot} holds a stopped leftover that could not "
-                               f"be removed: {ending.message}")
-        _create(ctx)
-        try:
-            with progress.waiting(f"waiting for {name} to boot"):
+    state = _state_of(client, name)
+    if state is not None:
+        instance = client.instance_config(name)
+        _check_ours(instance, ctx.record.workspace)
+        if state.get("status") == "Running":
+            return RUNNING
+        if sessions.is_persistent(instance):
+            idmap = preflight(ctx)
+            with progress.waiting(f"starting persistent {name}"):
+                _start(ctx, idmap, lambda _view: None, sessions.has_view(instance))
                 _wait_for_boot(ctx)
-        except BaseException:
-            sessions.end_session(client, name, save=False)  # ours, just made, never used
-            raise
-        return CREATED
-    finally:
-        slots.release(ctx.settings.path("paths.state_dir"), ctx.record.workspace,
-                      ctx.record.slot)
+            return RESTARTED
+        end_session(ctx)  # a stopped ephemeral leftover: its session saved, then gone
+    try:
+        _create(ctx)
+        with progress.waiting(f"waiting for {name} to boot"):
+            _wait_for_boot(ctx)
+    except BaseException:
+        # Ours, just made and never used, or not made at all: gone, its slot free again.
+        with contextlib.suppress(CoiError):
+            end_session(ctx, "--no-save")
+        raise
+    return CREATED
+
+
+def end_session(ctx: Context, *flags: str) -> dict[str, Any]:
+    """`coi-slot end` of this session's container (given the slot record, so its slot's
+    reservation goes too): the one owner of saving and deleting. Its container_action
+    record; a failure (a save that failed: the container is kept) raises, reported."""
+    found = plumbing.call("coi-slot", ["end", *flags], record=ctx.record.to_record(),
+                          kind="container_action")
+    if len(found) != 1:
+        raise CoiError(f"coi-slot end printed {len(found)} results, not one")
+    return found[0]
 
 
 def _state_of(client: incus.Incus, name: str) -> dict[str, Any] | None:
@@ -243,9 +240,7 @@ def _create(ctx: Context) -> None:
                                  environment={**ctx.tool.env, **ctx.record.environment})
 
     # Every host path is checked before the view makes anything in the workspace.
-    devices = {**container.container_devices(record, sessions.invoking_home(),
-                                             **ctx.mount_flags),
-               **container.network_devices(record, ctx.settings)}
+    devices = container.container_devices(record, sessions.invoking_home())
 
     def create(view: Any) -> None:
         try:
@@ -257,18 +252,13 @@ def _create(ctx: Context) -> None:
                     config={**container.container_config(
                         record, idmap, owner=sessions.invoking_ids()[0],
                         allow_setuid=ctx.settings.get("security.allow_setuid")),
-                        **ctx.limits},
+                        **container.limits_config(record.limits)},
                     devices=container.through_view(devices, view))
         except NotFound as exc:
             raise NotFound(exc.message, hint="build it with 'coi build'") from None
-        container.apply_network(record, ctx.settings)
+        container.apply_network(record)
 
-    try:
-        _start(ctx, idmap, create)
-    except BaseException:
-        with contextlib.suppress(CoiError):
-            sessions.end_session(ctx.client, record.container, save=False)
-        raise
+    _start(ctx, idmap, create)
 
 
 def _start(ctx: Context, idmap: container.IdMap, before: Callable[[Any], None],
@@ -276,8 +266,7 @@ def _start(ctx: Context, idmap: container.IdMap, before: Callable[[Any], None],
     """Start the container on a fresh view of the workspace (`before` runs first, with
     the view: creating the container); the view leaves the host once it started.
     `viewed` False: a container made before views mounts the workspace itself."""
-    with container.workspace_view(ctx.record, ctx.settings, idmap, mask=ctx.mask,
-                                 wanted=viewed, mount_flags=ctx.mount_flags) as view:
+    with container.workspace_view(ctx.record, ctx.settings, idmap, wanted=viewed) as view:
         before(view)
         ctx.client.set_state(ctx.record.container, "start")
     if view is not None:
@@ -294,7 +283,8 @@ def abandon(ctx: Context, reason: str) -> CoiError:
             ctx.client.set_state(name, "stop", force=True)
         return CoiError(f"{reason}; {name} was stopped (persistent: kept)",
                         hint=f"start it again with {_shell_command(ctx.record)}")
-    sessions.end_session(ctx.client, name, save=False)
+    with contextlib.suppress(CoiError):
+        end_session(ctx, "--no-save")
     return CoiError(f"{reason}; {name} was removed")
 
 
@@ -317,23 +307,22 @@ def has_tmux_session(ctx: Context) -> bool:
     return _exec_quiet(ctx, ["tmux", "has-session", "-t", sessions.TMUX_SESSION]).ok
 
 
+TMUX_BOOTSTRAP = ('tmux has-session -t "$1" 2>/dev/null && exit 0; '
+                  'tmux new-session -d -s "$1" -x 200 -y 50 -c "$2" bash -l || exit 3; '
+                  'tmux send-keys -t "$1" -l "$3" && tmux send-keys -t "$1" Enter || exit 4')
+"""One exec instead of four: the session if there is none, the tool typed into its bash
+(so the user lands in bash when the tool exits). Exit 3: tmux did not start; 4: typing."""
+
+
 def ensure_tmux(ctx: Context, *, resume: bool = False) -> None:
     """A tmux session running bash in /workspace, with the tool started in it."""
-    if has_tmux_session(ctx):
-        return
-    started = _exec_quiet(ctx, ["tmux", "new-session", "-d", "-s", sessions.TMUX_SESSION,
-                                "-x", "200", "-y", "50", "-c", sessions.WORKSPACE_PATH,
-                                "bash", "-l"])
-    if not started.ok:
-        raise abandon(ctx, f"could not start tmux in {ctx.record.container}: "
-                      f"{proc.last_line(started.stderr) or 'no output'}")
-    # Typed into bash, so the user lands in bash when the tool exits.
     command = shlex.join(ctx.tool.command(resume=resume))
-    for keys in (["-l", command], ["Enter"]):
-        typed = _exec_quiet(ctx, ["tmux", "send-keys", "-t", sessions.TMUX_SESSION, *keys])
-        if not typed.ok:
-            raise abandon(ctx, f"could not start {ctx.tool.name} in {ctx.record.container}: "
-                          f"{proc.last_line(typed.stderr) or 'no output'}")
+    done = _exec_quiet(ctx, ["sh", "-c", TMUX_BOOTSTRAP, "sh", sessions.TMUX_SESSION,
+                             sessions.WORKSPACE_PATH, command])
+    if not done.ok:
+        what = ctx.tool.name if done.returncode == 4 else "tmux"
+        raise abandon(ctx, f"could not start {what} in {ctx.record.container}: "
+                      f"{proc.last_line(done.stderr) or 'exit ' + str(done.returncode)}")
 
 
 def open_terminal() -> IO[bytes] | None:
@@ -361,34 +350,28 @@ def after_terminal(ctx: Context, exit_code: int) -> int:
     for a session that ended (here or by another coi command), or 1 when its save
     failed.
 
-    Decided under the container's ending lock: a `coi shutdown` that stopped the
-    container may be ending it right now (its save even starts it for a moment).
-    Waiting for that one, the shell then finds the container gone, or stopped with
-    its session saved, and end_session does nothing twice."""
+    The end is `coi-slot end --if-down`: under the container's ending lock it waits
+    (up to ATTACH_SETTLE_SECONDS) for the stop, then ends the session only if the
+    container is down. A `coi shutdown` ending it right now (its save even starts it
+    for a moment) holds that lock: waiting for it, the end then finds the container
+    gone, or stopped with its session saved, and does nothing twice."""
     name = ctx.record.container
+    if not _container_stopping(ctx):
+        return _still_running(name, exit_code)
     try:
-        with sessions.ending_lock(ctx.client, name):
-            return _end_when_down(ctx, exit_code)
-    except locks.LockTimeout as exc:
+        result = end_session(ctx, "--if-down", "--wait", str(int(ATTACH_SETTLE_SECONDS)))
+    except CoiError as exc:
         print(f"coi: {exc.one_line()}; 'coi list' shows what became of {name}",
               file=sys.stderr)
         return 1
+    if result.get("running"):
+        return _still_running(name, exit_code)
+    print(f"coi: session in {name} ended; container "
+          f"{'deleted' if result.get('deleted') else 'kept (persistent)'}", file=sys.stderr)
+    return 0
 
 
-def _end_when_down(ctx: Context, exit_code: int) -> int:
-    name = ctx.record.container
-    if _container_stopping(ctx):
-        deadline = time.monotonic() + ATTACH_SETTLE_SECONDS
-        while time.monotonic() < deadline and _status(ctx) not in DOWN:
-            time.sleep(0.3)
-    if _status(ctx) in DOWN:
-        ending = sessions.end_session(ctx.client, name)
-        if ending.message:
-            print(f"coi: {ending.message}", file=sys.stderr)
-            return 1
-        print(f"coi: session in {name} ended; container "
-              f"{'deleted' if ending.deleted else 'kept (persistent)'}", file=sys.stderr)
-        return 0
+def _still_running(name: str, exit_code: int) -> int:
     print(f"coi: {name} is still running: 'coi attach {name}' to return, "
           f"'coi shutdown {name}' to end it", file=sys.stderr)
     return exit_code
@@ -417,29 +400,29 @@ def _container_stopping(ctx: Context) -> bool:
 # -- saved sessions: resume and credentials ----------------------------------------------
 
 
-def resume_target(ctx: Context, args: Args) -> saved_sessions.Session | None:
-    """The saved session --resume[=ID] asks for: only ever one of this workspace and
-    tool. None without --resume, or when this workspace has none (then the tool
-    starts fresh, and we say so). A refusal releases the reserved slot."""
-    if not (args.get("--resume") or args.get("--session")):
+def resume_target(ctx: Context) -> dict[str, Any] | None:
+    """The saved session --resume[=ID] asks for (`coi-session restore --check`): only
+    ever one of this workspace and tool. None without --resume, or when this
+    workspace has none (then the tool starts fresh, and coi-session says so). Asked
+    before the container is made, so a refusal leaves nothing but a free slot."""
+    if not ctx.record.resume:
         return None
     try:
-        store = saved_sessions.Store(ctx.settings.path("paths.state_dir"))
-        session = store.for_resume(ctx.record.workspace, ctx.tool.name, args.get("--session"))
+        found = plumbing.call("coi-session", ["restore", "--check"],
+                              record=ctx.record.to_record(), kind="session")
     except BaseException:
-        slots.release(ctx.settings.path("paths.state_dir"), ctx.record.workspace,
-                      ctx.record.slot)
+        if _state_of(ctx.client, ctx.record.container) is None:  # only its slot to free
+            with contextlib.suppress(CoiError):
+                end_session(ctx, "--no-save")
         raise
-    if session is None:
-        print(f"coi: no saved {ctx.tool.name} session for {ctx.record.workspace}; "
-              "starting fresh", file=sys.stderr)
-    return session
+    return found[0] if found else None
 
 
-def prepare_home(ctx: Context, session: saved_sessions.Session | None, *,
+def prepare_home(ctx: Context, wanted: Mapping[str, Any] | None, *,
                  reused: bool = False) -> bool:
-    """Before the tool starts in a container just started: restore `session` (if any),
-    copy fresh credentials in, merge the settings file. True when the tool resumes.
+    """Before the tool starts in a container just started: `coi-session restore` of the
+    session `wanted` (resume_target; None: credentials only), which also copies fresh
+    credentials in and merges the settings file. True when the tool resumes.
 
     A persistent container started again (`reused`) keeps its own conversation:
     --resume then only starts the tool with its resume arguments, unless a
@@ -448,40 +431,41 @@ def prepare_home(ctx: Context, session: saved_sessions.Session | None, *,
     warns, since the tool can still be logged into inside.
     """
     name = ctx.record.container
-    if reused and session is not None and not ctx.resume_id:
+    resumed = wanted is not None
+    if reused and wanted is not None and not ctx.resume_id:
         print(f"coi: resuming the conversation kept in persistent {name}", file=sys.stderr)
-        session = None
-        resumed = True
-    else:
-        resumed = session is not None
+        wanted = None
+    session_id = str(wanted["id"]) if wanted is not None else ""
+    record = dataclasses.replace(ctx.record, resume=session_id).to_record()
     try:
-        with progress.waiting(f"restoring session {session.id} into {name}" if session
+        with progress.waiting(f"restoring session {session_id} into {name}" if session_id
                               else f"copying credentials into {name}"):
-            result = saved_sessions.restore_into(ctx.client, name, session,
-                                                 settings=ctx.settings)
+            found = plumbing.call("coi-session", ["restore"], record=record,
+                                  kind="session_restored")
     except CoiError as exc:
-        if session is None:
+        if not session_id:
             print(f"coi: could not copy credentials into {name}: {exc.one_line()}",
                   file=sys.stderr)
             return resumed
-        raise abandon(ctx, f"could not restore session {session.id}: {exc.one_line()}") \
+        raise abandon(ctx, f"could not restore session {session_id}: {exc.one_line()}") \
             from None
-    if session is not None:
-        print(f"coi: {result.line()}", file=sys.stderr)
+    if session_id and found:
+        print(f"coi: {found[0].get('message')}", file=sys.stderr)
     return resumed
 
 
 # -- the commands -------------------------------------------------------------------------
 
 
-def shell(args: Args) -> int:
+def shell(args: Args, argv: list[str]) -> int:
     """Start or reattach to the tool's tmux session and hand the terminal over; exit
     with what the terminal session ended with."""
-    _check_session_flag(args)
+    if args.get("--session") is not None:  # refused before even the terminal is opened
+        naming.validate_session_id(args["--session"])
     terminal = open_terminal()  # then: a script without a terminal is told at once
     try:
-        ctx = context_from_args(args, record_on_stdin=True)
-        wanted = resume_target(ctx, args)
+        ctx = context_from_args(args, argv, record_on_stdin=True)
+        wanted = resume_target(ctx)
         state = ensure_container(ctx)
         if state == RUNNING:
             print(f"coi: attaching to running {ctx.record.container}"
@@ -497,18 +481,11 @@ def shell(args: Args) -> int:
             terminal.close()
 
 
-def _check_session_flag(args: Args) -> None:
-    """A malformed --session (empty too) is refused before all else."""
-    if args.get("--session") is not None:
-        naming.validate_session_id(args["--session"])
-
-
-def run_command(args: Args) -> int:
+def run_command(args: Args, argv: list[str]) -> int:
     """One command in the slot's container; cleaned up whatever happens. The container
     is deleted afterwards unless it is persistent (its own setting decides)."""
-    _check_session_flag(args)
-    ctx = context_from_args(args, record_on_stdin=False)
-    wanted = resume_target(ctx, args)
+    ctx = context_from_args(args, argv, record_on_stdin=False)
+    wanted = resume_target(ctx)
     state = ensure_container(ctx)
     try:
         if state != RUNNING:
@@ -517,9 +494,10 @@ def run_command(args: Args) -> int:
                                 env=container.session_env(os.environ.get("TERM")))
         return ctx.client.exec_handover(spec)
     finally:
-        ending = sessions.end_session(ctx.client, ctx.record.container)
-        if ending.message:
-            print(f"coi: {ending.message}", file=sys.stderr)
+        try:
+            end_session(ctx)
+        except CoiError as exc:  # the command's own status stays the answer
+            print(f"coi: {exc.one_line()}", file=sys.stderr)
 
 
 def attach(args: Args) -> int:
@@ -596,12 +574,11 @@ def _choose(running: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _record_of(instance: dict[str, Any],
                settings: config.Config | None) -> sessions.SlotRecord:
-    keys = instance.get("config") or {}
-    get = lambda key, default="": keys.get(f"{sessions.KEY}{key}", default)  # noqa: E731
-    slot = get("slot", "0")
+    keys = sessions.SessionContainer.from_instance(instance)
+    if keys is None:  # coi_containers lists only containers whose keys parse
+        raise CoiError(f"{instance['name']} is not a coi session container")
     return sessions.SlotRecord(
-        workspace=get("workspace"), slot=int(slot) if slot.isdigit() else 0,
-        container=instance["name"], persistent=get("persistent") == "true", image=get("image"),
-        profile=settings.get("incus.profile") if settings else "",
-        tool=get("tool", settings.get("tool.name") if settings else "claude"),
-        network=get("network", "restricted"))
+        workspace=keys.workspace, slot=keys.slot, container=instance["name"],
+        persistent=keys.persistent, image=keys.image,
+        profile=settings.get("incus.profile") if settings else "", tool=keys.tool,
+        network=keys.network)

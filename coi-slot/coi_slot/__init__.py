@@ -2,7 +2,11 @@
 
 Usage:
   coi-slot next [--workspace DIR] [--slot N] [--persistent] [--image NAME]
-                [--profile NAME] [--env K=V]... [--format FMT] [--debug]
+                [--profile NAME] [--tool NAME] [--network MODE] [--env K=V]...
+                [--storage PATH] [--mount SPEC]... [--resume] [--session ID]
+                [--cpu N] [--memory SIZE] [--processes N] [--no-mask]
+                [--allow-home] [--force] [--format FMT] [--debug]
+  coi-slot end [<name>] [--no-save] [--if-down] [--wait S] [--format FMT] [--debug]
   coi-slot list [--all] [--all-users] [--format FMT] [--debug]
   coi-slot kill (<name>... | --all) [--no-save] [--force] [--all-users] [--format FMT]
                 [--debug]
@@ -18,6 +22,16 @@ Commands:
              record as JSON, always: the container name and the settings the
              session will use. The reservation holds for 2 minutes or until the
              container exists, so concurrent callers never get the same slot.
+             It takes every flag of `coi shell` and `coi run` (the porcelain
+             runs it with them): each is checked here, before the slot is
+             reserved, and carried in the record.
+  end        End one session (plumbing; coi shell and coi run end with it):
+             save it, then delete the container unless it is persistent, then
+             remove its network rules; under the container's lock, so two
+             commands ending it at once save it once. Without <name>, the
+             container of a slot record on stdin, whose slot reservation is
+             released too. --if-down: only if it is stopped or gone (after
+             waiting up to --wait seconds), else it says it is still running.
   list       coi's containers: owner (host uid), mode (ephemeral or persistent),
              status, workspace, slot, image, IPv4, created. --all adds the saved
              sessions.
@@ -46,15 +60,30 @@ Options:
   --persistent      Keep the container when the session ends.
   --image NAME      Image of the container (default: defaults.image, coi).
   --profile NAME    Apply the [profiles.NAME] table of the config.
+  --tool NAME       AI tool to run (tool.name, normally claude).
+  --network MODE    restricted, allowlist or open (network.mode).
   --env K=V         Set an environment variable in the session (repeatable);
                     laid over defaults.environment.
+  --storage PATH    Host directory mounted at /storage (made if missing).
+  --mount SPEC      Extra host directory, SRC:DST or SRC:DST:ro (repeatable).
+  --resume          Restore the newest saved session of the workspace and tool
+                    (also --continue; --resume=ID and --continue=ID name one).
+  --session ID      The saved session to restore (implies --resume).
+  --cpu N           CPUs the container may use (limits.cpu).
+  --memory SIZE     Memory limit such as 4GiB or 50% (limits.memory).
+  --processes N     Most processes at once, 0 none (limits.processes).
+  --no-mask         Show the workspace's secret files inside (security.mask).
+  --allow-home      Allow your home directory itself as the workspace or a mount.
   --all             kill/shutdown/persist: every coi container of yours. list:
                     also the saved sessions.
   --all-users       Also other users' containers (root: always).
-  --no-save         kill: delete without saving the session.
+  --no-save         kill, end: delete without saving the session.
+  --if-down         end: only a session whose container is down.
+  --wait S          end --if-down: seconds to wait for a stop under way.
   --timeout S       Seconds to wait for a clean stop before forcing it; 0
                     stops at once [default: 60].
-  --force           Do not ask (COI_FORCE=1 does the same).
+  --force           Do not ask (COI_FORCE=1 does the same). next: allow any
+                    directory as a mount except / and Incus's own.
   --format FMT      Output format: text or json [default: text]. JSON is one
                     container_list record for list, JSON Lines of
                     container_action records for the others; next always
@@ -74,13 +103,16 @@ Examples:
 
 from __future__ import annotations
 
+import sys
+
 from coi_common import output
-from coi_common.entry import Args, run_main
+from coi_common.entry import Args, expand_resume_flags, run_main
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of coi-slot."""
-    run_main("coi-slot", __doc__ or "", dispatch, argv)
+    run_main("coi-slot", __doc__ or "", dispatch,
+             expand_resume_flags(sys.argv[1:] if argv is None else argv))
 
 
 def dispatch(args: Args) -> int:
@@ -97,4 +129,6 @@ def dispatch(args: Args) -> int:
                            as_json=as_json)
     from coi_slot import actions  # noqa: PLC0415
 
+    if args["end"]:
+        return actions.run_end(args, as_json=as_json)
     return actions.run(args, as_json=as_json)

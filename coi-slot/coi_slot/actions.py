@@ -1,7 +1,7 @@
 """`coi kill|shutdown|clean|persist`: act on coi's containers, one result per container.
 
 Every path that stops or removes a session container ends in
-sessions.end_session, which saves the session and then decides, from the
+ending.end_session, which saves the session and then decides, from the
 container's own `user.coi.persistent` key, whether it goes (kill asks it to
 remove persistent ones too): nothing here deletes a container directly. A
 save that fails keeps the container, and that container's result is a
@@ -30,7 +30,8 @@ from typing import Any, Final
 from coi_common import config, incus, naming, owners, sessions
 from coi_common.entry import Args
 from coi_common.errors import EXIT_FAILED, CoiError, NotFound, UsageError
-from coi_common.protocol import make_record, write_record
+from coi_common.protocol import make_record, read_record, write_record
+from coi_slot import ending, slots
 
 PROG: Final = "coi-slot"
 FORCE_VARIABLE: Final = "COI_FORCE"
@@ -55,25 +56,32 @@ class ActionResult:
     changed: bool = True
     saved: bool = False
     message: str = ""
+    running: bool = False
+    """end --if-down: the container is still up, so its session was not ended."""
 
     def record(self) -> dict[str, Any]:
         """The `container_action` record (docs/protocol.md)."""
         return make_record("container_action", name=self.name, action=self.action, ok=self.ok,
                            deleted=self.deleted, persistent=self.persistent,
                            forced=self.forced, changed=self.changed, saved=self.saved,
-                           message=self.message)
+                           message=self.message, running=self.running)
 
     def line(self) -> str:
         """The text line of a success (failures go to stderr, see run())."""
         if self.action == "persist":
             state = "is now persistent" if self.changed else "was persistent already"
             return f"{self.name} {state}"
+        if self.action == "end":
+            return f"{self.name} is still running" if self.running else \
+                f"session in {self.name} ended; container " + \
+                ("deleted" if self.deleted else "kept (persistent)")
         if not self.changed:
             return f"{self.name} was stopped already (persistent, kept)"
         if self.action == "kill":
             return f"killed {self.name}{'' if self.saved else ' (session not saved)'}"
         if self.action == "clean":
             return f"removed {self.name} (stopped, ephemeral)"
+
         how = f"forced {self.name} to stop ({self.message})" if self.forced \
             else f"shut down {self.name}"
         return f"{how}, {'deleted' if self.deleted else 'kept (persistent)'}"
@@ -116,6 +124,47 @@ def run(args: Args, *, as_json: bool, confirm: Confirm | None = None) -> int:
             print(f"{PROG}: {action} {result.name} failed: {result.message}", file=sys.stderr,
                   flush=True)
     return status
+
+
+def run_end(args: Args, *, as_json: bool) -> int:
+    """`coi-slot end [NAME]`: the end of one session (the porcelain's last step). Without
+    NAME the container is the slot record's on stdin, and that slot's reservation is
+    released too (a session that failed before its container existed)."""
+    record = None if args["<name>"] else sessions.SlotRecord.from_record(read_record("slot"))
+    name = naming.validate_container_name(args["<name>"][0]) if args["<name>"] \
+        else record.container
+    wait = stop_timeout(args["--wait"]) if args["--wait"] is not None else 0
+    settings = config.load(record.workspace if record else None, lenient=True)
+    client = incus.connect(settings)
+    try:
+        target = _own_session(client, name)
+        result = ended(target, "end", ending.end_session(
+            client, name, save=not args["--no-save"], if_down=bool(args["--if-down"]),
+            wait=wait)) if target is not None else \
+            ActionResult(name, "end", ok=True, deleted=True, changed=False)
+    finally:
+        if record is not None:
+            slots.release(settings.path("paths.state_dir"), record.workspace, record.slot)
+    if not result.ok:
+        raise CoiError(result.message)
+    if as_json:
+        write_record(result.record())
+    else:
+        print(result.line(), flush=True)
+    return 0
+
+
+def _own_session(client: incus.Incus, name: str) -> Instance | None:
+    """The container if it is a coi session of the caller's (root: anyone's), None when
+    it is gone; anything else is refused."""
+    try:
+        instance = client.instance_config(name)
+    except NotFound:
+        return None
+    if f"{sessions.KEY}workspace" not in (instance.get("config") or {}):
+        raise NotFound(f"{name} is not a coi session container")
+    owners.refuse_others([instance], uid=owners.caller_uid(), all_users=False)
+    return instance
 
 
 def stop_timeout(value: str) -> int:
@@ -206,8 +255,7 @@ def kill(client: incus.Incus, target: Instance, *, save: bool = True) -> ActionR
     deleted, persistent or not (kept only when its save failed)."""
     name = target["name"]
     _force_stop(client, name)
-    ending = sessions.end_session(client, name, save=save, remove=True)
-    return ended(target, "kill", ending)
+    return ended(target, "kill", ending.end_session(client, name, save=save, remove=True))
 
 
 def shutdown(client: incus.Incus, target: Instance, timeout: int) -> ActionResult:
@@ -221,8 +269,8 @@ def shutdown(client: incus.Incus, target: Instance, timeout: int) -> ActionResul
             message = "stopped at once" if timeout == 0 else \
                 f"no clean stop within {timeout} s"
             _force_stop(client, name)
-    ending = sessions.end_session(client, name)
-    return ended(target, "shutdown", ending, forced=forced, message=message)
+    return ended(target, "shutdown", ending.end_session(client, name), forced=forced,
+                 message=message)
 
 
 def graceful_stop(client: incus.Incus, name: str, timeout: int) -> bool:
@@ -240,21 +288,21 @@ def graceful_stop(client: incus.Incus, name: str, timeout: int) -> bool:
 
 def clean(client: incus.Incus, target: Instance) -> ActionResult:
     """Save what is left of the session of a stopped ephemeral container, delete it."""
-    return ended(target, "clean", sessions.end_session(client, target["name"]))
+    return ended(target, "clean", ending.end_session(client, target["name"]))
 
 
-def ended(target: Instance, action: str, ending: sessions.Ending, *, forced: bool = False,
+def ended(target: Instance, action: str, end: ending.Ending, *, forced: bool = False,
           message: str = "") -> ActionResult:
     """The result of a verb that ended a session. A failure: a container kept that was
     to go (kill, or an ephemeral one), or kept with a reason (its save failed)."""
     persistent = sessions.is_persistent(target)
     to_go = action == "kill" or not persistent
-    failed = not ending.deleted and (to_go or bool(ending.message))
+    failed = not end.deleted and not end.running and (to_go or bool(end.message))
     if failed:
-        message = ending.message or "the container was kept"
-    return ActionResult(target["name"], action, ok=not failed, deleted=ending.deleted,
-                        persistent=persistent, forced=forced, saved=ending.saved,
-                        message=message)
+        message = end.message or "the container was kept"
+    return ActionResult(target["name"], action, ok=not failed, deleted=end.deleted,
+                        persistent=persistent, forced=forced, saved=end.saved,
+                        message=message, changed=not end.running, running=end.running)
 
 
 def persist(client: incus.Incus, target: Instance) -> ActionResult:

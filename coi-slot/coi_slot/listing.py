@@ -2,8 +2,7 @@
 
 Everything shown comes from one Incus request (sessions.coi_containers):
 the `user.coi.*` keys on each container say its workspace, slot, mode,
-image, tool and network. Saved sessions come from the session store
-(`<state_dir>/sessions-<tool>/<id>/`, coi_common.saved_sessions).
+image, tool and network. Saved sessions come from `coi-session list --all`.
 
 Each user sees the containers they started (coi_common.owners; root and
 --all-users see everyone's). The JSON form keeps the shape scripts of the
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from coi_common import config, incus, naming, output, owners, sessions
+from coi_common import config, incus, naming, output, owners, plumbing, sessions
 from coi_common.incus import ipv4_of
 from coi_common.protocol import Record, make_record, write_record
 
@@ -76,7 +75,7 @@ def run(*, everything: bool, all_users: bool, as_json: bool) -> int:
     settings = config.load(None)
     rows = list_containers(incus.connect(settings), naming.container_prefix(),
                            uid=owners.caller_uid(), all_users=all_users)
-    saved = saved_sessions(settings.path("paths.state_dir")) if everything else None
+    saved = saved_sessions() if everything else None
     if as_json:
         write_record(list_record(rows, saved))
     else:
@@ -97,28 +96,24 @@ def list_containers(client: incus.Incus, prefix: str, *, uid: int,
 
 
 def row_from_incus(raw: Mapping[str, Any]) -> ContainerRow:
-    """A row from Incus's JSON for one instance with its state (recursion=2)."""
-    settings = raw.get("config") or {}
-    slot_text = str(settings.get(f"{KEY}slot", ""))
+    """A row from Incus's JSON for one instance with its state (recursion=2); a
+    container whose keys do not parse shows what it has."""
+    keys = sessions.SessionContainer.from_instance(raw) or sessions.SessionContainer(
+        "", 0, False, "", "", "", None)
     return ContainerRow(
         name=str(raw["name"]), status=str(raw.get("status") or ""),
-        persistent=sessions.is_persistent(raw),
-        workspace=str(settings.get(f"{KEY}workspace", "")),
-        slot=int(slot_text) if slot_text.isascii() and slot_text.isdigit() else None,
-        image=str(settings.get(f"{KEY}image", "")),
-        tool=str(settings.get(f"{KEY}tool", "")),
-        network=str(settings.get(f"{KEY}network", "")),
+        persistent=keys.persistent, workspace=keys.workspace, slot=keys.slot or None,
+        image=keys.image, tool=keys.tool, network=keys.network,
         ipv4=ipv4_of(raw.get("state")), created_at=str(raw.get("created_at") or ""),
-        owner_uid=owners.owner_uid(raw))
+        owner_uid=keys.host_uid)
 
 
-def saved_sessions(state_dir: str) -> list[SavedSession]:
-    """Every saved session under `<state_dir>/sessions-<tool>/`, newest first (the store
-    of coi_common.saved_sessions; unreadable metadata is skipped with a warning)."""
-    from coi_common.saved_sessions import Store  # noqa: PLC0415 - only for --all
-
-    return [SavedSession(id=s.id, saved_at=s.updated_at, workspace=s.workspace, tool=s.tool)
-            for s in Store(state_dir).sessions()]
+def saved_sessions() -> list[SavedSession]:
+    """Every saved session, newest first: `coi-session list --all` (the store is
+    coi-session's; it warns about unreadable metadata itself)."""
+    return [SavedSession(id=str(s["id"]), saved_at=str(s["updated_at"]),
+                         workspace=str(s["workspace"]), tool=str(s["tool"]))
+            for s in plumbing.call("coi-session", ["list", "--all"], kind="session")]
 
 
 # -- rendering -----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
 
-from coi_common import sizes, trust
+from coi_common import naming, sizes, trust
 from coi_common.errors import ConfigError
 
 
@@ -45,7 +45,6 @@ class Key:
     maximum: int | None = None
 
 
-NETWORK_MODES: Final = ("restricted", "open", "allowlist")
 SIZE_KEYS: Final = ("limits.session_size", "limits.sessions_total")
 """String keys that hold a byte size (coi_common.sizes), checked when they are read."""
 
@@ -96,7 +95,7 @@ SCHEMA: Final[Mapping[str, Mapping[str, Key]]] = {
         "socket": Key("str", ""),
     },
     "network": {
-        "mode": Key("str", "restricted", choices=NETWORK_MODES),
+        "mode": Key("str", "restricted", choices=naming.NETWORK_MODES),
         "allowed_domains": Key("list", []),
         "refresh_interval_minutes": Key("int", 30, minimum=0),
         "resolvers": Key("list", []),

@@ -28,6 +28,10 @@ Handler = Callable[[Args], int | None]
 
 
 PROG_VARIABLE: Final = "COI_PROG_NAME"
+PLUMBING_VARIABLE: Final = "COI_PLUMBING"
+"""Set (to 1) by coi_common.plumbing for a coi program it runs: a failure is then said
+only in the JSON error record, and the parent prints the one line."""
+_PLUMBING: dict[str, bool] = {"child": False}
 """Set by the dispatcher (`coi`) for the executable it runs, so argument errors name the
 command as the user typed it (`coi kill: ...`, not `coi-slot: ...`)."""
 USAGE_WIDTH: Final = 100
@@ -320,6 +324,26 @@ def _render_usage(base: str, patterns: Sequence[_Pattern]) -> list[str]:
     return lines
 
 
+RESUME_FLAGS: Final = ("--resume", "--continue")
+
+
+def expand_resume_flags(argv: list[str]) -> list[str]:
+    """docopt has no option with an optional value: `--resume=ID` and `--continue=ID`
+    become `--resume --session ID`, a bare `--continue` becomes `--resume`. Nothing
+    after `--` (the command of `coi run`) is touched. For coi-shell and coi-slot next,
+    which take the same flags."""
+    result: list[str] = []
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            return result + argv[index:]
+        flag, sep, value = arg.partition("=")
+        if flag in RESUME_FLAGS:
+            result += ["--resume", "--session", value] if sep else ["--resume"]
+        else:
+            result.append(arg)
+    return result
+
+
 def wants_json(args: Args) -> bool:
     """True when the command was asked for JSON output."""
     return args.get("--format") == "json" or bool(args.get("--json"))
@@ -350,6 +374,8 @@ def report(prog: str, error: CoiError, *, as_json: bool) -> int:
         write_record(error_record(error))
     if isinstance(error, ArgumentError):
         prog = error.shown_as
+    if as_json and _PLUMBING["child"]:  # the coi program that ran us says it, once
+        return error.exit_code
     print(f"{prog}: {error.one_line()}", file=sys.stderr)
     for line in getattr(error, "usage", ()):
         print(line, file=sys.stderr)
@@ -362,6 +388,7 @@ def run_main(prog: str, doc: str, handler: Handler, argv: list[str] | None = Non
     argv = sys.argv[1:] if argv is None else argv
     # Read once and dropped, so programs this one runs do not inherit the dispatcher's name.
     shown_as = os.environ.pop(PROG_VARIABLE, None) or None
+    _PLUMBING["child"] = os.environ.pop(PLUMBING_VARIABLE, "") == "1"
     debug = debug_enabled(argv)
     signal.signal(signal.SIGTERM, _raise_interrupted)
     as_json = json_requested(argv)

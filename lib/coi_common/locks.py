@@ -15,12 +15,16 @@ import errno
 import fcntl
 import os
 import stat
+import sys
 import time
 from collections.abc import Iterator
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from coi_common import progress
+from coi_common import naming, progress
 from coi_common.errors import CoiError, PermissionDenied
+
+if TYPE_CHECKING:
+    from coi_common.incus import Incus
 
 POLL_SECONDS: Final = 0.1
 FILE_MODE: Final = 0o644
@@ -135,3 +139,110 @@ def _take(fd: int) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+# -- the lock of ending a session container ---------------------------------------------
+
+
+ENDING_LOCK_SECONDS: Final = 240.0
+"""How long ending a session waits for another coi command ending the same container: an
+attached shell's wait for the stop (30 s), a save (saved_sessions.SAVE_TIMEOUT, 60 s, plus
+a start and a stop), the removal of its rules (60 s), and a margin."""
+SHARED_LOCKS: Final = "/run/coi/locks"
+SHARED_LOCKS_MODE: Final = 0o1770
+_ending: set[str] = set()
+"""The containers whose ending lock this process holds (ending_lock is reentrant)."""
+
+
+@contextlib.contextmanager
+def ending_lock(client: Incus, name: str) -> Iterator[None]:
+    """Hold the lock of ending `name`'s session: end_session takes it, and so does a
+    caller deciding whether to end it (an attached shell). Reentrant in a process;
+    LockTimeout after ENDING_LOCK_SECONDS.
+
+    Where the lock files are, and why there: everyone who may end a session (root,
+    and members of the Incus socket's group, as the member who runs the shell or
+    root running `coi shutdown`) must meet on one file per container, and nobody
+    else may make, hold, remove or redirect it. /run/coi is root's, so root makes
+    /run/coi/locks in it: owned by root, group of the Incus socket, mode 1770, so
+    members make and lock files there, the sticky bit keeps them from removing (and
+    so splitting) another's lock, and other users cannot even look in. Files are
+    opened relative to the checked folder, never through a link (locks.py), and
+    every wait is bounded. A member who finds no /run/coi/locks (no root coi
+    command or host service since boot) locks in their own ~/.coi/locks, which
+    still orders that user's own commands. With no usable folder at all the
+    session ends unlocked, with a warning: a lock never keeps a session from ending.
+    Lock files stay (one empty file per container name, and names come back with
+    their slot): removing one that another process waits on would let a third lock
+    a new file of that name beside it.
+    """
+    if name in _ending:
+        yield
+        return
+    fd, problem = _ending_lock_file(client, name)
+    if fd is None:
+        print(f"coi: ending {name} without its lock ({problem}); another coi command "
+              "ending it at the same time may save it twice", file=sys.stderr)
+        yield
+        return
+    try:
+        with held(fd, timeout=ENDING_LOCK_SECONDS,
+                        what=f"waiting for another coi command to finish ending {name}"):
+            _ending.add(name)
+            try:
+                yield
+            finally:
+                _ending.discard(name)
+    finally:
+        os.close(fd)
+
+
+def prepare_ending_locks(client: Incus) -> None:
+    """As root: make /run/coi/locks now (at boot: coi setup, coi-host serve), so that
+    members lock there from their first session on, not in their own folders."""
+    shared = next(_lock_folders(client))
+    if os.geteuid() != 0:
+        raise PermissionDenied(f"only root makes {shared[0]}", hint="run this as root")
+    os.close(_open_lock_folder(*shared))
+
+
+def _ending_lock_file(client: Incus, name: str) -> tuple[int | None, str]:
+    """The open lock file of ending `name` (see ending_lock): in the first folder of
+    _lock_folders that is usable; None, and why, when none is."""
+    problems = []
+    for place in _lock_folders(client):
+        try:
+            folder = _open_lock_folder(*place)
+            try:
+                return open_file(folder, f"{naming.validate_container_name(name)}.lock"), ""
+            finally:
+                os.close(folder)
+        except (OSError, CoiError) as exc:
+            problems.append(exc.one_line() if isinstance(exc, CoiError)
+                            else f"{place[0]}: {exc.strerror}")
+    return None, "; ".join(problems)
+
+
+def _open_lock_folder(path: str, owner: int, mode: int, group: int) -> int:
+    if os.geteuid() == owner:  # its parent first: /run/coi (root's) or ~/.coi (the user's)
+        os.makedirs(os.path.dirname(path), mode=0o755 if owner == 0 else 0o700, exist_ok=True)
+    return open_folder(path, owner=owner, mode=mode, group=group)
+
+
+def _lock_folders(client: Incus) -> Iterator[tuple[str, int, int, int]]:
+    """(path, owner, mode, group) of each folder ending locks may be in, in order: the
+    shared one (group: the Incus socket's), then, for a member, their own."""
+    try:
+        group = os.stat(client.socket).st_gid
+    except OSError:
+        group = 0  # no local socket: only root uses Incus here
+    yield SHARED_LOCKS, 0, SHARED_LOCKS_MODE, group
+    uid = os.geteuid()
+    if uid != 0:
+        import pwd  # noqa: PLC0415
+
+        try:  # pwd, not $HOME: every process of the user must find the same folder
+            home = pwd.getpwuid(uid).pw_dir
+        except KeyError:  # a uid without an account has none
+            return
+        yield os.path.join(home, ".coi", "locks"), uid, 0o700, -1

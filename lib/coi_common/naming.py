@@ -21,7 +21,7 @@ import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final
+from typing import Any, Final
 
 from coi_common.errors import BadInput, NotFound
 
@@ -70,6 +70,9 @@ _TOOL_RULE: Final = _Rule(
     "1-32 lowercase ASCII letters, digits, '_' and '-', starting with a letter")
 _DEVICE_RULE: Final = _Rule(
     "device name", 64, _LETTERS + _DIGITS + "._-", _LETTERS + _DIGITS,
+    "1-64 ASCII letters, digits, '.', '_' and '-', starting with a letter or digit")
+_PROFILE_RULE: Final = _Rule(
+    "profile name", 64, _LETTERS + _DIGITS + "._-", _LETTERS + _DIGITS,
     "1-64 ASCII letters, digits, '.', '_' and '-', starting with a letter or digit")
 _PREFIX_RULE: Final = _Rule(
     PREFIX_VARIABLE, PREFIX_MAX_LEN, _LOWER + _DIGITS + "-", _LOWER,
@@ -146,6 +149,30 @@ def validate_tool_name(name: object) -> str:
 def validate_device_name(name: object) -> str:
     """The name of an Incus device (a disk mount, say) as coi lets users give it."""
     return _check(_DEVICE_RULE, name)
+
+
+def validate_profile_name(name: object) -> str:
+    """An Incus profile, or a [profiles.NAME] table of coi's config."""
+    return _check(_PROFILE_RULE, name)
+
+
+NETWORK_MODES: Final = ("restricted", "allowlist", "open")
+"""coi's egress modes (docs/network.md); restricted is the default."""
+CPU_PATTERN: Final = re.compile(r"[1-9][0-9]{0,3}")
+MEMORY_PATTERN: Final = re.compile(r"[1-9][0-9]{0,6}(MiB|GiB|MB|GB)|([1-9][0-9]?|100)%")
+
+
+def validate_limits(cpu: str, memory: str, processes: int) -> dict[str, Any]:
+    """A session's resource limits (--cpu, --memory, --processes), each checked;
+    "" and 0 mean none."""
+    if cpu and not CPU_PATTERN.fullmatch(cpu):
+        raise BadInput(f"--cpu {cpu!r}: expected a number of CPUs such as 2")
+    if memory and not MEMORY_PATTERN.fullmatch(memory):
+        raise BadInput(f"--memory {memory!r}: expected a size such as 512MiB or 4GiB, "
+                       "or a percentage such as 50%")
+    if processes < 0 or processes > 10**7:
+        raise BadInput(f"--processes {processes}: expected 0 (no limit) or more")
+    return {"cpu": cpu, "memory": memory, "processes": processes}
 
 
 def validate_prefix(prefix: object) -> str:

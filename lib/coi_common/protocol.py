@@ -7,8 +7,11 @@ version with a clear message. Streams of many records are JSON Lines.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Iterable, Mapping
 from typing import IO, Any, Final
 
@@ -138,3 +141,20 @@ def read_record(kind: str | tuple[str, ...] | None = None, stream: IO[str] | Non
     except UnicodeDecodeError:
         raise BadInput("standard input is not UTF-8 text") from None
     raise BadInput("expected a JSON record on standard input, got nothing")
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    """Write JSON to a temp file beside `path`, fsync, then rename over it."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-json-", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

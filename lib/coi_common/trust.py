@@ -13,6 +13,7 @@ import json
 import os
 from typing import Final
 
+from coi_common import protocol
 from coi_common.protocol import make_record
 
 TRUST_FILE: Final = "trust.json"
@@ -47,7 +48,7 @@ def pin(state_dir: str, path: str, sha256: str | None) -> None:
         current.pop(path, None)
     else:
         current[path] = sha256
-    from coi_common.saved_sessions import write_json_atomic  # noqa: PLC0415 - writes only
 
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    write_json_atomic(os.path.join(state_dir, TRUST_FILE), make_record("trust", files=current))
+    protocol.write_json_atomic(os.path.join(state_dir, TRUST_FILE),
+                               make_record("trust", files=current))

@@ -380,8 +380,8 @@ def test_a_session_whose_tool_cannot_start_is_removed_and_says_so(user_coi, term
     try:
         wrappers.chmod(0o755)
         fake = wrappers / "incus"
-        fake.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = new-session ] && '
-                        "echo 'Error: tmux refused (test)' >&2 && exit 1; done\n"
+        fake.write_text('#!/bin/sh\nfor a in "$@"; do case "$a" in *"new-session "*) '
+                        "echo 'Error: tmux refused (test)' >&2; exit 1;; esac; done\n"
                         f'exec {proc.which("incus")} "$@"\n')
         fake.chmod(0o755)
         path = f"{wrappers}:{user_coi.user.home}/.local/bin:/usr/bin:/bin"

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from coi_common import config, saved_sessions, sessions
+from coi_common import config
 from coi_common.errors import CoiError, NotFound
-from coi_common.saved_sessions import SESSION_ID_KEY, Store
+from coi_session import saved_sessions
+from coi_session.saved_sessions import SESSION_ID_KEY, Store
+from coi_slot import ending
 
 pytestmark = pytest.mark.incus
 
@@ -105,7 +107,7 @@ def test_a_session_over_session_size_fails_in_one_line_and_the_old_save_stays(
     as_code(run_in, name, "head -c 3M /dev/urandom > ~/.dummy/blob && "
                           "echo after >> ~/.dummy/history")
     # The hook every end of a session calls first: it reports, the caller keeps the container.
-    ok, message = sessions.save_session(incus_client, name, None)
+    ok, message = ending.save_session(name, None)
     assert not ok
     assert "\n" not in message
     assert message.startswith(f"could not save the session of {name}: the tool state holds "

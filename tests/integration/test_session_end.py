@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from coi_common import naming, sessions
+from coi_common import locks, naming
 
 pytestmark = pytest.mark.incus
 
@@ -161,7 +161,7 @@ def test_shutdown_during_an_attached_persistent_shell_saves_once_and_keeps_it(
 def test_roots_shutdown_during_a_members_attached_shell_saves_once_into_their_store(
         user_coi, terminal, incus_client, coi_env, host_service, order):
     """The member's shell and root's shutdown meet on one lock in /run/coi/locks."""
-    sessions.prepare_ending_locks(incus_client)  # what the host service does at its start
+    locks.prepare_ending_locks(incus_client)  # what the host service does at its start
     name = naming.container_name(str(user_coi.workspace), 1, user_coi.prefix)
     term = attached_shell(user_coi, terminal)
     # Root removes the rules from where the host service put them.

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from coi_common import naming, saved_sessions
-from coi_common.saved_sessions import MASKED_KEY, SESSION_ID_KEY
+from coi_common import naming
 from coi_common.sessions import SlotRecord
+from coi_session import saved_sessions
+from coi_session.saved_sessions import MASKED_KEY, SESSION_ID_KEY
 
 pytestmark = pytest.mark.incus
 

@@ -188,7 +188,7 @@ def test_unknown_section_is_rejected_with_file_and_section(layout: Layout) -> No
 def test_network_mode_outside_the_enum_is_rejected(layout: Layout) -> None:
     write(layout.user, '[network]\nmode = "closed"\n')
     assert error_of(layout) == (f"{layout.user}: network.mode must be one of restricted, "
-                                'open, allowlist, got string "closed"')
+                                'allowlist, open, got string "closed"')
 
 
 def test_boolean_is_not_accepted_where_an_integer_is_expected(layout: Layout) -> None:
@@ -275,7 +275,7 @@ def test_env_integer_and_comma_separated_list(layout: Layout) -> None:
     ("COI_DEFAULTS_PERSISTENT", "maybe", "defaults.persistent must be a boolean"),
     ("COI_DEFAULTS_MAX_SLOTS", "ten", "defaults.max_slots must be an integer"),
     ("COI_DEFAULTS_MAX_SLOTS", "0", "defaults.max_slots must be an integer from 1 to 99"),
-    ("COI_NETWORK_MODE", "closed", "network.mode must be one of restricted, open, allowlist"),
+    ("COI_NETWORK_MODE", "closed", "network.mode must be one of restricted, allowlist, open"),
 ])
 def test_env_bad_value_names_the_variable(layout: Layout, name: str, text: str,
                                           expected: str) -> None:

@@ -53,9 +53,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import coi_common
-from coi_common import naming
+from coi_common import entry, naming, plumbing
 from coi_common.commands import BY_NAME
 from coi_common.errors import EXIT_USAGE
+from coi_common.plumbing import read_records as plumbing_records
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES: Final = {"coi": "coi_common.dispatch", "coi-host": "coi_host",
@@ -195,18 +196,42 @@ def _streams() -> tuple[io.BytesIO, io.BytesIO, IO[str], IO[str]]:
                              write_through=True))
 
 
+def _child_in_process(program: str, args: Sequence[str], *, record: Any = None,
+                      kind: Any = None) -> list[dict[str, Any]]:
+    """plumbing.call's child (coi-shell running coi-slot next) as its main() in this
+    process, still under the fence; its records come back as the real call reads them."""
+    out = io.BytesIO()
+    saved = sys.stdin, sys.stdout, dict(entry._PLUMBING)
+    os.environ[entry.PLUMBING_VARIABLE] = "1"  # as plumbing.call starts it
+    sys.stdin = io.StringIO(json.dumps(record) + "\n" if record is not None else "")
+    sys.stdout = child_out = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
+    try:
+        MODULES[program].main([*args, "--format", "json"])
+        code: Any = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    finally:
+        sys.stdin, sys.stdout = saved[0], saved[1]
+        entry._PLUMBING.update(saved[2])
+    written = out.getvalue()
+    child_out.detach()
+    return plumbing_records(program, written, int(code), kind)
+
+
 def run_main(program: str, argv: Sequence[str], stdin: IO[str]) -> Outcome:
     """`program argv` through its main() under the fence. The dispatcher's exec of an
-    owner runs that owner's main() next, as the exec would."""
+    owner runs that owner's main() next, as the exec would; a plumbing child runs its
+    main() in here too (_child_in_process)."""
     out, err, sys_out, sys_err = _streams()
     saved = (sys.stdin, sys.stdout, sys.stderr, dict(os.environ),
-             signal.getsignal(signal.SIGTERM), os.execv)
+             signal.getsignal(signal.SIGTERM), os.execv, plumbing.call)
     status: object = "main() returned"
     tried: list[str] = []
     name, args = program, list(argv)
     try:
         sys.stdin, sys.stdout, sys.stderr = stdin, sys_out, sys_err
         os.execv = _exec_in_process
+        plumbing.call = _child_in_process
         while True:
             try:
                 with fenced() as attempts:
@@ -229,7 +254,7 @@ def run_main(program: str, argv: Sequence[str], stdin: IO[str]) -> Outcome:
         os.environ.clear()
         os.environ.update(saved[3])
         signal.signal(signal.SIGTERM, saved[4])
-        os.execv = saved[5]
+        os.execv, plumbing.call = saved[5], saved[6]
     return Outcome(tuple(argv), status, out.getvalue().decode("utf-8", "replace"),
                    err.getvalue().decode("utf-8", "replace"), tuple(tried))
 
@@ -261,7 +286,7 @@ def _tree(root: Path) -> dict[str, tuple[int, int, int]]:
     """Every path under root (root too) with its mode, size and mtime."""
     found = {}
     for folder, dirs, files in os.walk(root):
-        for path in (Path(folder), *(Path(folder, entry) for entry in files + dirs)):
+        for path in (Path(folder), *(Path(folder, name) for name in files + dirs)):
             info = path.lstat()
             found[str(path.relative_to(root))] = (info.st_mode, info.st_size,
                                                   info.st_mtime_ns)

@@ -359,16 +359,6 @@ def test_the_nic_override_pins_the_name_and_turns_incus_filtering_on_unless_open
     assert {kept[k] for k in np.NIC_SECURITY} == {"false"}
 
 
-def test_the_command_lines_for_coi_shell_are_exact_and_never_use_sudo():
-    assert np.apply_argv(NAME, "allowlist", allowed=["github.com"], resolvers=["1.1.1.1"],
-                         refresh_minutes=5) == [
-        "coi-net", "apply", NAME, "--mode", "allowlist", "--allow=github.com",
-        "--resolver=1.1.1.1", "--refresh-minutes=5"]
-    assert np.remove_argv(NAME) == ["coi-net", "remove", NAME]
-    with pytest.raises(BadInput):
-        np.apply_argv("--mode=open", "restricted")
-
-
 @pytest.mark.parametrize(("entry", "kind", "value"), [
     ("github.com", "names", "github.com"),
     ("API.GitHub.com.", "names", "api.github.com"),

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from coi_common import config, protocol, saved_sessions, sizes, tools
+from coi_common import config, protocol, sizes, tools
+from coi_common.entry import expand_resume_flags
 from coi_common.errors import BadInput, CoiError, ConfigError, NotFound
-from coi_common.saved_sessions import Quota, SaveResult, Session, StateWriter, Store
 from coi_session import __doc__ as SESSION_USAGE
 from coi_session import main as session_main
-from coi_shell import normalise_argv
+from coi_session import saved_sessions
+from coi_session.saved_sessions import Quota, SaveResult, Session, StateWriter, Store
 from coi_slot import listing
 
 pytestmark = pytest.mark.usefixtures("coi_env")
@@ -574,7 +575,7 @@ def test_metadata_is_written_atomically(tmp_path):
     folder.mkdir()
     target = folder / "metadata.json"
     target.write_text('{"old": true}')
-    saved_sessions.write_json_atomic(str(target), {"new": True})
+    protocol.write_json_atomic(str(target), {"new": True})
     assert json.loads(target.read_text()) == {"new": True}
     assert os.listdir(folder) == ["metadata.json"]
 
@@ -752,9 +753,10 @@ def test_a_tools_settings_must_be_a_table_of_json_values():
 # -- coi-list compatibility ---------------------------------------------------------------------
 
 
-def test_coi_list_all_reads_the_metadata_written_here(store):
+def test_coi_list_all_reads_the_metadata_written_here(store, monkeypatch):
     session, _ = store.commit(staged(store, "a\n"), fields())
-    found = listing.saved_sessions(store.root)
+    monkeypatch.setenv("COI_PATHS_STATE_DIR", store.root)
+    found = listing.saved_sessions()
     assert [s.to_json() for s in found] == [{"ID": session.id, "SavedAt": session.updated_at,
                                             "Workspace": WORKSPACE, "Tool": "dummy"}]
 
@@ -772,7 +774,7 @@ def test_coi_list_all_reads_the_metadata_written_here(store):
     (["--resume="], ["--resume", "--session", ""]),
 ])
 def test_resume_flags_are_normalised_for_docopt(argv, expected):
-    assert normalise_argv(argv) == expected
+    assert expand_resume_flags(argv) == expected
 
 
 def run_cli(argv, capsys):

@@ -1,4 +1,4 @@
-"""Slot allocation (lib/coi_common/slots.py) and coi-slot's listing and results, no daemon.
+"""Slot allocation (coi-slot/coi_slot/slots.py) and coi-slot's listing and results, no daemon.
 
 The Incus instances below are trimmed captures of `GET /1.0/instances?recursion=2`
 from Incus 6.0.4 (test image, profile coi), scrubbed of volatile keys. To
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from coi_common import protocol, slots
+from coi_common import protocol
 from coi_common.errors import CoiError, NotFound, PermissionDenied, UsageError
 from coi_common.naming import container_name
-from coi_slot import actions, listing
+from coi_slot import actions, listing, slots
 
 PREFIX = "coi-test-unit-"
 
@@ -329,24 +329,33 @@ def session_metadata(session_id, tool, workspace, updated_at):
             "workspace": workspace, "updated_at": updated_at}
 
 
-def test_saved_sessions_are_read_from_every_tool_store_newest_first(tmp_path, capsys):
+@pytest.fixture
+def listed_state_dir(tmp_path, monkeypatch, coi_env):
+    """coi's state directory for `coi-session list --all`, the child listing.saved_sessions
+    runs (from this checkout's bin/: coi_env)."""
+    monkeypatch.setenv("COI_PATHS_STATE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_saved_sessions_are_read_from_every_tool_store_newest_first(listed_state_dir, capfd):
+    tmp_path = listed_state_dir
     base = tmp_path / "sessions"
     write_session(base, "claude", "old",
                   session_metadata("old", "claude", "/w/a", "2026-01-01T10:00:00Z"))
     write_session(base, "aider", "new",
                   session_metadata("new", "aider", "/w/b", "2026-02-01T10:00:00Z"))
     write_session(base, "claude", "broken", "{not json")
-    found = listing.saved_sessions(str(tmp_path))
+    found = listing.saved_sessions()
     assert [s.to_json() for s in found] == [
         {"ID": "new", "SavedAt": "2026-02-01T10:00:00Z", "Workspace": "/w/b", "Tool": "aider"},
         {"ID": "old", "SavedAt": "2026-01-01T10:00:00Z", "Workspace": "/w/a",
          "Tool": "claude"},
     ]
-    assert "broken" in capsys.readouterr().err
+    assert "broken" in capfd.readouterr().err
 
 
-def test_no_sessions_directory_means_no_saved_sessions(tmp_path):
-    assert listing.saved_sessions(str(tmp_path / "nothing-here")) == []
+def test_no_sessions_directory_means_no_saved_sessions(listed_state_dir):
+    assert listing.saved_sessions() == []
 
 
 def test_the_text_with_sessions_asked_for_has_a_second_part():
@@ -446,18 +455,18 @@ class EndSession:
     def __call__(self, client, name, *, save=True, remove=False):
         self.calls.append((name, save, remove))
         if save and name in self.save_fails:
-            return actions.sessions.Ending(
+            return actions.ending.Ending(
                 saved=False, deleted=False,
                 message=f"could not save the session of {name}: disk full; the container "
                         "is kept")
         deleted = remove or name not in self.persistent
-        return actions.sessions.Ending(saved=save, deleted=deleted)
+        return actions.ending.Ending(saved=save, deleted=deleted)
 
 
 @pytest.fixture
 def ended(monkeypatch):
     fake = EndSession(persistent={"c-p", "c-p-bad"}, save_fails={"c-bad", "c-p-bad"})
-    monkeypatch.setattr(actions.sessions, "end_session", fake)
+    monkeypatch.setattr(actions.ending, "end_session", fake)
     return fake
 
 
@@ -559,9 +568,9 @@ def test_a_failure_on_one_container_is_a_result_and_the_next_one_still_runs(monk
     def end_session(client, name, *, save=True, remove=False):
         if name == "c-1":
             raise CoiError("disk full")
-        return actions.sessions.Ending(saved=True, deleted=True)
+        return actions.ending.Ending(saved=True, deleted=True)
 
-    monkeypatch.setattr(actions.sessions, "end_session", end_session)
+    monkeypatch.setattr(actions.ending, "end_session", end_session)
     second = {**target(), "name": "c-2"}
     results = list(actions.act(FakeIncus("Stopped"), "kill", [target(), second]))
     assert [(r.name, r.ok, r.message) for r in results] == [("c-1", False, "disk full"),
@@ -582,7 +591,8 @@ class Listing:
     def session(suffix, host_uid, status="Running"):
         return {"name": f"{PREFIX}{suffix}", "status": status,
                 "config": {"user.coi.workspace": "/w", "user.coi.host_uid": host_uid,
-                           "user.coi.persistent": "false"}}
+                           "user.coi.persistent": "false",
+                           "user.coi.slot": suffix.rpartition("-")[2]}}
 
     def instances(self, prefix=""):
         return [i for i in self.found if i["name"].startswith(prefix)]

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any, Final
 
-from coi_common import __version__, naming, sizes
+from coi_common import __version__, naming, protocol, sizes
 from coi_common.errors import BadInput, CoiError, CommandFailed, NotFound
 from coi_common.incus import ExecSpec, Incus, exec_not_started, retry_exec
 from coi_common.protocol import CONTRACT_VERSION, make_record
@@ -369,7 +369,7 @@ class Store:
             session = replace(fields, id=session_id, created_at=created_at,
                               updated_at=stamp, resumed_from=resumed_from,
                               coi_version=__version__, path=target)
-            write_json_atomic(os.path.join(tmp, METADATA), session.metadata())
+            protocol.write_json_atomic(os.path.join(tmp, METADATA), session.metadata())
             _swap_in(tmp, target)
         return session, how
 
@@ -474,23 +474,6 @@ def _abandoned(path: str, entry: str) -> bool:
     except (ValueError, OSError):
         return False
     return False
-
-
-def write_json_atomic(path: str, data: Any) -> None:
-    """Write JSON to a temp file beside `path`, fsync, then rename over it."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-json-", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 _RENAME_EXCHANGE: Final = 2
@@ -1347,7 +1330,7 @@ class SaveResult:
             dropped_paths=list(self.dropped[:SHOWN_DROPS]),
             credentials_excluded=self.excluded, started=self.started,
             seconds=round(self.seconds, 3), path=session.path if session else None,
-            evicted=list(self.evicted))
+            evicted=list(self.evicted), message=self.line())
 
     def line(self) -> str:
         if self.session is None:
@@ -1383,7 +1366,7 @@ class RestoreResult:
             "session_restored", id=session.id if session else None, container=self.container,
             tool=session.tool if session else None, files=self.files, bytes=self.bytes,
             credentials=list(self.credentials), settings_file=self.settings_file,
-            seconds=round(self.seconds, 3))
+            seconds=round(self.seconds, 3), message=self.line())
 
     def line(self) -> str:
         creds = f", credentials {', '.join(self.credentials)}" if self.credentials else ""

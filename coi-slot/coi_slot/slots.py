@@ -13,11 +13,12 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
+from coi_common import incus, naming, sessions
 from coi_common.errors import CoiError
 from coi_common.naming import container_name, workspace_hash
 
@@ -101,3 +102,43 @@ def release(state_dir: str, workspace: str, slot: int) -> None:
         reservations = _read(path)
         if reservations.pop(str(slot), None) is not None:
             _write_atomically(path, reservations)
+
+
+def new_slot_record(client: incus.Incus, settings: Any, workspace: str, *,
+                    slot: int | None = None, mounts: Sequence[sessions.Mount] = (),
+                    storage: str = "") -> sessions.SlotRecord:
+    """Allocate (or take `slot`) for the workspace and describe its container.
+
+    `settings` is the effective config with command-line flags already applied
+    (defaults.persistent, defaults.image, defaults.environment, tool.name, ...).
+    """
+    prefix = naming.container_prefix()
+    path = naming.canonical_workspace(workspace)
+    max_slots = settings.get("defaults.max_slots")
+    wanted = naming.validate_slot(slot, max_slots) if slot else None
+    # Checked before reserving: a bad image name must not hold a slot for two minutes.
+    image = naming.validate_image_name(settings.get("defaults.image"))
+    instances = client.instances(f"{prefix}{naming.workspace_hash(path)}-")
+    existing = [i["name"] for i in instances]
+    if wanted is None and settings.get("defaults.persistent"):
+        wanted = reusable_slot(instances, path, sessions.invoking_ids()[0])
+    number = reserve(settings.path("paths.state_dir"), path, prefix=prefix,
+                           existing=existing, max_slots=max_slots, wanted=wanted)
+    return sessions.SlotRecord(path, number, naming.container_name(path, number, prefix),
+                      bool(settings.get("defaults.persistent")), image,
+                      settings.get("incus.profile"), settings.get("tool.name"),
+                      settings.get("network.mode"), dict(settings.get("defaults.environment")),
+                      tuple(mounts), storage)
+
+
+def reusable_slot(instances: Sequence[Mapping[str, Any]], workspace: str,
+                  uid: int) -> int | None:
+    """The lowest slot of `workspace` whose container is persistent, stopped and
+    `uid`'s: `coi shell --persistent` comes back to it, with what was installed."""
+    found = []
+    for instance in instances:
+        keys = sessions.SessionContainer.from_instance(instance)
+        if (keys is not None and keys.persistent and instance.get("status") == "Stopped"
+                and keys.workspace == workspace and keys.host_uid == uid):
+            found.append(keys.slot)
+    return min(found, default=None)

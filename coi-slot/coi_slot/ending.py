@@ -1,0 +1,164 @@
+"""How a session ends: the one lifecycle owner (`coi-slot end`, and kill, shutdown and
+clean in here).
+
+Save the session (`coi-session save`, as the container's owner), then delete the
+container unless it is persistent, then remove its network rules (`coi-net
+remove`) and its view's directory, and release its slot's reservation. All
+under the container's ending lock (locks.ending_lock), deciding deletion only
+from the container's OWN user.coi.persistent key: never from a command's flags,
+never after a failed save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from coi_common import locks, owners, plumbing, sessions
+from coi_common.errors import CoiError, NotFound, PermissionDenied
+from coi_common.incus import Incus
+
+ENDED_KEY: Final = f"{sessions.KEY}ended_run"
+"""Set when a session was ended and its container kept, stopped: the container's Incus
+`last_used_at` (its last start) at that moment. While the two are equal, nothing has run
+in it since, so a second end has nothing new to save."""
+DOWN: Final = ("Stopped", "Gone")
+"""States of a container whose session is over: stopped, or ended and deleted already."""
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a session ended: saved or not, container deleted or kept, and why kept.
+    `running`: not ended at all (`end --if-down` of a container still up)."""
+
+    saved: bool
+    deleted: bool
+    message: str = ""
+    running: bool = False
+
+
+def end_session(client: Incus, name: str, *, save: bool = True, remove: bool = False,
+                if_down: bool = False, wait: float = 0.0) -> Ending:
+    """Save the session, then delete the container unless it is persistent, and with
+    it its network rules. Only an explicit removal (`remove`, as `coi kill` asks)
+    deletes a persistent one. A failed save keeps the container (Ending.message says
+    so); save=False deletes without saving. `if_down`: only when the container is
+    stopped or gone (after waiting up to `wait` s for a stop under way): the end of
+    an attached shell, which must not end a session it merely detached from.
+
+    Two coi commands ending one container at once (`coi shutdown` while the attached
+    shell sees it stop) do the work once: the second waits for the lock, then finds
+    it gone, or kept stopped with nothing run in it since (ENDED_KEY), and saves
+    nothing again (a removal still deletes it). Ending.saved: the session is in the
+    store, saved by this call or, with nothing run since, by the one that ended it."""
+    with locks.ending_lock(client, name):
+        if if_down and not _down(client, name, wait):
+            return Ending(saved=False, deleted=False, running=True)
+        try:
+            instance = client.instance_config(name)
+        except NotFound:
+            return Ending(saved=False, deleted=True)
+        kept_since = _ended_since_start(instance)
+        saved, problem = save_session(name, owners.owner_uid(instance)) \
+            if save and not kept_since else (save and kept_since, "")
+        if problem:
+            return Ending(False, deleted=False,
+                          message=f"{problem}; the container is kept (stopped or running) so "
+                                  f"nothing is lost: try again with 'coi shutdown {name}', or "
+                                  f"discard the session with 'coi kill --no-save {name}'")
+        if sessions.is_persistent(instance) and not remove:
+            if saved and not kept_since:
+                _mark_ended(client, name)
+            return Ending(saved, deleted=False)
+        client.delete_instance_force(name)
+        _after_delete(name, instance)
+        return Ending(saved, deleted=True)
+
+
+def _after_delete(name: str, instance: Mapping[str, Any]) -> None:
+    """Its rules and its view's directory go with it; neither ever fails the end."""
+    mode = (instance.get("config") or {}).get(f"{sessions.KEY}network")
+    if mode and mode != "open":
+        try:
+            plumbing.call("coi-net", ["remove", name], kind="net_removed")
+        except CoiError as exc:
+            print(f"coi: could not remove the network rules of {name} ({exc.one_line()}); "
+                  "'coi-net gc' will", file=sys.stderr)
+    if sessions.has_view(instance):  # its empty directory: harmless if left
+        with contextlib.suppress(CoiError):
+            sessions.release_view(name, forget=True)
+
+
+def _down(client: Incus, name: str, wait: float) -> bool:
+    deadline = time.monotonic() + wait
+    while True:
+        status = _status(client, name)
+        if status in DOWN or time.monotonic() >= deadline:
+            return status in DOWN
+        time.sleep(0.3)
+
+
+def _status(client: Incus, name: str) -> str:
+    try:
+        return str(client.instance_state(name).get("status"))
+    except NotFound:
+        return "Gone"
+    except CoiError:
+        return "Stopping"  # Incus cannot read the state of a container halfway down
+
+
+def save_session(name: str, owner: int | None) -> tuple[bool, str]:
+    """The session-save hook: every path by which coi stops or removes a session
+    container comes through here first. Returns (ok, message).
+
+    `coi-session save NAME` copies the tool's state out of the container (a stopped
+    one is started briefly without a network), bounded by its own timeout, into the
+    store of the container's OWNER (`owner`, its user.coi.host_uid), whoever ends it:
+    root runs it as that user. It never raises: this runs in cleanup paths; a
+    failure is reported and the caller keeps the container."""
+    try:
+        found = plumbing.call("coi-session", ["save", name], kind="session_saved",
+                              as_user=_save_user(name, owner))
+    except (Exception, KeyboardInterrupt) as exc:  # cleanup must go on, whatever failed
+        if isinstance(exc, NotFound) and exc.message.startswith(f"container {name}"):
+            return True, ""  # gone already: nothing left to save
+        reason = exc.one_line() if isinstance(exc, CoiError) else f"{type(exc).__name__}: {exc}"
+        return False, f"could not save the session of {name}: {reason}"
+    if found and found[0].get("saved"):
+        print(f"coi: {found[0].get('message')}", file=sys.stderr, flush=True)
+    return True, ""
+
+
+def _save_user(name: str, owner: int | None) -> pwd.struct_passwd | None:
+    """Whom the save runs as: None for the caller itself; the owner's account when root
+    ends another user's session, so what it writes lands in their store with their
+    ownership and root never writes into a directory the user controls."""
+    caller = os.geteuid()
+    if owner is None or owner == caller:
+        return None
+    if caller != 0:
+        raise PermissionDenied(f"{name} belongs to uid {owner}; only that user or root can "
+                               "save its session")
+    return pwd.getpwuid(owner)
+
+
+def _ended_since_start(instance: Mapping[str, Any]) -> bool:
+    used = str(instance.get("last_used_at") or "")
+    return bool(used) and instance.get("status") == "Stopped" \
+        and (instance.get("config") or {}).get(ENDED_KEY) == used
+
+
+def _mark_ended(client: Incus, name: str) -> None:
+    """ENDED_KEY on a kept container that is stopped now (the save may have started it
+    for the copy, so its last start is read again). Only a running container is left
+    unmarked: whatever it still does must be saved by the next end."""
+    with contextlib.suppress(CoiError):  # unmarked, the next end saves once more: no loss
+        instance = client.instance_config(name)
+        if instance.get("status") == "Stopped" and instance.get("last_used_at"):
+            client.set_config(name, {ENDED_KEY: str(instance["last_used_at"])})

@@ -1,0 +1,89 @@
+"""How a coi executable runs another one: as a process, records in and out.
+
+`coi shell` is `coi-slot next`, `coi-net apply`, `coi-session restore` and
+`coi-slot end` run one after another (docs/architecture.md), each a child
+process given its JSON record on stdin and asked for `--format json`; what it
+prints on stdout is read as JSON Lines records. Its stderr is the user's:
+progress and warnings (an allowlist name that did not resolve) reach the
+terminal as the child wrote them. A failure comes back as the error kind and
+message of the child's `error` record; the child, run with COI_PLUMBING=1,
+leaves the one-line message to the parent, so the user reads it once, from
+the command they ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import subprocess
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+from coi_common import proc
+from coi_common.entry import PLUMBING_VARIABLE
+from coi_common.errors import ALL_ERRORS, CoiError, NotFound
+from coi_common.protocol import Record, parse_record
+
+MAX_OUTPUT: Final = 4 * 1024 * 1024
+"""Most bytes a child's stdout may carry (its records); more is refused, not read."""
+_BY_CODE: Final = {kind.code: kind for kind in ALL_ERRORS}
+
+
+def call(program: str, args: Sequence[str], *, record: Mapping[str, Any] | None = None,
+         kind: str | tuple[str, ...] | None = None,
+         as_user: pwd.struct_passwd | None = None) -> list[Record]:
+    """Run coi's `program` (found beside this one) with `args` and `--format json`,
+    `record` on its stdin; return its records (of `kind`, when given). Waits as long
+    as the child works: every child coi runs bounds its own waits. `as_user` (root
+    only): the child runs as that account (as_account)."""
+    from coi_common.dispatch import find_executable  # noqa: PLC0415
+
+    path = find_executable(program)
+    if path is None:
+        raise NotFound(f"{program} is not installed (neither next to coi nor on PATH)")
+    argv = ["env", f"{PLUMBING_VARIABLE}=1", path, *args, "--format", "json"]
+    if as_user is not None:
+        argv = as_account(as_user, argv)
+    child = proc.spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    payload = (json.dumps(record) + "\n").encode() if record is not None else b""
+    try:
+        out, _ = child.communicate(payload)
+    except BaseException:
+        proc.stop_group(child)
+        raise
+    return read_records(program, out, child.returncode, kind)
+
+
+def as_account(account: pwd.struct_passwd, argv: list[str]) -> list[str]:
+    """argv run as `account` with its groups, home and name, and the caller's
+    environment without coi's settings: the account's own config applies, never the
+    caller's overrides (COI_*, XDG_CONFIG_HOME, sudo's variables; COI_TRACE stays)."""
+    dropped = ("XDG_CONFIG_HOME", "SUDO_UID", "SUDO_GID", "SUDO_USER", "SUDO_COMMAND")
+    env = {key: value for key, value in os.environ.items()
+           if key not in dropped and (not key.startswith("COI_") or key == "COI_TRACE")}
+    env.update(HOME=account.pw_dir, USER=account.pw_name, LOGNAME=account.pw_name)
+    return ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}",
+            "--init-groups", "env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv]
+
+
+def read_records(program: str, out: bytes, status: int, kind: str | tuple[str, ...] | None
+                 ) -> list[Record]:
+    """A finished child's records (of `kind`), or the failure it reported, as ours."""
+    if len(out) > MAX_OUTPUT:
+        raise CoiError(f"{program} printed more than {MAX_OUTPUT} bytes of records")
+    records = [parse_record(line) for line in out.decode("utf-8", "replace").splitlines()
+               if line.strip()]
+    errors = [r for r in records if r.get("kind") == "error"]
+    if status != 0 or errors:
+        raise _reported(program, errors[0] if errors else None, status)
+    return [r for r in records if kind is None or r.get("kind") in
+            ((kind,) if isinstance(kind, str) else kind)]
+
+
+def _reported(program: str, error: Record | None, status: int) -> CoiError:
+    """The child's failure as the parent's: its kind and message (the child, asked
+    as plumbing, printed it only as its error record)."""
+    if error is None:
+        return CoiError(f"{program} failed (exit {status}) without saying why")
+    return _BY_CODE.get(str(error.get("code")), CoiError)(str(error.get("message")))
