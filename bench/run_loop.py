@@ -2,8 +2,10 @@
 
 Every run must exit 0. Incus's transient exec failures ("Failed to retrieve PID
 of executing child process") are retried inside coi (coi_common.incus.retry_exec);
-each retry is counted through $COI_TRACE. Prints one line per run and a summary:
-runs, failures, retries, median and slowest wall time. Exit 1 when any run failed.
+the runs trace into one file ($COI_TRACE, coi_common.trace) and its `retry` lines are
+counted (an exec or start Incus did not begin, a kept-alive connection it had closed).
+Prints one line per run and a summary: runs, failures, retries, median and slowest
+wall time. Exit 1 when any run failed.
 
 Run: .venv/bin/python bench/run_loop.py [RUNS] [-- extra coi run flags]
      (as the user to test; the image is $COI_DEFAULTS_IMAGE, default coi)
@@ -40,8 +42,8 @@ def main() -> int:
             if done.returncode != 0:
                 failures += 1
                 print(f"run {number}: exit {done.returncode}: {done.stderr.strip()[-300:]}")
-        retries = trace.read_text().count("retry-exec")
-    print(f"runs: {runs}, failed: {failures}, exec retries: {retries}, "
+        retries = sum(line.split()[2:3] == ["retry"] for line in trace.read_text().splitlines())
+    print(f"runs: {runs}, failed: {failures}, retries: {retries}, "
           f"median {statistics.median(times):.2f} s, slowest {max(times):.2f} s")
     return 1 if failures else 0
 

@@ -42,12 +42,14 @@ from pathlib import Path
 from typing import IO, Final
 
 ROOT: Final = Path(__file__).resolve().parent.parent
-if str(ROOT / "lib") not in sys.path:
-    sys.path.insert(0, str(ROOT / "lib"))
+for folder in ("lib", "coi-host"):
+    if str(ROOT / folder) not in sys.path:
+        sys.path.insert(0, str(ROOT / folder))
 
-from coi_common import idmap, locks, proc, views  # noqa: E402 - needs the path above when run as a script
+from coi_common import idmap, locks, proc  # noqa: E402 - needs the path above when run as a script
 from coi_common.errors import NotFound  # noqa: E402
 from coi_common.incus import Incus  # noqa: E402
+from coi_host import views  # noqa: E402
 
 INSTANCE_PREFIX: Final = "coi-test-"
 IMAGE_PREFIX: Final = "coi-test-"

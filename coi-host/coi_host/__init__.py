@@ -5,6 +5,9 @@ Usage:
   coi-host doctor [--format FMT] [--debug]
   coi-host config show [--workspace DIR] [--profile NAME] [--format FMT] [--debug]
   coi-host serve [--socket PATH] [--debug]
+  coi-host view build <name> <workspace> [--protect PATH]... [--mask PATTERN]...
+                [--format FMT] [--debug]
+  coi-host view release <name> [--forget] [--format FMT] [--debug]
   coi-host trust [--workspace DIR] [--show | --revoke] [--format FMT] [--debug]
   coi-host (-h | --help)
   coi-host --version
@@ -24,6 +27,13 @@ Commands:
                of incus-admin get network rules applied and their id map
                delegated, without sudo. `coi setup` installs and starts it;
                see docs/host-service.md.
+  view build   (plumbing, root) Build the workspace view of container <name>:
+               <workspace> with every --protect path read-only and every file
+               matching a --mask pattern shown empty, under /run/coi/views/.
+               coi shell runs it as root; a member's view comes from the
+               host service. Prints the view record.
+  view release (plumbing, root) Detach that view from the host; --forget also
+               removes its empty directory (the container is gone).
 
 Options:
   --format FMT      Output format: text or json [default: text].
@@ -33,6 +43,9 @@ Options:
   --revoke          trust: take the trust back.
   --socket PATH     serve: the socket to listen on (default: $COI_HOST_SOCKET,
                     else /run/coi/host.sock).
+  --protect PATH    view build: a path of the workspace to make read-only.
+  --mask PATTERN    view build: a file name pattern to show empty.
+  --forget          view release: also remove the view's directory.
   --debug           Show tracebacks on errors.
   -h --help         Show this help.
 
@@ -76,6 +89,10 @@ def dispatch(args: Args) -> int:
 
         given = args["--socket"]  # given empty is refused, not read as the default
         return serve(hostservice.socket_path() if given is None else given)
+    if args["view"]:
+        from coi_host.views import run_view  # noqa: PLC0415
+
+        return run_view(args, as_json=as_json)
     from coi_host.config_show import show_config  # noqa: PLC0415
 
     return show_config(args["--workspace"], args["--profile"], as_json=as_json)

@@ -49,12 +49,11 @@ from coi_common import (
     locks,
     naming,
     proc,
-    views,
 )
-from coi_common.dispatch import find_executable
 from coi_common.errors import BadInput, CoiError, NotFound, PermissionDenied
+from coi_common.plumbing import find_executable
 from coi_common.protocol import Record, error_record, make_record, parse_record
-from coi_host import install
+from coi_host import install, views
 
 MAX_ENTRIES: Final = 1000
 MAX_ENTRY_LENGTH: Final = 255

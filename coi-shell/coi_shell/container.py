@@ -201,7 +201,10 @@ def _build_view(name: str, workspace: str, protect: list[str], patterns: list[st
     from coi_common import hostservice, views  # noqa: PLC0415
 
     if os.geteuid() == 0:
-        return views.build(name, workspace, protect, patterns)
+        [record] = plumbing.call("coi-host", ["view", "build", name, workspace,
+                                              *(f"--protect={p}" for p in protect),
+                                              *(f"--mask={m}" for m in patterns)], kind="view")
+        return views.View.from_record(record)
     reply = hostservice.call("view_build", timeout=120, container=name, workspace=workspace,
                              protect=protect, mask=patterns, **mount_flags)
     return views.View.from_record(reply)

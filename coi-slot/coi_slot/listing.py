@@ -89,14 +89,14 @@ def run(*, everything: bool, all_users: bool, as_json: bool) -> int:
 def list_containers(client: incus.Incus, prefix: str, *, uid: int,
                     all_users: bool) -> list[ContainerRow]:
     """coi's containers under `prefix` that `uid` sees, by workspace, then slot."""
-    found = owners.visible(sessions.coi_containers(client, prefix), uid=uid,
+    found = owners.visible(sessions.coi_containers(client, prefix, with_state=True), uid=uid,
                            all_users=all_users)
     rows = [row_from_incus(raw) for raw in found]
     return sorted(rows, key=lambda r: (r.workspace, r.slot or 0, r.name))
 
 
 def row_from_incus(raw: Mapping[str, Any]) -> ContainerRow:
-    """A row from Incus's JSON for one instance with its state (recursion=2); a
+    """A row from Incus's JSON for one instance with its state (with_state); a
     container whose keys do not parse shows what it has."""
     keys = sessions.SessionContainer.from_instance(raw) or sessions.SessionContainer(
         "", 0, False, "", "", "", None)

@@ -17,10 +17,11 @@ import json
 import os
 import pwd
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from coi_common import proc
+from coi_common import proc, trace
 from coi_common.entry import PLUMBING_VARIABLE
 from coi_common.errors import ALL_ERRORS, CoiError, NotFound
 from coi_common.protocol import Record, parse_record
@@ -37,22 +38,36 @@ def call(program: str, args: Sequence[str], *, record: Mapping[str, Any] | None 
     `record` on its stdin; return its records (of `kind`, when given). Waits as long
     as the child works: every child coi runs bounds its own waits. `as_user` (root
     only): the child runs as that account (as_account)."""
-    from coi_common.dispatch import find_executable  # noqa: PLC0415
-
     path = find_executable(program)
     if path is None:
         raise NotFound(f"{program} is not installed (neither next to coi nor on PATH)")
     argv = ["env", f"{PLUMBING_VARIABLE}=1", path, *args, "--format", "json"]
     if as_user is not None:
         argv = as_account(as_user, argv)
-    child = proc.spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     payload = (json.dumps(record) + "\n").encode() if record is not None else b""
-    try:
-        out, _ = child.communicate(payload)
-    except BaseException:
-        proc.stop_group(child)
-        raise
+    with trace.span("child", [program, *args]) as traced:  # its whole run, not its start
+        child = proc.spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            out, _ = child.communicate(payload)
+        except BaseException:
+            proc.stop_group(child)
+            raise
+        traced.end(f"exit {child.returncode}")
     return read_records(program, out, child.returncode, kind)
+
+
+def find_executable(program: str) -> str | None:
+    """`program` next to this coi first (a checkout or a venv), then on PATH."""
+    # Beside the link we were started by (~/.local/bin), then beside what it points at
+    # (the venv's bin): a `coi` linked alone still finds its siblings.
+    started = os.path.abspath(sys.argv[0])
+    places = [os.environ.get("COI_BIN_DIR") or os.path.dirname(started),
+              os.path.dirname(os.path.realpath(started))]
+    for here in dict.fromkeys(places):
+        sibling = os.path.join(here, program)
+        if os.access(sibling, os.X_OK):
+            return sibling
+    return proc.which(program)
 
 
 def as_account(account: pwd.struct_passwd, argv: list[str]) -> list[str]:

@@ -5,6 +5,9 @@ costs 55-135 ms (measured on these machines; see README), which most coi
 commands cannot afford, and its foreground mode lets Ctrl-C reach the Python
 parent during an interactive hand-off. `sh` is used only by host setup,
 where start-up time does not matter (coi_host.setup).
+
+Every start is traced with COI_TRACE (coi_common.trace), named after the
+function that started it: `run ARGV`, `spawn ARGV`, ...
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
+from coi_common import trace
 from coi_common.errors import CommandFailed, NotFound
 
 
@@ -46,6 +50,17 @@ class BinaryResult:
     stderr: bytes
 
 
+@contextlib.contextmanager
+def _program_errors(argv: Sequence[str], timeout: float | None = None) -> Iterator[None]:
+    """A missing program as NotFound, a run past its timeout as CommandFailed."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise NotFound(f"program {argv[0]!r} is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise CommandFailed(f"{argv[0]} did not finish within {timeout:g} s") from None
+
+
 def last_line(text: str) -> str:
     """The last non-empty line of `text`, for one-line error messages."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
@@ -60,16 +75,13 @@ def run(argv: Sequence[str], *, input_text: str | None = None, check: bool = Tru
     With check=True a non-zero exit raises CommandFailed carrying the program's
     last stderr line; a missing program raises NotFound either way.
     """
-    try:
-        # Without input, stdin is closed: an `incus exec` would otherwise eat ours.
-        stdin = {"input": input_text} if input_text is not None else {"stdin": subprocess.DEVNULL}
+    # Without input, stdin is closed: an `incus exec` would otherwise eat ours.
+    stdin = {"input": input_text} if input_text is not None else {"stdin": subprocess.DEVNULL}
+    with trace.span("run", argv) as call, _program_errors(argv, timeout):
         done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
                               env=dict(env) if env is not None else None, cwd=cwd, check=False,
                               **stdin)
-    except FileNotFoundError:
-        raise NotFound(f"program {argv[0]!r} is not installed") from None
-    except subprocess.TimeoutExpired:
-        raise CommandFailed(f"{argv[0]} did not finish within {timeout:g} s") from None
+        call.end(f"exit {done.returncode}")
     result = Result(tuple(argv), done.returncode, done.stdout, done.stderr)
     if check and not result.ok:
         reason = last_line(result.stderr) or last_line(result.stdout) or "no output"
@@ -83,12 +95,9 @@ def run_bytes(argv: Sequence[str], *, timeout: float | None = None) -> BinaryRes
     Never raises on a non-zero exit (callers pass the status on); a missing
     program raises NotFound.
     """
-    try:
+    with trace.span("run_bytes", argv) as call, _program_errors(argv, timeout):
         done = subprocess.run(list(argv), capture_output=True, timeout=timeout, check=False)
-    except FileNotFoundError:
-        raise NotFound(f"program {argv[0]!r} is not installed") from None
-    except subprocess.TimeoutExpired:
-        raise CommandFailed(f"{argv[0]} did not finish within {timeout:g} s") from None
+        call.end(f"exit {done.returncode}")
     return BinaryResult(tuple(argv), done.returncode, done.stdout, done.stderr)
 
 
@@ -123,27 +132,28 @@ def hand_over(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
     sink = terminal if terminal is not None else sys.stderr.buffer
     if hold_prefix:
         streams["stderr"] = subprocess.PIPE
-    # The child is started before SIGINT is ignored here: an ignored signal
-    # would stay ignored across exec, and preexec_fn is unsafe with threads.
-    try:
-        child = subprocess.Popen(list(argv), env=dict(env) if env is not None else None,
-                                 **streams)
-    except FileNotFoundError:
-        raise NotFound(f"program {argv[0]!r} is not installed") from None
-    relay = _StderrRelay(child.stderr, sink, hold_prefix) if hold_prefix else None
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        returncode = child.wait()
-    except BaseException:
-        child.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(timeout=5)
-        child.kill()
-        raise
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    held = relay.finish() if relay else b""
-    return HandOver(128 - returncode if returncode < 0 else returncode, held)
+    with trace.span("hand_over", argv) as call:
+        # The child is started before SIGINT is ignored here: an ignored signal
+        # would stay ignored across exec, and preexec_fn is unsafe with threads.
+        with _program_errors(argv):
+            child = subprocess.Popen(list(argv), env=dict(env) if env is not None else None,
+                                     **streams)
+        relay = _StderrRelay(child.stderr, sink, hold_prefix) if hold_prefix else None
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            returncode = child.wait()
+        except BaseException:
+            child.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=5)
+            child.kill()
+            raise
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        held = relay.finish() if relay else b""
+        ended = HandOver(128 - returncode if returncode < 0 else returncode, held)
+        call.end(f"exit {ended.returncode}")
+    return ended
 
 
 class _StderrRelay:
@@ -197,11 +207,11 @@ def spawn(argv: Sequence[str], *, stdin: int | IO[bytes] | None = subprocess.DEV
     """Start argv with the given byte streams and return at once; the caller streams
     and waits. The child gets a session of its own, so stop_group() ends it and
     everything it started (an `incus exec` and its forwarder)."""
-    try:
-        return subprocess.Popen(list(argv), stdin=stdin, stdout=stdout, stderr=stderr,
-                                start_new_session=True)
-    except FileNotFoundError:
-        raise NotFound(f"program {argv[0]!r} is not installed") from None
+    with trace.span("spawn", argv) as call, _program_errors(argv):
+        child = subprocess.Popen(list(argv), stdin=stdin, stdout=stdout, stderr=stderr,
+                                 start_new_session=True)
+        call.end(f"started pid {child.pid}")
+    return child
 
 
 def which(program: str) -> str | None:
@@ -215,9 +225,10 @@ def which(program: str) -> str | None:
 
 def spawn_detached(argv: Sequence[str], log_path: str) -> int:
     """Start a long-lived daemon in its own session, output to log_path; return its pid."""
-    with open(log_path, "ab") as log:
+    with trace.span("spawn_detached", argv) as call, open(log_path, "ab") as log:
         child = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
                                  stderr=subprocess.STDOUT, start_new_session=True)
+        call.end(f"started pid {child.pid}")
     return child.pid
 
 
@@ -229,19 +240,19 @@ def run_logged(argv: Sequence[str], log_path: str) -> int:
     runs a whole script); it is asked with SIGTERM first so exit traps can
     unmount what they mounted.
     """
-    with open(log_path, "a", encoding="utf-8") as log:
+    with trace.span("run_logged", argv) as call, open(log_path, "a", encoding="utf-8") as log:
         log.write(f"$ {' '.join(argv)}\n")
         log.flush()
-        try:
+        with _program_errors(argv):
             child = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        except FileNotFoundError:
-            raise NotFound(f"program {argv[0]!r} is not installed") from None
         try:
-            return child.wait()
+            status = child.wait()
         except BaseException:
             stop_group(child)
             raise
+        call.end(f"exit {status}")
+    return status
 
 
 def stop_group(child: subprocess.Popen[bytes]) -> None:

@@ -42,6 +42,8 @@ REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "net_refresh": ("container", "ok", "changed", "added", "removed"),
     "net_status": ("container", "mode", "interface", "rules", "allowed"),
     "trust_state": ("path", "state", "sha256"),
+    "view": ("source", "protected", "masked"),
+    "view_released": ("container",),
     "host_request": ("verb",),
     "host_reply": ("verb", "result"),
 }

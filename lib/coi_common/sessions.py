@@ -259,9 +259,11 @@ def _digits(value: object) -> bool:
     return isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 12
 
 
-def coi_containers(client: Incus, prefix: str) -> list[dict[str, Any]]:
-    """coi's session containers under `prefix` (their keys parse), in one request."""
-    return [i for i in client.instances(prefix)
+def coi_containers(client: Incus, prefix: str, *, with_state: bool = False
+                   ) -> list[dict[str, Any]]:
+    """coi's session containers under `prefix` (their keys parse), in one request
+    (with_state: and the state of each running one, for `coi list`)."""
+    return [i for i in client.instances(prefix, with_state=with_state)
             if naming.parse_container_name(i["name"], prefix) is not None
             and SessionContainer.from_instance(i) is not None]
 
@@ -282,11 +284,16 @@ def has_view(instance: Mapping[str, Any]) -> bool:
 
 
 def release_view(name: str, *, forget: bool = False) -> None:
-    from coi_common import hostservice, views  # noqa: PLC0415
-
+    """Detach a container's view from the host (`forget`: its directory goes too): root
+    runs `coi-host view release`, a member asks coi's host service."""
     if os.geteuid() == 0:
-        views.release(name, forget=forget)
+        from coi_common import plumbing  # noqa: PLC0415
+
+        plumbing.call("coi-host", ["view", "release", naming.validate_container_name(name),
+                                   *(["--forget"] if forget else [])], kind="view_released")
     else:
+        from coi_common import hostservice  # noqa: PLC0415
+
         hostservice.call("view_release", timeout=30, container=name, forget=forget)
 
 

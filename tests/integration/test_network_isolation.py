@@ -406,7 +406,7 @@ SPOOF = ("ip addr flush dev eth0 && ip addr add 10.151.43.{a}/24 dev eth0 && "
 def _spoof(run_in, incus_client, name: str, gateway: str) -> str:
     """Root inside takes two other addresses and another MAC; addresses other
     containers hold (other test runs too) are never taken."""
-    used = {address["address"] for instance in incus_client.instances()
+    used = {address["address"] for instance in incus_client.instances(with_state=True)
             for nic in ((instance.get("state") or {}).get("network") or {}).values()
             for address in nic.get("addresses") or []}
     free = [a for a in range(200, 225)

@@ -4,6 +4,7 @@ non-root member in the default (restricted) network mode."""
 
 import json
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -91,3 +92,26 @@ def test_a_slot_record_with_flags_beside_it_is_refused(user_coi):
     done = user_coi("run", "--persistent", "--record", "/nonexistent", "--", "true")
     assert done.returncode == 2
     assert "with a slot record the record says everything" in done.stderr
+
+
+def test_coi_run_is_its_children_as_the_trace_shows(user_coi):
+    """COI_TRACE names every external call: the porcelain's children among them, each
+    with its duration and exit, and the children's own calls under their own pids."""
+    trace = Path(user_coi.workspace).parent / f"{Path(user_coi.workspace).name}.trace"
+    trace.touch()
+    os.chown(trace, user_coi.user.uid, user_coi.user.gid)
+    try:
+        done = user_coi("run", "--", "true", env={"COI_TRACE": str(trace)})
+        text = trace.read_text()
+    finally:
+        trace.unlink()
+    assert done.returncode == 0, done.stderr
+    children: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        _, pid, kind, *what = line.split()
+        assert re.search(r" [0-9]+\.[0-9] ms ", line), line  # every call has its duration
+        if kind == "child":
+            children.setdefault(pid, []).append(" ".join(what[:2]))
+    assert sorted(children.values()) == [
+        ["coi-session save", "coi-net remove"],  # coi-slot end's own
+        ["coi-slot next", "coi-net apply", "coi-session restore", "coi-slot end"]], text

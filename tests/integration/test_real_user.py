@@ -263,7 +263,7 @@ def test_an_exec_incus_failed_to_start_is_tried_again_unseen(coi_env, tmp_path, 
     assert done.stdout == "hello\n"
     assert "Failed to retrieve PID" not in done.stderr
     assert marker.exists()
-    assert "retry-exec" in trace.read_text()
+    assert " retry exec " in trace.read_text()
 
 
 def test_the_exec_retry_gives_up_after_a_few_tries_with_incus_s_words(monkeypatch):

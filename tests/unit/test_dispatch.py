@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from coi_common import dispatch
-from coi_common.commands import BY_NAME, COMMANDS
+import coi_dispatch as dispatch
+from coi_dispatch.commands import BY_NAME, COMMANDS
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -54,12 +54,12 @@ from hypothesis import strategies as st
 
 import coi_common
 from coi_common import entry, naming, plumbing
-from coi_common.commands import BY_NAME
 from coi_common.errors import EXIT_USAGE
 from coi_common.plumbing import read_records as plumbing_records
+from coi_dispatch.commands import BY_NAME
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES: Final = {"coi": "coi_common.dispatch", "coi-host": "coi_host",
+PACKAGES: Final = {"coi": "coi_dispatch", "coi-host": "coi_host",
                    "coi-image": "coi_image", "coi-shell": "coi_shell", "coi-slot": "coi_slot",
                    "coi-container": "coi_container", "coi-session": "coi_session",
                    "coi-net": "coi_net"}

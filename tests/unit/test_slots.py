@@ -594,7 +594,7 @@ class Listing:
                            "user.coi.persistent": "false",
                            "user.coi.slot": suffix.rpartition("-")[2]}}
 
-    def instances(self, prefix=""):
+    def instances(self, prefix="", *, with_state=False):
         return [i for i in self.found if i["name"].startswith(prefix)]
 
 

@@ -1,5 +1,5 @@
 """What the workspace view protects and masks, decided from the project's own files
-(the mounts themselves are proven against real containers in
+(the mounts, coi_host.views, are proven against real containers in
 tests/integration/test_hostile_workspace.py)."""
 
 import os
@@ -10,6 +10,7 @@ import pytest
 
 from coi_common import config, views
 from coi_common.errors import BadInput, CoiError
+from coi_host import views as mounts
 
 
 def test_mask_patterns_match_names_anywhere_and_bang_excepts():
@@ -90,11 +91,11 @@ def test_a_view_directory_emptied_by_a_reboot_is_made_again():
     instances = [{"name": name, "devices": {"workspace": {"source": str(source)}}},
                  {"name": "other", "devices": {"workspace": {"source": "/srv/project"}}}]
     try:
-        assert views.keep_directories(instances) == [name]
+        assert mounts.keep_directories(instances) == [name]
         assert source.is_dir()
-        assert views.keep_directories(instances) == []
+        assert mounts.keep_directories(instances) == []
     finally:
-        views.release(name, forget=True)
+        mounts.release(name, forget=True)
     assert not source.exists()
     assert os.path.isdir(views.VIEW_ROOT)
 
@@ -103,7 +104,7 @@ def test_a_workspace_the_view_cannot_open_is_one_line(tmp_path):
     name = f"coi-test-{secrets.token_hex(4)}-1"
     try:
         with pytest.raises(CoiError) as refused:
-            views.build(name, str(tmp_path / "gone"), [], [])
+            mounts.build(name, str(tmp_path / "gone"), [], [])
     finally:
-        views.release(name, forget=True)
+        mounts.release(name, forget=True)
     assert "cannot build the view of the workspace" in refused.value.one_line()

@@ -23,9 +23,10 @@ import platform
 import sys
 
 from coi_common import __version__, output
-from coi_common.commands import BY_NAME, COMMANDS
 from coi_common.entry import PROG_VARIABLE, Args, parse_args, run_main
 from coi_common.errors import CoiError, NotFound, UsageError
+from coi_common.plumbing import find_executable
+from coi_dispatch.commands import BY_NAME, COMMANDS
 
 VERSION_USAGE = """Usage:
   coi version [--format FMT]
@@ -94,22 +95,6 @@ def unknown_command_message(name: str) -> str:
     close = difflib.get_close_matches(name, list(BY_NAME), n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else "; see 'coi --help'"
     return f"{name!r} is not a coi command{hint}"  # repr: never a raw escape sequence
-
-
-def find_executable(program: str) -> str | None:
-    """`program` next to this coi first (a checkout or a venv), then on PATH."""
-    # Beside the link we were started by (~/.local/bin), then beside what it points at
-    # (the venv's bin): a `coi` linked alone still finds its siblings.
-    started = os.path.abspath(sys.argv[0])
-    places = [os.environ.get("COI_BIN_DIR") or os.path.dirname(started),
-              os.path.dirname(os.path.realpath(started))]
-    for here in dict.fromkeys(places):
-        sibling = os.path.join(here, program)
-        if os.access(sibling, os.X_OK):
-            return sibling
-    from coi_common.proc import which  # noqa: PLC0415 - only when not found beside us
-
-    return which(program)
 
 
 def exec_owner(owner: str, argv: list[str]) -> None:

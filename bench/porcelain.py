@@ -1,0 +1,530 @@
+"""Everyday coi commands against the raw Incus floor, before and after a change, in one run.
+
+Usage:
+  porcelain.py [--baseline DIR] [--containers N] [--list-runs M] [--real-service]
+               [--format FMT] [--debug] [<runs>]
+  porcelain.py (-h | --help)
+
+Prints ONE markdown table, ms as median / max, every column measured in this
+run with the runs interleaved (baseline, this, floor, baseline, this, floor,
+...) after one unrecorded warm-up of each, so machine drift hits every column
+alike:
+
+  row                          raw Incus floor (the least Incus work the same job needs)
+  `coi run -- true`            incus create IMAGE NAME + incus start + incus exec NAME --
+                               true + incus delete -f NAME, timed end to end
+  `coi shell` to the prompt    incus create + incus start + incus exec -t NAME -- sh -c
+                               "echo 'dummy>'" until its output is seen
+  `coi list --format json`     incus list --format json PREFIX (the same N stopped
+                               containers, made by `coi run --persistent` of this checkout)
+  `coi --version`              python -c pass (the venv's interpreter)
+
+`coi shell` runs in a pseudo terminal with the `dummy` test tool, timed from
+the start until its prompt `dummy>` is on the screen; the session is then
+detached (Ctrl+b d) and ended with `coi kill --all --force`, outside the timing.
+Default config otherwise: restricted network, ephemeral containers.
+
+Who runs what: the bench runs as root and makes a fresh non-root member of
+incus-admin (tests/fixtures_users.create_user: `coi-test-ubench<hex>`, home
+under /tmp) who runs every command with the container prefix
+`coi-test-bench<hex>-`, the test image (COI_DEFAULTS_IMAGE=coi-test-image,
+made by `make test-image`) and COI_TOOL_NAME=dummy, in a workspace of theirs.
+Each checkout gets its own `coi-host serve` on its own socket and nftables
+table, as the tests do, so a column measures its own host service too; the
+option --real-service makes both use the one `coi setup` started
+(/run/coi/host.sock). Everything the bench makes is removed at the end and
+on failure (its user by fixtures_users.remove_user, the rest by tests/sweep.py's
+sweep of its prefix); what a killed bench leaves, `make sweep` removes like any
+test leftover. It holds the test run lock, shared, so a concurrent test
+session's sweep leaves its containers alone.
+
+The baseline is another checkout, for example a git worktree of an older
+commit with its own venv:
+  git -C /work/main worktree add --detach /tmp/coi-baseline a755850
+  make -C /tmp/coi-baseline venv
+Without --baseline that column is left out.
+
+Exit 0; 1 when a row of this checkout is more than 10 % AND more than 100 ms
+slower (median) than the baseline (stderr names the row), or when a measured
+command fails (stderr names the column, the command and its last error line).
+
+Options:
+  --baseline DIR    Checkout to compare with (its bin/coi and .venv).
+  --containers N    Stopped containers present for the listing row [default: 5].
+  --list-runs M     Runs of the listing and start-up rows [default: 11].
+  --real-service    Use the host service `coi setup` runs, not one per checkout.
+  --format FMT      text (the markdown table) or json (one array, a record per
+                    row) [default: text].
+  --debug           Show tracebacks on errors.
+  -h --help         Show this help.
+
+Arguments:
+  <runs>            Runs of the `coi run` and `coi shell` rows (default 5).
+
+Run: sudo .venv/bin/python bench/porcelain.py --baseline /tmp/coi-baseline 3
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import fcntl
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import termios
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "lib"), str(ROOT / "tests")]
+
+import fixtures_users  # noqa: E402 - needs the path above
+import sweep  # noqa: E402
+from coi_common import proc  # noqa: E402
+from coi_common.entry import Args, run_main  # noqa: E402
+from coi_common.errors import CommandFailed, UsageError  # noqa: E402
+from coi_common.incus import Incus  # noqa: E402
+
+IMAGE: Final = "coi-test-image"
+PROFILE: Final = "coi"
+PROMPT: Final = b"dummy>"
+DETACH: Final = b"\x02d"  # Ctrl+b d: tmux's detach
+SCREEN: Final = (40, 120)  # rows, columns of the pseudo terminal
+TERM: Final = "xterm-256color"
+COMMAND_TIMEOUT: Final = 180.0
+PROMPT_TIMEOUT: Final = 120.0
+SLOWER_RATIO: Final = 1.10
+SLOWER_MS: Final = 100.0
+SERVICE_START_TIMEOUT: Final = 15.0
+REAL_SOCKET: Final = "/run/coi/host.sock"
+PR_SET_PDEATHSIG: Final = 1  # linux/prctl.h
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the table: the floor (no checkout) or a checkout's coi."""
+
+    key: str
+    title: str
+    checkout: Path | None = None
+    socket: str = ""
+
+    def coi(self) -> str:
+        assert self.checkout is not None
+        return str(self.checkout / "bin" / "coi")
+
+
+@dataclass
+class Row:
+    """A row: what it measures, how many runs, and one run of a column (-> ms)."""
+
+    label: str
+    runs: int
+    measure: Callable[[Column], float]
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def cell(self, key: str) -> dict[str, Any] | None:
+        found = self.samples.get(key)
+        if not found:
+            return None
+        return {"median_ms": round(statistics.median(found), 1),
+                "max_ms": round(max(found), 1), "samples_ms": [round(s, 1) for s in found]}
+
+
+class Terminal:
+    """A program on a pseudo terminal of its own (its controlling terminal), whose
+    output is read until a text appears."""
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str], cwd: Path, *,
+                 shown: str) -> None:
+        self.shown = shown
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", *SCREEN, 0, 0))
+        try:
+            # The terminal becomes the child's controlling one (as a login's is), so
+            # the programs in it see a real tty; one ioctl, and the bench has no threads.
+            self.child = subprocess.Popen(
+                list(argv), stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd,
+                start_new_session=True,
+                preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # noqa: PLW1509
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        self.master = master
+        self.seen = bytearray()
+
+    def wait_for(self, text: bytes, timeout: float) -> None:
+        """Read until `text` was printed; CommandFailed when the program ends first or
+        `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        while text not in self.seen:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._failure(f"no {text.decode()!r} within {timeout:g} s")
+            if select.select([self.master], [], [], left)[0] and not self._read():
+                raise self._failure(f"ended before {text.decode()!r} appeared")
+
+    def close(self, keys: bytes = b"", timeout: float = 30.0) -> None:
+        """Type `keys`, read until the program ends (at most `timeout`), else kill it."""
+        with contextlib.suppress(OSError):
+            os.write(self.master, keys)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if select.select([self.master], [], [], deadline - time.monotonic())[0] and \
+                    not self._read():
+                break
+        with contextlib.suppress(ProcessLookupError):
+            if self.child.poll() is None:
+                os.killpg(self.child.pid, signal.SIGKILL)
+        self.child.wait()
+        os.close(self.master)
+
+    def _read(self) -> bytes:
+        try:
+            chunk = os.read(self.master, 65536)
+        except OSError:  # EIO: every holder of the other side closed it
+            return b""
+        self.seen += chunk
+        return chunk
+
+    def _failure(self, problem: str) -> CommandFailed:
+        tail = " ".join(self.seen.decode(errors="replace").split())[-300:]
+        return CommandFailed(f"{self.shown}: {problem}; it printed: {tail}")
+
+
+class Bench:
+    """The bench user, their workspace and container prefix, and one run of each row."""
+
+    def __init__(self, user: fixtures_users.TestUser, prefix: str, client: Incus) -> None:
+        self.user, self.prefix, self.client = user, prefix, client
+        self.workspace = self.user.home / "workspace"
+        self.workspace.mkdir(mode=0o755)
+        os.chown(self.workspace, self.user.uid, self.user.gid)
+        self.listed: list[str] = []
+
+    # -- running as the bench user ------------------------------------------------------
+
+    def argv(self, *command: str) -> list[str]:
+        return ["setpriv", "--reuid", str(self.user.uid), "--regid", str(self.user.gid),
+                "--init-groups", *command]
+
+    def env(self, column: Column) -> dict[str, str]:
+        env = {**self.user.login_env(), "TERM": TERM}
+        if column.checkout is not None:
+            env.update(COI_DEFAULTS_IMAGE=IMAGE, COI_TOOL_NAME="dummy",
+                       COI_CONTAINER_PREFIX=self.prefix, COI_HOST_SOCKET=column.socket)
+        return env
+
+    def run(self, column: Column, *command: str) -> str:
+        """Run `command` as the bench user in the workspace; its stdout. CommandFailed,
+        naming the column, when it exits non-zero."""
+        shown = f"{column.title}: `{' '.join(command)}`"
+        try:
+            done = subprocess.run(self.argv(*command), env=self.env(column), cwd=self.workspace,
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=COMMAND_TIMEOUT, check=False)
+        except subprocess.TimeoutExpired:
+            raise CommandFailed(f"{shown} took over {COMMAND_TIMEOUT:g} s") from None
+        if done.returncode != 0:
+            raise CommandFailed(f"{shown} exited {done.returncode}: "
+                                f"{proc.last_line(done.stderr + done.stdout)}")
+        return done.stdout
+
+    def coi(self, column: Column, *args: str) -> str:
+        return self.run(column, column.coi(), *args)
+
+    def terminal(self, column: Column, *command: str) -> Terminal:
+        return Terminal(self.argv(*command), self.env(column), self.workspace,
+                        shown=f"{column.title}: `{' '.join(command)}`")
+
+    def floor_name(self) -> str:
+        return f"{self.prefix}floor"
+
+    # -- the rows: one run of one column, in ms ------------------------------------------
+
+    def run_true(self, column: Column) -> float:
+        start = time.perf_counter()
+        if column.checkout is not None:
+            self.coi(column, "run", "--", "true")
+        else:
+            name = self.floor_name()
+            self.run(column, "incus", "create", IMAGE, name, "--profile", PROFILE)
+            self.run(column, "incus", "start", name)
+            self.run(column, "incus", "exec", name, "--", "true")
+            self.run(column, "incus", "delete", "-f", name)
+        return ms_since(start)
+
+    def shell_prompt(self, column: Column) -> float:
+        start = time.perf_counter()
+        if column.checkout is not None:
+            term = self.terminal(column, column.coi(), "shell")
+        else:
+            name = self.floor_name()
+            self.run(column, "incus", "create", IMAGE, name, "--profile", PROFILE)
+            self.run(column, "incus", "start", name)
+            term = self.terminal(column, "incus", "exec", "-t", name, "--",
+                                 "sh", "-c", f"echo '{PROMPT.decode()}'")
+        try:
+            term.wait_for(PROMPT, PROMPT_TIMEOUT)
+            elapsed = ms_since(start)
+        finally:
+            term.close(DETACH if column.checkout is not None else b"")
+            self.end_sessions(column)
+        return elapsed
+
+    def end_sessions(self, column: Column) -> None:
+        """Outside the timing: the column ends its own session; nothing may be left."""
+        if column.checkout is not None:
+            self.coi(column, "kill", "--all", "--force")
+        for instance in self.client.instances(self.prefix):
+            self.client.delete_instance_force(instance["name"])
+
+    def make_listed(self, column: Column, count: int) -> None:
+        """`count` stopped persistent containers of the workspace, made by `column`."""
+        for slot in range(1, count + 1):
+            self.coi(column, "run", "--persistent", "--slot", str(slot), "--", "true")
+        self.coi(column, "shutdown", "--all", "--force", "--timeout", "0")
+        found = {i["name"]: i["status"] for i in self.client.instances(self.prefix)}
+        if len(found) != count or set(found.values()) != {"Stopped"}:
+            raise CommandFailed(f"{column.title}: expected {count} stopped containers, "
+                                f"found {found}")
+        self.listed = sorted(found)
+
+    def list_json(self, column: Column) -> float:
+        start = time.perf_counter()
+        if column.checkout is not None:
+            shown = self.coi(column, "list", "--format", "json")
+        else:
+            shown = self.run(column, "incus", "list", "--format", "json", self.prefix)
+        elapsed = ms_since(start)
+        try:
+            json.loads(shown)
+        except ValueError:
+            raise CommandFailed(f"{column.title}: the listing is not JSON") from None
+        missing = [name for name in self.listed if name not in shown]
+        if missing:
+            raise CommandFailed(f"{column.title}: the listing lacks {', '.join(missing)}")
+        return elapsed
+
+    def start_up(self, column: Column) -> float:
+        start = time.perf_counter()
+        if column.checkout is not None:
+            self.coi(column, "--version")
+        else:
+            self.run(column, str(ROOT / ".venv" / "bin" / "python"), "-c", "pass")
+        return ms_since(start)
+
+
+def ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000
+
+
+def measure(row: Row, columns: Sequence[Column]) -> None:
+    """One unrecorded warm-up of each column, then `row.runs` interleaved rounds."""
+    for column in columns:
+        row.measure(column)
+    for _ in range(row.runs):
+        for column in columns:
+            row.samples.setdefault(column.key, []).append(row.measure(column))
+
+
+# -- host services and checkouts ---------------------------------------------------------
+
+
+class Services:
+    """One `coi-host serve` per checkout on a socket and nftables table of its own."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.folder = Path(tempfile.mkdtemp(prefix=f"coi-test-svc-bench{tag}-", dir="/tmp"))
+        self.folder.chmod(0o755)  # the bench user reaches the sockets through it
+
+    def start(self, checkout: Path, key: str) -> str:
+        socket = self.folder / f"{key}.sock"
+        log = self.folder / f"{key}.log"
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("COI_")},
+               "COI_NFT_TABLE": f"coi_test_bench{self.tag}_{key}",
+               "COI_NET_STATE_DIR": str(self.folder / f"{key}-net-state")}
+        with log.open("ab") as output:
+            # It dies with the bench (SIGKILL included): a root service left running
+            # would be a leftover no sweep looks for. One prctl, and no threads here.
+            child = subprocess.Popen([str(checkout / "bin" / "coi-host"), "serve", "--socket",
+                                      str(socket)], env=env, stdin=subprocess.DEVNULL,
+                                     stdout=output, stderr=subprocess.STDOUT,
+                                     start_new_session=True,
+                                     preexec_fn=_die_with_parent)  # noqa: PLW1509
+        self.children.append(child)
+        deadline = time.monotonic() + SERVICE_START_TIMEOUT
+        while not socket.is_socket():
+            if child.poll() is not None or time.monotonic() > deadline:
+                raise CommandFailed(f"the host service of {checkout} did not start: "
+                                    f"{proc.last_line(log.read_text())}")
+            time.sleep(0.05)
+        return str(socket)
+
+    def stop(self) -> None:
+        for child in self.children:
+            child.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=10)
+            child.kill()
+            child.wait()
+        self.children.clear()
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def checked_checkout(path: str) -> Path:
+    checkout = Path(path).resolve()
+    if not (checkout / "bin" / "coi").is_file() or \
+            not os.access(checkout / ".venv" / "bin" / "python", os.X_OK):
+        raise UsageError(f"--baseline {path}: not a coi checkout with a venv",
+                         hint=f"make one: git -C {ROOT} worktree add --detach DIR COMMIT; "
+                              "make -C DIR venv")
+    return checkout
+
+
+def compile_checkout(checkout: Path) -> None:
+    """Byte code on disk: the bench user cannot write it, and without it every start
+    of theirs would recompile coi's modules."""
+    subprocess.run([str(checkout / ".venv" / "bin" / "python"), "-m", "compileall", "-q",
+                    "lib", *(p.name for p in checkout.glob("coi-*"))],
+                   cwd=checkout, check=False, capture_output=True)
+
+
+# -- output ----------------------------------------------------------------------------
+
+
+def slower(row: Row) -> str:
+    """'AFTER ms against BEFORE ms' when this checkout's median exceeds the baseline's
+    by both margins, else ''."""
+    base, this = row.cell("baseline"), row.cell("this")
+    if base is None or this is None:
+        return ""
+    before, after = base["median_ms"], this["median_ms"]
+    if after > before * SLOWER_RATIO and after - before > SLOWER_MS:
+        return f"{after:.0f} ms against {before:.0f} ms"
+    return ""
+
+
+def render_table(rows: Sequence[Row], columns: Sequence[Column]) -> str:
+    lines = ["| row | " + " | ".join(c.title for c in columns) + " |",
+             "|---" * (len(columns) + 1) + "|"]
+    for row in rows:
+        cells = []
+        for column in columns:
+            cell = row.cell(column.key)
+            cells.append(f"{cell['median_ms']:.0f} / {cell['max_ms']:.0f}" if cell else "")
+        lines.append(f"| {row.label} ({row.runs} runs) | " + " | ".join(cells) + " |")
+    return "\n".join(["ms, median / max", "", *lines])
+
+
+def records(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    return [{"bench": "porcelain", "version": 1, "row": row.label, "runs": row.runs,
+             "floor": row.cell("floor"), "baseline": row.cell("baseline"),
+             "this": row.cell("this"), "slower": bool(slower(row))} for row in rows]
+
+
+# -- the run -----------------------------------------------------------------------------
+
+
+def positive(name: str, text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"{name} must be a whole number of 1 or more, got {text!r}")
+    return int(text)
+
+
+def bench(args: Args) -> int:
+    if os.geteuid() != 0:
+        raise UsageError("bench/porcelain.py creates a test user: run it as root",
+                         hint="sudo .venv/bin/python bench/porcelain.py")
+    runs = positive("<runs>", args["<runs>"] or "5")
+    list_runs = positive("--list-runs", args["--list-runs"])
+    count = positive("--containers", args["--containers"])
+    if args["--format"] not in ("text", "json"):
+        raise UsageError(f"--format must be text or json, got {args['--format']!r}")
+    baseline = checked_checkout(args["--baseline"]) if args["--baseline"] else None
+    checkouts = [(key, path) for key, path in (("baseline", baseline), ("this", ROOT)) if path]
+    lock = sweep.RunLock()
+    lock.share()
+    tag = secrets.token_hex(2)  # the prefix coi-test-bench<4 hex>- stays within 20 characters
+    client = Incus()
+    services = Services(tag)
+    user: fixtures_users.TestUser | None = None
+    cleaned = False
+
+    def clean_up() -> None:
+        nonlocal cleaned
+        if cleaned:
+            return
+        cleaned = True
+        try:
+            services.stop()
+            if user is not None:
+                fixtures_users.remove_user(user)
+            # The scope ends with the prefix's '-': bench/net.py's coi-test-bench<6 hex>
+            # names can start with this bench's 4 hex, and a concurrent one stays alone.
+            sweep.sweep(client, scope=f"bench{tag}-")
+            shutil.rmtree(services.folder, ignore_errors=True)
+        finally:
+            lock.release()
+
+    atexit.register(clean_up)
+    try:
+        columns = []
+        for key, checkout in checkouts:
+            compile_checkout(checkout)
+            socket = REAL_SOCKET if args["--real-service"] else services.start(checkout, key)
+            columns.append(Column(key, f"coi ({key} checkout)", checkout, socket))
+        columns.append(Column("floor", "raw incus floor"))
+        user = fixtures_users.create_user(f"bench{tag}")
+        work = Bench(user, f"{sweep.INSTANCE_PREFIX}bench{tag}-", client)
+        rows = [Row("`coi run -- true`", runs, work.run_true),
+                Row("`coi shell` to the prompt", runs, work.shell_prompt),
+                Row(f"`coi list --format json`, {count} stopped", list_runs, work.list_json),
+                Row("`coi --version` (floor: python -c pass)", list_runs, work.start_up)]
+        for row in rows[:2]:
+            measure(row, columns)
+        work.make_listed(next(c for c in columns if c.key == "this"), count)
+        for row in rows[2:]:
+            measure(row, columns)
+    finally:
+        clean_up()
+    return report(rows, [columns[-1], *columns[:-1]], as_json=args["--format"] == "json")
+
+
+def report(rows: Sequence[Row], columns: Sequence[Column], *, as_json: bool) -> int:
+    """Print the table (columns in this order) or the records; 1 when a row got slower."""
+    print(json.dumps(records(rows), indent=2) if as_json else render_table(rows, columns))
+    verdicts = [(row.label, slower(row)) for row in rows]
+    for label, verdict in verdicts:
+        if verdict:
+            print(f"porcelain.py: this checkout is slower than the baseline: {label}: "
+                  f"{verdict}", file=sys.stderr)
+    return 1 if any(verdict for _, verdict in verdicts) else 0
+
+
+def main() -> None:
+    run_main("porcelain.py", __doc__ or "", bench)
+
+
+if __name__ == "__main__":
+    main()

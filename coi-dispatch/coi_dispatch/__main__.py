@@ -1,0 +1,3 @@
+from coi_dispatch import main
+
+main()
