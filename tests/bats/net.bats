@@ -111,11 +111,21 @@ teardown() {
   [[ "$stderr" == *"coi-test-nosuch-1"* ]]
 }
 
-@test "a user who is not root is told to use sudo, exit 5" {
+@test "a user who is neither root nor a member is told to join incus-admin, exit 5" {
+  for verb in apply remove; do
+    run --separate-stderr setpriv --reuid 65534 --regid 65534 --clear-groups \
+      env -u XDG_CONFIG_HOME -u COI_SYSTEM_CONFIG HOME=/tmp "$ROOT/bin/coi-net" "$verb" \
+      coi-test-nosuch-1
+    assert_failure 5
+    [[ "$stderr" == *"no permission to use"*"join the incus-admin group"* ]]
+  done
+}
+
+@test "refresh by a user who is not root says it needs root, exit 5" {
   run --separate-stderr setpriv --reuid 65534 --regid 65534 --clear-groups \
-    env HOME=/tmp "$ROOT/bin/coi-net" apply coi-test-nosuch-1
+    env -u XDG_CONFIG_HOME -u COI_SYSTEM_CONFIG HOME=/tmp "$ROOT/bin/coi-net" refresh --all
   assert_failure 5
-  [[ "$stderr" == *"needs root"*"sudo coi-net"* ]]
+  [[ "$stderr" == *"needs root"* ]]
 }
 
 @test "an unknown output format is refused with exit 2" {
