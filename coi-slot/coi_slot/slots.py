@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-from coi_common import incus, naming, sessions
+from coi_common import incus, naming, protocol, sessions
 from coi_common.errors import CoiError
 from coi_common.naming import container_name, workspace_hash
 
@@ -43,12 +42,6 @@ def _read(path: Path) -> dict[str, float]:
         return {}
     return {str(k): float(v) for k, v in data.items()
             if isinstance(v, int | float) and not isinstance(v, bool)}
-
-
-def _write_atomically(path: Path, data: dict[str, float]) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def slot_file(state_dir: str, workspace: str) -> Path:
@@ -91,7 +84,7 @@ def reserve(state_dir: str, workspace: str, *, prefix: str, existing: Iterable[s
         else:
             slot = wanted
         reservations[str(slot)] = now + RESERVATION_SECONDS
-        _write_atomically(path, reservations)
+        protocol.write_json_atomic(str(path), reservations)
         return slot
 
 
@@ -101,7 +94,7 @@ def release(state_dir: str, workspace: str, slot: int) -> None:
     with _locked(path):
         reservations = _read(path)
         if reservations.pop(str(slot), None) is not None:
-            _write_atomically(path, reservations)
+            protocol.write_json_atomic(str(path), reservations)
 
 
 def new_slot_record(client: incus.Incus, settings: Any, workspace: str, *,
