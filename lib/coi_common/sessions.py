@@ -9,7 +9,7 @@ keys, so `coi list` needs one request and no local state.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Final
 
@@ -94,11 +94,12 @@ class SlotRecord:
     def from_record(cls, record: Mapping[str, Any]) -> SlotRecord:
         """A validated record from stdin; every field is checked, nothing trusted: each
         has its JSON type, names pass their validators, mounts and environment are
-        what --mount and --env would take."""
+        what --mount and --env would take. A refusal names the field."""
         data = validate(dict(record), "slot")
-        slot = naming.validate_slot(data["slot"], naming.SLOT_CEILING)
-        workspace = naming.canonical_workspace(_record_field(data, "workspace", str))
-        container = naming.validate_container_name(data["container"])
+        slot = _checked("slot", naming.validate_slot, data["slot"], naming.SLOT_CEILING)
+        workspace = _checked("workspace", naming.canonical_workspace,
+                             _record_field(data, "workspace", str))
+        container = _checked("container", naming.validate_container_name, data["container"])
         if container != naming.container_name(workspace, slot):
             raise BadInput(f"slot record: container {container!r} is not slot {slot} of "
                            f"{workspace} (expected {naming.container_name(workspace, slot)})")
@@ -106,30 +107,47 @@ class SlotRecord:
         if network not in naming.NETWORK_MODES:
             raise BadInput(f"slot record: network {network!r} is not one of "
                            f"{', '.join(naming.NETWORK_MODES)}")
-        environment = _record_field(data, "environment", dict, {})
-        if not all(isinstance(value, str) for value in environment.values()):
-            raise BadInput("slot record: environment values must be strings")
-        parse_env([f"{key}={value}" for key, value in environment.items()])
         storage = _record_field(data, "storage", str, "")
         if storage and not os.path.isabs(storage):
             raise BadInput(f"slot record: storage {storage!r} is not an absolute path")
-        limits = _record_field(data, "limits", dict, dict(NO_LIMITS))
         resume = _record_field(data, "resume", str, "")
         if resume not in ("", RESUME_LATEST):
-            naming.validate_session_id(resume)
+            _checked("resume", naming.validate_session_id, resume)
         profile = _record_field(data, "config_profile", str, "")
         if profile:
-            naming.validate_profile_name(profile)
+            _checked("config_profile", naming.validate_profile_name, profile)
         return cls(workspace, slot, container, _record_field(data, "persistent", bool),
-                   naming.validate_image_name(data["image"]),
-                   naming.validate_profile_name(_record_field(data, "profile", str)),
-                   naming.validate_tool_name(_record_field(data, "tool", str, "claude")),
-                   network, environment,
-                   tuple(_record_mount(m) for m in _record_field(data, "mounts", list, [])),
-                   storage, _record_limits(limits),
+                   _checked("image", naming.validate_image_name, data["image"]),
+                   _checked("profile", naming.validate_profile_name,
+                            _record_field(data, "profile", str)),
+                   _checked("tool", naming.validate_tool_name,
+                            _record_field(data, "tool", str, "claude")),
+                   network, _checked("environment", _record_environment, data),
+                   tuple(_checked("mounts", _record_mount, m)
+                         for m in _record_field(data, "mounts", list, [])),
+                   storage, _checked("limits", _record_limits,
+                                     _record_field(data, "limits", dict, dict(NO_LIMITS))),
                    *(_record_field(data, key, bool, default) for key, default in
                      (("mask", True), ("allow_home", False), ("force", False))),
                    resume, profile)
+
+
+def _checked(field_name: str, check: Callable[..., Any], *values: Any) -> Any:
+    """check(*values), a refusal naming the record's field it came from."""
+    try:
+        return check(*values)
+    except BadInput as exc:
+        prefix = "slot record: "
+        message = exc.message.removeprefix(prefix)
+        raise BadInput(f"{prefix}{field_name}: {message}", hint=exc.hint) from None
+
+
+def _record_environment(data: Mapping[str, Any]) -> dict[str, str]:
+    environment = _record_field(data, "environment", dict, {})
+    if not all(isinstance(value, str) for value in environment.values()):
+        raise BadInput("values must be strings")
+    parse_env([f"{key}={value}" for key, value in environment.items()])
+    return environment
 
 
 def _record_field(data: Mapping[str, Any], key: str, kind: type, default: Any = None) -> Any:

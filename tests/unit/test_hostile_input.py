@@ -1076,11 +1076,16 @@ def test_awaiting_patch_command_line_is_refused_before_anything_happens(
         ("network", "wide"), ("storage", 5), ("storage", "relative"),
         ("environment", {"A B": "1"}),
         ("environment", {"A": 1}), ("mounts", [{"source": ".", "path": "/x", "readonly": 1}]),
-        ("mounts", [{"source": ".", "path": "relative"}])]
+        ("mounts", [{"source": ".", "path": "relative"}]),
+        ("limits", {"cpu": 2}), ("limits", {"memory": "lots"}), ("limits", {"swap": "1G"}),
+        ("limits", {"processes": -1}), ("mask", "false"), ("allow_home", 1),
+        ("resume", "../x"), ("config_profile", "../x"), ("profile", "a b")]
 ])
 def test_awaiting_patch_record_field_is_refused(field, value, hostile):
     record = {**slot_record(hostile.workspace), field: value}
-    assert_refused(hostile.run("coi-session", ["save"], data=json.dumps(record).encode()))
+    outcome = hostile.run("coi-session", ["save"], data=json.dumps(record).encode())
+    assert_refused(outcome)
+    assert f"slot record: {field}" in outcome.err  # the refusal names the field
     hostile.assert_untouched()
 
 
