@@ -14,7 +14,7 @@ import traceback
 from dataclasses import dataclass
 from typing import IO, Final
 
-from coi_common import incus, output
+from coi_common import incus, naming, output
 from coi_common.entry import Args, debug_enabled, report
 from coi_common.errors import BadInput, CoiError, NotFound, UsageError
 from coi_common.naming import validate_container_name
@@ -23,7 +23,6 @@ from coi_container import PROG, lifecycle
 
 FORMATS: Final = ("json", "raw")
 DEFAULT_FORMAT: Final = "json"
-ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 NUMERIC_ID: Final = re.compile(r"0|[1-9][0-9]{0,9}")
 """Plain decimal ids: no sign, spaces, leading zeros or non-ASCII digits."""
 MAX_ID: Final = 2**32 - 2
@@ -142,7 +141,7 @@ def parse_request(args: Args) -> ExecRequest:
     return ExecRequest(name=validate_container_name(args["<name>"]), command=command,
                        user=numeric_id(args["--user"], "--user"),
                        group=numeric_id(args["--group"], "--group"),
-                       env=tuple(env_pair(item) for item in args["--env"]), cwd=cwd)
+                       env=tuple(naming.env_pair(item) for item in args["--env"]), cwd=cwd)
 
 
 def numeric_id(value: str | None, option: str) -> int | None:
@@ -153,15 +152,6 @@ def numeric_id(value: str | None, option: str) -> int | None:
         raise BadInput(f"{option} {value!r} is not a numeric id 0..{MAX_ID}",
                        hint="user and group are numbers, e.g. --user 1000")
     return int(value)
-
-
-def env_pair(item: str) -> tuple[str, str]:
-    """KEY=VALUE split at the first '='; KEY a shell variable name, VALUE anything."""
-    key, sep, value = item.partition("=")
-    if not sep or not ENV_NAME.fullmatch(key):
-        raise BadInput(f"--env {item!r} is not KEY=VALUE with KEY a variable name "
-                       f"(letters, digits, '_', not starting with a digit)")
-    return key, value
 
 
 # -- output ------------------------------------------------------------------------------

@@ -156,6 +156,19 @@ def validate_profile_name(name: object) -> str:
     return _check(_PROFILE_RULE, name)
 
 
+ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+"""A variable name coi passes into a container (ASCII: a shell must be able to use it)."""
+
+
+def env_pair(item: str) -> tuple[str, str]:
+    """`--env KEY=VALUE` split at the first '='; KEY a variable name, VALUE anything."""
+    key, sep, value = item.partition("=")
+    if not sep or not ENV_NAME.fullmatch(key):
+        raise BadInput(f"--env {_show(item)} is not KEY=VALUE with KEY a variable name "
+                       "(letters, digits, '_', not starting with a digit)")
+    return key, value
+
+
 NETWORK_MODES: Final = ("restricted", "allowlist", "open")
 """coi's egress modes (docs/network.md); restricted is the default."""
 CPU_PATTERN: Final = re.compile(r"[1-9][0-9]{0,3}")

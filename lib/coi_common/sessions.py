@@ -316,12 +316,5 @@ def release_view(name: str, *, forget: bool = False) -> None:
 
 
 def parse_env(pairs: Sequence[str]) -> dict[str, str]:
-    """`--env KEY=VALUE` flags; a malformed one is a one-line error."""
-    env: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.replace("_", "a").isalnum() or key[0].isdigit():
-            raise BadInput(f"--env {pair!r}: expected KEY=VALUE with KEY made of letters, "
-                           "digits and _")
-        env[key] = value
-    return env
+    """`--env KEY=VALUE` flags (naming.env_pair); a malformed one is a one-line error."""
+    return dict(naming.env_pair(pair) for pair in pairs)

@@ -25,7 +25,7 @@ from typing import Any, Final
 
 from coi_common.config import config_files
 from coi_common.errors import BadInput, CoiError, NotFound
-from coi_common.naming import check_secret_path, validate_tool_name
+from coi_common.naming import ENV_NAME, check_secret_path, validate_tool_name
 
 HOME: Final = "/home/code"
 """Home of the tool user in every container, whatever the image's own users."""
@@ -36,7 +36,6 @@ TOOLS_DIR: Final = Path(__file__).with_name("tools")
 """Where the shipped definitions (and the dummy test tool's script) live."""
 INSTALL_METHODS: Final = ("npm", "pip", "script", "none")
 
-_ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BINARY: Final = re.compile(r"[A-Za-z0-9_/][A-Za-z0-9_./+-]*")
 # Package specs reach an install command line; shell metacharacters are kept out
 # so that a definition can never smuggle in a second command.
@@ -166,7 +165,7 @@ def _env(value: Any) -> Mapping[str, str]:
     if not isinstance(value, Mapping):
         raise _Invalid(f"must be a table of strings, got {_type(value)}")
     for key, item in value.items():
-        if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
+        if not isinstance(key, str) or not ENV_NAME.fullmatch(key):
             raise _Invalid(f"has {key!r}, which is not an environment variable name")
         if not isinstance(item, str) or "\0" in item:
             raise _Invalid(f"value of {key} must be a string, got {_type(item)}")
