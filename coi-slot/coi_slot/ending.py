@@ -20,9 +20,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from coi_common import locks, owners, plumbing, sessions
+from coi_common import config, locks, owners, plumbing, sessions
 from coi_common.errors import CoiError, NotFound, PermissionDenied
 from coi_common.incus import Incus
+from coi_slot import slots
 
 ENDED_KEY: Final = f"{sessions.KEY}ended_run"
 """Set when a session was ended and its container kept, stopped: the container's Incus
@@ -82,7 +83,15 @@ def end_session(client: Incus, name: str, *, save: bool = True, remove: bool = F
 
 
 def _after_delete(name: str, instance: Mapping[str, Any]) -> None:
-    """Its rules and its view's directory go with it; neither ever fails the end."""
+    """Its rules, its view's directory and its slot's reservation go with it; none of
+    them ever fails the end. (The reservation `coi-slot next` made holds until the
+    container exists and then lingers for up to two minutes: without this, a slot
+    killed right after its start could not be taken again at once.)"""
+    keys = sessions.SessionContainer.from_instance(instance)
+    if keys is not None:
+        with contextlib.suppress(CoiError, OSError):
+            state_dir = config.load(keys.workspace, lenient=True).path("paths.state_dir")
+            slots.release(state_dir, keys.workspace, keys.slot)
     mode = (instance.get("config") or {}).get(f"{sessions.KEY}network")
     if mode and mode != "open":
         try:

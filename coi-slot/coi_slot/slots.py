@@ -89,8 +89,11 @@ def reserve(state_dir: str, workspace: str, *, prefix: str, existing: Iterable[s
 
 
 def release(state_dir: str, workspace: str, slot: int) -> None:
-    """Drop a reservation once its container exists (or the attempt failed)."""
+    """Drop a reservation (its container ended, or the attempt failed); nothing to do,
+    and nothing made, when the workspace has no reservations."""
     path = slot_file(state_dir, workspace)
+    if not path.exists():
+        return
     with _locked(path):
         reservations = _read(path)
         if reservations.pop(str(slot), None) is not None:

@@ -324,6 +324,21 @@ def test_detach_keeps_the_session_and_attach_returns_to_it(user_coi, terminal):
     back.wait_for("noted remember me")
 
 
+def test_a_slot_killed_after_a_detach_can_be_taken_again_at_once(user_coi, terminal,
+                                                                  incus_client):
+    """The reservation coi-slot next made for the shell goes with the container: a
+    `coi kill` right after a detach frees the slot (it used to stay reserved 2 min)."""
+    term = terminal(user_coi.argv("shell", "--slot", "2"), None, user_coi.workspace)
+    term.wait_for("dummy: 0 lines of history")
+    term.keys("C-b", "d")
+    term.wait_for("COI-EXITED-0")
+    killed = user_coi("kill", "--no-save", name_of(user_coi, 2))
+    assert killed.returncode == 0, killed.stderr
+    again = user_coi("run", "--slot", "2", "--", "true")
+    assert again.returncode == 0, again.stderr
+    assert not incus_client.instance_exists(name_of(user_coi, 2))
+
+
 def test_tmux_send_and_capture_round_trip(user_coi, terminal):
     term = terminal(user_coi.argv("shell"), None, user_coi.workspace)
     term.wait_for("dummy: 0 lines of history")
