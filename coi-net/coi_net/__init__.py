@@ -4,7 +4,7 @@ Usage:
   coi-net [network] apply [<name>] [--mode MODE] [--allow ENTRY]... [--resolver ADDR]...
                     [--refresh-minutes N] [--dns-timeout S] [--no-nic-filtering]
                     [--dry-run] [--format FMT] [--debug]
-  coi-net [network] remove <name>... [--dry-run] [--format FMT] [--debug]
+  coi-net [network] remove [<name>...] [--dry-run] [--format FMT] [--debug]
   coi-net [network] refresh [--force] [--format FMT] [--debug] [--all | <name>...]
   coi-net [network] status [<name>] [--format FMT] [--debug]
   coi-net [network] gc [--dry-run] [--format FMT] [--debug]
@@ -18,7 +18,8 @@ Commands:
             starting it, so the rules are there before its first packet. Without
             <name>, reads a slot record (coi-slot next) on stdin and takes the
             container and mode from it.
-  remove    Remove a container's rules and state (at deletion). Missing rules
+  remove    Remove a container's rules and state (at deletion); without <name>,
+            the container of a slot record on stdin. Missing rules
             are not an error.
   refresh   Re-resolve allowlists whose DNS answers have expired (or all names
             with --force, or of the named containers) and swap the allowed

@@ -32,6 +32,8 @@ def run(args: Args, *, as_json: bool) -> int:
         return _apply(args, as_json=as_json)
     dry_run = bool(args["--dry-run"])
     names = [validate_container_name(n) for n in args["<name>"] or []]
+    if args["remove"] and not names:
+        names = [_slot_record().container]
     if args["remove"] and not dry_run and os.geteuid() != 0:
         records = [_by_service("net_remove", "net_removed", container=name) for name in names]
         return _render(records, None, as_json=as_json, text=_removed_text)
@@ -62,6 +64,14 @@ def _context(settings: config.Config, *, dry_run: bool) -> ops.Context:
                        bridge_name=settings.get("incus.network"), dry_run=dry_run)
 
 
+def _slot_record() -> Any:
+    """The slot record on stdin (coi-slot next | coi-net apply; coi-slot end's remove)."""
+    from coi_common.protocol import read_record  # noqa: PLC0415
+    from coi_common.sessions import SlotRecord  # noqa: PLC0415
+
+    return SlotRecord.from_record(read_record("slot"))
+
+
 def _by_service(verb: str, kind: str, **fields: Any) -> Record:
     """A member's apply or remove: coi's host service runs its own root-owned coi-net
     with these fields (checked again there) and hands its record back."""
@@ -82,10 +92,7 @@ def _apply(args: Args, *, as_json: bool) -> int:
     name, mode, workspace = args["<name>"][0] if args["<name>"] else None, None, None
     profile = None
     if name is None:
-        from coi_common.protocol import read_record  # noqa: PLC0415
-        from coi_common.sessions import SlotRecord  # noqa: PLC0415
-
-        slot = SlotRecord.from_record(read_record("slot"))
+        slot = _slot_record()
         name, mode, workspace = slot.container, slot.network, slot.workspace
         profile = slot.config_profile or None
     name = validate_container_name(name)

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any, Final
 
-from coi_common import __version__, naming, protocol, sizes
+from coi_common import __version__, naming, proc, protocol, sizes
 from coi_common.errors import BadInput, CoiError, CommandFailed, NotFound
 from coi_common.incus import ExecSpec, Incus, exec_not_started, retry_exec
 from coi_common.protocol import CONTRACT_VERSION, make_record
@@ -904,22 +904,15 @@ class _Watchdog:
 
     def _fire(self) -> None:
         self.fired = True
-        _kill_group(self._child)
+        proc.stop_group(self._child, grace=0)
 
     def cancel(self) -> None:
         self._timer.cancel()
 
 
-def _kill_group(child: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(child.pid, 9)
-
-
 def _end(child: subprocess.Popen[bytes]) -> None:
     if child.poll() is None:
-        _kill_group(child)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        child.wait(timeout=10)
+        proc.stop_group(child, grace=0)
     for stream in (child.stdin, child.stdout):
         if stream is not None:
             with contextlib.suppress(OSError):
@@ -1256,7 +1249,7 @@ def running(client: Incus, name: str) -> Iterator[bool]:
     by the next one (heal_masked).
     """
     heal_masked(client, name)
-    status = str(client.instance_state(name).get("status"))
+    status = client.status(name)
     if status == "Running":
         yield False
         return

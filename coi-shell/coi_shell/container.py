@@ -213,11 +213,17 @@ def _build_view(name: str, workspace: str, protect: list[str], patterns: list[st
 # -- network rules (coi-net as root, or coi's host service) ------------------------------
 
 
-def apply_network(record: SlotRecord) -> None:
-    """Put the container's egress rules in place: `coi-net apply` given the slot record
-    (as root it writes them itself; for a member, coi's host service does), with the
-    container created and not yet started: it gives the NIC coi's fixed host-side name,
-    so the rules are there before the first packet. Its warnings (a name that did not
-    resolve) reach the user on stderr."""
-    if record.network != "open":
-        plumbing.call("coi-net", ["apply"], record=record.to_record(), kind="net_rules")
+def network_child(record: SlotRecord) -> plumbing.Child | None:
+    """`coi-net apply`, started early (it waits for the record); None for open mode."""
+    return None if record.network == "open" else \
+        plumbing.Child("coi-net", ["apply"], kind="net_rules")
+
+
+def apply_network(record: SlotRecord, applier: plumbing.Child | None) -> None:
+    """Put the container's egress rules in place: `coi-net apply` (network_child) given
+    the slot record (as root it writes them itself; for a member, coi's host service
+    does), with the container created and not yet started: it gives the NIC coi's fixed
+    host-side name, so the rules are there before the first packet. Its warnings (a
+    name that did not resolve) reach the user on stderr."""
+    if applier is not None:
+        applier.finish(record.to_record())

@@ -153,11 +153,10 @@ def ensure_container(ctx: Context) -> str:
     started again as it is, with whatever was installed in it.
     """
     name, client = ctx.record.container, ctx.client
-    state = _state_of(client, name)
-    if state is not None:
-        instance = client.instance_config(name)
+    instance = _instance_of(client, name)
+    if instance is not None:
         _check_ours(instance, ctx.record.workspace)
-        if state.get("status") == "Running":
+        if instance.get("status") == "Running":
             return RUNNING
         if sessions.is_persistent(instance):
             idmap = preflight(ctx)
@@ -178,20 +177,22 @@ def ensure_container(ctx: Context) -> str:
     return CREATED
 
 
-def end_session(ctx: Context, *flags: str) -> dict[str, Any]:
+def end_session(ctx: Context, *flags: str, child: plumbing.Child | None = None
+                ) -> dict[str, Any]:
     """`coi-slot end` of this session's container (given the slot record, so its slot's
     reservation goes too): the one owner of saving and deleting. Its container_action
-    record; a failure (a save that failed: the container is kept) raises, reported."""
-    found = plumbing.call("coi-slot", ["end", *flags], record=ctx.record.to_record(),
-                          kind="container_action")
+    record; a failure (a save that failed: the container is kept) raises. `child`: a
+    `coi-slot end` started earlier (ender)."""
+    child = child or plumbing.Child("coi-slot", ["end", *flags], kind="container_action")
+    found = child.finish(ctx.record.to_record())
     if len(found) != 1:
         raise CoiError(f"coi-slot end printed {len(found)} results, not one")
     return found[0]
 
 
-def _state_of(client: incus.Incus, name: str) -> dict[str, Any] | None:
+def _instance_of(client: incus.Incus, name: str) -> dict[str, Any] | None:
     try:
-        return client.instance_state(name)
+        return client.instance_config(name)
     except NotFound:
         return None
 
@@ -243,6 +244,7 @@ def _create(ctx: Context) -> None:
     devices = container.container_devices(record, sessions.invoking_home())
 
     def create(view: Any) -> None:
+        applier = container.network_child(record)  # starts while Incus creates
         try:
             # Created stopped: the egress rules go in before its first packet.
             with progress.waiting(f"creating {record.container} from image {record.image} "
@@ -254,9 +256,13 @@ def _create(ctx: Context) -> None:
                         allow_setuid=ctx.settings.get("security.allow_setuid")),
                         **container.limits_config(record.limits)},
                     devices=container.through_view(devices, view))
-        except NotFound as exc:
-            raise NotFound(exc.message, hint="build it with 'coi build'") from None
-        container.apply_network(record)
+        except BaseException as exc:
+            if applier is not None:
+                applier.abandon()
+            if isinstance(exc, NotFound):
+                raise NotFound(exc.message, hint="build it with 'coi build'") from None
+            raise
+        container.apply_network(record, applier)
 
     _start(ctx, idmap, create)
 
@@ -379,7 +385,7 @@ def _still_running(name: str, exit_code: int) -> int:
 
 def _status(ctx: Context) -> str:
     try:
-        return str(ctx.client.instance_state(ctx.record.container).get("status"))
+        return ctx.client.status(ctx.record.container)
     except NotFound:
         return "Gone"
     except IncusError:
@@ -411,15 +417,36 @@ def resume_target(ctx: Context) -> dict[str, Any] | None:
         found = plumbing.call("coi-session", ["restore", "--check"],
                               record=ctx.record.to_record(), kind="session")
     except BaseException:
-        if _state_of(ctx.client, ctx.record.container) is None:  # only its slot to free
+        if _instance_of(ctx.client, ctx.record.container) is None:  # only its slot to free
             with contextlib.suppress(CoiError):
                 end_session(ctx, "--no-save")
         raise
     return found[0] if found else None
 
 
-def prepare_home(ctx: Context, wanted: Mapping[str, Any] | None, *,
-                 reused: bool = False) -> bool:
+def ready_and_home(ctx: Context, wanted: Mapping[str, Any] | None) -> tuple[str, bool]:
+    """ensure_container, then prepare_home unless it was running already: (its state,
+    whether the tool resumes). `coi-session restore` starts beside the container's
+    start, so its start-up is not waited for."""
+    restorer = plumbing.Child("coi-session", ["restore"], kind="session_restored")
+    try:
+        state = ensure_container(ctx)
+    except BaseException:
+        restorer.abandon()
+        raise
+    if state == RUNNING:
+        restorer.abandon()
+        return state, False
+    return state, prepare_home(ctx, wanted, restorer, reused=state == RESTARTED)
+
+
+def ender() -> plumbing.Child:
+    """`coi-slot end`, started while the session's command runs (end_session finishes it)."""
+    return plumbing.Child("coi-slot", ["end"], kind="container_action")
+
+
+def prepare_home(ctx: Context, wanted: Mapping[str, Any] | None, restorer: plumbing.Child,
+                 *, reused: bool = False) -> bool:
     """Before the tool starts in a container just started: `coi-session restore` of the
     session `wanted` (resume_target; None: credentials only), which also copies fresh
     credentials in and merges the settings file. True when the tool resumes.
@@ -440,8 +467,7 @@ def prepare_home(ctx: Context, wanted: Mapping[str, Any] | None, *,
     try:
         with progress.waiting(f"restoring session {session_id} into {name}" if session_id
                               else f"copying credentials into {name}"):
-            found = plumbing.call("coi-session", ["restore"], record=record,
-                                  kind="session_restored")
+            found = restorer.finish(record)
     except CoiError as exc:
         if not session_id:
             print(f"coi: could not copy credentials into {name}: {exc.one_line()}",
@@ -466,12 +492,11 @@ def shell(args: Args, argv: list[str]) -> int:
     try:
         ctx = context_from_args(args, argv, record_on_stdin=True)
         wanted = resume_target(ctx)
-        state = ensure_container(ctx)
+        state, resumed = ready_and_home(ctx, wanted)
         if state == RUNNING:
             print(f"coi: attaching to running {ctx.record.container}"
                   + ("; --resume does not apply to a running session" if wanted else ""),
                   file=sys.stderr)
-        resumed = state != RUNNING and prepare_home(ctx, wanted, reused=state == RESTARTED)
         ensure_tmux(ctx, resume=resumed)
         code = hand_terminal_to(ctx, ["tmux", "attach-session", "-t", sessions.TMUX_SESSION],
                                 terminal)
@@ -486,16 +511,16 @@ def run_command(args: Args, argv: list[str]) -> int:
     is deleted afterwards unless it is persistent (its own setting decides)."""
     ctx = context_from_args(args, argv, record_on_stdin=False)
     wanted = resume_target(ctx)
-    state = ensure_container(ctx)
+    ready_and_home(ctx, wanted)
+    ending = None
     try:
-        if state != RUNNING:
-            prepare_home(ctx, wanted, reused=state == RESTARTED)
+        ending = ender()
         spec = container.as_code(ctx.record.container, list(args["<command>"]), tty=False,
                                 env=container.session_env(os.environ.get("TERM")))
         return ctx.client.exec_handover(spec)
     finally:
         try:
-            end_session(ctx)
+            end_session(ctx, child=ending)
         except CoiError as exc:  # the command's own status stays the answer
             print(f"coi: {exc.one_line()}", file=sys.stderr)
 

@@ -140,7 +140,7 @@ def run_end(args: Args, *, as_json: bool) -> int:
         target = _own_session(client, name)
         result = ended(target, "end", ending.end_session(
             client, name, save=not args["--no-save"], if_down=bool(args["--if-down"]),
-            wait=wait)) if target is not None else \
+            wait=wait, record=record)) if target is not None else \
             ActionResult(name, "end", ok=True, deleted=True, changed=False)
     finally:
         if record is not None:
@@ -319,7 +319,7 @@ def _stopped_persistent(target: Instance) -> bool:
 
 
 def _status(client: incus.Incus, name: str) -> str:
-    return str(client.instance_state(name).get("status") or "")
+    return client.status(name)
 
 
 def _force_stop(client: incus.Incus, name: str) -> None:

@@ -45,7 +45,8 @@ class Ending:
 
 
 def end_session(client: Incus, name: str, *, save: bool = True, remove: bool = False,
-                if_down: bool = False, wait: float = 0.0) -> Ending:
+                if_down: bool = False, wait: float = 0.0,
+                record: sessions.SlotRecord | None = None) -> Ending:
     """Save the session, then delete the container unless it is persistent, and with
     it its network rules. Only an explicit removal (`remove`, as `coi kill` asks)
     deletes a persistent one. A failed save keeps the container (Ending.message says
@@ -57,7 +58,50 @@ def end_session(client: Incus, name: str, *, save: bool = True, remove: bool = F
     shell sees it stop) do the work once: the second waits for the lock, then finds
     it gone, or kept stopped with nothing run in it since (ENDED_KEY), and saves
     nothing again (a removal still deletes it). Ending.saved: the session is in the
-    store, saved by this call or, with nothing run since, by the one that ended it."""
+    store, saved by this call or, with nothing run since, by the one that ended it.
+    `record` (the slot record of `coi-slot end`): `coi-net remove` is then started at
+    once and given it after the delete, its start-up hidden behind the save and stop."""
+    early = _Early.started(record, save=save)
+    try:
+        return _end(client, name, save=save, remove=remove, if_down=if_down, wait=wait,
+                    early=early)
+    finally:
+        early.abandon()
+
+
+@dataclass
+class _Early:
+    """`coi-session save` and `coi-net remove` of a session whose slot record came with
+    `coi-slot end`: started first, given the record when their turn comes."""
+
+    record: sessions.SlotRecord | None = None
+    saver: plumbing.Child | None = None
+    remover: plumbing.Child | None = None
+
+    @classmethod
+    def started(cls, record: sessions.SlotRecord | None, *, save: bool) -> _Early:
+        if record is None:
+            return cls()
+        return cls(record,
+                   plumbing.Child("coi-session", ["save"], kind="session_saved")
+                   if save else None,
+                   plumbing.Child("coi-net", ["remove"], kind="net_removed")
+                   if record.network != "open" else None)
+
+    def take(self, which: str, name: str) -> plumbing.Child | None:
+        """The early child for `name`, once (None: run one now)."""
+        child = getattr(self, which)
+        setattr(self, which, None)
+        return child if self.record is not None and self.record.container == name else None
+
+    def abandon(self) -> None:
+        for child in (self.saver, self.remover):
+            if child is not None:
+                child.abandon()
+
+
+def _end(client: Incus, name: str, *, save: bool, remove: bool, if_down: bool, wait: float,
+         early: _Early) -> Ending:
     with locks.ending_lock(client, name):
         if if_down and not _down(client, name, wait):
             return Ending(saved=False, deleted=False, running=True)
@@ -66,7 +110,7 @@ def end_session(client: Incus, name: str, *, save: bool = True, remove: bool = F
         except NotFound:
             return Ending(saved=False, deleted=True)
         kept_since = _ended_since_start(instance)
-        saved, problem = save_session(name, owners.owner_uid(instance)) \
+        saved, problem = save_session(name, owners.owner_uid(instance), early) \
             if save and not kept_since else (save and kept_since, "")
         if problem:
             return Ending(False, deleted=False,
@@ -78,11 +122,11 @@ def end_session(client: Incus, name: str, *, save: bool = True, remove: bool = F
                 _mark_ended(client, name)
             return Ending(saved, deleted=False)
         client.delete_instance_force(name)
-        _after_delete(name, instance)
+        _after_delete(name, instance, early)
         return Ending(saved, deleted=True)
 
 
-def _after_delete(name: str, instance: Mapping[str, Any]) -> None:
+def _after_delete(name: str, instance: Mapping[str, Any], early: _Early) -> None:
     """Its rules, its view's directory and its slot's reservation go with it; none of
     them ever fails the end. (The reservation `coi-slot next` made holds until the
     container exists and then lingers for up to two minutes: without this, a slot
@@ -95,7 +139,8 @@ def _after_delete(name: str, instance: Mapping[str, Any]) -> None:
     mode = (instance.get("config") or {}).get(f"{sessions.KEY}network")
     if mode and mode != "open":
         try:
-            plumbing.call("coi-net", ["remove", name], kind="net_removed")
+            _run(early, "remover", name, program="coi-net", args=["remove", name],
+                 kind="net_removed")
         except CoiError as exc:
             print(f"coi: could not remove the network rules of {name} ({exc.one_line()}); "
                   "'coi-net gc' will", file=sys.stderr)
@@ -115,14 +160,24 @@ def _down(client: Incus, name: str, wait: float) -> bool:
 
 def _status(client: Incus, name: str) -> str:
     try:
-        return str(client.instance_state(name).get("status"))
+        return client.status(name)
     except NotFound:
         return "Gone"
     except CoiError:
         return "Stopping"  # Incus cannot read the state of a container halfway down
 
 
-def save_session(name: str, owner: int | None) -> tuple[bool, str]:
+def _run(early: _Early, which: str, name: str, *, program: str, args: list[str], kind: str,
+         as_user: pwd.struct_passwd | None = None) -> list[dict[str, Any]]:
+    """The early child (given the record), or `program args` run now."""
+    child = early.take(which, name) if as_user is None else None
+    if child is not None and early.record is not None:
+        return child.finish(early.record.to_record())
+    return plumbing.call(program, args, kind=kind, as_user=as_user)
+
+
+def save_session(name: str, owner: int | None, early: _Early | None = None
+                 ) -> tuple[bool, str]:
     """The session-save hook: every path by which coi stops or removes a session
     container comes through here first. Returns (ok, message).
 
@@ -132,8 +187,8 @@ def save_session(name: str, owner: int | None) -> tuple[bool, str]:
     root runs it as that user. It never raises: this runs in cleanup paths; a
     failure is reported and the caller keeps the container."""
     try:
-        found = plumbing.call("coi-session", ["save", name], kind="session_saved",
-                              as_user=_save_user(name, owner))
+        found = _run(early or _Early(), "saver", name, program="coi-session",
+                     args=["save", name], kind="session_saved", as_user=_save_user(name, owner))
     except (Exception, KeyboardInterrupt) as exc:  # cleanup must go on, whatever failed
         if isinstance(exc, NotFound) and exc.message.startswith(f"container {name}"):
             return True, ""  # gone already: nothing left to save

@@ -411,13 +411,18 @@ class Incus:
                              f"container {name}")
         return headers.get("x-incus-type", "")
 
+    def status(self, name: str) -> str:
+        """Running, Stopped, ...: from the instance itself (~2 ms), not its state (which
+        costs Incus a look into the container, ~25 ms here)."""
+        return str(self.instance_config(name).get("status") or "")
+
     def delete_instance_force(self, name: str) -> None:
         """Stop (at once) if running, then delete; a missing container is fine."""
         try:
-            state = self.instance_state(name)
+            status = self.status(name)
         except NotFound:
             return
-        if state.get("status") != "Stopped":
+        if status != "Stopped":
             self.set_state(name, "stop", force=True)
         self.delete_instance(name)
 

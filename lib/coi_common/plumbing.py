@@ -18,6 +18,7 @@ import os
 import pwd
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -38,22 +39,41 @@ def call(program: str, args: Sequence[str], *, record: Mapping[str, Any] | None 
     `record` on its stdin; return its records (of `kind`, when given). Waits as long
     as the child works: every child coi runs bounds its own waits. `as_user` (root
     only): the child runs as that account (as_account)."""
-    path = find_executable(program)
-    if path is None:
-        raise NotFound(f"{program} is not installed (neither next to coi nor on PATH)")
-    argv = ["env", f"{PLUMBING_VARIABLE}=1", path, *args, "--format", "json"]
-    if as_user is not None:
-        argv = as_account(as_user, argv)
-    payload = (json.dumps(record) + "\n").encode() if record is not None else b""
-    with trace.span("child", [program, *args]) as traced:  # its whole run, not its start
-        child = proc.spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    return Child(program, args, kind=kind, as_user=as_user).finish(record)
+
+
+class Child:
+    """A coi program started now and given its record later (finish): its start-up
+    (~30-40 ms of Python and imports) runs while the parent waits on Incus, since the
+    child only reads its stdin once it is ready. abandon() stops one not needed after
+    all; it has done nothing but wait for its record."""
+
+    def __init__(self, program: str, args: Sequence[str], *,
+                 kind: str | tuple[str, ...] | None = None,
+                 as_user: pwd.struct_passwd | None = None) -> None:
+        path = find_executable(program)
+        if path is None:
+            raise NotFound(f"{program} is not installed (neither next to coi nor on PATH)")
+        argv = ["env", f"{PLUMBING_VARIABLE}=1", path, *args, "--format", "json"]
+        self.program, self.words, self.kind = program, [program, *args], kind
+        self.started = time.perf_counter()
+        self.process = proc.spawn(as_account(as_user, argv) if as_user else argv,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def finish(self, record: Mapping[str, Any] | None = None) -> list[Record]:
+        """Send `record`, wait for the child's end, return its records (or raise its
+        failure). Traced as one call, from its start."""
+        payload = (json.dumps(record) + "\n").encode() if record is not None else b""
         try:
-            out, _ = child.communicate(payload)
+            out, _ = self.process.communicate(payload)
         except BaseException:
-            proc.stop_group(child)
+            proc.stop_group(self.process)
             raise
-        traced.end(f"exit {child.returncode}")
-    return read_records(program, out, child.returncode, kind)
+        trace.note("child", self.words, self.started, f"exit {self.process.returncode}")
+        return read_records(self.program, out, self.process.returncode, self.kind)
+
+    def abandon(self) -> None:
+        proc.stop_group(self.process, grace=0)
 
 
 def find_executable(program: str) -> str | None:

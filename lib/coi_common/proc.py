@@ -255,13 +255,17 @@ def run_logged(argv: Sequence[str], log_path: str) -> int:
     return status
 
 
-def stop_group(child: subprocess.Popen[bytes]) -> None:
-    """SIGTERM a child's process group, then SIGKILL what is left after a grace time."""
-    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
+def stop_group(child: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
+    """SIGTERM a child's process group, then SIGKILL what is left after `grace` seconds
+    (0: SIGKILL at once, for a child that is only copying data)."""
+    steps = ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)) if grace else \
+        ((signal.SIGKILL, 5.0),)
+    for sig, wait in steps:
+        # PermissionError: the group's leader is gone and its pid taken by another user.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(child.pid, sig)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(timeout=grace)
+            child.wait(timeout=wait)
             return
 
 

@@ -64,6 +64,14 @@ def span(kind: str, words: Words) -> Span | _Quiet:
     return Span(kind, words)
 
 
+def note(kind: str, words: Words, started: float, outcome: str) -> None:
+    """A call that ran beside others (a child started early, finished later), as its
+    own line: timed from `started` (time.perf_counter()), never nested in a span."""
+    if target() is not None:
+        milliseconds = (time.perf_counter() - started) * 1000
+        _write(f"{_what(kind, words)} {milliseconds:.1f} ms {_short(outcome, OUTCOME_MAX)}")
+
+
 def retry(kind: str, words: Words, pause: float, why: str) -> None:
     """Note that a call is tried again after `pause` seconds, and why."""
     if target() is not None:

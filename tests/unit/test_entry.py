@@ -14,6 +14,7 @@ from coi_common.errors import NotFound
 from coi_container import __doc__ as CONTAINER_USAGE
 from coi_image import __doc__ as IMAGE_USAGE
 from coi_net import __doc__ as NET_USAGE
+from coi_session import __doc__ as SESSION_USAGE
 from coi_shell import __doc__ as SHELL_USAGE
 from coi_slot import __doc__ as SLOT_USAGE
 
@@ -194,11 +195,11 @@ def test_without_a_known_command_word_docopt_s_complaint_is_kept(monkeypatch, ca
 
 
 def test_an_optional_command_word_counts_when_typed(monkeypatch, capsys):
-    _, err = usage_error(NET_USAGE, ["network", "remove"], monkeypatch, capsys,
+    _, err = usage_error(SESSION_USAGE, ["session", "show"], monkeypatch, capsys,
                          shown_as="coi")
-    assert err.splitlines()[0] == "coi network remove: missing <name>"
-    _, err = usage_error(NET_USAGE, ["remove"], monkeypatch, capsys)
-    assert err.splitlines()[0] == "coi-net remove: missing <name>"
+    assert err.splitlines()[0] == "coi session show: missing <id>"
+    _, err = usage_error(SESSION_USAGE, ["show"], monkeypatch, capsys)
+    assert err.splitlines()[0] == "coi-session show: missing <id>"
 
 
 # -- repeated options keep every value exactly once ---------------------------------------------

@@ -423,18 +423,18 @@ class FakeIncus:
     """Just enough of coi_common.incus.Incus for the verbs; deleting directly is a failure."""
 
     def __init__(self, status, *, stops_cleanly=True):
-        self.status = status
+        self.state = status
         self.stops_cleanly = stops_cleanly
         self.calls = []
 
-    def instance_state(self, name):
-        return {"status": self.status}
+    def status(self, name):
+        return self.state
 
     def set_state(self, name, action, *, force=False, timeout=-1):
         self.calls.append(("set_state", action, force, timeout))
         if not force and not self.stops_cleanly:
             raise CoiError("Failed shutting down instance: context deadline exceeded")
-        self.status = "Stopped"
+        self.state = "Stopped"
 
     def delete_instance(self, name):
         raise AssertionError("deleted without end_session")
