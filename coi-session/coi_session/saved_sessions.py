@@ -872,13 +872,10 @@ def _pull_once(client: Incus, name: str, tool: Tool, home: str, *, exclude: Sequ
                 if expired.fired:
                     raise CoiError(f"saving {name} took longer than {timeout:g} s; "
                                    "the previous save is kept") from None
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    child.wait(timeout=2)  # an exec that never started has ended already
-                if writer.members == 0 and _not_started(errors):
-                    raise _NotStarted(f"incus could not start tar in {name}: "
-                                      f"{_reason(None, errors)}") from None
-                raise CoiError(f"the state stream from {name} broke off: "
-                               f"{_reason(exc, errors)}") from None
+                # An exec that never started has ended already: a short wait will do.
+                raise _broken_stream(child, name, errors, exc,
+                                     f"the state stream from {name} broke off", grace=2,
+                                     unread=writer.members == 0) from None
             status = child.wait()
         finally:
             expired.cancel()
@@ -928,6 +925,19 @@ def _drain(stream: IO[bytes]) -> None:
             return
         left -= len(chunk)
     raise CoiError("the state stream goes on after the end of the archive")
+
+
+def _broken_stream(child: subprocess.Popen[bytes], name: str, errors: IO[bytes],
+                   exc: BaseException, what: str, *, grace: float,
+                   unread: bool = True) -> CoiError:
+    """The failure of a tar stream that broke halfway, once its exec ended (within
+    `grace` s): _NotStarted (tried again) when incus never started tar, and nothing
+    was read yet (`unread`); else `what` with the reason."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.wait(timeout=grace)
+    if unread and _not_started(errors):
+        return _NotStarted(f"incus could not start tar in {name}: {_reason(None, errors)}")
+    return CoiError(f"{what}: {_reason(exc, errors)}")
 
 
 def _reason(exc: BaseException | None, errors: IO[bytes]) -> str:
@@ -1090,13 +1100,9 @@ def _push_once(client: Incus, name: str, *, home: str | None, extras: Sequence[E
                                                   len(extra.data)), io.BytesIO(extra.data))
                 child.stdin.close()
             except (BrokenPipeError, OSError) as exc:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    child.wait(timeout=10)
-                if _not_started(errors):
-                    raise _NotStarted(f"incus could not start tar in {name}: "
-                                      f"{_reason(None, errors)}") from None
-                raise CoiError(f"could not put the session into {name}: "
-                               f"{_reason(exc, errors)}") from None
+                raise _broken_stream(child, name, errors, exc,
+                                     f"could not put the session into {name}",
+                                     grace=10) from None
             status = child.wait()
         finally:
             expired.cancel()

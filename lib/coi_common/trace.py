@@ -68,8 +68,7 @@ def note(kind: str, words: Words, started: float, outcome: str) -> None:
     """A call that ran beside others (a child started early, finished later), as its
     own line: timed from `started` (time.perf_counter()), never nested in a span."""
     if target() is not None:
-        milliseconds = (time.perf_counter() - started) * 1000
-        _write(f"{_what(kind, words)} {milliseconds:.1f} ms {_short(outcome, OUTCOME_MAX)}")
+        _write_call(kind, words, started, outcome)
 
 
 def retry(kind: str, words: Words, pause: float, why: str) -> None:
@@ -105,9 +104,7 @@ class Span:
         if self._outer is not None:
             self._outer.outcome = self.outcome
             return
-        milliseconds = (time.perf_counter() - self._started) * 1000
-        _write(f"{_what(self.kind, self.words)} {milliseconds:.1f} ms "
-               f"{_short(self.outcome, OUTCOME_MAX)}")
+        _write_call(self.kind, self.words, self._started, self.outcome)
 
 
 class _Quiet:
@@ -124,6 +121,12 @@ class _Quiet:
 
 
 _QUIET: Final = _Quiet()
+
+
+def _write_call(kind: str, words: Words, started: float, outcome: str) -> None:
+    """The line of one call that ends now, timed from `started` (time.perf_counter())."""
+    milliseconds = (time.perf_counter() - started) * 1000
+    _write(f"{_what(kind, words)} {milliseconds:.1f} ms {_short(outcome, OUTCOME_MAX)}")
 
 
 def _what(kind: str, words: Words) -> str:
