@@ -8,7 +8,7 @@ refresh: start a container with user.coi.* keys from coi-test-image, run
 """
 
 import json
-import multiprocessing
+import os
 import threading
 import time
 from pathlib import Path
@@ -220,14 +220,32 @@ def test_threads_reserving_at_once_get_distinct_slots(state_dir, workspace):
     assert sorted(got) == list(range(1, 9))
 
 
-def _reserve_in_child(args):
-    state_dir, workspace = args
-    return slots.reserve(state_dir, workspace, prefix=PREFIX, existing=(), max_slots=10)
+def _reserve_in_child(state_dir, workspace):
+    """A forked child reserving a slot; its number comes back through a pipe. Plain
+    fork from the test's own thread: multiprocessing.Pool forks from a helper thread
+    while others hold locks, and a child hung on one (seen once in CI)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - reports through the pipe
+        status = 1
+        try:
+            os.close(read)
+            slot = slots.reserve(state_dir, workspace, prefix=PREFIX, existing=(), max_slots=10)
+            os.write(write, str(slot).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    return pid, read
 
 
 def test_processes_reserving_at_once_get_distinct_slots(state_dir, workspace):
-    with multiprocessing.get_context("fork").Pool(6) as pool:
-        got = pool.map(_reserve_in_child, [(state_dir, workspace)] * 6)
+    children = [_reserve_in_child(state_dir, workspace) for _ in range(6)]
+    got = []
+    for pid, read in children:
+        with os.fdopen(read, "rb") as pipe:
+            got.append(int(pipe.read() or b"0"))
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
     assert sorted(got) == list(range(1, 7))
 
 
