@@ -1,13 +1,15 @@
 """coi-image: build the images coi sessions run in, and manage local images.
 
 Usage:
-  coi-image build [--base BASE] [--force] [--format FMT] [--debug]
-  coi-image build custom <name> --script PATH [--base IMAGE] [--force] [--format FMT] [--debug]
+  coi-image build [--base BASE] [--force] [--dry-run] [--format FMT] [--debug]
+  coi-image build custom <name> --script PATH [--base IMAGE] [--force] [--dry-run]
+                         [--format FMT] [--debug]
   coi-image image list [--all] [--prefix P] [--format FMT] [--debug]
   coi-image image exists <name> [--debug]
-  coi-image image publish <container> <name> [--description TEXT] [--format FMT] [--debug]
-  coi-image image delete <name> [--debug]
-  coi-image image cleanup <prefix> --keep N [--format FMT] [--debug]
+  coi-image image publish <container> <name> [--description TEXT] [--dry-run]
+                          [--format FMT] [--debug]
+  coi-image image delete <name> [--dry-run] [--debug]
+  coi-image image cleanup <prefix> --keep N [--dry-run] [--format FMT] [--debug]
   coi-image (-h | --help)
   coi-image --version
 
@@ -38,6 +40,9 @@ Options:
   --prefix P          Only images whose alias starts with P.
   --description TEXT  Description of the published image.
   --keep N            How many of the newest images to keep (1 or more).
+  --dry-run           Change nothing: print the plan, every change the command
+                      would make (Incus REST calls, execs, `incus` calls),
+                      assuming each succeeds; reads are made.
   --format FMT        Output format: text or json [default: text].
   --debug             Show tracebacks on errors.
   -h --help           Show this help.

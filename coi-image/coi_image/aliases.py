@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
+from coi_common import plan
 from coi_common.errors import CoiError, IncusError, NotFound
 from coi_common.incus import Incus
 
@@ -26,6 +27,8 @@ PUBLISH_SECONDS: Final = 1800
 """The full coi image (~710 MiB) took 33-65 s to publish here; this is for slow disks."""
 SETTLE_SECONDS: Final = 600
 """How long an interrupted build waits for Incus to end a publish it cannot cancel."""
+PLANNED_IMAGE: Final = {"fingerprint": "(the new image)", "aliases": []}
+"""What a --dry-run takes the image it published (planned only) for."""
 
 
 @contextlib.contextmanager
@@ -55,6 +58,8 @@ def publish(client: Incus, instance: str, tmp_alias: str,
             "aliases": [{"name": tmp_alias}], "compression_algorithm": "zstd"}
     started = client.request("POST", "/1.0/images", body, what=f"container {instance}",
                              wait=False)
+    if plan.active():  # planned: there is no operation to wait for
+        return
     operation = f"/1.0/operations/{started['id']}"
     try:
         client.wait_operation(operation, what=f"container {instance}",
@@ -88,7 +93,7 @@ def swap_alias(client: Incus, tmp_alias: str, alias: str) -> str:
     """Point `alias` at the image under tmp_alias; delete the image it left. Returns the
     new fingerprint. An existing alias is re-pointed in one request, so there is no
     moment without a usable image."""
-    new = client.image_by_alias(tmp_alias)
+    new = client.image_by_alias(tmp_alias) or (PLANNED_IMAGE if plan.active() else None)
     if new is None:
         raise CoiError(f"the new image under {tmp_alias} is missing")
     old = client.image_by_alias(alias)

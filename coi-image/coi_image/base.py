@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
+from coi_common import plan
 from coi_common.apt_sources import host_archive
 from coi_common.errors import BadInput, CoiError, NotFound
 from coi_common.incus import Incus
@@ -94,6 +95,8 @@ def ensure(client: Incus, base: Base, mirror: str, *, log_path: str, progress: P
     if cached and cached.get("properties", {}).get("coi.base_recipe") == recipe:
         progress.say(f"base {base.alias} cached")
         return base.alias
+    if plan.step("bootstrap", base.spec, mirror=mirror, alias=base.alias):
+        return base.alias
     rootfs.require_root(f"making the base {base.spec}")
     progress.say(f"making base {base.spec} with debootstrap from {mirror} (about a minute)")
     with rootfs.work_dir("coi-base-") as work, \
@@ -113,7 +116,7 @@ def ensure(client: Incus, base: Base, mirror: str, *, log_path: str, progress: P
 def auto_spec(client: Incus) -> str:
     """images:ubuntu/24.04 when the images: remote answers, else an offline Debian base."""
     try:
-        answered = client.cli(["image", "info", DEFAULT_REMOTE], check=False,
+        answered = client.cli(["image", "info", DEFAULT_REMOTE], check=False, reads=True,
                               timeout=PROBE_SECONDS).ok
     except CoiError:
         answered = False

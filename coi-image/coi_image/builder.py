@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
-from coi_common import proc
+from coi_common import plan, proc
 from coi_common.errors import CoiError, CommandFailed, IncusError
 from coi_common.incus import ExecSpec, Incus
 from coi_image import aliases
@@ -61,6 +61,8 @@ class Builder:
 
     def wait_for_network(self) -> str:
         """Block until eth0 has an IPv4 address; return it."""
+        if plan.active():  # a planned builder does not exist to get one
+            return "its address"
         deadline = time.monotonic() + NETWORK_TIMEOUT
         while time.monotonic() < deadline:
             address = self.client.ipv4_address(self.name)

@@ -58,7 +58,8 @@ Options:
   --all                Refresh every container (the default with no names).
   --force              Re-resolve every name, expired or not.
   --dry-run            Print the nftables transaction (JSON) instead of
-                       applying it; change nothing.
+                       applying it, and the plan of the other changes (the
+                       NIC's settings); change nothing.
   --format FMT         Output format: text or json [default: text].
   --debug              Show tracebacks on errors.
   -h --help            Show this help.

@@ -5,12 +5,14 @@ Usage:
             [--profile NAME] [--tool NAME] [--network MODE] [--env K=V]...
             [--storage PATH] [--mount SPEC]... [--resume] [--session ID]
             [--cpu N] [--memory SIZE] [--processes N] [--no-mask]
-            [--allow-home] [--force] [--record FILE] [--debug]
+            [--allow-home] [--force] [--record FILE] [--dry-run] [--format FMT]
+            [--debug]
   coi-shell run [--workspace DIR] [--slot N] [--persistent] [--image NAME]
             [--profile NAME] [--tool NAME] [--network MODE] [--env K=V]...
             [--storage PATH] [--mount SPEC]... [--resume] [--session ID]
             [--cpu N] [--memory SIZE] [--processes N] [--no-mask]
-            [--allow-home] [--force] [--record FILE] [--debug] [--] <command>...
+            [--allow-home] [--force] [--record FILE] [--dry-run] [--format FMT]
+            [--debug] [--] <command>...
   coi-shell attach [<name>] [--workspace DIR] [--slot N] [--bash] [--debug]
   coi-shell tmux list [--all-users] [--format FMT] [--debug]
   coi-shell tmux send <name> <text> [--all-users] [--debug]
@@ -73,9 +75,14 @@ Options:
                     coi-shell run --record r -- CMD` is `coi run FLAGS -- CMD`.
                     The flags then come from the record; giving others too is
                     refused.
+  --dry-run         Change nothing: print the plan, every change the session
+                    would make (Incus REST calls, execs, coi programs with the
+                    JSON record each is given), in the order made, assuming
+                    each succeeds; the slot is found but not reserved.
   --bash            attach: open bash instead of the tmux session.
   --all-users       tmux: also other users' sessions.
-  --format FMT      Output format: text or json [default: text].
+  --format FMT      Output format: text or json [default: text]; shell and run:
+                    of the --dry-run plan and of an error.
   --debug           Show tracebacks on errors.
   -h --help         Show this help.
 

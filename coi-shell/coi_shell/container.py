@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from coi_common import plumbing
+from coi_common import plan, plumbing
 from coi_common.errors import CoiError, PermissionDenied
 from coi_common.incus import ExecSpec
 from coi_common.sessions import (
@@ -151,6 +151,9 @@ def ensure_idmap(idmap: IdMap) -> None:
            f"member), or add 'root:{idmap.host_uid}:1' to /etc/subuid and "
            f"'root:{idmap.host_gid}:1' to /etc/subgid")
     if os.geteuid() == 0:  # root delegates the workspace owner's ids itself, as setup does
+        if plan.step("write", ("/etc/subuid", "/etc/subgid"), uid=idmap.host_uid,
+                     gid=idmap.host_gid):
+            return
         added = subids.add_lines(subids.missing_lines([idmap.host_uid], [idmap.host_gid]))
         print(f"coi: let Incus map uid {idmap.host_uid}/gid {idmap.host_gid} "
               f"({', '.join(added)})", file=sys.stderr)
@@ -163,7 +166,7 @@ def ensure_idmap(idmap: IdMap) -> None:
         raise PermissionDenied(f"Incus may not map your uid {idmap.host_uid} into "
                                f"containers, and coi's host service could not allow it: "
                                f"{exc.one_line()}", hint=fix) from None
-    if not subids.delegated(idmap.host_uid, idmap.host_gid):
+    if not subids.delegated(idmap.host_uid, idmap.host_gid) and not plan.active():
         raise PermissionDenied(f"coi's host service did not allow uid {idmap.host_uid}",
                                hint=fix)
 
@@ -200,13 +203,17 @@ def _build_view(name: str, workspace: str, protect: list[str], patterns: list[st
                 mount_flags: dict[str, bool]) -> Any:
     from coi_common import hostservice, views  # noqa: PLC0415
 
+    # What a --dry-run assumes the build answers: the view, nothing masked yet.
+    assumed = {"kind": "view", "source": os.path.join(views.VIEW_ROOT, name),
+               "protected": protect, "masked": 0, "notes": []}
     if os.geteuid() == 0:
         [record] = plumbing.call("coi-host", ["view", "build", name, workspace,
                                               *(f"--protect={p}" for p in protect),
-                                              *(f"--mask={m}" for m in patterns)], kind="view")
+                                              *(f"--mask={m}" for m in patterns)], kind="view",
+                                 dry_run=[assumed])
         return views.View.from_record(record)
-    reply = hostservice.call("view_build", timeout=120, container=name, workspace=workspace,
-                             protect=protect, mask=patterns, **mount_flags)
+    reply = hostservice.call("view_build", timeout=120, assumed=assumed, container=name,
+                             workspace=workspace, protect=protect, mask=patterns, **mount_flags)
     return views.View.from_record(reply)
 
 

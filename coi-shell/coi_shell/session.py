@@ -41,6 +41,9 @@ ATTACH_SETTLE_SECONDS = 30.0
 DOWN = ("Stopped", "Gone")
 """States (_status) of a container whose session is over: stopped, or ended and deleted
 by another coi command already."""
+ENDED = ({"coi": 1, "kind": "container_action", "action": "end", "ok": True, "saved": True,
+          "deleted": True},)
+"""What a --dry-run assumes `coi-slot end` answers: saved, then deleted."""
 DEFAULT_TERM = "xterm-256color"
 BOOT_SECONDS = 60
 KILLED = 128 + 9
@@ -81,7 +84,8 @@ def _stdin_is_data() -> bool:
 
 def slot_flags(argv: list[str], command: list[str]) -> list[str]:
     """The flags of `coi-shell shell|run ... [--] [COMMAND]` that are coi-slot next's
-    (all of them but --debug): passed on unread, so the two can never take a flag
+    (all of them but --debug, and --dry-run and --format, which plumbing.Child gives
+    each child itself): passed on unread, so the two can never take a flag
     differently."""
     if "--" in argv:
         words = argv[:argv.index("--")]
@@ -94,7 +98,12 @@ def slot_flags(argv: list[str], command: list[str]) -> list[str]:
         words = argv
     if words and words[0] in ("shell", "run"):
         words = words[1:]
-    return [word for word in words if word != "--debug"]
+    kept: list[str] = []
+    for before, word in zip(["", *words], words, strict=False):
+        if before != "--format" and word not in ("--debug", "--dry-run", "--format") \
+                and not word.startswith("--format="):
+            kept.append(word)
+    return kept
 
 
 def slot_record(argv: list[str], command: list[str], *, record_on_stdin: bool,
@@ -109,7 +118,7 @@ def slot_record(argv: list[str], command: list[str], *, record_on_stdin: bool,
             raise UsageError(f"{given[0]}: with a slot record the record says everything",
                              hint="give the flags to coi-slot next instead")
         return _record_from_file(record_file or "-")
-    found = plumbing.call("coi-slot", ["next", *flags], kind="slot")
+    found = plumbing.call("coi-slot", ["next", *flags], kind="slot", dry_run=plumbing.ASKS)
     if len(found) != 1:
         raise CoiError(f"coi-slot next printed {len(found)} slot records, not one")
     return sessions.SlotRecord.from_record(found[0])
@@ -183,7 +192,8 @@ def end_session(ctx: Context, *flags: str, child: plumbing.Child | None = None
     reservation goes too): the one owner of saving and deleting. Its container_action
     record; a failure (a save that failed: the container is kept) raises. `child`: a
     `coi-slot end` started earlier (ender)."""
-    child = child or plumbing.Child("coi-slot", ["end", *flags], kind="container_action")
+    child = child or plumbing.Child("coi-slot", ["end", *flags], kind="container_action",
+                                    dry_run=ENDED)
     found = child.finish(ctx.record.to_record())
     if len(found) != 1:
         raise CoiError(f"coi-slot end printed {len(found)} results, not one")
@@ -415,7 +425,8 @@ def resume_target(ctx: Context) -> dict[str, Any] | None:
         return None
     try:
         found = plumbing.call("coi-session", ["restore", "--check"],
-                              record=ctx.record.to_record(), kind="session")
+                              record=ctx.record.to_record(), kind="session",
+                              dry_run=plumbing.READS)
     except BaseException:
         if _instance_of(ctx.client, ctx.record.container) is None:  # only its slot to free
             with contextlib.suppress(CoiError):
@@ -442,7 +453,7 @@ def ready_and_home(ctx: Context, wanted: Mapping[str, Any] | None) -> tuple[str,
 
 def ender() -> plumbing.Child:
     """`coi-slot end`, started while the session's command runs (end_session finishes it)."""
-    return plumbing.Child("coi-slot", ["end"], kind="container_action")
+    return plumbing.Child("coi-slot", ["end"], kind="container_action", dry_run=ENDED)
 
 
 def prepare_home(ctx: Context, wanted: Mapping[str, Any] | None, restorer: plumbing.Child,
@@ -488,7 +499,8 @@ def shell(args: Args, argv: list[str]) -> int:
     with what the terminal session ended with."""
     if args.get("--session") is not None:  # refused before even the terminal is opened
         naming.validate_session_id(args["--session"])
-    terminal = open_terminal()  # then: a script without a terminal is told at once
+    # Then a script without a terminal is told at once (a dry run hands none over).
+    terminal = None if args.get("--dry-run") else open_terminal()
     try:
         ctx = context_from_args(args, argv, record_on_stdin=True)
         wanted = resume_target(ctx)

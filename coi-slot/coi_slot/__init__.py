@@ -5,15 +5,17 @@ Usage:
                 [--profile NAME] [--tool NAME] [--network MODE] [--env K=V]...
                 [--storage PATH] [--mount SPEC]... [--resume] [--session ID]
                 [--cpu N] [--memory SIZE] [--processes N] [--no-mask]
-                [--allow-home] [--force] [--format FMT] [--debug]
-  coi-slot end [<name>] [--no-save] [--if-down] [--wait S] [--format FMT] [--debug]
+                [--allow-home] [--force] [--dry-run] [--format FMT] [--debug]
+  coi-slot end [<name>] [--no-save] [--if-down] [--wait S] [--dry-run] [--format FMT]
+               [--debug]
   coi-slot list [--all] [--all-users] [--format FMT] [--debug]
-  coi-slot kill (<name>... | --all) [--no-save] [--force] [--all-users] [--format FMT]
-                [--debug]
+  coi-slot kill (<name>... | --all) [--no-save] [--force] [--all-users] [--dry-run]
+                [--format FMT] [--debug]
   coi-slot shutdown (<name>... | --all) [--timeout S] [--force] [--all-users]
-                    [--format FMT] [--debug]
-  coi-slot clean [--force] [--all-users] [--format FMT] [--debug]
-  coi-slot persist (<name>... | --all) [--force] [--all-users] [--format FMT] [--debug]
+                    [--dry-run] [--format FMT] [--debug]
+  coi-slot clean [--force] [--all-users] [--dry-run] [--format FMT] [--debug]
+  coi-slot persist (<name>... | --all) [--force] [--all-users] [--dry-run] [--format FMT]
+                   [--debug]
   coi-slot (-h | --help)
   coi-slot --version
 
@@ -84,6 +86,9 @@ Options:
                     stops at once [default: 60].
   --force           Do not ask (COI_FORCE=1 does the same). next: allow any
                     directory as a mount except / and Incus's own.
+  --dry-run         Change nothing: print the plan, every change the command
+                    would make (Incus REST calls, execs, coi programs with the
+                    JSON record each is given), after the usual output.
   --format FMT      Output format: text or json [default: text]. JSON is one
                     container_list record for list, JSON Lines of
                     container_action records for the others; next always

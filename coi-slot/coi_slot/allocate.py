@@ -14,7 +14,7 @@ import dataclasses
 import os
 from typing import Any
 
-from coi_common import config, incus, naming, sessions, tools
+from coi_common import config, incus, naming, plan, sessions, tools
 from coi_common.entry import Args
 from coi_common.errors import BadInput
 from coi_common.protocol import write_record
@@ -47,7 +47,7 @@ def next_record(args: Args) -> sessions.SlotRecord:
     # Every host path is refused before a slot is reserved or a directory is made.
     sessions.host_sources(args["--workspace"], storage, mounts, sessions.invoking_home(),
                           **flags)
-    if storage:
+    if storage and not os.path.isdir(storage) and not plan.step("mkdir", storage):
         os.makedirs(storage, exist_ok=True)
     record = slots.new_slot_record(incus.connect(settings), settings, args["--workspace"],
                                    slot=wanted or None, mounts=mounts, storage=storage)

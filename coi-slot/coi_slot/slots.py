@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-from coi_common import incus, naming, protocol, sessions
+from coi_common import incus, naming, plan, protocol, sessions
 from coi_common.errors import CoiError
 from coi_common.naming import container_name, workspace_hash
 
@@ -84,7 +84,8 @@ def reserve(state_dir: str, workspace: str, *, prefix: str, existing: Iterable[s
         else:
             slot = wanted
         reservations[str(slot)] = now + RESERVATION_SECONDS
-        protocol.write_json_atomic(str(path), reservations)
+        if not plan.step("reserve", (f"slot {slot} of", workspace), file=str(path)):
+            protocol.write_json_atomic(str(path), reservations)
         return slot
 
 
@@ -96,7 +97,8 @@ def release(state_dir: str, workspace: str, slot: int) -> None:
         return
     with _locked(path):
         reservations = _read(path)
-        if reservations.pop(str(slot), None) is not None:
+        if reservations.pop(str(slot), None) is not None and \
+                not plan.step("release", (f"slot {slot} of", workspace), file=str(path)):
             protocol.write_json_atomic(str(path), reservations)
 
 

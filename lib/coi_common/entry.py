@@ -382,6 +382,20 @@ def report(prog: str, error: CoiError, *, as_json: bool) -> int:
     return error.exit_code
 
 
+def _planned(handler: Handler, args: Args, *, as_json: bool) -> int:
+    """A --dry-run of `handler`: its plan printed after it (coi_common.plan), then gone
+    (a test running commands in one process plans each apart)."""
+    from coi_common import plan  # noqa: PLC0415 - only a dry run needs it here
+
+    plan.start()
+    try:
+        status = handler(args) or 0
+        plan.render(as_json=as_json)
+        return status
+    finally:
+        plan.stop()
+
+
 def run_main(prog: str, doc: str, handler: Handler, argv: list[str] | None = None,
              *, options_first: bool = False) -> NoReturn:
     """Parse, run `handler(args)`, and exit with its status or the error's code."""
@@ -395,7 +409,8 @@ def run_main(prog: str, doc: str, handler: Handler, argv: list[str] | None = Non
     try:
         args = parse_args(prog, doc, argv, options_first=options_first, shown_as=shown_as)
         as_json = wants_json(args)
-        status = handler(args) or 0
+        status = _planned(handler, args, as_json=as_json) if args.get("--dry-run") else \
+            handler(args) or 0
     except CoiError as exc:
         if debug:
             traceback.print_exc()

@@ -15,6 +15,7 @@ import os
 import socket
 from typing import Any, Final
 
+from coi_common import plan, trace
 from coi_common.errors import ALL_ERRORS, BadInput, CoiError, IncusUnavailable, PermissionDenied
 from coi_common.protocol import Record, make_record, parse_record
 
@@ -46,13 +47,22 @@ def read_line(sock: socket.socket, limit: int = MAX_MESSAGE) -> bytes:
             raise BadInput(f"message longer than {limit} bytes")
 
 
-def call(verb: str, *, timeout: float = 120.0, **fields: Any) -> Record:
+READS: Final = ("ping",)
+"""The verbs that change nothing: asked in a --dry-run too (coi_common.plan)."""
+
+
+def call(verb: str, *, timeout: float = 120.0, assumed: Record | None = None,
+         **fields: Any) -> Record:
     """Send one request, return the `result` of the reply; an error reply raises
-    the error kind it names (PermissionDenied, NotFound, BadInput, ...)."""
+    the error kind it names (PermissionDenied, NotFound, BadInput, ...). In a
+    --dry-run a verb that changes something is a step, answered with `assumed`."""
     path = socket_path()
     request = make_record("host_request", verb=verb, **fields)
+    if verb not in READS and plan.step("service", verb, request=request):
+        return dict(assumed or {})
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        with trace.span("service", verb), \
+                socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(path)
             sock.sendall(json.dumps(request).encode() + b"\n")

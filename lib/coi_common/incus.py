@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 from urllib.parse import quote, urlencode
 
-from coi_common import proc, trace
+from coi_common import plan, proc, trace
 from coi_common.errors import (
     AlreadyExists,
     CoiError,
@@ -55,6 +55,10 @@ WAIT_ROUND: Final = 60
 """Seconds one operation-wait request asks Incus to wait before it answers anyway."""
 WAIT_MARGIN: Final = 30
 """Seconds a wait request's reply may lag behind its round before Incus counts as gone."""
+READS: Final = ("GET", "HEAD")
+"""The REST methods that change nothing: made in a --dry-run too (coi_common.plan)."""
+PLANNED_REPLY: Final = (200, {}, b'{"type": "sync", "status_code": 200, "metadata": {}}')
+"""What a change a --dry-run planned instead of making answers: done, nothing to add."""
 RUNNING_OPERATION: Final = ("Pending", "Running", "Cancelling")
 ROUND_ENDED: Final = "context deadline exceeded"
 EXEC_NOT_STARTED: Final = ("Failed to retrieve PID of executing child process", "Invalid PID")
@@ -189,6 +193,8 @@ class Incus:
         """One HTTP exchange on this thread's connection: (status, lower-cased headers,
         body). A failed exchange closes the connection (its state is unknown); the
         next one opens another."""
+        if method not in READS and plan.step(method, url, body=body):
+            return PLANNED_REPLY[0], dict(PLANNED_REPLY[1]), PLANNED_REPLY[2]
         seconds = self.timeout if timeout is None else timeout
         payload = None if body is None else json.dumps(body)
         headers = {"Content-Type": "application/json"} if payload is not None else {}
@@ -504,6 +510,8 @@ class Incus:
                      input_text: str | None = None) -> proc.Result:
         """Run to completion with text output captured; never raises on the command's
         exit status. A command Incus failed to start is tried again."""
+        if self._planned(spec):
+            return proc.Result(tuple(self.exec_argv(spec)), 0, "", "")
         return retry_exec(spec, lambda: self._exec(
             lambda argv: proc.run(argv, input_text=input_text, check=False, timeout=timeout),
             spec), lambda done: not done.ok and exec_not_started(done.stderr))
@@ -511,6 +519,9 @@ class Incus:
     def exec_logged(self, spec: ExecSpec, log_path: str) -> int:
         """Run with its output appended to a log; return its status (tried again when
         Incus failed to start it: the log then shows each try)."""
+        if self._planned(spec):
+            return 0
+
         def attempt() -> tuple[int, str]:
             offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
             status = self._exec(proc.run_logged, spec, log_path)
@@ -537,6 +548,8 @@ class Incus:
         """Run owning the terminal (or passing stdin/stdout/stderr through); return the
         command's exit status. A command Incus failed to start is tried again without
         showing the failure; when every try failed, Incus's words are shown."""
+        if self._planned(spec):
+            return 0
         self._greet_first_run()
         ended = retry_exec(spec, lambda: self._exec(
             lambda a: proc.hand_over(a, terminal=terminal, hold_prefix=b"Error: "), spec),
@@ -546,6 +559,10 @@ class Incus:
             sink.write(ended.held_line + b"\n")
             sink.flush()
         return ended.returncode
+
+    def _planned(self, spec: ExecSpec) -> bool:
+        """A --dry-run's step for this exec, named as its trace line (True: planned)."""
+        return plan.step("exec", (spec.instance, *spec.command), argv=self.exec_argv(spec))
 
     def _exec(self, start: Callable[..., T], spec: ExecSpec, *more: Any) -> T:
         """Start `incus exec` for `spec` with `start` (a coi_common.proc function), traced
@@ -568,8 +585,11 @@ class Incus:
         return ["incus", "--project", self.project, *args]
 
     def cli(self, args: Sequence[str], *, input_text: str | None = None, check: bool = True,
-            timeout: float | None = None) -> proc.Result:
-        """Run `incus ARGS` in our project, mapping its failures to typed errors."""
+            timeout: float | None = None, reads: bool = False) -> proc.Result:
+        """Run `incus ARGS` in our project, mapping its failures to typed errors. A call
+        that changes something (all but those marked `reads`) is a --dry-run's step."""
+        if not reads and plan.step("run", self.cli_argv(args)):
+            return proc.Result(tuple(self.cli_argv(args)), 0, "", "")
         try:
             return self._spawn_cli(lambda a: proc.run(a, input_text=input_text, check=check,
                                                       timeout=timeout), self.cli_argv(args))

@@ -22,7 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from coi_common import proc, trace
+from coi_common import plan, proc, trace
 from coi_common.entry import PLUMBING_VARIABLE
 from coi_common.errors import ALL_ERRORS, CoiError, NotFound
 from coi_common.protocol import Record, parse_record
@@ -32,30 +32,48 @@ MAX_OUTPUT: Final = 4 * 1024 * 1024
 _BY_CODE: Final = {kind.code: kind for kind in ALL_ERRORS}
 
 
+READS: Final = "reads"
+"""Child.dry_run: the child changes nothing (`coi-session restore --check`): run as is."""
+ASKS: Final = "asks"
+"""Child.dry_run: the child is run with --dry-run; its answer is ours, its steps join
+our plan (`coi-slot next`, whose record the rest of the run needs)."""
+DryRun = str | Sequence[Record]
+"""What a Child does in a --dry-run (coi_common.plan): READS, ASKS, or the records it is
+assumed to answer, when it is not run at all (a step with its JSON input instead)."""
+
+
 def call(program: str, args: Sequence[str], *, record: Mapping[str, Any] | None = None,
          kind: str | tuple[str, ...] | None = None,
-         as_user: pwd.struct_passwd | None = None) -> list[Record]:
+         as_user: pwd.struct_passwd | None = None, dry_run: DryRun = ()) -> list[Record]:
     """Run coi's `program` (found beside this one) with `args` and `--format json`,
     `record` on its stdin; return its records (of `kind`, when given). Waits as long
     as the child works: every child coi runs bounds its own waits. `as_user` (root
-    only): the child runs as that account (as_account)."""
-    return Child(program, args, kind=kind, as_user=as_user).finish(record)
+    only): the child runs as that account (as_account). `dry_run`: see DryRun."""
+    return Child(program, args, kind=kind, as_user=as_user, dry_run=dry_run).finish(record)
 
 
 class Child:
     """A coi program started now and given its record later (finish): its start-up
     (~30-40 ms of Python and imports) runs while the parent waits on Incus, since the
     child only reads its stdin once it is ready. abandon() stops one not needed after
-    all; it has done nothing but wait for its record."""
+    all; it has done nothing but wait for its record. In a --dry-run (coi_common.plan)
+    it is run, or not, as `dry_run` says (DryRun)."""
 
     def __init__(self, program: str, args: Sequence[str], *,
                  kind: str | tuple[str, ...] | None = None,
-                 as_user: pwd.struct_passwd | None = None) -> None:
+                 as_user: pwd.struct_passwd | None = None, dry_run: DryRun = ()) -> None:
         path = find_executable(program)
         if path is None:
             raise NotFound(f"{program} is not installed (neither next to coi nor on PATH)")
-        argv = ["env", f"{PLUMBING_VARIABLE}=1", path, *args, "--format", "json"]
         self.program, self.words, self.kind = program, [program, *args], kind
+        self.assumed = None if isinstance(dry_run, str) or not plan.active() else \
+            [dict(r) for r in dry_run]
+        self.asks = plan.active() and dry_run == ASKS
+        if self.assumed is not None:
+            self.process = None
+            return
+        argv = ["env", f"{PLUMBING_VARIABLE}=1", path, *args,
+                *(["--dry-run"] if self.asks else []), "--format", "json"]
         self.started = time.perf_counter()
         self.process = proc.spawn(as_account(as_user, argv) if as_user else argv,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -63,6 +81,10 @@ class Child:
     def finish(self, record: Mapping[str, Any] | None = None) -> list[Record]:
         """Send `record`, wait for the child's end, return its records (or raise its
         failure). Traced as one call, from its start."""
+        if self.process is None or self.asks:
+            plan.step("child", self.words, input=record)
+        if self.process is None:
+            return [r for r in self.assumed or [] if _of_kind(r, self.kind)]
         payload = (json.dumps(record) + "\n").encode() if record is not None else b""
         try:
             out, _ = self.process.communicate(payload)
@@ -70,10 +92,14 @@ class Child:
             proc.stop_group(self.process)
             raise
         trace.note("child", self.words, self.started, f"exit {self.process.returncode}")
-        return read_records(self.program, out, self.process.returncode, self.kind)
+        found = read_records(self.program, out, self.process.returncode, None)
+        if self.asks:
+            plan.adopt(self.program, found)
+        return [r for r in found if r.get("kind") != plan.KIND and _of_kind(r, self.kind)]
 
     def abandon(self) -> None:
-        proc.stop_group(self.process, grace=0)
+        if self.process is not None:
+            proc.stop_group(self.process, grace=0)
 
 
 def find_executable(program: str) -> str | None:
@@ -112,8 +138,11 @@ def read_records(program: str, out: bytes, status: int, kind: str | tuple[str, .
     errors = [r for r in records if r.get("kind") == "error"]
     if status != 0 or errors:
         raise _reported(program, errors[0] if errors else None, status)
-    return [r for r in records if kind is None or r.get("kind") in
-            ((kind,) if isinstance(kind, str) else kind)]
+    return [r for r in records if _of_kind(r, kind)]
+
+
+def _of_kind(record: Mapping[str, Any], kind: str | tuple[str, ...] | None) -> bool:
+    return kind is None or record.get("kind") in ((kind,) if isinstance(kind, str) else kind)
 
 
 def _reported(program: str, error: Record | None, status: int) -> CoiError:

@@ -46,6 +46,7 @@ REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "view_released": ("container",),
     "host_request": ("verb",),
     "host_reply": ("verb", "result"),
+    "plan_step": ("step", "call"),
 }
 
 Record = dict[str, Any]

@@ -74,7 +74,7 @@ def note(kind: str, words: Words, started: float, outcome: str) -> None:
 def retry(kind: str, words: Words, pause: float, why: str) -> None:
     """Note that a call is tried again after `pause` seconds, and why."""
     if target() is not None:
-        _write(f"retry {_what(kind, words)} {pause * 1000:.1f} ms {_short(why, OUTCOME_MAX)}")
+        _write(f"retry {what(kind, words)} {pause * 1000:.1f} ms {_short(why, OUTCOME_MAX)}")
 
 
 class Span:
@@ -126,10 +126,11 @@ _QUIET: Final = _Quiet()
 def _write_call(kind: str, words: Words, started: float, outcome: str) -> None:
     """The line of one call that ends now, timed from `started` (time.perf_counter())."""
     milliseconds = (time.perf_counter() - started) * 1000
-    _write(f"{_what(kind, words)} {milliseconds:.1f} ms {_short(outcome, OUTCOME_MAX)}")
+    _write(f"{what(kind, words)} {milliseconds:.1f} ms {_short(outcome, OUTCOME_MAX)}")
 
 
-def _what(kind: str, words: Words) -> str:
+def what(kind: str, words: Words) -> str:
+    """How a trace line names a call (and a --dry-run plan step, coi_common.plan)."""
     text = words if isinstance(words, str) else " ".join(words)
     return _short(f"{kind} {text}", WHAT_MAX)
 

@@ -42,7 +42,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from coi_common import naming
+from coi_common import naming, plan
 from coi_common.errors import BadInput, CoiError
 
 VIEW_ROOT: Final = "/run/coi/views"
@@ -177,6 +177,8 @@ def _make(root: int, target: str, owner: tuple[int, int] | None) -> None:
     rel = target.rstrip("/")
     if _kind(root, rel) is not None or ("/" not in rel and not target.endswith("/")):
         return  # there, or a top-level file (.coi.toml): its reader gates it (coi trust)
+    if plan.step("placeholder", target):
+        return
     parent, _, name = rel.rpartition("/")
     with walk(root, parent.split("/") if parent else []) as folder:
         try:

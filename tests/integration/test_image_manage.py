@@ -434,6 +434,27 @@ def test_cleanup_keeps_exactly_the_n_newest_by_creation_time(coi_env, rand, impo
         (0, "nothing to clean up\n", "")
 
 
+def test_a_dry_run_of_cleanup_deletes_nothing_and_plans_the_deletes_the_real_one_makes(
+        coi_env, rand, import_image, incus_client, tmp_path):
+    prefix = f"{rand}-dry-"
+    fingerprints = [import_image(f"{prefix}{n}", age=n) for n in range(3)]
+    status, out, err = coi("image", "cleanup", prefix, "--keep", "1", "--dry-run",
+                           "--format", "json", env=coi_env.environ())
+    assert (status, err) == (0, "")
+    plan = [r["call"] for r in (parse_record(line) for line in out.splitlines())
+            if r["kind"] == "plan_step"]
+    assert plan == [f"DELETE /1.0/images/{fingerprint}?project=default"
+                    for fingerprint in fingerprints[:2]]
+    assert all(incus_client.image_by_alias(f"{prefix}{n}") for n in range(3))
+    trace = tmp_path / "trace"
+    status, _, err = coi("image", "cleanup", prefix, "--keep", "1",
+                         env={**coi_env.environ(), "COI_TRACE": str(trace)})
+    assert (status, err) == (0, "")
+    deletes = [line.split()[2:4] for line in trace.read_text().splitlines()
+               if line.split()[2] == "DELETE"]
+    assert [" ".join(words) for words in deletes] == plan
+
+
 def test_cleanup_in_text_prints_one_line_per_deleted_image(coi_env, rand, import_image):
     prefix = f"{rand}-nightly-"
     old = import_image(f"{prefix}1", age=0)

@@ -163,7 +163,8 @@ def test_through_the_dispatcher_the_command_is_named_as_typed(monkeypatch, capsy
     assert err.splitlines() == [
         "coi kill: missing <name> or --all",
         "usage: coi kill (<name>... | --all) [--no-save] [--force] [--all-users] "
-        "[--format FMT] [--debug]"]
+        "[--dry-run] [--format FMT]",
+        "                [--debug]"]
     assert PROG_VARIABLE not in os.environ  # programs this one runs do not inherit it
 
 
@@ -241,7 +242,7 @@ def test_a_usage_the_analysis_cannot_take_apart_still_gives_one_line(monkeypatch
 
 @pytest.mark.parametrize("argv", [["list", "--format", "json", "--bogus"],
                                   ["list", "--bogus", "--format=json"],
-                                  ["run", "--format", "json", "--", "true"]])
+                                  ["attach", "--format", "json"]])
 def test_a_usage_error_of_a_command_asked_for_json_is_a_json_error_record(argv):
     done = subprocess.run([str(ROOT / "bin" / "coi"), *argv], capture_output=True, text=True,
                           check=False, timeout=30)

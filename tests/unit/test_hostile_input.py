@@ -197,7 +197,7 @@ def _streams() -> tuple[io.BytesIO, io.BytesIO, IO[str], IO[str]]:
 
 
 def _child_in_process(program: str, args: Sequence[str], *, record: Any = None,
-                      kind: Any = None) -> list[dict[str, Any]]:
+                      kind: Any = None, dry_run: Any = ()) -> list[dict[str, Any]]:
     """plumbing.call's child (coi-shell running coi-slot next) as its main() in this
     process, still under the fence; its records come back as the real call reads them."""
     out = io.BytesIO()
