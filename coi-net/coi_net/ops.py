@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from coi_common import plan
 from coi_common.errors import BadInput, CoiError, NotFound, PermissionDenied
 from coi_common.incus import Incus
 from coi_common.naming import validate_container_name
@@ -55,9 +56,11 @@ class Context:
     planned: list[list[dict[str, Any]]] = field(default_factory=list)
 
     def commit(self, commands: list[dict[str, Any]]) -> None:
-        """Apply one transaction, or remember it for --dry-run."""
+        """Apply one transaction, or remember it for --dry-run (printed whole, and a step
+        of the plan)."""
         if self.dry_run:
             self.planned.append(commands)
+            plan.step("nft", f"transaction in table {self.table}", commands=len(commands))
             return
         nft.run(commands, table=self.table)
 
@@ -144,8 +147,7 @@ def prepare_nic(ctx: Context, request: Request, ifname: str) -> str:
         return "unchanged" if wanted == settings else "pending"
     if wanted == settings:
         return "unchanged"
-    if not ctx.dry_run:
-        ctx.client.add_device(request.container, device, wanted)
+    ctx.client.add_device(request.container, device, wanted)  # a dry run plans it
     return "changed"
 
 

@@ -130,21 +130,36 @@ def run_end(args: Args, *, as_json: bool) -> int:
     """`coi-slot end [NAME]`: the end of one session (the porcelain's last step). Without
     NAME the container is the slot record's on stdin, and that slot's reservation is
     released too (a session that failed before its container existed)."""
-    record = None if args["<name>"] else sessions.SlotRecord.from_record(read_record("slot"))
-    name = naming.validate_container_name(args["<name>"][0]) if args["<name>"] \
-        else record.container
     wait = stop_timeout(args["--wait"]) if args["--wait"] is not None else 0
-    settings = config.load(record.workspace if record else None, lenient=True)
-    client = incus.connect(settings)
+    if args["<name>"]:
+        return _ended_now(_end_of(naming.validate_container_name(args["<name>"][0]), args,
+                                  wait, None, config.load(None, lenient=True)), as_json)
+    early = ending.Early.started(save=not args["--no-save"])
     try:
-        target = _own_session(client, name)
-        result = ended(target, "end", ending.end_session(
-            client, name, save=not args["--no-save"], if_down=bool(args["--if-down"]),
-            wait=wait, record=record)) if target is not None else \
-            ActionResult(name, "end", ok=True, deleted=True, changed=False)
-    finally:
-        if record is not None:
+        record = sessions.SlotRecord.from_record(read_record("slot"))
+        early.given(record)
+        settings = config.load(record.workspace, lenient=True)
+        try:
+            result = _end_of(record.container, args, wait, early, settings)
+        finally:
             slots.release(settings.path("paths.state_dir"), record.workspace, record.slot)
+    finally:
+        early.abandon()
+    return _ended_now(result, as_json)
+
+
+def _end_of(name: str, args: Args, wait: float, early: ending.Early | None,
+            settings: config.Config) -> ActionResult:
+    client = incus.connect(settings)
+    target = _own_session(client, name)
+    if target is None:
+        return ActionResult(name, "end", ok=True, deleted=True, changed=False)
+    return ended(target, "end", ending.end_session(
+        client, name, save=not args["--no-save"], if_down=bool(args["--if-down"]),
+        wait=wait, early=early))
+
+
+def _ended_now(result: ActionResult, as_json: bool) -> int:
     if not result.ok:
         raise CoiError(result.message)
     if as_json:

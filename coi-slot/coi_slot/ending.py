@@ -45,8 +45,7 @@ class Ending:
 
 
 def end_session(client: Incus, name: str, *, save: bool = True, remove: bool = False,
-                if_down: bool = False, wait: float = 0.0,
-                record: sessions.SlotRecord | None = None) -> Ending:
+                if_down: bool = False, wait: float = 0.0, early: Early | None = None) -> Ending:
     """Save the session, then delete the container unless it is persistent, and with
     it its network rules. Only an explicit removal (`remove`, as `coi kill` asks)
     deletes a persistent one. A failed save keeps the container (Ending.message says
@@ -59,9 +58,9 @@ def end_session(client: Incus, name: str, *, save: bool = True, remove: bool = F
     it gone, or kept stopped with nothing run in it since (ENDED_KEY), and saves
     nothing again (a removal still deletes it). Ending.saved: the session is in the
     store, saved by this call or, with nothing run since, by the one that ended it.
-    `record` (the slot record of `coi-slot end`): `coi-net remove` is then started at
-    once and given it after the delete, its start-up hidden behind the save and stop."""
-    early = _Early.started(record, save=save)
+    `early`: `coi-session save` and `coi-net remove` started before (Early), given the
+    slot record when their turn comes."""
+    early = early or Early()
     try:
         return _end(client, name, save=save, remove=remove, if_down=if_down, wait=wait,
                     early=early)
@@ -70,23 +69,29 @@ def end_session(client: Incus, name: str, *, save: bool = True, remove: bool = F
 
 
 @dataclass
-class _Early:
-    """`coi-session save` and `coi-net remove` of a session whose slot record came with
-    `coi-slot end`: started first, given the record when their turn comes."""
+class Early:
+    """`coi-session save` and `coi-net remove` of the session whose slot record comes on
+    `coi-slot end`'s stdin: started before the record is even read (while the session's
+    last command still runs), so their start-up (~40-100 ms each) is over when they are
+    needed; given the record when their turn comes."""
 
     record: sessions.SlotRecord | None = None
     saver: plumbing.Child | None = None
     remover: plumbing.Child | None = None
 
     @classmethod
-    def started(cls, record: sessions.SlotRecord | None, *, save: bool) -> _Early:
-        if record is None:
-            return cls()
-        return cls(record,
-                   plumbing.Child("coi-session", ["save"], kind="session_saved")
+    def started(cls, *, save: bool) -> Early:
+        return cls(None, plumbing.Child("coi-session", ["save"], kind="session_saved")
                    if save else None,
-                   plumbing.Child("coi-net", ["remove"], kind="net_removed")
-                   if record.network != "open" else None)
+                   plumbing.Child("coi-net", ["remove"], kind="net_removed"))
+
+    def given(self, record: sessions.SlotRecord) -> None:
+        """The record arrived: the children are this container's (coi-net's not needed
+        when the session has no rules)."""
+        self.record = record
+        if record.network == "open" and self.remover is not None:
+            self.remover.abandon()
+            self.remover = None
 
     def take(self, which: str, name: str) -> plumbing.Child | None:
         """The early child for `name`, once (None: run one now)."""
@@ -101,7 +106,7 @@ class _Early:
 
 
 def _end(client: Incus, name: str, *, save: bool, remove: bool, if_down: bool, wait: float,
-         early: _Early) -> Ending:
+         early: Early) -> Ending:
     with locks.ending_lock(client, name):
         if if_down and not _down(client, name, wait):
             return Ending(saved=False, deleted=False, running=True)
@@ -126,7 +131,7 @@ def _end(client: Incus, name: str, *, save: bool, remove: bool, if_down: bool, w
         return Ending(saved, deleted=True)
 
 
-def _after_delete(name: str, instance: Mapping[str, Any], early: _Early) -> None:
+def _after_delete(name: str, instance: Mapping[str, Any], early: Early) -> None:
     """Its rules, its view's directory and its slot's reservation go with it; none of
     them ever fails the end. (The reservation `coi-slot next` made holds until the
     container exists and then lingers for up to two minutes: without this, a slot
@@ -167,7 +172,7 @@ def _status(client: Incus, name: str) -> str:
         return "Stopping"  # Incus cannot read the state of a container halfway down
 
 
-def _run(early: _Early, which: str, name: str, *, program: str, args: list[str], kind: str,
+def _run(early: Early, which: str, name: str, *, program: str, args: list[str], kind: str,
          as_user: pwd.struct_passwd | None = None) -> list[dict[str, Any]]:
     """The early child (given the record), or `program args` run now."""
     child = early.take(which, name) if as_user is None else None
@@ -176,7 +181,7 @@ def _run(early: _Early, which: str, name: str, *, program: str, args: list[str],
     return plumbing.call(program, args, kind=kind, as_user=as_user)
 
 
-def save_session(name: str, owner: int | None, early: _Early | None = None
+def save_session(name: str, owner: int | None, early: Early | None = None
                  ) -> tuple[bool, str]:
     """The session-save hook: every path by which coi stops or removes a session
     container comes through here first. Returns (ok, message).
@@ -187,7 +192,7 @@ def save_session(name: str, owner: int | None, early: _Early | None = None
     root runs it as that user. It never raises: this runs in cleanup paths; a
     failure is reported and the caller keeps the container."""
     try:
-        found = _run(early or _Early(), "saver", name, program="coi-session",
+        found = _run(early or Early(), "saver", name, program="coi-session",
                      args=["save", name], kind="session_saved", as_user=_save_user(name, owner))
     except (Exception, KeyboardInterrupt) as exc:  # cleanup must go on, whatever failed
         if isinstance(exc, NotFound) and exc.message.startswith(f"container {name}"):

@@ -570,7 +570,13 @@ def test_dry_run_prints_the_transaction_and_changes_nothing(net, make_container,
     box = make_container(start=False)
     done = net("apply", box.name, "--dry-run")
     assert done.returncode == 0, done.stderr
-    plan = json.loads(done.stdout)["nftables"]
+    transaction, end = json.JSONDecoder().raw_decode(done.stdout)
+    plan = transaction["nftables"]
+    # Then the plan: the NIC given coi's host-side name, and that transaction.
+    steps = done.stdout[end:].strip().splitlines()
+    assert steps[0].startswith("dry run: nothing was changed; the real run makes 2 changes")
+    assert steps[1].startswith(f"  1. PATCH /1.0/instances/{box.name}?project=default  ")
+    assert steps[2].startswith(f"  2. nft transaction in table {net.table}  {{\"commands\": ")
     nft.check_ours(plan, net.table)
     assert any("rule" in c.get("add", {}) for c in plan)
     assert nft.list_table("bridge", net.table) == []
