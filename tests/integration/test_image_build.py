@@ -129,9 +129,12 @@ def test_sigterm_during_a_build_removes_the_builder_and_keeps_the_old_image(
     assert build_custom(image_alias, good, coi_env.environ()).returncode == 0
     before = incus_client.image_by_alias(image_alias)["fingerprint"]
     slow = script(tmp_path, "touch /tmp/coi-test-started\nsleep 120", "slow.sh")
+    # SIGINT as a terminal's shell leaves it: a test run started in the background
+    # inherits it ignored, and an ignored SIGINT is not coi's to undo.
     child = subprocess.Popen([COI, "build", "custom", image_alias, "--script", str(slow),
                               "--base", "coi-test-image"], env=coi_env.environ(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=_default_sigint)  # noqa: PLW1509 - no threads
     try:
         builder = wait_for_builder_running_script(incus_client, coi_env.prefix)
         child.send_signal(signal.SIGTERM)
@@ -152,9 +155,12 @@ def test_a_publish_interrupted_halfway_leaves_no_image_and_no_temporary_alias(
     # Incompressible data makes the publish last a few seconds, long enough to interrupt.
     slow = script(tmp_path, "touch /tmp/coi-test-started\n"
                             "head -c 300M /dev/urandom > /root/coi-test-noise", "noise.sh")
+    # SIGINT as a terminal's shell leaves it: a test run started in the background
+    # inherits it ignored, and an ignored SIGINT is not coi's to undo.
     child = subprocess.Popen([COI, "build", "custom", image_alias, "--script", str(slow),
                               "--base", "coi-test-image"], env=coi_env.environ(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=_default_sigint)  # noqa: PLW1509 - no threads
     try:
         builder = wait_for_builder_running_script(incus_client, coi_env.prefix)
         wait_for_publish(incus_client, builder)
@@ -170,6 +176,10 @@ def test_a_publish_interrupted_halfway_leaves_no_image_and_no_temporary_alias(
     assert [i["fingerprint"] for i in incus_client.images()
             if i["properties"].get("coi.custom_script") == str(slow)] == []
     assert leftovers(incus_client, coi_env.prefix) == ([], [])
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def stop(child):
