@@ -153,13 +153,15 @@ def context_from_args(args: Args, argv: list[str], *, record_on_stdin: bool) -> 
 # -- the container ----------------------------------------------------------------------
 
 
-def ensure_container(ctx: Context) -> str:
+def ensure_container(ctx: Context, started: Callable[[bool], None] = lambda _reused: None
+                     ) -> str:
     """Make the slot's container run; RUNNING when it was (attach to it), RESTARTED for
     a stopped persistent one started again, CREATED for a new one.
 
     Everything that can refuse (image, id map, network privilege) is checked
     before a container is created; a persistent container that is stopped is
-    started again as it is, with whatever was installed in it.
+    started again as it is, with whatever was installed in it. `started(reused)`
+    runs once it was started, while it boots (the restore of its home starts then).
     """
     name, client = ctx.record.container, ctx.client
     instance = _instance_of(client, name)
@@ -171,11 +173,13 @@ def ensure_container(ctx: Context) -> str:
             idmap = preflight(ctx)
             with progress.waiting(f"starting persistent {name}"):
                 _start(ctx, idmap, lambda _view: None, sessions.has_view(instance))
+                started(True)
                 _wait_for_boot(ctx)
             return RESTARTED
         end_session(ctx)  # a stopped ephemeral leftover: its session saved, then gone
     try:
         _create(ctx)
+        started(False)
         with progress.waiting(f"waiting for {name} to boot"):
             _wait_for_boot(ctx)
     except BaseException:
@@ -437,11 +441,14 @@ def resume_target(ctx: Context) -> dict[str, Any] | None:
 
 def ready_and_home(ctx: Context, wanted: Mapping[str, Any] | None) -> tuple[str, bool]:
     """ensure_container, then prepare_home unless it was running already: (its state,
-    whether the tool resumes). `coi-session restore` starts beside the container's
-    start, so its start-up is not waited for."""
+    whether the tool resumes). `coi-session restore` starts with the command, so its
+    start-up is not waited for, and gets its record once the container started: the
+    home is restored while the container boots (its home is on the root file system,
+    which booting leaves alone; only /tmp is remade, and the tool's tmux comes later)."""
     restorer = plumbing.Child("coi-session", ["restore"], kind="session_restored")
     try:
-        state = ensure_container(ctx)
+        state = ensure_container(ctx, lambda reused: restorer.give(
+            _restore_record(ctx, _restored(ctx, wanted, reused))))
     except BaseException:
         restorer.abandon()
         raise
@@ -449,6 +456,20 @@ def ready_and_home(ctx: Context, wanted: Mapping[str, Any] | None) -> tuple[str,
         restorer.abandon()
         return state, False
     return state, prepare_home(ctx, wanted, restorer, reused=state == RESTARTED)
+
+
+def _restored(ctx: Context, wanted: Mapping[str, Any] | None, reused: bool
+              ) -> Mapping[str, Any] | None:
+    """The saved session to restore: `wanted`, except into a persistent container
+    started again (`reused`), which keeps its own conversation unless an id was asked."""
+    return None if reused and not ctx.resume_id else wanted
+
+
+def _restore_record(ctx: Context, session: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`coi-session restore`'s input: the slot record naming the session (none: only
+    the credentials)."""
+    session_id = str(session["id"]) if session is not None else ""
+    return dataclasses.replace(ctx.record, resume=session_id).to_record()
 
 
 def ender() -> plumbing.Child:
@@ -470,15 +491,14 @@ def prepare_home(ctx: Context, wanted: Mapping[str, Any] | None, restorer: plumb
     """
     name = ctx.record.container
     resumed = wanted is not None
-    if reused and wanted is not None and not ctx.resume_id:
+    restored = _restored(ctx, wanted, reused)
+    if wanted is not None and restored is None:
         print(f"coi: resuming the conversation kept in persistent {name}", file=sys.stderr)
-        wanted = None
-    session_id = str(wanted["id"]) if wanted is not None else ""
-    record = dataclasses.replace(ctx.record, resume=session_id).to_record()
+    session_id = str(restored["id"]) if restored is not None else ""
     try:
         with progress.waiting(f"restoring session {session_id} into {name}" if session_id
                               else f"copying credentials into {name}"):
-            found = restorer.finish(record)
+            found = restorer.finish(_restore_record(ctx, restored))
     except CoiError as exc:
         if not session_id:
             print(f"coi: could not copy credentials into {name}: {exc.one_line()}",

@@ -8,14 +8,12 @@ stdout. Tracebacks appear only with --debug or COI_DEBUG=1.
 
 from __future__ import annotations
 
-import ast
 import copy
 import itertools
 import os
 import re
 import signal
 import sys
-import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
@@ -284,6 +282,8 @@ def _unmatched_words(line: str) -> list[str]:
     is read as a Python expression (parsed, never run): a word that is empty or holds a
     quote or a control character comes out as it was typed.
     """
+    import ast  # noqa: PLC0415 - a usage error's path only
+
     try:
         listed = ast.parse(line[line.index("["):], mode="eval").body
     except (ValueError, SyntaxError):
@@ -362,6 +362,12 @@ def json_requested(argv: list[str]) -> bool:
         pair == ("--format", "json") for pair in itertools.pairwise(words))
 
 
+def _print_traceback() -> None:
+    import traceback  # noqa: PLC0415 - --debug only (it costs ~5 ms to import)
+
+    traceback.print_exc()
+
+
 def _raise_interrupted(signum: int, _frame: object) -> NoReturn:
     raise Interrupted(f"stopped by {signal.Signals(signum).name}")
 
@@ -413,7 +419,7 @@ def run_main(prog: str, doc: str, handler: Handler, argv: list[str] | None = Non
             handler(args) or 0
     except CoiError as exc:
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         status = report(prog, exc, as_json=as_json)
     except KeyboardInterrupt:
         status = report(prog, Interrupted("interrupted"), as_json=as_json)
@@ -423,7 +429,7 @@ def run_main(prog: str, doc: str, handler: Handler, argv: list[str] | None = Non
         status = EXIT_FAILED
     except Exception as exc:
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         status = report(prog, CoiError(f"internal error: {type(exc).__name__}: {exc}",
                                        hint="rerun with --debug and report it"), as_json=as_json)
     sys.stdout.flush()

@@ -20,12 +20,10 @@ IncusUnavailable, PermissionDenied, or IncusError carrying Incus's message.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import math
 import os
 import re
-import socket
 import sys
 import threading
 import time
@@ -34,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 from urllib.parse import quote, urlencode
 
-from coi_common import plan, proc, trace
+from coi_common import httpunix, plan, proc, trace
 from coi_common.errors import (
     AlreadyExists,
     CoiError,
@@ -66,7 +64,7 @@ EXEC_NOT_STARTED: Final = ("Failed to retrieve PID of executing child process", 
 started (about 3 in 40 session starts here); the exec can simply be tried again."""
 EXEC_PAUSES: Final = (0.2, 0.5, 1.0)
 """Pauses between the tries of an exec Incus failed to start: four tries in all."""
-CLOSED_BY_INCUS: Final = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
+CLOSED_BY_INCUS: Final = (httpunix.Closed, BrokenPipeError, ConnectionResetError)
 """How a kept-alive connection that Incus closed while it was idle fails, before any byte
 of an answer: the request is sent again on a new connection (once)."""
 FILTERABLE_PREFIX: Final = re.compile(r"[A-Za-z0-9-]+")
@@ -88,49 +86,20 @@ def socket_path(configured: str = "") -> str:
     return SOCKET_CANDIDATES[0]
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    """HTTP over the daemon's unix socket; calls `opened` for each socket it connects
-    (again after Incus closed it: http.client reconnects on the next request)."""
-
-    def __init__(self, path: str, timeout: float, opened: Callable[[], None]) -> None:
-        super().__init__("incus", timeout=timeout)
-        self._path = path
-        self._opened = opened
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self._path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-        self._opened()
-
-    def use_timeout(self, seconds: float) -> None:
-        """This exchange's socket timeout, on an open socket too."""
-        self.timeout = seconds
-        if self.sock is not None:
-            self.sock.settimeout(seconds)
-
-
-def _sent(conn: _UnixConnection, method: str, url: str, payload: str | None,
-          headers: dict[str, str]) -> http.client.HTTPResponse:
-    """Send one request and read the head of its answer. When a reused connection turns
-    out closed by Incus before any byte of an answer, the request goes once more on a
-    new connection; a new connection's failure is the caller's to report."""
+def _sent(conn: httpunix.Connection, method: str, url: str, payload: bytes | None,
+          headers: dict[str, str]) -> httpunix.Answer:
+    """Send one request and read its answer. When a reused connection turns out closed
+    by Incus before any byte of an answer, the request goes once more on a new
+    connection; a new connection's failure is the caller's to report."""
     reused = conn.sock is not None
     try:
-        conn.request(method, url, body=payload, headers=headers)
-        return conn.getresponse()
+        return conn.exchange(method, url, payload, headers)
     except CLOSED_BY_INCUS:
         if not reused:
             raise
     conn.close()
     trace.retry(method, url, 0, "Incus had closed the kept-alive connection")
-    conn.request(method, url, body=payload, headers=headers)
-    return conn.getresponse()
+    return conn.exchange(method, url, payload, headers)
 
 
 def _error_for(status: int, message: str, what: str) -> Exception:
@@ -196,22 +165,21 @@ class Incus:
         if method not in READS and plan.step(method, url, body=body):
             return PLANNED_REPLY[0], dict(PLANNED_REPLY[1]), PLANNED_REPLY[2]
         seconds = self.timeout if timeout is None else timeout
-        payload = None if body is None else json.dumps(body)
+        payload = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if payload is not None else {}
         with trace.span(method, url) as call:
             conn = self._connection()
             conn.use_timeout(seconds)
             try:
                 try:
-                    response = _sent(conn, method, url, payload, headers)
-                    raw = response.read()
+                    answer = _sent(conn, method, url, payload, headers)
                 except BaseException:
                     conn.close()
                     raise
-            except (OSError, http.client.HTTPException) as exc:
+            except (OSError, httpunix.ProtocolError) as exc:
                 raise self._unreachable(exc, seconds) from None
-            call.end(str(response.status))
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, raw
+            call.end(str(answer.status))
+        return answer.status, answer.headers, answer.body
 
     def _unreachable(self, exc: Exception, seconds: float) -> CoiError:
         """The typed error of a failed exchange with the daemon."""
@@ -227,11 +195,12 @@ class Incus:
             return IncusUnavailable(f"Incus did not answer within {seconds:g} s")
         return IncusUnavailable(f"cannot talk to Incus on {self.socket}: {exc}")
 
-    def _connection(self) -> _UnixConnection:
+    def _connection(self) -> httpunix.Connection:
         """This thread's connection (not connected yet when new)."""
         held = getattr(self._local, "held", None)
         if held is None or held[0] != os.getpid():
-            held = (os.getpid(), _UnixConnection(self.socket, self.timeout, self._count_open))
+            held = (os.getpid(), httpunix.Connection(self.socket, self.timeout,
+                                                     self._count_open))
             self._local.held = held
         return held[1]
 

@@ -17,7 +17,6 @@ import hashlib
 import os
 import posixpath
 import re
-import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -470,4 +469,6 @@ def new_session_id(now: datetime | None = None) -> str:
     moment = now or datetime.now(UTC)
     if moment.tzinfo is not None:
         moment = moment.astimezone(UTC)
+    import secrets  # noqa: PLC0415 - only a save names a session
+
     return f"{moment:%Y%m%d-%H%M%S}-{secrets.token_hex(6)}"

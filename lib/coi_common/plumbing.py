@@ -13,6 +13,7 @@ the command they ran.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -69,6 +70,7 @@ class Child:
         self.assumed = None if isinstance(dry_run, str) or not plan.active() else \
             [dict(r) for r in dry_run]
         self.asks = plan.active() and dry_run == ASKS
+        self.given: Mapping[str, Any] | None = None
         if self.assumed is not None:
             self.process = None
             return
@@ -78,14 +80,26 @@ class Child:
         self.process = proc.spawn(as_account(as_user, argv) if as_user else argv,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
+    def give(self, record: Mapping[str, Any]) -> None:
+        """Send `record` now and let the child work while the caller goes on; finish()
+        (without a record) then collects its answer. The record is one line, far less
+        than a pipe holds, so this never waits for the child."""
+        self.given = record
+        if self.process is not None and self.process.stdin is not None:
+            stdin, self.process.stdin = self.process.stdin, None  # not communicate()'s now
+            with contextlib.suppress(BrokenPipeError), stdin:  # ended already: finish() says
+                stdin.write((json.dumps(record) + "\n").encode())
+
     def finish(self, record: Mapping[str, Any] | None = None) -> list[Record]:
-        """Send `record`, wait for the child's end, return its records (or raise its
-        failure). Traced as one call, from its start."""
+        """Send `record` (unless give() did), wait for the child's end, return its
+        records (or raise its failure). Traced as one call, from its start."""
+        record = record if self.given is None else self.given
         if self.process is None or self.asks:
             plan.step("child", self.words, input=record)
         if self.process is None:
             return [r for r in self.assumed or [] if _of_kind(r, self.kind)]
-        payload = (json.dumps(record) + "\n").encode() if record is not None else b""
+        payload = None if self.given is not None else \
+            (json.dumps(record) + "\n").encode() if record is not None else b""
         try:
             out, _ = self.process.communicate(payload)
         except BaseException:
