@@ -439,16 +439,22 @@ def resume_target(ctx: Context) -> dict[str, Any] | None:
     return found[0] if found else None
 
 
-def ready_and_home(ctx: Context, wanted: Mapping[str, Any] | None) -> tuple[str, bool]:
+def ready_and_home(ctx: Context, wanted: Mapping[str, Any] | None, *,
+                   then: Callable[[], None] = lambda: None) -> tuple[str, bool]:
     """ensure_container, then prepare_home unless it was running already: (its state,
     whether the tool resumes). `coi-session restore` starts with the command, so its
     start-up is not waited for, and gets its record once the container started: the
     home is restored while the container boots (its home is on the root file system,
-    which booting leaves alone; only /tmp is remade, and the tool's tmux comes later)."""
+    which booting leaves alone; only /tmp is remade, and the tool's tmux comes later).
+    `then` runs next, while the container boots."""
     restorer = plumbing.Child("coi-session", ["restore"], kind="session_restored")
+
+    def started(reused: bool) -> None:
+        restorer.give(_restore_record(ctx, _restored(ctx, wanted, reused)))
+        then()
+
     try:
-        state = ensure_container(ctx, lambda reused: restorer.give(
-            _restore_record(ctx, _restored(ctx, wanted, reused))))
+        state = ensure_container(ctx, started)
     except BaseException:
         restorer.abandon()
         raise
@@ -473,7 +479,8 @@ def _restore_record(ctx: Context, session: Mapping[str, Any] | None) -> dict[str
 
 
 def ender() -> plumbing.Child:
-    """`coi-slot end`, started while the session's command runs (end_session finishes it)."""
+    """`coi-slot end`, started before the session's command (end_session finishes it),
+    so its start-up and its children's are over when the command ends."""
     return plumbing.Child("coi-slot", ["end"], kind="container_action", dry_run=ENDED)
 
 
@@ -543,10 +550,16 @@ def run_command(args: Args, argv: list[str]) -> int:
     is deleted afterwards unless it is persistent (its own setting decides)."""
     ctx = context_from_args(args, argv, record_on_stdin=False)
     wanted = resume_target(ctx)
-    ready_and_home(ctx, wanted)
-    ending = None
+    early: list[plumbing.Child] = []  # coi-slot end, started while the container boots
     try:
-        ending = ender()
+        ready_and_home(ctx, wanted, then=lambda: early.append(ender()))
+    except BaseException:
+        for child in early:
+            child.abandon()
+        raise
+    ending = early[0] if early else None
+    try:
+        ending = ending or ender()
         spec = container.as_code(ctx.record.container, list(args["<command>"]), tty=False,
                                 env=container.session_env(os.environ.get("TERM")))
         return ctx.client.exec_handover(spec)
