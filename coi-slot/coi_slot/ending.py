@@ -137,7 +137,7 @@ def _after_delete(name: str, instance: Mapping[str, Any], early: Early) -> None:
     container exists and then lingers for up to two minutes: without this, a slot
     killed right after its start could not be taken again at once.)"""
     keys = sessions.SessionContainer.from_instance(instance)
-    if keys is not None:
+    if keys is not None and early.record is None:  # with its record, run_end releases it
         with contextlib.suppress(CoiError, OSError):
             state_dir = config.load(keys.workspace, lenient=True).path("paths.state_dir")
             slots.release(state_dir, keys.workspace, keys.slot)
