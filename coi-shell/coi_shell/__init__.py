@@ -110,16 +110,24 @@ def main(argv: list[str] | None = None) -> None:
 
 def dispatch(args: Args, argv: list[str]) -> int:
     """Run the chosen command; each returns the exit status. shell and run pass their
-    flags on to coi-slot next as they were given (`argv`)."""
+    flags on to coi-slot next as they were given (`argv`), started before the session's
+    own imports (slotting.early_next)."""
     output.wants_json(args)
     if args["tmux"]:
         from coi_shell import automation  # noqa: PLC0415
 
         return automation.run(args)
-    from coi_shell import session  # noqa: PLC0415
+    from coi_shell import slotting  # noqa: PLC0415
 
-    if args["run"]:
-        return session.run_command(args, argv)
-    if args["attach"]:
-        return session.attach(args)
-    return session.shell(args, argv)
+    early = slotting.early_next(args, argv)
+    try:
+        from coi_shell import session  # noqa: PLC0415
+
+        if args["run"]:
+            return session.run_command(args, argv, early)
+        if args["attach"]:
+            return session.attach(args)
+        return session.shell(args, argv, early)
+    finally:
+        if early is not None:
+            early.abandon()  # (one that finished is left alone)

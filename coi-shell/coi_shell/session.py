@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import os
 import shlex
-import stat
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -33,7 +32,7 @@ from coi_common import (
 from coi_common.entry import Args
 from coi_common.errors import BadInput, CoiError, IncusError, NotFound, UsageError
 from coi_common.protocol import read_record
-from coi_shell import container
+from coi_shell import container, slotting
 
 RUNNING, RESTARTED, CREATED = "running", "restarted", "created"
 """What ensure_container found or did."""
@@ -73,52 +72,20 @@ class Context:
 # -- building the context ---------------------------------------------------------------
 
 
-def _stdin_is_data() -> bool:
-    """A pipe or file on stdin carries a slot record; a terminal or /dev/null does not."""
-    try:
-        mode = os.fstat(sys.stdin.fileno()).st_mode
-    except (OSError, ValueError):
-        return False
-    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
-
-
-def slot_flags(argv: list[str], command: list[str]) -> list[str]:
-    """The flags of `coi-shell shell|run ... [--] [COMMAND]` that are coi-slot next's
-    (all of them but --debug, and --dry-run and --format, which plumbing.Child gives
-    each child itself): passed on unread, so the two can never take a flag
-    differently."""
-    if "--" in argv:
-        words = argv[:argv.index("--")]
-    elif command and argv[-len(command):] == command:
-        words = argv[:-len(command)]
-    elif command:
-        raise UsageError("coi run: put -- between the flags and the command",
-                         hint="coi run --persistent -- make test")
-    else:
-        words = argv
-    if words and words[0] in ("shell", "run"):
-        words = words[1:]
-    kept: list[str] = []
-    for before, word in zip(["", *words], words, strict=False):
-        if before != "--format" and word not in ("--debug", "--dry-run", "--format") \
-                and not word.startswith("--format="):
-            kept.append(word)
-    return kept
-
-
 def slot_record(argv: list[str], command: list[str], *, record_on_stdin: bool,
-                record_file: str | None = None) -> sessions.SlotRecord:
+                record_file: str | None = None,
+                early: plumbing.Child | None = None) -> sessions.SlotRecord:
     """The session's slot record: from --record FILE, or on stdin (coi-slot next |
     coi-shell), else the one `coi-slot next FLAGS` prints (it checks the flags and
-    reserves the slot)."""
-    flags = slot_flags(argv, command)
-    if record_file is not None or (record_on_stdin and _stdin_is_data()):
+    reserves the slot; `early`: the one slotting.early_next started)."""
+    flags = slotting.slot_flags(argv, command)
+    if record_file is not None or (record_on_stdin and slotting.stdin_is_data()):
         given = _without_record_flag(flags)
         if given:
             raise UsageError(f"{given[0]}: with a slot record the record says everything",
                              hint="give the flags to coi-slot next instead")
         return _record_from_file(record_file or "-")
-    found = plumbing.call("coi-slot", ["next", *flags], kind="slot", dry_run=plumbing.ASKS)
+    found = (early or slotting.next_child(flags)).finish()
     if len(found) != 1:
         raise CoiError(f"coi-slot next printed {len(found)} slot records, not one")
     return sessions.SlotRecord.from_record(found[0])
@@ -141,10 +108,12 @@ def _record_from_file(path: str) -> sessions.SlotRecord:
         raise BadInput(f"--record {path}: {exc.strerror}") from None
 
 
-def context_from_args(args: Args, argv: list[str], *, record_on_stdin: bool) -> Context:
+def context_from_args(args: Args, argv: list[str], *, record_on_stdin: bool,
+                      early: plumbing.Child | None = None) -> Context:
     """The slot record (reserved) and what it takes: config, tool, Incus client."""
     record = slot_record(argv, list(args.get("<command>") or []),
-                         record_on_stdin=record_on_stdin, record_file=args.get("--record"))
+                         record_on_stdin=record_on_stdin, record_file=args.get("--record"),
+                         early=early)
     settings = config.load(record.workspace, profile=record.config_profile or None)
     tool = tools.get_tool(record.tool, tools.registry_from_config(settings))
     return Context(settings, incus.connect(settings), record, tool)
@@ -521,7 +490,7 @@ def prepare_home(ctx: Context, wanted: Mapping[str, Any] | None, restorer: plumb
 # -- the commands -------------------------------------------------------------------------
 
 
-def shell(args: Args, argv: list[str]) -> int:
+def shell(args: Args, argv: list[str], early: plumbing.Child | None = None) -> int:
     """Start or reattach to the tool's tmux session and hand the terminal over; exit
     with what the terminal session ended with."""
     if args.get("--session") is not None:  # refused before even the terminal is opened
@@ -529,7 +498,7 @@ def shell(args: Args, argv: list[str]) -> int:
     # Then a script without a terminal is told at once (a dry run hands none over).
     terminal = None if args.get("--dry-run") else open_terminal()
     try:
-        ctx = context_from_args(args, argv, record_on_stdin=True)
+        ctx = context_from_args(args, argv, record_on_stdin=True, early=early)
         wanted = resume_target(ctx)
         state, resumed = ready_and_home(ctx, wanted)
         if state == RUNNING:
@@ -545,19 +514,19 @@ def shell(args: Args, argv: list[str]) -> int:
             terminal.close()
 
 
-def run_command(args: Args, argv: list[str]) -> int:
+def run_command(args: Args, argv: list[str], early: plumbing.Child | None = None) -> int:
     """One command in the slot's container; cleaned up whatever happens. The container
     is deleted afterwards unless it is persistent (its own setting decides)."""
-    ctx = context_from_args(args, argv, record_on_stdin=False)
+    ctx = context_from_args(args, argv, record_on_stdin=False, early=early)
     wanted = resume_target(ctx)
-    early: list[plumbing.Child] = []  # coi-slot end, started while the container boots
+    enders: list[plumbing.Child] = []  # coi-slot end, started while the container boots
     try:
-        ready_and_home(ctx, wanted, then=lambda: early.append(ender()))
+        ready_and_home(ctx, wanted, then=lambda: enders.append(ender()))
     except BaseException:
-        for child in early:
+        for child in enders:
             child.abandon()
         raise
-    ending = early[0] if early else None
+    ending = enders[0] if enders else None
     try:
         ending = ending or ender()
         spec = container.as_code(ctx.record.container, list(args["<command>"]), tty=False,

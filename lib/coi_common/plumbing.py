@@ -112,7 +112,8 @@ class Child:
         return [r for r in found if r.get("kind") != plan.KIND and _of_kind(r, self.kind)]
 
     def abandon(self) -> None:
-        if self.process is not None:
+        """Stop the child, unless it has ended (its pid may be another's by now)."""
+        if self.process is not None and self.process.returncode is None:
             proc.stop_group(self.process, grace=0)
 
 

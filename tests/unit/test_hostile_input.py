@@ -196,10 +196,30 @@ def _streams() -> tuple[io.BytesIO, io.BytesIO, IO[str], IO[str]]:
                              write_through=True))
 
 
+class _ChildInProcess:
+    """plumbing.Child (coi-shell running coi-slot next) as its main() in this process,
+    under the fence, when it is finished; its records come back as the real ones do."""
+
+    def __init__(self, program: str, args: Sequence[str], *, kind: Any = None,
+                 **_how: Any) -> None:
+        self.program, self.args, self.kind, self.given = program, list(args), kind, None
+
+    def give(self, record: Any) -> None:
+        self.given = record
+
+    def finish(self, record: Any = None) -> list[dict[str, Any]]:
+        return _child_in_process(self.program, self.args,
+                                 record=record if self.given is None else self.given,
+                                 kind=self.kind)
+
+    def abandon(self) -> None:
+        """Nothing runs until finish()."""
+
+
 def _child_in_process(program: str, args: Sequence[str], *, record: Any = None,
-                      kind: Any = None, dry_run: Any = ()) -> list[dict[str, Any]]:
-    """plumbing.call's child (coi-shell running coi-slot next) as its main() in this
-    process, still under the fence; its records come back as the real call reads them."""
+                      kind: Any = None) -> list[dict[str, Any]]:
+    """A coi child as its main() in this process, still under the fence; its records
+    come back as the real call reads them."""
     out = io.BytesIO()
     saved = sys.stdin, sys.stdout, dict(entry._PLUMBING)
     os.environ[entry.PLUMBING_VARIABLE] = "1"  # as plumbing.call starts it
@@ -224,14 +244,14 @@ def run_main(program: str, argv: Sequence[str], stdin: IO[str]) -> Outcome:
     main() in here too (_child_in_process)."""
     out, err, sys_out, sys_err = _streams()
     saved = (sys.stdin, sys.stdout, sys.stderr, dict(os.environ),
-             signal.getsignal(signal.SIGTERM), os.execv, plumbing.call)
+             signal.getsignal(signal.SIGTERM), os.execv, plumbing.Child)
     status: object = "main() returned"
     tried: list[str] = []
     name, args = program, list(argv)
     try:
         sys.stdin, sys.stdout, sys.stderr = stdin, sys_out, sys_err
         os.execv = _exec_in_process
-        plumbing.call = _child_in_process
+        plumbing.Child = _ChildInProcess
         while True:
             try:
                 with fenced() as attempts:
@@ -254,7 +274,7 @@ def run_main(program: str, argv: Sequence[str], stdin: IO[str]) -> Outcome:
         os.environ.clear()
         os.environ.update(saved[3])
         signal.signal(signal.SIGTERM, saved[4])
-        os.execv, plumbing.call = saved[5], saved[6]
+        os.execv, plumbing.Child = saved[5], saved[6]
     return Outcome(tuple(argv), status, out.getvalue().decode("utf-8", "replace"),
                    err.getvalue().decode("utf-8", "replace"), tuple(tried))
 
