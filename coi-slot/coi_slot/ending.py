@@ -93,6 +93,15 @@ class Early:
             self.remover.abandon()
             self.remover = None
 
+    def stopped(self, name: str) -> None:
+        """`name`, an ephemeral container, is stopped and goes next: coi-net remove gets
+        the record now and removes its rules while Incus deletes it (no process of it
+        is left to send a packet, and should the delete fail, coi never starts an
+        ephemeral container again: it ends it)."""
+        if self.remover is not None and self.record is not None and \
+                self.record.container == name:
+            self.remover.give(self.record.to_record())
+
     def take(self, which: str, name: str) -> plumbing.Child | None:
         """The early child for `name`, once (None: run one now)."""
         child = getattr(self, which)
@@ -126,6 +135,10 @@ def _end(client: Incus, name: str, *, save: bool, remove: bool, if_down: bool, w
             if saved and not kept_since:
                 _mark_ended(client, name)
             return Ending(saved, deleted=False)
+        if _status(client, name) not in DOWN:
+            client.set_state(name, "stop", force=True)
+        if not sessions.is_persistent(instance):
+            early.stopped(name)
         client.delete_instance_force(name)
         _after_delete(name, instance, early)
         return Ending(saved, deleted=True)
