@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import IO, Any, Final
 
 from coi_common.errors import BadInput, CoiError
@@ -67,12 +67,6 @@ def write_record(record: Mapping[str, Any], stream: IO[str] | None = None) -> No
     out = stream or sys.stdout
     out.write(json.dumps(record, sort_keys=False, default=str) + "\n")
     out.flush()
-
-
-def write_records(records: Iterable[Mapping[str, Any]], stream: IO[str] | None = None) -> None:
-    """Write records as JSON Lines, each flushed as it is produced."""
-    for record in records:
-        write_record(record, stream)
 
 
 def validate(record: Any, kind: str | tuple[str, ...] | None = None) -> Record:

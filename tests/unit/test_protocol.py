@@ -49,7 +49,8 @@ def test_error_record_carries_code_message_and_exit_code():
 
 def test_records_are_written_one_per_line():
     out = io.StringIO()
-    protocol.write_records([protocol.make_record("setup", changed=False, steps=[])] * 3, out)
+    for record in [protocol.make_record("setup", changed=False, steps=[])] * 3:
+        protocol.write_record(record, out)
     lines = out.getvalue().splitlines()
     assert len(lines) == 3
     assert all(json.loads(line)["kind"] == "setup" for line in lines)
