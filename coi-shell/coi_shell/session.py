@@ -165,9 +165,7 @@ def end_session(ctx: Context, *flags: str, child: plumbing.Child | None = None
     reservation goes too): the one owner of saving and deleting. Its container_action
     record; a failure (a save that failed: the container is kept) raises. `child`: a
     `coi-slot end` started earlier (ender)."""
-    child = child or plumbing.Child("coi-slot", ["end", *flags], kind="container_action",
-                                    dry_run=ENDED)
-    found = child.finish(ctx.record.to_record())
+    found = (child or ender(*flags)).finish(ctx.record.to_record())
     if len(found) != 1:
         raise CoiError(f"coi-slot end printed {len(found)} results, not one")
     return found[0]
@@ -455,10 +453,11 @@ def _restore_record(ctx: Context, session: Mapping[str, Any] | None) -> dict[str
     return dataclasses.replace(ctx.record, resume=session_id).to_record()
 
 
-def ender() -> plumbing.Child:
-    """`coi-slot end`, started before the session's command (end_session finishes it),
-    so its start-up and its children's are over when the command ends."""
-    return plumbing.Child("coi-slot", ["end"], kind="container_action", dry_run=ENDED)
+def ender(*flags: str) -> plumbing.Child:
+    """`coi-slot end FLAGS`, started (end_session finishes it): `coi run` starts it
+    before its command, so its start-up and its children's are over when it ends."""
+    return plumbing.Child("coi-slot", ["end", *flags], kind="container_action",
+                          dry_run=ENDED)
 
 
 def prepare_home(ctx: Context, wanted: Mapping[str, Any] | None, restorer: plumbing.Child,
@@ -482,7 +481,7 @@ def prepare_home(ctx: Context, wanted: Mapping[str, Any] | None, restorer: plumb
     try:
         with progress.waiting(f"restoring session {session_id} into {name}" if session_id
                               else f"copying credentials into {name}"):
-            found = restorer.finish(_restore_record(ctx, restored))
+            found = restorer.finish()  # its record went with its start
     except CoiError as exc:
         if not session_id:
             print(f"coi: could not copy credentials into {name}: {exc.one_line()}",

@@ -98,15 +98,20 @@ class Early:
         the record now and removes its rules while Incus deletes it (no process of it
         is left to send a packet, and should the delete fail, coi never starts an
         ephemeral container again: it ends it)."""
-        if self.remover is not None and self.record is not None and \
-                self.record.container == name:
+        if self.remover is not None and self._of(name):
             self.remover.give(self.record.to_record())
 
     def take(self, which: str, name: str) -> plumbing.Child | None:
-        """The early child for `name`, once (None: run one now)."""
+        """The early child for `name`, once (None: run one now); another container's
+        stays, for abandon()."""
+        if not self._of(name):
+            return None
         child = getattr(self, which)
         setattr(self, which, None)
-        return child if self.record is not None and self.record.container == name else None
+        return child
+
+    def _of(self, name: str) -> bool:
+        return self.record is not None and self.record.container == name
 
     def abandon(self) -> None:
         for child in (self.saver, self.remover):
@@ -135,11 +140,13 @@ def _end(client: Incus, name: str, *, save: bool, remove: bool, if_down: bool, w
             if saved and not kept_since:
                 _mark_ended(client, name)
             return Ending(saved, deleted=False)
-        if _status(client, name) not in DOWN:
-            client.set_state(name, "stop", force=True)
-        if not sessions.is_persistent(instance):
-            early.stopped(name)
-        client.delete_instance_force(name)
+        status = _status(client, name)
+        if status != "Gone":
+            if status != "Stopped":
+                client.set_state(name, "stop", force=True)
+            if not sessions.is_persistent(instance):
+                early.stopped(name)
+            client.delete_instance(name)
         _after_delete(name, instance, early)
         return Ending(saved, deleted=True)
 
