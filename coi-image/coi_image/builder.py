@@ -15,10 +15,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
-from coi_common import plan, proc
+from coi_common import plan
 from coi_common.errors import CoiError, CommandFailed, IncusError
 from coi_common.incus import ExecSpec, Incus
 from coi_image import aliases
+from coi_image.rootfs import log_tail
 
 RECIPE: Final = Path(__file__).with_name("build-coi.sh")
 SCRIPT_IN_BUILDER: Final = "/root/coi-build.sh"
@@ -34,7 +35,6 @@ BUILDER_CONFIG: Final = {"security.nesting": "true",
 STATIC_DNS: Final = ("8.8.8.8", "8.8.4.4", "1.1.1.1")
 NETWORK_TIMEOUT: Final = 60.0
 STOP_SECONDS: Final = 30
-TAIL_LINES: Final = 20
 
 
 @contextlib.contextmanager
@@ -106,7 +106,7 @@ class Builder:
         spec = ExecSpec(self.name, tuple(argv), user=user, env=env or BUILD_ENV)
         status = self.client.exec_logged(spec, self.log_path)
         if check and status != 0:
-            print(proc.log_tail(self.log_path, TAIL_LINES), file=sys.stderr)
+            print(log_tail(self.log_path), file=sys.stderr)
             raise CommandFailed(f"{' '.join(argv[:3])} failed in the builder (exit {status})",
                                 hint=f"full log: {self.log_path}")
         return status

@@ -74,7 +74,7 @@ def debootstrap(rootfs: Path, suite: str, mirror: str, packages: Sequence[str],
             suite, str(rootfs), mirror]
     status = proc.run_logged(argv, log_path)
     if status != 0:
-        print(proc.log_tail(log_path, TAIL_LINES), file=sys.stderr)
+        print(log_tail(log_path), file=sys.stderr)
         raise CommandFailed(f"debootstrap exited {status}", hint=f"full log: {log_path}")
 
 
@@ -182,3 +182,9 @@ def require_root(what: str) -> None:
 
         raise PermissionDenied(f"{what} needs root (debootstrap, chroot)",
                                hint="run it with sudo")
+
+
+def log_tail(log_path: str, lines: int = TAIL_LINES) -> str:
+    """The last lines of a log file, for a failure report."""
+    with open(log_path, encoding="utf-8", errors="replace") as log:
+        return "\n".join(log.read().splitlines()[-lines:])

@@ -50,12 +50,13 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any, Final
 
-from coi_common import __version__, naming, proc, protocol, sizes
+from coi_common import __version__, naming, proc, protocol
 from coi_common.errors import BadInput, CoiError, CommandFailed, NotFound
 from coi_common.incus import ExecSpec, Incus, exec_not_started, retry_exec
 from coi_common.protocol import CONTRACT_VERSION, make_record
 from coi_common.protocol import loads as protocol_loads
 from coi_common.tools import HOME, TOOL_UID, Tool, get_tool, json_copy, registry_from_config
+from coi_session import sizes
 
 KEY: Final = "user.coi."
 SESSION_ID_KEY: Final = f"{KEY}session_id"
@@ -63,6 +64,8 @@ SESSION_BASE_KEY: Final = f"{KEY}session_base"
 MASKED_KEY: Final = f"{KEY}save_masked_nics"
 """Set while a stopped container runs without its NICs for a save; holds what to put back."""
 
+SESSION_ID_PATTERN: Final = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{12}")
+"""What new_session_id() produces: UTC `YYYYmmdd-HHMMSS-` plus 12 random hex digits."""
 METADATA: Final = "metadata.json"
 HOME_DIR: Final = "home"
 LOCK_FILE: Final = ".lock"
@@ -375,7 +378,7 @@ class Store:
 
     def _unused_id(self) -> str:
         while True:
-            session_id = naming.new_session_id()
+            session_id = new_session_id()
             if not any(os.path.exists(os.path.join(self.tool_dir(t), session_id))
                        for t in self.tools()):
                 return session_id
@@ -1510,3 +1513,15 @@ def _settings_base(client: Incus, name: str, tool: Tool, session: Session | None
         with os.fdopen(fd, "rb") as handle:
             return handle.read(SMALL_FILE_MAX)
     return _container_file(client, name, rel)
+
+
+def new_session_id(now: datetime | None = None) -> str:
+    """A fresh session id: UTC time to the second, then 48 random bits.
+
+    Ids sort by creation time; the random part makes two ids made in the
+    same second (even by different processes) differ in practice.
+    """
+    moment = now or datetime.now(UTC)
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return f"{moment:%Y%m%d-%H%M%S}-{secrets.token_hex(6)}"

@@ -181,6 +181,7 @@ def workspace_view(record: SlotRecord, settings: Any, idmap: IdMap, *, wanted: b
     `wanted`, or security.protect is off and nothing is masked); after: detached from
     the host. Missing protected paths are made first, as the user (placeholders)."""
     from coi_common import views  # noqa: PLC0415
+    from coi_shell import placeholders  # noqa: PLC0415
 
     protect = list(settings.get("security.protected_paths")) \
         if settings.get("security.protect") else []
@@ -190,7 +191,7 @@ def workspace_view(record: SlotRecord, settings: Any, idmap: IdMap, *, wanted: b
         return
     views.check_rules(protect, patterns)
     owner = (idmap.host_uid, idmap.host_gid) if os.geteuid() == 0 else None
-    targets = views.placeholders(record.workspace, protect, owner)
+    targets = placeholders.placeholders(record.workspace, protect, owner)
     view = _build_view(record.container, record.workspace, targets, patterns,
                        {"allow_home": record.allow_home, "force": record.force})
     try:

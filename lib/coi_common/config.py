@@ -155,7 +155,6 @@ _ESCAPES: Final = {
                                           *range(0x202A, 0x202F), *range(0x2066, 0x206A)]},
     ord('"'): '\\"', ord("\\"): "\\\\", ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r",
 }
-_BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -434,7 +433,7 @@ def _apply_named_tables(path: str, section: str, tables: Any, values: dict[str, 
     for name, raw in tables.items():
         dotted = f"{section}.{name}"
         if not NAME_PATTERN.fullmatch(name):
-            raise ConfigError(f"{path}: {section} name {_quote(name)} must be 1 to 32 "
+            raise ConfigError(f"{path}: {section} name {quote(name)} must be 1 to 32 "
                               "characters of a-z, 0-9, '_' and '-', starting with a letter "
                               "or digit")
         if not isinstance(raw, dict):
@@ -518,10 +517,10 @@ def _parse_text(where: str, dotted: str, spec: Key, text: str) -> Any:
         if word.lower() in _FALSE_WORDS:
             return False
         raise ConfigError(f"{where}: {dotted} must be a boolean (true/false, yes/no, on/off, "
-                          f"1/0), got {_quote(text)}")
+                          f"1/0), got {quote(text)}")
     if spec.kind == "int":
         if not _INT_TEXT.fullmatch(word):
-            raise ConfigError(f"{where}: {dotted} must be an integer, got {_quote(text)}")
+            raise ConfigError(f"{where}: {dotted} must be an integer, got {quote(text)}")
         return int(word)
     if spec.kind == "list":
         return [item.strip() for item in text.split(",") if item.strip()]
@@ -590,43 +589,12 @@ def _describe(value: Any) -> str:
         return f"float {value!r}"
     if isinstance(value, str):
         shown = value if len(value) <= 60 else value[:57] + "..."
-        return f"string {_quote(shown)}"
+        return f"string {quote(shown)}"
     if isinstance(value, list):
         return "an array"
     return "a table" if isinstance(value, dict) else "a date/time"
 
 
-def _quote(text: str) -> str:
+def quote(text: str) -> str:
+    """`text` as a TOML basic string, safe on a terminal and in a one-line message."""
     return '"' + text.translate(_ESCAPES) + '"'
-
-
-def _toml_value(value: Any) -> str:
-    """A TOML-like spelling of a config value for `coi config show`."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return _quote(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    if isinstance(value, dict):
-        pairs = ", ".join(f"{k if _BARE_KEY.fullmatch(k) else _quote(k)} = {_toml_value(v)}"
-                          for k, v in value.items())
-        return "{ " + pairs + " }" if pairs else "{}"
-    return str(value)  # TOML dates and times print as their ISO text
-
-
-def render_text(config: Config) -> str:
-    """One `key = value  # source` line per key, in items() order."""
-    return "".join(f"{key} = {_toml_value(value)}  # {source}\n"
-                   for key, value, source in config.items())
-
-
-def render_json(config: Config) -> dict[str, Any]:
-    """The `config` protocol record: each key's value and source, and the files read."""
-    from coi_common.protocol import make_record  # noqa: PLC0415 - json is not needed to load
-
-    values = {key: {"value": value, "source": source} for key, value, source in config.items()}
-    return make_record("config", values=values, files=list(config.files),
-                       profile=config.profile)

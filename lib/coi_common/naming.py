@@ -19,7 +19,6 @@ import posixpath
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Final
 
 from coi_common.errors import BadInput, NotFound
@@ -34,9 +33,6 @@ SLOT_CEILING: Final = 999
 
 AUTO_SLOT: Final = 0
 """The slot value that asks coi to pick the lowest free slot."""
-
-SESSION_ID_PATTERN: Final = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{12}")
-"""What new_session_id() produces: UTC `YYYYmmdd-HHMMSS-` plus 12 random hex digits."""
 
 _LOWER: Final = "abcdefghijklmnopqrstuvwxyz"
 _LETTERS: Final = _LOWER + _LOWER.upper()
@@ -135,7 +131,8 @@ def validate_image_name(name: object) -> str:
 def validate_session_id(session_id: object) -> str:
     """A session id as it may name a directory under the sessions store.
 
-    Wider than SESSION_ID_PATTERN so ids saved by older versions stay usable.
+    Wider than what coi-session makes (SESSION_ID_PATTERN) so ids saved by older
+    versions stay usable.
     """
     return _check(_SESSION_RULE, session_id)
 
@@ -458,17 +455,3 @@ def parse_container_name(name: object, prefix: str | None = None) -> tuple[str, 
     if match is None:
         return None
     return match.group(1), int(match.group(2))
-
-
-def new_session_id(now: datetime | None = None) -> str:
-    """A fresh session id: UTC time to the second, then 48 random bits.
-
-    Ids sort by creation time; the random part makes two ids made in the
-    same second (even by different processes) differ in practice.
-    """
-    moment = now or datetime.now(UTC)
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC)
-    import secrets  # noqa: PLC0415 - only a save names a session
-
-    return f"{moment:%Y%m%d-%H%M%S}-{secrets.token_hex(6)}"

@@ -267,9 +267,3 @@ def stop_group(child: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=wait)
             return
-
-
-def log_tail(log_path: str, lines: int = 20) -> str:
-    """The last lines of a log file, for a failure report."""
-    with open(log_path, encoding="utf-8", errors="replace") as log:
-        return "\n".join(log.read().splitlines()[-lines:])

@@ -3,7 +3,8 @@
 A workspace's `.coi.toml` is written by whatever runs in its containers, so the
 config loader lets it only tighten settings (config.narrow_untrusted) until the
 user trusts it. Trust pins the file's sha256: any change to the file needs trust
-again. The pins live in `<paths.state_dir>/trust.json`, written atomically.
+again. The pins live in `<paths.state_dir>/trust.json`, written atomically by
+`coi trust` (coi_host.config_show.pin).
 """
 
 from __future__ import annotations
@@ -12,9 +13,6 @@ import hashlib
 import json
 import os
 from typing import Final
-
-from coi_common import protocol
-from coi_common.protocol import make_record
 
 TRUST_FILE: Final = "trust.json"
 MAX_TRUST_BYTES: Final = 1 << 20
@@ -39,16 +37,3 @@ def pins(state_dir: str) -> dict[str, str]:
 
 def trusted(state_dir: str, path: str, sha256: str) -> bool:
     return pins(state_dir).get(path) == sha256
-
-
-def pin(state_dir: str, path: str, sha256: str | None) -> None:
-    """Trust `path` with this content (sha256), or revoke its trust (None)."""
-    current = pins(state_dir)
-    if sha256 is None:
-        current.pop(path, None)
-    else:
-        current[path] = sha256
-
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    protocol.write_json_atomic(os.path.join(state_dir, TRUST_FILE),
-                               make_record("trust", files=current))

@@ -20,10 +20,10 @@ The container starts with the view as its /workspace; the view is detached
 from the host right after the start (the container keeps its own copy), so
 nothing stays mounted on the host; its empty directory stays until the
 container is deleted. The user's own project is never changed, except for
-the placeholders coi makes first (placeholders(), as the user).
+the placeholders coi makes first (coi_shell.placeholders, as the user).
 
-This module is what every side shares: the rules, the placeholders, the
-view record, the walk by file descriptors. The mounts themselves are root's:
+This module is what every side shares: the rules, the view record, the walk
+by file descriptors. The mounts themselves are root's:
 coi_host.views (the host service for a member, `coi-host view` for root).
 
 Everything inside the project may have been written by the agent: the view is
@@ -42,14 +42,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from coi_common import naming, plan
+from coi_common import naming
 from coi_common.errors import BadInput, CoiError
 
 VIEW_ROOT: Final = "/run/coi/views"
 MAX_PATHS: Final = 64
-PLACEHOLDER_TEXT: Final = {".json": b"{}\n", "commondir": b".\n"}
-"""What a placeholder file holds, by extension or name: `{}` is valid JSON, and a
-commondir of "." names the repository itself (git behaves as without one, measured)."""
 
 @dataclass(frozen=True)
 class View:
@@ -116,30 +113,7 @@ def masks(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns if not p.startswith("!"))
 
 
-# -- placeholders (run as the user, in the user's own project) ---------------------------------
-
-
-def placeholders(workspace: str, protect: Sequence[str], owner: tuple[int, int] | None
-                 ) -> list[str]:
-    """What to protect in this project (protected_targets), after making the missing
-    ones, so the agent cannot create them later: an empty directory, or for a
-    missing file an empty one (`{}` for JSON). Where the directory holding a
-    missing file is missing too, that directory is the placeholder (and is what is
-    protected), as empty directories stay out of `git status`. Nothing is made
-    inside a missing .git except .git itself, and no file at the top (.coi.toml,
-    .mcp.json would show in `git status`; their readers gate them: coi trust,
-    Claude Code's approval). `owner` (uid, gid) gets what root makes for a user.
-    The result goes to build() as is: decided once, before anything was made."""
-    with opened(workspace, os.O_PATH | os.O_DIRECTORY) as root:
-        targets = protected_targets(root, protect)
-        for target in targets:
-            try:
-                _make(root, target, owner)
-            except OSError as exc:
-                raise BadInput(f"cannot make the placeholder {target!r} in {workspace}: "
-                               f"{exc.strerror}", hint="make it yourself, or set "
-                               "security.protect = false in your own config") from None
-    return targets
+# -- what each protected path comes down to (as the user: coi_shell.placeholders) ----------
 
 
 def protected_targets(root: int, protect: Sequence[str]) -> list[str]:
@@ -151,7 +125,7 @@ def protected_targets(root: int, protect: Sequence[str]) -> list[str]:
         parts = path.rstrip("/").split("/")
         target = path
         for depth in range(1, len(parts)):
-            kind = _kind(root, "/".join(parts[:depth]))
+            kind = path_kind(root, "/".join(parts[:depth]))
             if kind is None:
                 target = "/".join(parts[:depth]) + "/"
                 break
@@ -163,7 +137,8 @@ def protected_targets(root: int, protect: Sequence[str]) -> list[str]:
     return targets
 
 
-def _kind(root: int, rel: str) -> str | None:
+def path_kind(root: int, rel: str) -> str | None:
+    """"dir", "file" or None (missing) for `rel` below `root`; a link is refused."""
     try:
         info = os.stat(rel, dir_fd=root, follow_symlinks=False)
     except FileNotFoundError:
@@ -171,33 +146,6 @@ def _kind(root: int, rel: str) -> str | None:
     if stat.S_ISLNK(info.st_mode):
         raise link_refused(rel)
     return "dir" if stat.S_ISDIR(info.st_mode) else "file"
-
-
-def _make(root: int, target: str, owner: tuple[int, int] | None) -> None:
-    rel = target.rstrip("/")
-    if _kind(root, rel) is not None or ("/" not in rel and not target.endswith("/")):
-        return  # there, or a top-level file (.coi.toml): its reader gates it (coi trust)
-    if plan.step("placeholder", target):
-        return
-    parent, _, name = rel.rpartition("/")
-    with walk(root, parent.split("/") if parent else []) as folder:
-        try:
-            _create(folder, name, directory=target.endswith("/"))
-        except FileExistsError:
-            return  # a concurrent coi of the same project made it first (build() checks it)
-        if owner is not None:
-            os.chown(name, *owner, dir_fd=folder, follow_symlinks=False)
-
-
-def _create(folder: int, name: str, *, directory: bool) -> None:
-    if directory:
-        os.mkdir(name, 0o755, dir_fd=folder)
-        return
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
-                 dir_fd=folder)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(PLACEHOLDER_TEXT.get(name) or
-                     PLACEHOLDER_TEXT.get(os.path.splitext(name)[1], b""))
 
 
 def link_refused(rel: str) -> BadInput:

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from coi_common import config, trust
+from coi_common import config
 from coi_common.errors import ConfigError
 from coi_common.protocol import validate
+from coi_host import config_show
 
 
 @dataclass
@@ -430,7 +431,7 @@ def test_render_json_is_a_valid_config_record_with_a_source_for_every_value(
         layout: Layout) -> None:
     write(layout.user, '[defaults]\npersistent = true\n[profiles.rust]\nimage = "coi-rust"\n')
     cfg = layout.load(env=dict(layout.env, COI_NETWORK_MODE="open"))
-    record = validate(config.render_json(cfg), "config")
+    record = validate(config_show.render_json(cfg), "config")
     assert record["files"] == [str(layout.user)]
     assert len(record["values"]) == len(list(cfg.items()))
     assert all(set(entry) == {"value", "source"} and entry["source"]
@@ -447,7 +448,7 @@ def test_render_text_prints_one_toml_line_per_key_with_its_source(layout: Layout
         [network]
         allowed_domains = ["a.com", "b.com"]
         """)
-    lines = config.render_text(layout.load()).splitlines()
+    lines = config_show.render_text(layout.load()).splitlines()
     assert len(lines) == len(list(layout.load().items()))
     assert "defaults.persistent = false  # default" in lines
     assert f'network.allowed_domains = ["a.com", "b.com"]  # {layout.user}' in lines
@@ -528,7 +529,7 @@ def test_trust_pins_the_content_and_an_edit_needs_trust_again(layout: Layout) ->
     write(layout.project, WIDENING)
     path, sha256 = config.workspace_file(str(layout.workspace))
     assert path == str(layout.workspace.resolve() / ".coi.toml")
-    trust.pin(str(Path(layout.env["HOME"]) / ".coi"), path, sha256)
+    config_show.pin(str(Path(layout.env["HOME"]) / ".coi"), path, sha256)
     assert layout.load().get("network.mode") == "open"
     write(layout.project, WIDENING + "# edited inside\n")
     assert layout.load().get("network.mode") == "restricted"

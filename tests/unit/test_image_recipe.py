@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from coi_common import config, tools, trust
+from coi_common import config, tools
 from coi_common.errors import CoiError
+from coi_host import config_show
 from coi_image import build
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,7 +148,7 @@ def settings_with_certificates(coi_env, entries: list[str], *, workspace: Path |
         return config.load(None)
     write(workspace / ".coi.toml", text.encode())
     path, sha256 = config.workspace_file(str(workspace))
-    trust.pin(str(coi_env.home / ".coi"), path, sha256)
+    config_show.pin(str(coi_env.home / ".coi"), path, sha256)
     return config.load(str(workspace))
 
 

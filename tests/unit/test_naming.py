@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -309,31 +308,6 @@ def test_validate_slot_honours_max_slots():
 def test_validate_slot_refuses_a_bad_max_slots(max_slots):
     with pytest.raises(BadInput, match="max_slots"):
         naming.validate_slot(1, max_slots=max_slots)
-
-
-# --- session ids ------------------------------------------------------------
-
-
-def test_new_session_ids_are_unique_and_valid():
-    ids = [naming.new_session_id() for _ in range(1000)]
-    assert len(set(ids)) == 1000
-    for session_id in ids:
-        assert naming.validate_session_id(session_id) == session_id
-        assert naming.SESSION_ID_PATTERN.fullmatch(session_id)
-
-
-def test_new_session_id_starts_with_utc_time():
-    moment = datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
-    assert naming.new_session_id(moment).startswith("20250304-050607-")
-    local = datetime(2025, 3, 4, 7, 6, 7, tzinfo=timezone(timedelta(hours=2)))
-    assert naming.new_session_id(local).startswith("20250304-050607-")
-
-
-def test_new_session_ids_sort_by_creation_time():
-    early = naming.new_session_id(datetime(2025, 1, 1, 23, 59, 59, tzinfo=UTC))
-    late = naming.new_session_id(datetime(2025, 1, 2, 0, 0, 0, tzinfo=UTC))
-    assert early < late
-    assert re.fullmatch(r"20250101-235959-[0-9a-f]{12}", early)
 
 
 # -- host paths a session may mount --------------------------------------------------------

@@ -9,15 +9,16 @@ tests/integration/test_session_resume.py.
 import io
 import json
 import os
+import re
 import subprocess
 import tarfile
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
-from coi_common import config, protocol, sizes, tools
+from coi_common import config, naming, protocol, sizes, tools
 from coi_common.entry import expand_resume_flags
 from coi_common.errors import BadInput, CoiError, ConfigError, NotFound
 from coi_session import __doc__ as SESSION_USAGE
@@ -856,3 +857,28 @@ def test_timestamps_order_saves_within_one_second():
     time.sleep(0.001)
     assert saved_sessions.parse_time(saved_sessions.now_text()) > \
         saved_sessions.parse_time(first)
+
+
+# --- session ids ------------------------------------------------------------
+
+
+def test_new_session_ids_are_unique_and_valid():
+    ids = [saved_sessions.new_session_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    for session_id in ids:
+        assert naming.validate_session_id(session_id) == session_id
+        assert saved_sessions.SESSION_ID_PATTERN.fullmatch(session_id)
+
+
+def test_new_session_id_starts_with_utc_time():
+    moment = datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
+    assert saved_sessions.new_session_id(moment).startswith("20250304-050607-")
+    local = datetime(2025, 3, 4, 7, 6, 7, tzinfo=timezone(timedelta(hours=2)))
+    assert saved_sessions.new_session_id(local).startswith("20250304-050607-")
+
+
+def test_new_session_ids_sort_by_creation_time():
+    early = saved_sessions.new_session_id(datetime(2025, 1, 1, 23, 59, 59, tzinfo=UTC))
+    late = saved_sessions.new_session_id(datetime(2025, 1, 2, 0, 0, 0, tzinfo=UTC))
+    assert early < late
+    assert re.fullmatch(r"20250101-235959-[0-9a-f]{12}", early)

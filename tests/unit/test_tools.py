@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from coi_common import config, tools, trust
+from coi_common import config, tools
 from coi_common.errors import BadInput, ConfigError, NotFound
+from coi_host import config_show
 
 
 def rejection(user_tools, source="config.toml", **kwargs) -> str:
@@ -374,7 +375,7 @@ def trusted_workspace(coi_env, tmp_path, text: str) -> str:
     workspace.mkdir()
     (workspace / ".coi.toml").write_text(text)
     path, sha256 = config.workspace_file(str(workspace))
-    trust.pin(str(coi_env.home / ".coi"), path, sha256)
+    config_show.pin(str(coi_env.home / ".coi"), path, sha256)
     return str(workspace)
 
 

@@ -11,6 +11,7 @@ import pytest
 from coi_common import config, views
 from coi_common.errors import BadInput, CoiError
 from coi_host import views as mounts
+from coi_shell import placeholders
 
 
 def test_mask_patterns_match_names_anywhere_and_bang_excepts():
@@ -38,7 +39,7 @@ def test_missing_paths_become_placeholders_and_the_targets_say_what_is_protected
     (tmp_path / ".git" / "hooks").mkdir(parents=True)
     (tmp_path / ".git" / "config").write_text("[core]\n")
     (tmp_path / ".claude").mkdir()
-    targets = views.placeholders(str(tmp_path), list(config.PROTECTED_PATHS), None)
+    targets = placeholders.placeholders(str(tmp_path), list(config.PROTECTED_PATHS), None)
     assert ".git/hooks/" in targets
     assert ".git/info/" in targets  # the missing directory above a missing file
     assert ".claude/settings.json" in targets  # .claude exists: the file is made
@@ -47,27 +48,27 @@ def test_missing_paths_become_placeholders_and_the_targets_say_what_is_protected
     assert (tmp_path / ".git" / "commondir").read_text() == ".\n"  # git: this repository
     assert (tmp_path / ".vscode").is_dir()
     assert not (tmp_path / ".coi.toml").exists()  # top-level files are not made
-    again = views.placeholders(str(tmp_path), list(config.PROTECTED_PATHS), None)
+    again = placeholders.placeholders(str(tmp_path), list(config.PROTECTED_PATHS), None)
     assert set(again) >= {".git/hooks/", ".claude/settings.json", ".vscode/"}
 
 
 def test_a_placeholder_another_coi_made_first_is_not_an_error(tmp_path, monkeypatch):
     """Five `coi run` in one project at once: each sees .vscode missing, one makes it."""
-    real_create = views._create
+    real_create = placeholders._create
 
     def the_other_coi_wins(folder, name, *, directory):
         real_create(folder, name, directory=directory)  # the concurrent coi, just before
         real_create(folder, name, directory=directory)
 
-    monkeypatch.setattr(views, "_create", the_other_coi_wins)
-    targets = views.placeholders(str(tmp_path), [".vscode/", ".git/hooks/"], None)
+    monkeypatch.setattr(placeholders, "_create", the_other_coi_wins)
+    targets = placeholders.placeholders(str(tmp_path), [".vscode/", ".git/hooks/"], None)
     assert targets == [".vscode/", ".git/"]
     assert (tmp_path / ".vscode").is_dir()
     assert (tmp_path / ".git").is_dir()
 
 
 def test_without_git_only_git_itself_is_made(tmp_path):
-    targets = views.placeholders(str(tmp_path), [".git/hooks/", ".git/config"], None)
+    targets = placeholders.placeholders(str(tmp_path), [".git/hooks/", ".git/config"], None)
     assert targets == [".git/"]
     assert (tmp_path / ".git").is_dir()
     assert list((tmp_path / ".git").iterdir()) == []
@@ -80,7 +81,7 @@ def test_a_link_where_a_protected_path_lies_is_refused_and_nothing_is_made(tmp_p
     project.mkdir()
     (project / ".claude").symlink_to(outside)
     with pytest.raises(BadInput) as refused:
-        views.placeholders(str(project), [".claude/settings.json"], None)
+        placeholders.placeholders(str(project), [".claude/settings.json"], None)
     assert "symbolic link" in refused.value.one_line()
     assert list(outside.iterdir()) == []
 
