@@ -118,8 +118,8 @@ def _own_workspace(peer: Peer, request: Mapping[str, Any]) -> str:
     return naming.check_host_mount(real, "workspace", pwd.getpwuid(peer.uid).pw_dir, **flags)
 
 
-def net_apply_argv(request: Mapping[str, Any], program: str) -> list[str]:
-    """coi-net apply's command line from a request; every field checked, nothing passed
+def net_apply_argv(request: Mapping[str, Any]) -> list[str]:
+    """coi-net apply's arguments from a request; every field checked, nothing passed
     through that could become an option of its own."""
     mode = request.get("mode")
     if mode not in naming.NETWORK_MODES:
@@ -127,7 +127,7 @@ def net_apply_argv(request: Mapping[str, Any], program: str) -> list[str]:
     minutes = request.get("refresh_minutes", 30)
     if not isinstance(minutes, int) or isinstance(minutes, bool) or not 0 <= minutes <= 10080:
         raise BadInput("refresh_minutes: expected a whole number of minutes, 0..10080")
-    argv = [program, "apply", _container(request), f"--mode={mode}",
+    argv = ["apply", _container(request), f"--mode={mode}",
             f"--refresh-minutes={minutes}", "--format=json"]
     argv += [f"--allow={entry}" for entry in _strings(request.get("allow", []), "allow")]
     argv += [f"--resolver={entry}" for entry in _strings(request.get("resolvers", []),
@@ -141,7 +141,7 @@ class Service:
     def __init__(self, settings: config.Config) -> None:
         self.group = settings.get("incus.group")
         self.client = incus.connect(settings)
-        self.coi_net = find_executable("coi-net") or "coi-net"
+        self.coi_net = proc.Spare(find_executable("coi-net") or "coi-net")
         self.code = install.code_digest()
         self.verbs: dict[str, Callable[[Peer, Record], Record]] = {
             "ping": self.ping, "net_apply": self.net_apply, "net_remove": self.net_remove,
@@ -169,18 +169,18 @@ class Service:
                 "pid": os.getpid(), "verbs": list(self.verbs)}
 
     def net_apply(self, _peer: Peer, request: Record) -> Record:
-        argv = net_apply_argv(request, self.coi_net)
-        name = argv[2]
+        argv = net_apply_argv(request)
+        name = argv[1]
         keys = (self.client.instance_config(name).get("config") or {})
         if "user.coi.workspace" not in keys:
             raise PermissionDenied(f"{name} is not a coi session container")
         return self._coi_net(argv)
 
     def net_remove(self, _peer: Peer, request: Record) -> Record:
-        return self._coi_net([self.coi_net, "remove", _container(request), "--format=json"])
+        return self._coi_net(["remove", _container(request), "--format=json"])
 
     def net_status(self, _peer: Peer, request: Record) -> Record:
-        return self._coi_net([self.coi_net, "status", _container(request), "--format=json"])
+        return self._coi_net(["status", _container(request), "--format=json"])
 
     def idmap_grant(self, peer: Peer, _request: Record) -> Record:
         gid = pwd.getpwuid(peer.uid).pw_gid
@@ -201,15 +201,17 @@ class Service:
         return {}
 
     def _coi_net(self, argv: list[str]) -> Record:
-        done = proc.run(argv, check=False, timeout=NET_SECONDS)
+        """Root's `coi-net ARGV`, by the spare started for it: its ~60 ms of start-up
+        (Python and coi-net's code) are then off the session's path."""
+        done = self.coi_net.run(argv, timeout=NET_SECONDS)
         lines = [line for line in done.stdout.splitlines() if line.strip()]
         if not done.ok:
             error = _error_of(lines) or proc.last_line(done.stderr) or f"exit {done.returncode}"
-            raise CoiError(f"coi-net {argv[1]}: {error}")
+            raise CoiError(f"coi-net {argv[0]}: {error}")
         try:
             return {"records": [json.loads(line) for line in lines]}
         except ValueError:
-            raise CoiError(f"coi-net {argv[1]} printed something that is not JSON") from None
+            raise CoiError(f"coi-net {argv[0]} printed something that is not JSON") from None
 
 
 def _error_of(lines: list[str]) -> str:
@@ -260,6 +262,7 @@ def serve(path: str) -> int:
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise BadInput(f"--socket {path} exists and is not a socket; it is left alone")
     service = Service(config.load(None))
+    service.coi_net.start()
     with contextlib.suppress(CoiError):  # Incus not up yet: a start through coi makes them
         for name in views.keep_directories(service.client.instances()):
             print(f"coi-host serve: made the view directory of {name} again", file=sys.stderr)
@@ -291,6 +294,7 @@ def serve(path: str) -> int:
         pass
     finally:
         server.server_close()
+        service.coi_net.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     return 0

@@ -87,7 +87,12 @@ from coi_common.entry import Args, run_main
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of coi-net."""
-    run_main("coi-net", __doc__ or "", dispatch, argv)
+    run_main("coi-net", __doc__ or "", dispatch, argv, warm=_warm)
+
+
+def _warm() -> None:
+    """What a spare coi-net (coi-host's service keeps one) loads before it waits."""
+    from coi_net import cli  # noqa: F401, PLC0415
 
 
 def dispatch(args: Args) -> int:

@@ -29,6 +29,10 @@ PROG_VARIABLE: Final = "COI_PROG_NAME"
 PLUMBING_VARIABLE: Final = "COI_PLUMBING"
 """Set (to 1) by coi_common.plumbing for a coi program it runs: a failure is then said
 only in the JSON error record, and the parent prints the one line."""
+SPARE_VARIABLE: Final = "COI_SPARE"
+"""Set (to 1) by coi_common.proc.Spare for a program started before it is needed: it
+loads its code, then reads its arguments from stdin, one JSON array of strings."""
+SPARE_LINE_MAX: Final = 1 << 16
 _PLUMBING: dict[str, bool] = {"child": False}
 """Set by the dispatcher (`coi`) for the executable it runs, so argument errors name the
 command as the user typed it (`coi kill: ...`, not `coi-slot: ...`)."""
@@ -403,9 +407,13 @@ def _planned(handler: Handler, args: Args, *, as_json: bool) -> int:
 
 
 def run_main(prog: str, doc: str, handler: Handler, argv: list[str] | None = None,
-             *, options_first: bool = False) -> NoReturn:
-    """Parse, run `handler(args)`, and exit with its status or the error's code."""
+             *, options_first: bool = False, warm: Callable[[], None] | None = None
+             ) -> NoReturn:
+    """Parse, run `handler(args)`, and exit with its status or the error's code. `warm`
+    loads what the handler will need, in a spare (SPARE_VARIABLE) before it waits."""
     argv = sys.argv[1:] if argv is None else argv
+    if os.environ.pop(SPARE_VARIABLE, "") == "1":
+        argv = _spare_argv(warm)
     # Read once and dropped, so programs this one runs do not inherit the dispatcher's name.
     shown_as = os.environ.pop(PROG_VARIABLE, None) or None
     _PLUMBING["child"] = os.environ.pop(PLUMBING_VARIABLE, "") == "1"
@@ -439,6 +447,33 @@ def run_main(prog: str, doc: str, handler: Handler, argv: list[str] | None = Non
         sys.stderr.flush()
         os._exit(status)
     sys.exit(status)
+
+
+def _spare_argv(warm: Callable[[], None] | None) -> list[str]:
+    """A spare's arguments, once its caller needs it; end of input (the caller went
+    away unused) ends it quietly, anything but an array of strings is refused."""
+    import json  # noqa: PLC0415
+
+    import docopt  # noqa: F401, PLC0415 - loaded before the wait, as warm() loads the rest
+
+    if warm is not None:
+        warm()
+    line = bytearray()
+    while not line.endswith(b"\n") and len(line) <= SPARE_LINE_MAX:
+        byte = os.read(0, 1)  # byte by byte: what follows the line stays the program's stdin
+        if not byte:
+            break
+        line += byte
+    if not line:
+        os._exit(0)
+    try:
+        argv = json.loads(line) if len(line) <= SPARE_LINE_MAX else None
+    except (ValueError, RecursionError):
+        argv = None
+    if not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
+        print("spare: expected its arguments as one JSON array of strings", file=sys.stderr)
+        os._exit(2)
+    return argv
 
 
 def _whole_process(prog: str) -> bool:
