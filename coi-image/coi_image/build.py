@@ -37,6 +37,9 @@ RECIPE_VERSION: Final = 2
 cache key holds no Python bytes (comments would rebuild images; two checkouts would
 disagree), so the build logic counts only through this number."""
 IMAGE_TOOL_FIELDS: Final = ("name", "binary", "version_args", "install")
+VERSION_CHECKS: Final = (("tmux", "-V"), ("git", "--version"), ("node", "--version"),
+                         ("gh", "--version"), ("docker", "--version"))
+"""What every coi image answers, besides its tools' own checks."""
 """What of a tool definition the image build uses; the rest matters only at run time."""
 
 
@@ -195,12 +198,23 @@ def _installer(tool: tools.Tool) -> Callable[[Builder], None]:
 
 
 def _check_versions(builder_box: Builder, plan: Plan) -> None:
-    checks = [["tmux", "-V"], ["git", "--version"], ["node", "--version"],
-              ["gh", "--version"], ["docker", "--version"]]
-    checks += [[t.binary, *t.version_args] for t in plan.selected_tools
-               if t.install.method != "none"]
+    """Every program of the image answers its version check, as the tool user, in one
+    exec; the first that does not is named in the log (and so in the error's tail)."""
+    checks = [*VERSION_CHECKS, *((t.binary, *t.version_args) for t in plan.selected_tools
+                                 if t.install.method != "none")]
+    builder_box.run(["sudo", "-u", "code", "-H", "bash", "-lc", version_script(checks)])
+
+
+def version_script(checks: Sequence[Sequence[str]]) -> str:
+    """A bash script running each check in turn, stopping at the first that fails."""
+    import shlex  # noqa: PLC0415
+
+    lines = []
     for argv in checks:
-        builder_box.run(["sudo", "-u", "code", "-H", "bash", "-lc", " ".join(argv)])
+        command = " ".join(argv)
+        failed = shlex.quote(f"version check failed: {command}")
+        lines.append(f"{command} || {{ echo {failed}; exit 1; }}")
+    return "\n".join(lines)
 
 
 def _run_build(client: incus.Incus, plan: Plan, steps: list[Step], progress: Progress,

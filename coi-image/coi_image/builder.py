@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
-from coi_common import plan
+from coi_common import plan, proc
 from coi_common.errors import CoiError, CommandFailed, IncusError
 from coi_common.incus import ExecSpec, Incus
 from coi_image import aliases
@@ -90,9 +90,18 @@ class Builder:
         return True
 
     def push_ca_certificates(self, certificates: Sequence[Path]) -> None:
-        self.run(["mkdir", "-p", CA_DIR])
-        for number, cert in enumerate(certificates):
-            self.client.push_file(self.name, str(cert), f"{CA_DIR}/host-{number}-{cert.stem}.crt")
+        """Every certificate into CA_DIR (as host-N-NAME.crt) in one exec: a tar of them,
+        as base64 text on its stdin."""
+        import base64  # noqa: PLC0415
+
+        spec = ExecSpec(self.name, ("sh", "-c", f"mkdir -p {CA_DIR} && base64 -d | "
+                                    f"tar -x --no-same-owner --no-same-permissions -C {CA_DIR}"))
+        done = self.client.exec_capture(spec, timeout=60, input_text=base64.b64encode(
+            _tar({f"host-{n}-{cert.stem}.crt": cert.read_bytes()
+                  for n, cert in enumerate(certificates)})).decode("ascii"))
+        if done.returncode != 0:
+            raise CommandFailed(f"the CA certificates could not be copied into the builder: "
+                                f"{proc.last_line(done.stderr) or f'exit {done.returncode}'}")
 
     def push_script(self, source: Path, target: str) -> None:
         self.client.push_file(self.name, str(source), target, mode="0755")
@@ -134,3 +143,17 @@ class Builder:
                 aliases.drop_tmp_alias(self.client, tmp_alias, alias)
                 aliases.publish(self.client, self.name, tmp_alias, properties)
             return aliases.swap_alias(self.client, tmp_alias, alias)
+
+
+def _tar(files: Mapping[str, bytes]) -> bytes:
+    """An uncompressed tar of `files` (name -> content), each root's and mode 0644."""
+    import io  # noqa: PLC0415
+    import tarfile  # noqa: PLC0415
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, content in files.items():
+            member = tarfile.TarInfo(name)
+            member.size, member.mode = len(content), 0o644
+            archive.addfile(member, io.BytesIO(content))
+    return buffer.getvalue()

@@ -12,7 +12,6 @@ import os
 import sys
 import time
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import Any
 
 from coi_common import config, incus
@@ -189,6 +188,8 @@ def _removed_text(record: Record) -> str:
 def _when(moment: float | None) -> str:
     if moment is None:
         return "never"
+    from datetime import UTC, datetime  # noqa: PLC0415 - only status shows times
+
     ago = time.time() - moment
     stamp = datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return f"{stamp} ({ago:.0f} s ago)" if ago >= 0 else f"{stamp} (in {-ago:.0f} s)"

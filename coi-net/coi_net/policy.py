@@ -29,8 +29,6 @@ needs dnspython (imported lazily; ~150 ms) and the store writes files.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import ipaddress
 import json
 import os
@@ -41,6 +39,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from coi_common import locks
 from coi_common.errors import BadInput
 from coi_common.naming import NETWORK_MODES, validate_container_name
 
@@ -54,6 +53,9 @@ NIC_SECURITY: Final = ("security.ipv4_filtering", "security.mac_filtering",
                        "security.port_isolation")
 MAX_REFRESH_MINUTES: Final = 10080
 _PROJECT: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+LOCK_SECONDS: Final = 60.0
+"""The longest wait for another coi-net changing rules (each holds the lock for one
+nftables transaction and its state file)."""
 
 
 # -- validation -------------------------------------------------------------------------
@@ -94,6 +96,8 @@ def host_name_for(container: str, project: str = "default") -> str:
     the kernel's limit), from the project and the container name."""
     validate_container_name(container)
     validate_project(project)
+    import hashlib  # noqa: PLC0415 - a member's coi-net never names an interface
+
     digest = hashlib.sha256(f"{project}/{container}".encode()).hexdigest()
     return IFNAME_PREFIX + digest[:IFNAME_HASH_LEN]
 
@@ -763,13 +767,9 @@ class Store:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        os.makedirs(self.root, mode=0o755, exist_ok=True)
-        fd = os.open(os.path.join(self.root, ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with locks.private(self.root, ".lock", timeout=LOCK_SECONDS,
+                           what="coi-net's state", mode=0o755):
             yield
-        finally:
-            os.close(fd)
 
     def path(self, container: str) -> str:
         return os.path.join(self.directory, f"{validate_container_name(container)}.json")

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import io
 import json
 import os
@@ -50,7 +49,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any, Final
 
-from coi_common import __version__, naming, proc, protocol
+from coi_common import __version__, locks, naming, proc, protocol
 from coi_common.errors import BadInput, CoiError, CommandFailed, NotFound
 from coi_common.incus import ExecSpec, Incus, exec_not_started, retry_exec
 from coi_common.protocol import CONTRACT_VERSION, make_record
@@ -94,6 +93,9 @@ _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _LONGEST: Final = timedelta(days=366_000)
 """Longer ages are refused: now minus the age must still be a date (999999w is not)."""
 _COPY_CHUNK: Final = 1024 * 1024
+LOCK_SECONDS: Final = 30.0
+"""The longest wait for another save or delete of the same tool's sessions (each holds
+the lock only to swap a finished copy in, or to rename one out)."""
 
 
 def warn(line: str) -> None:
@@ -326,16 +328,11 @@ class Store:
 
     @contextlib.contextmanager
     def locked(self, tool: str) -> Iterator[str]:
-        """The tool's store directory, held under its lock (fcntl, released on exit)."""
+        """The tool's store directory, held under its lock (locks.private, released on exit)."""
         folder = self.tool_dir(tool)
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with locks.private(folder, LOCK_FILE, timeout=LOCK_SECONDS,
+                           what=f"the saved sessions of {tool}"):
             yield folder
-        finally:
-            os.close(fd)
 
     def new_tmp(self, tool: str) -> str:
         """A fresh private directory beside the sessions, named for its maker's pid."""

@@ -9,7 +9,6 @@ never get the same slot. The state lives in `<state_dir>/slots/`.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -17,18 +16,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
 
-from coi_common import incus, naming, plan, protocol, sessions
+from coi_common import incus, locks, naming, plan, protocol, sessions
 from coi_common.errors import CoiError
 from coi_common.naming import container_name, workspace_hash
 
 RESERVATION_SECONDS: Final = 120.0
+LOCK_SECONDS: Final = 30.0
+"""The longest wait for another coi command choosing a slot of the same workspace."""
 
 
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "a", encoding="utf-8") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with locks.private(str(path.parent), path.with_suffix(".lock").name,
+                       timeout=LOCK_SECONDS, what="the slots of this workspace", mode=0o755):
         yield
 
 

@@ -133,6 +133,25 @@ def held(fd: int, *, timeout: float, what: str) -> Iterator[None]:
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def private(folder: str, name: str, *, timeout: float, what: str,
+            mode: int = 0o700) -> Iterator[None]:
+    """Hold the lock file `name` in `folder`, a directory of the caller's own (made with
+    `mode` when missing, its parents too): the store locks of coi-slot, coi-session and
+    coi-net, opened as open_folder and open_file do, waiting at most `timeout` s."""
+    os.makedirs(os.path.dirname(folder.rstrip("/")), mode=0o700, exist_ok=True)
+    directory = open_folder(folder, owner=os.geteuid(), mode=mode)
+    try:
+        fd = open_file(directory, name)
+    finally:
+        os.close(directory)
+    try:
+        with held(fd, timeout=timeout, what=what):
+            yield
+    finally:
+        os.close(fd)
+
+
 def _take(fd: int) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

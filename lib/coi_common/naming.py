@@ -13,7 +13,6 @@ saying what is wrong.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import re
@@ -424,6 +423,8 @@ def workspace_hash(path: str | os.PathLike[str]) -> str:
     """The first 8 hex digits of sha256 over the canonical workspace path."""
     # surrogateescape keeps undecodable file names hashable; valid UTF-8 is unchanged.
     data = canonical_workspace(path).encode("utf-8", "surrogateescape")
+    import hashlib  # noqa: PLC0415 - OpenSSL's start-up, 2 ms, only where a name is made
+
     return hashlib.sha256(data).hexdigest()[:HASH_LEN]
 
 

@@ -9,7 +9,6 @@ again. The pins live in `<paths.state_dir>/trust.json`, written atomically by
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Final
@@ -19,6 +18,8 @@ MAX_TRUST_BYTES: Final = 1 << 20
 
 
 def digest(raw: bytes) -> str:
+    import hashlib  # noqa: PLC0415 - only when there is a workspace file
+
     return hashlib.sha256(raw).hexdigest()
 
 

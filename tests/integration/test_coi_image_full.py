@@ -12,9 +12,14 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from coi_common import tools
+from coi_common.errors import CommandFailed
+from coi_image import build
+from coi_image.builder import Builder
 from coi_shell import container, seccomp
 
 pytestmark = [pytest.mark.incus, pytest.mark.slow]
@@ -130,3 +135,32 @@ def test_a_custom_build_on_top_of_the_full_image_publishes_and_cleans_up(
         found = incus_client.image_by_alias(alias)
         if found is not None:
             incus_client.delete_image(found["fingerprint"])
+
+
+def test_every_version_check_passes_in_one_exec_on_the_full_image(session_box, incus_client,
+                                                                  tmp_path):
+
+    registry = tools.load_registry()
+    selected = [tools.get_tool(name, registry) for name in ("claude", "aider", "codex", "gemini")]
+    log = tmp_path / "log"
+    build._check_versions(Builder(incus_client, session_box, str(log)),
+                          SimpleNamespace(selected_tools=selected))
+    script = set(build.version_script([*build.VERSION_CHECKS, *(
+        (t.binary, *t.version_args) for t in selected)]).splitlines())
+    answers = [line for line in log.read_text().splitlines()
+               if line not in script and not line.startswith("$")]
+    assert len(answers) >= len(build.VERSION_CHECKS) + len(selected)
+    assert not [line for line in answers if line.startswith("version check failed")]
+
+
+def test_a_missing_program_fails_the_version_checks_naming_it(session_box, incus_client,
+                                                             tmp_path):
+
+    missing = SimpleNamespace(binary="coi-test-no-such-tool", version_args=("--version",),
+                              install=SimpleNamespace(method="npm"))
+    log = tmp_path / "log"
+    with pytest.raises(CommandFailed):
+        build._check_versions(Builder(incus_client, session_box, str(log)),
+                              SimpleNamespace(selected_tools=[missing]))
+    assert "version check failed: coi-test-no-such-tool --version" in \
+        log.read_text().splitlines()

@@ -267,3 +267,37 @@ def test_dns_fix_step_writes_static_resolvers_that_survive_dhcp(make_container, 
     hook = run_in(box.name, ["cat", "/etc/dhcp/dhclient-enter-hooks.d/coi-static-dns"])
     assert "make_resolv_conf() { :; }" in hook.stdout
     assert run_in(box.name, ["getent", "hosts", f"{box.name}.incus"]).returncode == 0
+
+
+def test_ca_certificates_go_into_the_image_in_one_exec(coi_env, incus_client, image_alias,
+                                                      tmp_path, builds_removed, run_in):
+    certificates = []
+    for name in ("first", "second"):
+        key, cert = tmp_path / f"{name}.key", tmp_path / f"{name}.crt"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
+                        "1", "-subj", f"/CN=coi-test-{name}", "-keyout", str(key), "-out",
+                        str(cert)], check=True, capture_output=True, timeout=60)
+        certificates.append(cert)
+    (coi_env.config_home / "coi").mkdir(parents=True, exist_ok=True)
+    (coi_env.config_home / "coi" / "config.toml").write_text(
+        f"[image]\nhost_ca_certificates = false\nextra_ca_certificates = "
+        f"{json.dumps([str(c) for c in certificates])}\n")
+    trace = tmp_path / "trace"
+    path = script(tmp_path / "recipe", "true")
+    done = build_custom(image_alias, path, {**coi_env.environ(), "COI_TRACE": str(trace)})
+    assert done.returncode == 0, done.stderr
+    lines = trace.read_text().splitlines()
+    assert [line for line in lines if "file push" in line] == []
+    assert len([line for line in lines if " exec " in line and
+                "/usr/local/share/ca-certificates/coi" in line]) == 1
+    container = f"{coi_env.prefix}check"
+    incus_client.create_instance(container, image_alias, profiles=["coi"], start=True)
+    try:
+        for number, cert in enumerate(certificates):
+            inside = f"/usr/local/share/ca-certificates/coi/host-{number}-{cert.stem}.crt"
+            assert run_in(container, ["cat", inside]).stdout == cert.read_text()
+            assert run_in(container, ["stat", "-c", "%u %a", inside]).stdout == "0 644\n"
+        bundle = run_in(container, ["cat", "/etc/ssl/certs/ca-certificates.crt"]).stdout
+        assert all(cert.read_text().strip() in bundle for cert in certificates)
+    finally:
+        incus_client.delete_instance_force(container)
