@@ -53,7 +53,7 @@ from coi_common import (
 from coi_common.errors import BadInput, CoiError, NotFound, PermissionDenied
 from coi_common.plumbing import find_executable
 from coi_common.protocol import Record, error_record, make_record, parse_record
-from coi_host import install, views
+from coi_host import install, spare, views
 
 MAX_ENTRIES: Final = 1000
 MAX_ENTRY_LENGTH: Final = 255
@@ -141,7 +141,7 @@ class Service:
     def __init__(self, settings: config.Config) -> None:
         self.group = settings.get("incus.group")
         self.client = incus.connect(settings)
-        self.coi_net = proc.Spare(find_executable("coi-net") or "coi-net")
+        self.coi_net = spare.Spare(find_executable("coi-net") or "coi-net")
         self.code = install.code_digest()
         self.verbs: dict[str, Callable[[Peer, Record], Record]] = {
             "ping": self.ping, "net_apply": self.net_apply, "net_remove": self.net_remove,

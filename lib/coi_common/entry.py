@@ -30,7 +30,7 @@ PLUMBING_VARIABLE: Final = "COI_PLUMBING"
 """Set (to 1) by coi_common.plumbing for a coi program it runs: a failure is then said
 only in the JSON error record, and the parent prints the one line."""
 SPARE_VARIABLE: Final = "COI_SPARE"
-"""Set (to 1) by coi_common.proc.Spare for a program started before it is needed: it
+"""Set (to 1) by coi_host.spare.Spare for a program started before it is needed: it
 loads its code, then reads its arguments from stdin, one JSON array of strings."""
 SPARE_LINE_MAX: Final = 1 << 16
 _PLUMBING: dict[str, bool] = {"child": False}

@@ -51,7 +51,7 @@ class BinaryResult:
 
 
 @contextlib.contextmanager
-def _program_errors(argv: Sequence[str], timeout: float | None = None) -> Iterator[None]:
+def program_errors(argv: Sequence[str], timeout: float | None = None) -> Iterator[None]:
     """A missing program as NotFound, a run past its timeout as CommandFailed."""
     try:
         yield
@@ -77,7 +77,7 @@ def run(argv: Sequence[str], *, input_text: str | None = None, check: bool = Tru
     """
     # Without input, stdin is closed: an `incus exec` would otherwise eat ours.
     stdin = {"input": input_text} if input_text is not None else {"stdin": subprocess.DEVNULL}
-    with trace.span("run", argv) as call, _program_errors(argv, timeout):
+    with trace.span("run", argv) as call, program_errors(argv, timeout):
         done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
                               env=dict(env) if env is not None else None, cwd=cwd, check=False,
                               **stdin)
@@ -95,7 +95,7 @@ def run_bytes(argv: Sequence[str], *, timeout: float | None = None) -> BinaryRes
     Never raises on a non-zero exit (callers pass the status on); a missing
     program raises NotFound.
     """
-    with trace.span("run_bytes", argv) as call, _program_errors(argv, timeout):
+    with trace.span("run_bytes", argv) as call, program_errors(argv, timeout):
         done = subprocess.run(list(argv), capture_output=True, timeout=timeout, check=False)
         call.end(f"exit {done.returncode}")
     return BinaryResult(tuple(argv), done.returncode, done.stdout, done.stderr)
@@ -135,7 +135,7 @@ def hand_over(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
     with trace.span("hand_over", argv) as call:
         # The child is started before SIGINT is ignored here: an ignored signal
         # would stay ignored across exec, and preexec_fn is unsafe with threads.
-        with _program_errors(argv):
+        with program_errors(argv):
             child = subprocess.Popen(list(argv), env=dict(env) if env is not None else None,
                                      **streams)
         relay = _StderrRelay(child.stderr, sink, hold_prefix) if hold_prefix else None
@@ -207,7 +207,7 @@ def spawn(argv: Sequence[str], *, stdin: int | IO[bytes] | None = subprocess.DEV
     """Start argv with the given byte streams and return at once; the caller streams
     and waits. The child gets a session of its own, so stop_group() ends it and
     everything it started (an `incus exec` and its forwarder)."""
-    with trace.span("spawn", argv) as call, _program_errors(argv):
+    with trace.span("spawn", argv) as call, program_errors(argv):
         child = subprocess.Popen(list(argv), stdin=stdin, stdout=stdout, stderr=stderr,
                                  start_new_session=True)
         call.end(f"started pid {child.pid}")
@@ -243,7 +243,7 @@ def run_logged(argv: Sequence[str], log_path: str) -> int:
     with trace.span("run_logged", argv) as call, open(log_path, "a", encoding="utf-8") as log:
         log.write(f"$ {' '.join(argv)}\n")
         log.flush()
-        with _program_errors(argv):
+        with program_errors(argv):
             child = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -267,59 +267,3 @@ def stop_group(child: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=wait)
             return
-
-
-class Spare:
-    """A program kept started before it is needed (coi-host's service keeps a root
-    coi-net so): its interpreter and code are loaded while nothing waits for it, and a
-    call hands it its arguments on stdin (coi_common.entry.SPARE_VARIABLE) and starts
-    the next spare. Calls from several threads each get a process of their own."""
-
-    def __init__(self, program: str) -> None:
-        self.program = program
-        self.lock = threading.Lock()
-        self.waiting: subprocess.Popen[bytes] | None = None
-
-    def run(self, args: Sequence[str], *, timeout: float) -> Result:
-        """Like run([program, *args], check=False, timeout=timeout), minus the start-up."""
-        import json  # noqa: PLC0415
-
-        argv = (self.program, *args)
-        with trace.span("spare", argv) as call, _program_errors(argv, timeout):
-            with self.lock:
-                child = self._take()
-                self.waiting = self._start()
-            try:
-                out, err = child.communicate(json.dumps(list(args)).encode() + b"\n",
-                                             timeout=timeout)
-            except BaseException:
-                stop_group(child, grace=0)
-                raise
-            call.end(f"exit {child.returncode}")
-        return Result(argv, child.returncode, out.decode("utf-8", "replace"),
-                      err.decode("utf-8", "replace"))
-
-    def start(self) -> None:
-        """Have a spare waiting (none yet, or the last one died)."""
-        with self.lock:
-            self.waiting = self._take()
-
-    def _take(self) -> subprocess.Popen[bytes]:
-        waiting, self.waiting = self.waiting, None
-        return waiting if waiting is not None and waiting.poll() is None else self._start()
-
-    def close(self) -> None:
-        """End the spare that waits (it reads end of input and exits)."""
-        with self.lock:
-            if self.waiting is not None:
-                with contextlib.suppress(OSError):
-                    self.waiting.stdin.close()  # type: ignore[union-attr]
-                self.waiting.wait()
-                self.waiting = None
-
-    def _start(self) -> subprocess.Popen[bytes]:
-        from coi_common.entry import SPARE_VARIABLE  # noqa: PLC0415
-
-        return subprocess.Popen([self.program], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True,
-                                env={**os.environ, SPARE_VARIABLE: "1"})

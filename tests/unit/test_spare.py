@@ -1,4 +1,4 @@
-"""Spares (coi_common.proc.Spare, entry's COI_SPARE): a coi program started before it
+"""Spares (coi_host.spare.Spare, entry's COI_SPARE): a coi program started before it
 is needed, given its arguments on stdin later. Real coi-net processes from bin/."""
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 
 from coi_common import proc
+from coi_host.spare import Spare
 
 COI_NET = str(Path(__file__).resolve().parents[2] / "bin" / "coi-net")
 
 
 @pytest.fixture
 def spare():
-    kept = proc.Spare(COI_NET)
+    kept = Spare(COI_NET)
     yield kept
     kept.close()
 
