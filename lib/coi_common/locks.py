@@ -49,7 +49,11 @@ def open_folder(path: str, *, owner: int, mode: int, group: int = -1) -> int:
     parent_path, base = os.path.split(path.rstrip("/"))
     parent = os.open(parent_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        _check(os.fstat(parent), parent_path, owners=(0, owner), forbidden=0o022)
+        info = os.fstat(parent)
+        if info.st_uid not in (0, owner) or info.st_mode & 0o022:
+            raise PermissionDenied(f"{path} is in {parent_path}, which others may write to: "
+                                   "coi keeps no locks there", hint="put it in a folder only "
+                                   "its owner can write to (not straight in /tmp)")
         made = False
         if os.geteuid() == owner:
             with contextlib.suppress(FileExistsError):
