@@ -4,7 +4,7 @@ Usage:
   coi-host setup [--format FMT] [--debug]
   coi-host doctor [--format FMT] [--debug]
   coi-host config show [--workspace DIR] [--profile NAME] [--format FMT] [--debug]
-  coi-host serve [--socket PATH] [--debug]
+  coi-host serve [--socket PATH] [--tick SECONDS] [--debug]
   coi-host view build <name> <workspace> [--protect PATH]... [--mask PATTERN]...
                 [--format FMT] [--debug]
   coi-host view release <name> [--forget] [--format FMT] [--debug]
@@ -43,6 +43,10 @@ Options:
   --revoke          trust: take the trust back.
   --socket PATH     serve: the socket to listen on (default: $COI_HOST_SOCKET,
                     else /run/coi/host.sock).
+  --tick SECONDS    serve: how often the upkeep of egress rules runs: missing
+                    rules restored, expired allowlist answers asked again;
+                    every sixth time, rules of deleted containers removed
+                    [default: 10].
   --protect PATH    view build: a path of the workspace to make read-only.
   --mask PATTERN    view build: a file name pattern to show empty.
   --forget          view release: also remove the view's directory.
@@ -88,7 +92,8 @@ def dispatch(args: Args) -> int:
         from coi_host.service import serve  # noqa: PLC0415
 
         given = args["--socket"]  # given empty is refused, not read as the default
-        return serve(hostservice.socket_path() if given is None else given)
+        return serve(hostservice.socket_path() if given is None else given,
+                     tick=_tick(args["--tick"]))
     if args["view"]:
         from coi_host.views import run_view  # noqa: PLC0415
 
@@ -97,3 +102,15 @@ def dispatch(args: Args) -> int:
 
     return show_config(args["--workspace"], args["--profile"], as_json=as_json)
 
+
+def _tick(text: str) -> float:
+    """--tick: seconds between two rounds of the upkeep, 1 to 3600."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 1 <= seconds <= 3600:
+        from coi_common.errors import UsageError  # noqa: PLC0415
+
+        raise UsageError(f"--tick {text!r}: expected seconds from 1 to 3600")
+    return seconds

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -91,6 +92,7 @@ def gather_checks(settings: config.Config) -> Iterator[Check]:
     yield _tool_check("nft", "network isolation uses nftables", "apt-get install nftables")
     service = ping_host_service()
     yield _network_rules_check(service)
+    yield _upkeep_check(service)
     client = incus.connect(settings)
     try:
         server = client.server()
@@ -143,6 +145,26 @@ def _nft_usable_check() -> Check:
         return Check("network rules", False, exc.one_line(),
                      "run coi on the host itself, with nf_tables in its kernel")
     return Check("network rules", True, f"applied as root with {nft}")
+
+
+def _upkeep_check(service: ServiceState) -> Check:
+    """The service's own upkeep of egress rules (coi_host.upkeep): restore, refresh, gc."""
+    if service.result is None:  # said by the network rules check already
+        return Check("rules upkeep", False, "unknown: coi's host service does not answer",
+                     service.fix, required=False)
+    upkeep = service.result.get("upkeep")
+    if not isinstance(upkeep, dict):
+        return Check("rules upkeep", False, "coi's host service does not keep rules up "
+                     "(not running, or older than this coi)", START_SERVICE_FIX)
+    last, error = upkeep.get("last"), upkeep.get("error") or ""
+    when = "not run yet" if not isinstance(last, int | float) else \
+        f"last {time.time() - last:.0f} s ago"
+    detail = (f"every {upkeep.get('tick_seconds')} s: missing rules restored, expired "
+              f"allowlist answers renewed, rules of deleted containers removed; {when}")
+    if error:
+        return Check("rules upkeep", False, f"{detail}; failing: {error}",
+                     "see /var/log/coi/host-service.log")
+    return Check("rules upkeep", True, detail)
 
 
 def _idmap_check(service: ServiceState) -> Check:

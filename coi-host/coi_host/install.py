@@ -31,6 +31,8 @@ from coi_common.errors import CoiError
 SERVICE_ROOT: Final = Path("/usr/local/lib/coi")
 PACKAGES: Final = ("coi_common", "coi_host", "coi_net", "docopt", "dns")
 EXECUTABLES: Final = {"coi-host": "coi_host", "coi-net": "coi_net"}
+START_HOOK: Final = "coi-net-hook"
+START_HOOK_SOURCE: Final = "start-host-hook.sh"
 UNIT_PATH: Final = Path("/etc/systemd/system/coi-host.service")
 PID_FILE: Final = Path("/run/coi/host.pid")
 LOG_FILE: Final = Path("/var/log/coi/host-service.log")
@@ -109,6 +111,10 @@ def install(root: Path = SERVICE_ROOT) -> tuple[bool, str]:
     for program, module in EXECUTABLES.items():
         changed |= _write_if_changed(root / "bin" / program,
                                      launcher(python, root, target, program, module), 0o755)
+    # Incus runs it at every start of a coi container (coi-net's start hook): at a path
+    # that outlives each copy, beside the coi-net it calls.
+    changed |= _write_if_changed(root / "bin" / START_HOOK,
+                                 (dirs["coi_net"] / START_HOOK_SOURCE).read_text(), 0o755)
     for old in root.glob("lib-*"):
         if old != target:
             shutil.rmtree(old, ignore_errors=True)

@@ -7,7 +7,9 @@ root-owned copy of coi (coi_host.install); it listens on a unix socket that
 only root and the incus-admin group may open, and answers one JSON request
 per connection (docs/host-service.md):
 
-- `ping`: the service's version; the caller's uid as the service sees it.
+- `ping`: the service's version; the caller's uid as the service sees it; what
+  its upkeep of rules did last (coi_host.upkeep: restore, refresh and gc of
+  egress rules every few seconds, with no cron).
 - `net_apply`, `net_remove`, `net_status`: run the root-owned coi-net with
   arguments built here from validated fields, for a coi container that exists
   (apply) or a valid container name (remove, status).
@@ -53,7 +55,7 @@ from coi_common import (
 from coi_common.errors import BadInput, CoiError, NotFound, PermissionDenied
 from coi_common.plumbing import find_executable
 from coi_common.protocol import Record, error_record, make_record, parse_record
-from coi_host import install, spare, views
+from coi_host import install, spare, upkeep, views
 
 MAX_ENTRIES: Final = 1000
 MAX_ENTRY_LENGTH: Final = 255
@@ -138,10 +140,11 @@ def net_apply_argv(request: Mapping[str, Any]) -> list[str]:
 class Service:
     """The verbs, each checked for the peer; one instance serves every connection."""
 
-    def __init__(self, settings: config.Config) -> None:
+    def __init__(self, settings: config.Config, tick: float = upkeep.TICK_SECONDS) -> None:
         self.group = settings.get("incus.group")
         self.client = incus.connect(settings)
         self.coi_net = spare.Spare(find_executable("coi-net") or "coi-net")
+        self.upkeep = upkeep.Upkeep(self.run_coi_net, tick)
         self.code = install.code_digest()
         self.verbs: dict[str, Callable[[Peer, Record], Record]] = {
             "ping": self.ping, "net_apply": self.net_apply, "net_remove": self.net_remove,
@@ -166,7 +169,7 @@ class Service:
 
     def ping(self, peer: Peer, _request: Record) -> Record:
         return {"version": __version__, "code": self.code, "uid": peer.uid,
-                "pid": os.getpid(), "verbs": list(self.verbs)}
+                "pid": os.getpid(), "verbs": list(self.verbs), "upkeep": self.upkeep.state()}
 
     def net_apply(self, _peer: Peer, request: Record) -> Record:
         argv = net_apply_argv(request)
@@ -174,13 +177,16 @@ class Service:
         keys = (self.client.instance_config(name).get("config") or {})
         if "user.coi.workspace" not in keys:
             raise PermissionDenied(f"{name} is not a coi session container")
-        return self._coi_net(argv)
+        return self.run_coi_net(argv)
 
     def net_remove(self, _peer: Peer, request: Record) -> Record:
-        return self._coi_net(["remove", _container(request), "--format=json"])
+        return self.run_coi_net(["remove", _container(request), "--format=json"])
 
     def net_status(self, _peer: Peer, request: Record) -> Record:
-        return self._coi_net(["status", _container(request), "--format=json"])
+        """One container's status, or every one's (no `container`); its exit code (which
+        says whether each policy is in force) comes back as `status`."""
+        names = [] if request.get("container") is None else [_container(request)]
+        return self.run_coi_net(["status", *names, "--format=json"], statuses=(0, 1, 4))
 
     def idmap_grant(self, peer: Peer, _request: Record) -> Record:
         gid = pwd.getpwuid(peer.uid).pw_gid
@@ -200,23 +206,28 @@ class Service:
         views.release(_container(request), forget=forget)
         return {}
 
-    def _coi_net(self, argv: list[str]) -> Record:
+    def run_coi_net(self, argv: list[str], statuses: tuple[int, ...] = (0,)) -> Record:
         """Root's `coi-net ARGV`, by the spare started for it: its ~60 ms of start-up
-        (Python and coi-net's code) are then off the session's path."""
+        (Python and coi-net's code) are then off the session's path. An exit status
+        other than `statuses`, or an error record, is its failure."""
         done = self.coi_net.run(argv, timeout=NET_SECONDS)
         lines = [line for line in done.stdout.splitlines() if line.strip()]
-        if not done.ok:
-            error = _error_of(lines) or proc.last_line(done.stderr) or f"exit {done.returncode}"
+        error = _error_of(lines)
+        if done.returncode not in statuses or error:
+            error = error or proc.last_line(done.stderr) or f"exit {done.returncode}"
             raise CoiError(f"coi-net {argv[0]}: {error}")
         try:
-            return {"records": [json.loads(line) for line in lines]}
+            return {"records": [json.loads(line) for line in lines], "status": done.returncode}
         except ValueError:
             raise CoiError(f"coi-net {argv[0]} printed something that is not JSON") from None
 
 
 def _error_of(lines: list[str]) -> str:
-    with contextlib.suppress(ValueError, IndexError, TypeError, KeyError):
-        return str(json.loads(lines[-1])["message"])
+    """The message of coi-net's error record (its last line), else ""."""
+    with contextlib.suppress(ValueError, IndexError, TypeError, KeyError, AttributeError):
+        last = json.loads(lines[-1])
+        if last.get("kind") == "error":
+            return str(last["message"])
     return ""
 
 
@@ -250,7 +261,7 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         super().__init__(path, _Handler)
 
 
-def serve(path: str) -> int:
+def serve(path: str, tick: float = upkeep.TICK_SECONDS) -> int:
     """Listen on `path` (root:GROUP, 0660) until stopped; root only. What is at `path`
     is replaced only when it is a socket (a stale one of ours)."""
     if os.geteuid() != 0:
@@ -261,7 +272,7 @@ def serve(path: str) -> int:
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise BadInput(f"--socket {path} exists and is not a socket; it is left alone")
-    service = Service(config.load(None))
+    service = Service(config.load(None), tick)
     service.coi_net.start()
     with contextlib.suppress(CoiError):  # Incus not up yet: a start through coi makes them
         for name in views.keep_directories(service.client.instances()):
@@ -288,6 +299,7 @@ def serve(path: str) -> int:
     # SIGTERM (systemctl stop, setup replacing the service) ends it like Ctrl-C: the
     # socket file goes with it.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    service.upkeep.start()  # its first round at once: rules a reboot took come back
     try:
         server.serve_forever()
     except (KeyboardInterrupt, SystemExit):

@@ -6,6 +6,7 @@ Usage:
                     [--dry-run] [--format FMT] [--debug]
   coi-net [network] remove [<name>...] [--dry-run] [--format FMT] [--debug]
   coi-net [network] refresh [--force] [--format FMT] [--debug] [--all | <name>...]
+  coi-net [network] restore <name> [--format FMT] [--debug]
   coi-net [network] status [<name>] [--format FMT] [--debug]
   coi-net [network] gc [--dry-run] [--format FMT] [--debug]
   coi-net (-h | --help)
@@ -26,9 +27,19 @@ Commands:
             addresses in one transaction; restore rules that are missing (after
             a reboot). Quiet unless something changed or failed; exits 1 when a
             name could not be resolved (its cached addresses stay in force).
-            Made for cron: `coi-net refresh --all`.
-  status    Mode, interface, rule count, dropped packets, allowed addresses,
-            last refresh and cache age of one or every container.
+            coi's host service runs `refresh --all` every 10 s by itself.
+  restore   Put a container's recorded rules back when they are missing, without
+            resolving anything (the cached addresses stand); exits 1 when coi-net
+            recorded no policy for it. Incus runs it, through coi-net-hook, each
+            time the container starts: apply makes that the container's
+            lxc.hook.start-host, so a container whose rules cannot be put in
+            place does not start at all.
+  status    Mode, whether its policy is in force, interface, rule count, dropped
+            packets, allowed addresses, last refresh and cache age of one or
+            every container. Exits 0 when every policy is in force, 1 when one
+            is missing (that container's traffic is not filtered), 4 when one
+            container is blocked pending its policy (coi's guard drops all it
+            sends until apply or restore).
   gc        Remove the rules of containers that no longer exist.
 
 Modes:
@@ -39,7 +50,8 @@ Modes:
   allowlist   Only the addresses of --allow entries (domain names, resolved
               here, and IPv4 addresses) plus DNS to the bridge; private ranges
               stay blocked even when an allowed name resolves into one.
-  open        No filtering.
+  open        No filtering (its port is accepted as such: a port with coi's name
+              and no policy at all passes nothing).
 
 Options:
   --mode MODE          restricted, allowlist or open (default: network.mode of
@@ -64,17 +76,18 @@ Options:
   --debug              Show tracebacks on errors.
   -h --help            Show this help.
 
-Changing rules needs root. A member of incus-admin who runs apply or remove
-gets them done by coi's host service (started by `coi setup`), which runs its
-own root-owned coi-net with the same, re-checked values; refresh and gc stay
-root's (the service and cron run them). `coi network ARGS` is
-`coi-net network ARGS`; the word `network` is optional.
+Changing rules needs root. A member of incus-admin who runs apply, remove or
+status gets them done by coi's host service (started by `coi setup`), which
+runs its own root-owned coi-net with the same, re-checked values; refresh,
+restore and gc stay root's (the service runs them by itself, no cron).
+`coi network ARGS` is `coi-net network ARGS`; the word `network` is optional.
 
 Examples:
   coi-net apply coi-3f2a9c1b-1 --mode allowlist --allow github.com --allow 8.8.8.8
   coi-slot next | coi-net apply
   coi network status --format json
   coi-net refresh --all
+  coi-net restore coi-3f2a9c1b-1
   coi-net remove coi-3f2a9c1b-1
   coi-net gc
 """

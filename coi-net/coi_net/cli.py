@@ -12,11 +12,11 @@ import os
 import sys
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 
 from coi_common import config, incus
 from coi_common.entry import Args
-from coi_common.errors import EXIT_FAILED, EXIT_OK, CoiError, PermissionDenied
+from coi_common.errors import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, CoiError, PermissionDenied
 from coi_common.naming import validate_container_name
 from coi_common.protocol import Record, validate, write_record
 from coi_net import nft, ops
@@ -36,24 +36,24 @@ def run(args: Args, *, as_json: bool) -> int:
     if args["remove"] and not dry_run and os.geteuid() != 0:
         records = [_by_service("net_remove", "net_removed", container=name) for name in names]
         return _render(records, None, as_json=as_json, text=_removed_text)
-    if not (args["status"] or dry_run):
+    if args["status"]:
+        return _status(names, as_json=as_json)
+    if not dry_run:
         ops.require_root(_verb(args))
     ctx = _context(config.load(None), dry_run=dry_run)
     if args["remove"]:
         records = [ops.remove(ctx, name) for name in names]
         return _render(records, ctx, as_json=as_json, text=_removed_text)
-    if args["refresh"]:
-        records = ops.refresh(ctx, names, force=bool(args["--force"]))
+    if args["refresh"] or args["restore"]:
+        records = ops.refresh(ctx, names, force=bool(args["--force"]),
+                              resolve=not args["restore"])
         return _render_refresh(records, as_json=as_json)
-    if args["status"]:
-        records = ops.status(ctx, names[0] if names else None)
-        return _render(records, ctx, as_json=as_json, text=_status_text)
     records = ops.gc(ctx)
     return _render(records, ctx, as_json=as_json, text=_removed_text)
 
 
 def _verb(args: Args) -> str:
-    return next(v for v in ("apply", "remove", "refresh", "status", "gc") if args[v])
+    return next(v for v in ("apply", "remove", "refresh", "restore", "status", "gc") if args[v])
 
 
 def _context(settings: config.Config, *, dry_run: bool) -> ops.Context:
@@ -80,6 +80,25 @@ def _by_service(verb: str, kind: str, **fields: Any) -> Record:
     if not isinstance(records, list) or len(records) != 1:
         raise CoiError(f"coi's host service answered {verb} without one {kind} record")
     return validate(records[0], kind)
+
+
+def _status(names: list[str], *, as_json: bool) -> int:
+    """Rendered status records; the exit code says whether each policy is in force. A
+    member gets root's, by coi's host service (only root reads nftables)."""
+    if os.geteuid() == 0:
+        records = ops.status(_context(config.load(None), dry_run=False),
+                             names[0] if names else None)
+    else:
+        from coi_common import hostservice  # noqa: PLC0415
+
+        fields = {"container": names[0]} if names else {}
+        found = hostservice.call("net_status", timeout=ops.SERVICE_SECONDS,
+                                 **fields).get("records")
+        if not isinstance(found, list):
+            raise CoiError("coi's host service answered net_status without records")
+        records = [validate(record, "net_status") for record in found]
+    _render(records, None, as_json=as_json, text=_status_text)
+    return status_code(records)
 
 
 def _apply(args: Args, *, as_json: bool) -> int:
@@ -195,14 +214,27 @@ def _when(moment: float | None) -> str:
     return f"{stamp} ({ago:.0f} s ago)" if ago >= 0 else f"{stamp} (in {-ago:.0f} s)"
 
 
+STATUS_CODES: Final = {"in_force": EXIT_OK, "missing": EXIT_FAILED, "blocked": EXIT_UNAVAILABLE}
+"""status's exit: 0 every policy in force, 1 one missing (its traffic is not filtered),
+4 one container blocked pending its policy (fail closed); not root, it cannot tell: 0."""
+POLICY_TEXT: Final = {"in_force": "policy in force", "missing": "POLICY MISSING",
+                      "blocked": "blocked pending policy"}
+
+
+def status_code(records: Iterable[Record]) -> int:
+    found = {record.get("policy") for record in records}
+    return next((STATUS_CODES[p] for p in ("missing", "blocked") if p in found), EXIT_OK)
+
+
 def _status_text(record: Record) -> str:
     link = record["link"]
     state = ("unknown" if link.get("present") is None else "absent" if not link["present"]
              else f"{'up' if link.get('up') else 'down'} on {link.get('bridge') or 'no bridge'}")
     rules = "?" if record["rules"] is None else record["rules"]
     dropped = "?" if record["dropped"] is None else record["dropped"]
-    lines = [f"{record['container']}: {record['mode']}, interface {record['interface']} "
-             f"({state}), {rules} rules, {dropped} packets dropped"]
+    policy = POLICY_TEXT.get(record.get("policy") or "", "policy unknown (not root)")
+    lines = [f"{record['container']}: {record['mode']}, {policy}, interface "
+             f"{record['interface']} ({state}), {rules} rules, {dropped} packets dropped"]
     if record["mode"] == "allowlist":
         lines.append(f"  allowed: {' '.join(record['allowed']) or '(nothing)'}")
         for name, entry in record["names"].items():

@@ -18,6 +18,7 @@ from coi_common import plan
 from coi_common.errors import BadInput, CoiError, NotFound, PermissionDenied
 from coi_common.incus import Incus
 from coi_common.naming import validate_container_name
+from coi_common.plumbing import find_executable
 from coi_common.protocol import Record, make_record
 from coi_net import nft
 from coi_net import policy as np
@@ -26,6 +27,8 @@ STATE_VARIABLE: Final = "COI_NET_STATE_DIR"
 DEFAULT_STATE_DIR: Final = "/var/lib/coi/net"
 SUDO_HINT: Final = ("run it as root; a member of incus-admin applies and removes the "
                     "rules of coi's own containers through coi's host service (coi setup)")
+INSTALLED_HOOK: Final = "/usr/local/lib/coi/bin/coi-net-hook"
+"""Where `coi setup` puts coi-net-hook (coi_host.install), for a coi-net run from elsewhere."""
 SERVICE_SECONDS: Final = 120.0
 """How long a member's apply or remove waits for the host service (its DNS lookups)."""
 
@@ -136,6 +139,11 @@ def prepare_nic(ctx: Context, request: Request, ifname: str) -> str:
     device, settings = find_nic(instance, ctx.bridge_name)
     wanted = np.nic_settings(settings, ifname, request.mode,
                              nic_filtering=request.nic_filtering)
+    raw_lxc = str((instance.get("config") or {}).get("raw.lxc") or "")
+    hooked = np.with_start_hook(raw_lxc, np.start_hook_line(
+        start_hook(), table=ctx.table, ifname=ifname, container=request.container,
+        project=ctx.store.project, state_dir=ctx.store.root))
+    config = {"raw.lxc": hooked} if hooked != raw_lxc else {}
     if instance.get("status") != "Stopped":
         live = ((ctx.client.instance_state(request.container).get("network") or {})
                 .get(settings.get("name") or device) or {}).get("host_name")
@@ -144,11 +152,28 @@ def prepare_nic(ctx: Context, request: Request, ifname: str) -> str:
                            f"interface {live or '?'}, not coi's {ifname}",
                            hint="stop it, run coi-net apply, then start it (or create it "
                                 "with net_device_override)")
+        if config:  # raw.lxc counts from the next start; the NIC waits for a stop
+            ctx.client.patch_instance(request.container, config=config)
         return "unchanged" if wanted == settings else "pending"
-    if wanted == settings:
+    if wanted == settings and not config:
         return "unchanged"
-    ctx.client.add_device(request.container, device, wanted)  # a dry run plans it
+    # One PATCH (a dry run plans it): the NIC, and the start hook that restores its
+    # rules whenever the container starts (coi-net-hook).
+    ctx.client.patch_instance(request.container, config=config,
+                              devices={device: wanted} if wanted != settings else None)
     return "changed"
+
+
+def start_hook() -> str:
+    """coi-net-hook beside this coi-net (a checkout's bin/, or the copy `coi setup`
+    installs for the host service), else that installed copy."""
+    found = find_executable(np.START_HOOK_NAME)
+    if found is None and os.access(INSTALLED_HOOK, os.X_OK):
+        found = INSTALLED_HOOK
+    if found is None:
+        raise NotFound(f"{np.START_HOOK_NAME} is not installed, so rules could not come back "
+                       "at a start", hint="run 'sudo coi setup'")
+    return os.path.abspath(found)  # not the link's target: the hook finds coi-net beside it
 
 
 def apply(ctx: Context, request: Request, *, now: float | None = None) -> Record:
@@ -249,13 +274,14 @@ def remove(ctx: Context, container: str) -> Record:
 
 
 def refresh(ctx: Context, containers: Sequence[str], *, force: bool = False,
-            now: float | None = None) -> list[Record]:
+            resolve: bool = True, now: float | None = None) -> list[Record]:
     """Re-resolve what is due, swap changed allowlist sets, restore missing rules.
 
     Explicitly named containers resolve every name; the sweep over all of them
     (no names: cron) takes only names whose answers expired and skips
-    containers whose refresh interval is 0, unless `force`. Every change of
-    every container goes into ONE transaction.
+    containers whose refresh interval is 0, unless `force`. Without `resolve`
+    (restore: the start hook) only missing rules come back, from the cache.
+    Every change of every container goes into ONE transaction.
     """
     now = time.time() if now is None else now
     explicit = bool(containers)
@@ -271,7 +297,7 @@ def refresh(ctx: Context, containers: Sequence[str], *, force: bool = False,
                                                   "by coi-net", "kept": []}]))
             continue
         states[name] = state
-    lookups = _resolve_due(states, explicit=explicit, force=force, now=now)
+    lookups = _resolve_due(states, explicit=explicit, force=force, now=now) if resolve else {}
     with ctx.store.lock():
         existing = ctx.existing()
         commands: list[dict[str, Any]] = []
@@ -344,12 +370,12 @@ def _refresh_one(ctx: Context, state: dict[str, Any], lookups: Mapping[str, np.L
                        str(state.get("project") or "default"))
     commands: list[dict[str, Any]] = []
     healed = False
-    if mode != "open":
-        complete = (ifname in existing.ports and np.chain_name(ifname) in existing.chains
-                    and (mode != "allowlist" or np.set_name(ifname) in existing.sets))
-        if not complete:
-            commands = np.container_commands(ctx.table, policy, bridge, existing)
-            healed = True
+    complete = ifname in existing.ports and (mode == "open" or (
+        np.chain_name(ifname) in existing.chains
+        and (mode != "allowlist" or np.set_name(ifname) in existing.sets)))
+    if not complete:
+        commands = np.container_commands(ctx.table, policy, bridge, existing)
+        healed = True
     after = set(np.allowed_elements(policy, bridge)) if mode == "allowlist" else set()
     if mode == "allowlist" and not healed and after != before:
         commands = np.set_refill_commands(ctx.table, policy, bridge)
@@ -388,7 +414,8 @@ def status(ctx: Context, container: str | None, *, now: float | None = None) -> 
             "net_status", container=name, mode=state.get("mode"), interface=ifname,
             rules=None if existing is None else existing.rules.get(chain, 0),
             dropped=None if existing is None else existing.dropped.get(chain, 0),
-            in_table=in_table, allowed=allowed, names=_names_view(state.get("names") or {}),
+            in_table=in_table, policy=None if existing is None else existing.policy(ifname),
+            allowed=allowed, names=_names_view(state.get("names") or {}),
             refresh_interval_minutes=state.get("refresh_interval_minutes"),
             applied_at=state.get("applied_at"), last_refresh=last,
             cache_age=None if last is None else round(now - float(last), 1),
@@ -428,10 +455,12 @@ def gc(ctx: Context) -> list[Record]:
     Rules without state (coi killed between the transaction and the state
     write) are found by the container named in their chain's comment.
     """
-    alive = set(ctx.client.names("/1.0/instances"))
     project = ctx.store.project
     records: list[Record] = []
     with ctx.store.lock():
+        # Listed under the lock: a container applied after the listing cannot be
+        # taken for gone (apply records its state under this lock, once it exists).
+        alive = set(ctx.client.names("/1.0/instances"))
         existing = ctx.existing()
         commands: list[dict[str, Any]] = []
         gone: list[tuple[str, str]] = []

@@ -42,6 +42,7 @@ from typing import Any, Final
 from coi_common import locks
 from coi_common.errors import BadInput
 from coi_common.naming import NETWORK_MODES, validate_container_name
+from coi_net.nft import TABLE_PATTERN
 
 MODES: Final = NETWORK_MODES
 DEFAULT_MODE: Final = "restricted"
@@ -361,6 +362,8 @@ def _prefix(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Any:
 _COUNTER: Final[Command] = {"counter": None}
 _ACCEPT: Final[Command] = {"accept": None}
 _DROP: Final[Command] = {"drop": None}
+GUARD: Final[Command] = _match(_meta("iifname"), f"{IFNAME_PREFIX}*")
+"""Any port with coi's name: what base_commands drops unless its policy is in force."""
 
 
 def chain_name(ifname: str) -> str:
@@ -416,8 +419,11 @@ def base_commands(table: str, bridge: Bridge) -> list[Command]:
     ]
     marked = _match(_meta("mark"), MARK)
     chains: list[tuple[str, str, str, int, list[list[Command]]]] = [
+        # A port with its policy jumps to it (or, open, is accepted); any other port
+        # with coi's name is a container whose policy is not in force (yet): dropped.
         (b, "c_pre", "prerouting", -200,
-         [[{"vmap": {"key": _meta("iifname"), "data": "@ports"}}]]),
+         [[{"vmap": {"key": _meta("iifname"), "data": "@ports"}}],
+          [GUARD, _COUNTER, _DROP]]),
         # Frames a filtered port sends straight to another port: container to container.
         (b, "c_fwd", "forward", -200,
          [[_match(_meta("iifname"), "@filtered"), _COUNTER, _DROP]]),
@@ -502,6 +508,8 @@ class Existing:
     dropped: Mapping[str, int] = field(default_factory=dict)
     elements: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     comments: Mapping[str, str] = field(default_factory=dict)
+    guarded: bool = False
+    """Whether the drop of coi-named ports without a policy is in place (base_commands)."""
 
     @classmethod
     def from_listing(cls, items: Iterable[Mapping[str, Any]]) -> Existing:
@@ -511,6 +519,7 @@ class Existing:
         dropped: dict[str, int] = {}
         elements: dict[str, tuple[str, ...]] = {}
         comments: dict[str, str] = {}
+        guarded = False
         for item in items:
             if "chain" in item:
                 chains.add(item["chain"]["name"])
@@ -532,12 +541,18 @@ class Existing:
                 rules[chain] = rules.get(chain, 0) + 1
                 if rule.get("comment") and chain not in comments:
                     comments[chain] = str(rule["comment"])
+                guarded = guarded or (chain == "c_pre" and GUARD in (rule.get("expr") or []))
                 for expr in rule.get("expr") or []:
                     counter = expr.get("counter") if isinstance(expr, dict) else None
                     if isinstance(counter, dict) and any("drop" in e for e in rule["expr"]):
                         dropped[chain] = dropped.get(chain, 0) + int(counter.get("packets", 0))
         return cls(frozenset(chains), frozenset(sets), frozenset(ports), frozenset(filtered),
-                   rules, dropped, elements, comments)
+                   rules, dropped, elements, comments, guarded)
+
+    def policy(self, ifname: str) -> str:
+        """`in_force` (its port jumps to its rules, or is accepted: open), `blocked` (no
+        policy, and the guard drops its traffic) or `missing` (no policy, no guard)."""
+        return "in_force" if ifname in self.ports else "blocked" if self.guarded else "missing"
 
     def has(self, ifname: str) -> bool:
         """True when any object of this interface is in the table."""
@@ -552,6 +567,44 @@ class Existing:
         return {name for name in found if IFNAME_PATTERN.fullmatch(name)}
 
 
+# -- the start hook ------------------------------------------------------------------------
+
+
+START_HOOK_KEY: Final = "lxc.hook.start-host"
+START_HOOK_NAME: Final = "coi-net-hook"
+_HOOK_PATH: Final = re.compile(r"/[A-Za-z0-9._/-]{1,200}")
+"""Paths in the hook's line: plain characters only, since LXC splits it at spaces."""
+
+
+def start_hook_line(hook: str, *, table: str, ifname: str, container: str, project: str,
+                    state_dir: str) -> str:
+    """The raw.lxc line that makes LXC run coi-net-hook before the container's init
+    (start-host-hook.sh): every word checked, none can hold a space or a newline."""
+    for what, path in (("hook", hook), ("state directory", state_dir)):
+        if not _HOOK_PATH.fullmatch(path) or "/../" in f"{path}/":
+            raise BadInput(f"coi-net's {what} {path!r} cannot go into a start hook: "
+                           "plain absolute paths only")
+    if not TABLE_PATTERN.fullmatch(table):
+        raise BadInput(f"{table!r} is not a coi table name")
+    words = (hook, table, validate_ifname(ifname), validate_container_name(container),
+             validate_project(project), state_dir)
+    return f"{START_HOOK_KEY} = {' '.join(words)}"
+
+
+def with_start_hook(raw_lxc: str, line: str) -> str:
+    """A container's raw.lxc with coi's start hook `line`, in place of any it had; the
+    user's own lines stay as they are."""
+    kept = [text for text in raw_lxc.splitlines() if not _is_start_hook(text)]
+    return "\n".join([*kept, line]) + "\n"
+
+
+def _is_start_hook(text: str) -> bool:
+    key, _, value = text.partition("=")
+    words = value.split()
+    return key.strip() == START_HOOK_KEY and bool(words) and \
+        words[0].rsplit("/", 1)[-1] == START_HOOK_NAME
+
+
 def comment_for(project: str, container: str) -> str:
     """The comment on a container's first rule: whose rules these are, for gc."""
     return f"coi:{project}/{container}"
@@ -559,13 +612,15 @@ def comment_for(project: str, container: str) -> str:
 
 def container_commands(table: str, policy: Policy, bridge: Bridge,
                        existing: Existing) -> list[Command]:
-    """Replace one container's rules (or remove them, in open mode) in one go.
+    """Replace one container's rules (in open mode: an accept for its port) in one go.
 
     Whatever an earlier container with the same interface left (rules, allowed
     addresses) is flushed in the same transaction, so nothing is inherited.
     """
-    if validate_mode(policy.mode) == "open":
-        return removal_commands(table, policy.ifname, existing)
+    if validate_mode(policy.mode) == "open":  # in force as an accept, unfiltered
+        return [*removal_commands(table, policy.ifname, existing),
+                {"add": {"element": _obj("bridge", table, name="ports",
+                                         elem=[[policy.ifname, _ACCEPT]])}}]
     b = "bridge"
     chain, aset = chain_name(policy.ifname), set_name(policy.ifname)
     cmds: list[Command] = [

@@ -369,8 +369,18 @@ class Incus:
 
     def add_device(self, name: str, device: str, settings: Mapping[str, str]) -> None:
         """Add one device to a container's own devices (PATCH merges; others stay)."""
-        self.request("PATCH", f"/1.0/instances/{_seg(name)}",
-                     {"devices": {device: dict(settings)}}, what=f"container {name}")
+        self.patch_instance(name, devices={device: settings})
+
+    def patch_instance(self, name: str, *, config: Mapping[str, str] | None = None,
+                       devices: Mapping[str, Mapping[str, str]] | None = None) -> None:
+        """Change these config keys and own devices of a container in one PATCH (it
+        merges: other keys and devices stay)."""
+        body: dict[str, Any] = {}
+        if config:
+            body["config"] = dict(config)
+        if devices:
+            body["devices"] = {device: dict(settings) for device, settings in devices.items()}
+        self.request("PATCH", f"/1.0/instances/{_seg(name)}", body, what=f"container {name}")
 
     def file_type(self, name: str, path: str) -> str | None:
         """`file`, `directory` or `symlink` at an absolute path in a container

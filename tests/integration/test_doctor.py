@@ -7,6 +7,7 @@ import socketserver
 import subprocess
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -77,20 +78,37 @@ def test_doctor_as_uid_outside_incus_admin_exits_5_with_group_hint(nobody):
 # -- as a normal member of incus-admin ---------------------------------------------------
 
 
+UPKEEP = {"tick_seconds": 10.0, "rounds": 3, "last": None, "error": "", "restored": []}
+
+
 class _PingAnswerer(socketserver.StreamRequestHandler):
+    result: ClassVar[dict] = {"version": STAND_IN_VERSION, "upkeep": UPKEEP}
+
     def handle(self):
         request = json.loads(self.rfile.readline())
-        reply = make_record("host_reply", verb=request["verb"],
-                            result={"version": STAND_IN_VERSION})
+        reply = make_record("host_reply", verb=request["verb"], result=self.result)
         self.wfile.write(json.dumps(reply).encode() + b"\n")
+
+
+class _OldPingAnswerer(_PingAnswerer):
+    result: ClassVar[dict] = {"version": STAND_IN_VERSION}  # from before its upkeep
 
 
 @pytest.fixture
 def answering_service(open_tmp):
     """A stand-in for coi's host service on its own socket, answering every request as
     the service answers a ping: this machine's service may be down, or another version."""
-    path = open_tmp / "host.sock"
-    server = socketserver.UnixStreamServer(str(path), _PingAnswerer)
+    yield from _stand_in(open_tmp / "host.sock", _PingAnswerer)
+
+
+@pytest.fixture
+def old_service(open_tmp):
+    """The stand-in of a host service too old to keep rules up by itself."""
+    yield from _stand_in(open_tmp / "old-host.sock", _OldPingAnswerer)
+
+
+def _stand_in(path, handler):
+    server = socketserver.UnixStreamServer(str(path), handler)
     os.chmod(path, 0o666)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -139,6 +157,18 @@ def test_doctor_as_a_normal_user_with_the_host_service_only_warns_about_the_idma
     assert STAND_IN_VERSION in network["detail"]
     assert (delegation["ok"], delegation["required"]) == (False, False)
     assert "host service grants it on first use" in delegation["detail"]
+
+
+def test_doctor_shows_the_rules_upkeep_and_fails_on_a_service_without_it(
+        make_test_user, answering_service, old_service):
+    user = make_test_user()
+    _, checks = doctor_as(user, COI_HOST_SOCKET=str(answering_service))
+    assert checks["rules upkeep"]["ok"], checks["rules upkeep"]
+    assert "every 10.0 s" in checks["rules upkeep"]["detail"]
+    status, checks = doctor_as(user, COI_HOST_SOCKET=str(old_service))
+    assert status == 1
+    assert checks["rules upkeep"]["ok"] is False
+    assert checks["rules upkeep"]["fix"] == START_SERVICE_FIX
 
 
 def test_doctor_as_a_delegated_normal_user_reports_the_idmap_ok(make_test_user,

@@ -38,6 +38,7 @@ import dns.query
 import pytest
 
 from coi_common import naming, proc
+from coi_common.errors import CoiError
 from coi_common.protocol import parse_record
 from coi_common.sessions import SlotRecord
 from coi_net import nft
@@ -365,7 +366,10 @@ def test_open_reaches_everything_and_has_no_rules(world, net, make_container, in
     apply_ok(net, box.name, "--mode", "restricted")
     record = apply_ok(net, box.name, "--mode", "open")
     assert record["rules"] == 0
-    assert not net.bridge_listing().has(np.host_name_for(box.name))
+    listing, ifname = net.bridge_listing(), np.host_name_for(box.name)
+    assert ifname in listing.ports  # in force, as an accept
+    assert np.chain_name(ifname) not in listing.chains
+    assert ifname not in listing.filtered
     nic = incus_client.instance_config(box.name)["devices"]["eth0"]
     assert nic["security.port_isolation"] == "false"
     start(incus_client, wait_for_ipv4, box.name)
@@ -604,3 +608,158 @@ def test_every_mode_loads_into_the_kernel(ipv6):
     assert done.ok, done.stderr
     assert table not in proc.run(["nft", "list", "tables"]).stdout
 
+
+# -- fail closed: the start hook and the guard --------------------------------------------------
+
+
+def delete_tables(net: Net) -> None:
+    """What a host reboot or `nft flush ruleset` does to coi's rules."""
+    for family in nft.FAMILIES:
+        run("nft", "delete", "table", family, net.table)
+
+
+def test_apply_makes_coi_net_hook_the_container_s_start_hook(net, make_container,
+                                                             incus_client):
+    box = make_container(start=False)
+    incus_client.patch_instance(box.name, config={"raw.lxc": "lxc.apparmor.allow_nesting = 1\n"})
+    apply_ok(net, box.name)
+    apply_ok(net, box.name, "--mode", "allowlist", "--allow", PUBLIC)  # replaced, not added
+    raw = incus_client.instance_config(box.name)["config"]["raw.lxc"].splitlines()
+    assert raw[0] == "lxc.apparmor.allow_nesting = 1"
+    assert raw[1:] == [f"lxc.hook.start-host = {ROOT / 'bin' / 'coi-net-hook'} {net.table} "
+                       f"{np.host_name_for(box.name)} {box.name} default {net.state_dir}"]
+
+
+def test_a_container_started_behind_coi_s_back_after_a_reboot_starts_with_its_rules(
+        world, net, make_container, incus_client, run_in, wait_for_ipv4):
+    box = make_container(start=False)
+    apply_ok(net, box.name)
+    delete_tables(net)
+    done = net("status", box.name)
+    assert done.returncode == 1
+    assert "POLICY MISSING" in done.stdout
+    incus_client.set_state(box.name, "start")  # as `incus start` does, without coi
+    # The hook ran before the container's init: its port's policy is in force already.
+    listing, ifname = net.bridge_listing(), np.host_name_for(box.name)
+    assert ifname in listing.ports
+    assert np.chain_name(ifname) in listing.chains
+    wait_for_ipv4(box.name)
+    codes = probe(run_in, box.name, world.targets())
+    assert reached(codes) == {"public", "public2"}
+    assert dropped(codes) == {"private", "metadata", "host_bridge", "host_public_side"}
+
+
+def test_a_container_coi_recorded_no_policy_for_does_not_start(net, make_container,
+                                                              incus_client):
+    box = make_container(start=False)
+    apply_ok(net, box.name)
+    state = net.state_dir / "default" / f"{box.name}.json"
+    assert state.is_file()
+    state.unlink()
+    delete_tables(net)
+    with pytest.raises(CoiError):
+        incus_client.set_state(box.name, "start")
+    assert incus_client.status(box.name) == "Stopped"
+    assert not net.bridge_listing().has(np.host_name_for(box.name))
+
+
+def test_a_port_with_coi_s_name_and_no_policy_passes_nothing_until_restored(
+        world, net, make_container, incus_client, run_in, wait_for_ipv4):
+    box = make_container(start=False)
+    apply_ok(net, box.name)
+    start(incus_client, wait_for_ipv4, box.name)
+    ifname = np.host_name_for(box.name)
+    assert net("status", box.name).returncode == 0
+    run("nft", "delete", "element", "bridge", net.table, "ports", f"{{ {ifname} }}")
+    assert reached(probe(run_in, box.name, {"public": world.targets()["public"]})) == set()
+    done = net("status", box.name, "--format", "json")
+    assert done.returncode == 4
+    assert parse_record(done.stdout, "net_status")["policy"] == "blocked"
+    done = net("restore", box.name)
+    assert (done.returncode, done.stdout) == (0, f"{box.name}: rules restored\n")
+    # The gateway's ARP entry failed while blocked (connect: EHOSTUNREACH, curl's 7, which
+    # probe() counts as reached): the container asks again within seconds.
+    deadline = time.monotonic() + 20
+    while probe(run_in, box.name, {"public": world.targets()["public"]})["public"] != 0:
+        assert time.monotonic() < deadline, "the restored container never reached public"
+        time.sleep(0.5)
+    assert reached(probe(run_in, box.name, world.targets())) == {"public", "public2"}
+    done = net("restore", box.name)  # in force: nothing to do, nothing said
+    assert (done.returncode, done.stdout) == (0, "")
+
+
+
+# -- the host service's upkeep: no cron ----------------------------------------------------
+
+
+@pytest.fixture
+def upkeep(net, open_tmp) -> Iterator[Path]:
+    """A `coi-host serve` of this checkout on `net`'s table and state, its upkeep ticking
+    every second; stopped at the end."""
+    socket_path = open_tmp / "host.sock"
+    log = open(open_tmp / "service.log", "ab")  # noqa: SIM115 - closed below
+    child = subprocess.Popen([str(ROOT / "bin" / "coi-host"), "serve", "--socket",
+                              str(socket_path), "--tick", "1"], stdout=log,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        deadline = time.monotonic() + 15
+        while not socket_path.exists():
+            assert child.poll() is None, (open_tmp / "service.log").read_text()
+            assert time.monotonic() < deadline, "the host service did not start"
+            time.sleep(0.05)
+        yield socket_path
+    finally:
+        child.terminate()
+        child.wait(timeout=10)
+        log.close()
+
+
+def until(check, seconds: float) -> float:
+    """Seconds until check() held (polled); fails after `seconds`."""
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < seconds, f"not within {seconds:g} s"
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def test_rules_flushed_under_a_running_container_come_back_within_the_tick(
+        world, net, upkeep, make_container, incus_client, run_in, wait_for_ipv4):
+    box = make_container(start=False)
+    apply_ok(net, box.name)
+    start(incus_client, wait_for_ipv4, box.name)
+    ifname = np.host_name_for(box.name)
+    delete_tables(net)
+    until(lambda: ifname in net.bridge_listing().ports, 10)
+    assert net("status", box.name).returncode == 0
+    deadline = time.monotonic() + 20  # its ARP entry may have failed meanwhile
+    while probe(run_in, box.name, {"public": world.targets()["public"]})["public"] != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    codes = probe(run_in, box.name, world.targets())
+    assert dropped(codes) == {"private", "metadata", "host_bridge", "host_public_side"}
+
+
+def test_a_container_deleted_behind_coi_s_back_loses_its_rules_within_the_gc_interval(
+        net, upkeep, make_container, incus_client):
+    box = make_container(start=False)
+    apply_ok(net, box.name)
+    state = net.state_dir / "default" / f"{box.name}.json"
+    assert state.is_file()
+    incus_client.delete_instance_force(box.name)  # `incus delete -f`, without coi
+    until(lambda: not state.exists(), 20)
+    assert not net.bridge_listing().has(np.host_name_for(box.name))
+
+
+def test_an_allowlisted_name_whose_record_moves_is_followed_without_a_refresh_command(
+        world, net, upkeep, make_container):
+    world.set_dns({"moving.coi.test": PUBLIC}, ttl=2)
+    box = make_container(start=False)
+    record = apply_ok(net, box.name, "--mode", "allowlist", "--allow", "moving.coi.test",
+                      "--resolver", DNS_ADDR, "--dns-timeout", "1")
+    assert record["allowed"] == [PUBLIC]
+    world.set_dns({"moving.coi.test": PUBLIC2}, ttl=2)
+    until(lambda: net.status(box.name)["allowed"] == [PUBLIC2], 20)
+    aset = np.set_name(np.host_name_for(box.name))
+    assert net.bridge_listing().elements[aset] == (PUBLIC2,)

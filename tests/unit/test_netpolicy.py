@@ -260,19 +260,66 @@ def test_leaving_allowlist_deletes_the_set_only_when_it_exists():
                 if "delete" in c]
 
 
-def test_open_mode_removes_exactly_what_exists():
+OPEN_PORT = {"add": {"element": {"family": "bridge", "table": TABLE, "name": "ports",
+                                  "elem": [[IFNAME, {"accept": None}]]}}}
+
+
+def test_open_mode_removes_exactly_what_exists_and_accepts_the_port():
     everything = np.Existing(chains=frozenset({np.chain_name(IFNAME)}),
                              sets=frozenset({np.set_name(IFNAME)}),
                              ports=frozenset({IFNAME}), filtered=frozenset({IFNAME}))
     policy = np.Policy(NAME, IFNAME, "open")
     commands = np.container_commands(TABLE, policy, BRIDGE, everything)
-    assert [next(iter(c.values())) for c in commands] == [
+    assert [next(iter(c.values())) for c in commands[:-1]] == [
         {"element": {"family": "bridge", "table": TABLE, "name": "ports", "elem": [IFNAME]}},
         {"element": {"family": "bridge", "table": TABLE, "name": "filtered", "elem": [IFNAME]}},
         {"chain": {"family": "bridge", "table": TABLE, "name": np.chain_name(IFNAME)}},
         {"chain": {"family": "bridge", "table": TABLE, "name": np.chain_name(IFNAME)}},
         {"set": {"family": "bridge", "table": TABLE, "name": np.set_name(IFNAME)}}]
-    assert np.container_commands(TABLE, policy, BRIDGE, np.Existing()) == []
+    assert commands[-1] == OPEN_PORT
+    assert np.container_commands(TABLE, policy, BRIDGE, np.Existing()) == [OPEN_PORT]
+
+
+def test_a_port_with_coi_s_name_and_no_policy_is_dropped_after_the_ports_map():
+    commands = np.base_commands(TABLE, BRIDGE)
+    rules = [c["add"]["rule"]["expr"] for c in commands if "rule" in c.get("add", {})
+             and c["add"]["rule"]["family"] == "bridge" and c["add"]["rule"]["chain"] == "c_pre"]
+    assert rules == [
+        [{"vmap": {"key": {"meta": {"key": "iifname"}}, "data": "@ports"}}],
+        [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "coi*"}},
+         {"counter": None}, {"drop": None}]]
+
+
+HOOK = "/usr/local/lib/coi/bin/coi-net-hook"
+
+
+def hook_line(hook: str = HOOK, **changes: str) -> str:
+    words = {"table": TABLE, "ifname": IFNAME, "container": NAME, "project": "default",
+             "state_dir": "/var/lib/coi/net", **changes}
+    return np.start_hook_line(hook, **words)
+
+
+def test_the_start_hook_line_names_everything_the_hook_needs():
+    assert hook_line() == (f"lxc.hook.start-host = {HOOK} {TABLE} {IFNAME} {NAME} default "
+                           "/var/lib/coi/net")
+
+
+@pytest.mark.parametrize("changes", [
+    {"state_dir": "/var/lib/coi net"}, {"state_dir": "/tmp/x\nlxc.hook.stop = /bin/x"},
+    {"state_dir": "relative/dir"}, {"state_dir": "/var/../etc"}, {"hook": "/opt/my hook"},
+    {"table": "nat"}, {"ifname": "veth1234"}, {"container": "a b"}, {"project": "x y"}])
+def test_a_start_hook_word_that_could_split_or_escape_is_refused(changes):
+    with pytest.raises(BadInput):
+        hook_line(**changes)
+
+
+def test_the_start_hook_replaces_coi_s_own_line_and_keeps_the_user_s():
+    mine = "lxc.apparmor.allow_nesting = 1\nlxc.hook.start-host = /opt/theirs.sh\n"
+    old = hook_line(state_dir="/srv/old-state")
+    once = np.with_start_hook(mine + old + "\n", hook_line())
+    assert once == mine + hook_line() + "\n"
+    assert np.with_start_hook(once, hook_line()) == once
+    assert np.with_start_hook("", hook_line()) == hook_line() + "\n"
 
 
 def test_a_refill_flushes_and_adds_in_the_same_list():
