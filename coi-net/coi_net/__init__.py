@@ -48,15 +48,16 @@ Modes:
               (100.64/10), the host itself (except DHCP and DNS on the bridge)
               and other containers no. IPv6 only when the bridge has IPv6.
   allowlist   Only the addresses of --allow entries (domain names, resolved
-              here, and IPv4 addresses) plus DNS to the bridge; private ranges
-              stay blocked even when an allowed name resolves into one.
+              here, and IPv4 or IPv6 addresses; names get AAAA answers too when
+              the bridge has IPv6) plus DNS to the bridge; private ranges stay
+              blocked even when an allowed name resolves into one.
   open        No filtering (its port is accepted as such: a port with coi's name
               and no policy at all passes nothing).
 
 Options:
   --mode MODE          restricted, allowlist or open (default: network.mode of
                        the config, restricted).
-  --allow ENTRY        A domain name or IPv4 address to allow (repeatable;
+  --allow ENTRY        A domain name, IPv4 or IPv6 address to allow (repeatable;
                        default: network.allowed_domains of the config).
   --resolver ADDR      DNS server for allowlists, ADDR or ADDR:PORT
                        (repeatable; default: network.resolvers, else the host's

@@ -357,7 +357,8 @@ def _refresh_one(ctx: Context, state: dict[str, Any], lookups: Mapping[str, np.L
     name, mode = state["container"], state.get("mode")
     ifname = np.validate_ifname(state.get("ifname"))
     bridge = np.Bridge.from_json(state["bridge"])
-    before = set(existing.elements.get(np.set_name(ifname), ()))
+    before = {*existing.elements.get(np.set_name(ifname), ()),
+              *existing.elements.get(np.set_name6(ifname), ())}
     names = dict(state.get("names") or {})
     for domain, lookup in lookups.items():
         names[domain] = np.name_entry(lookup, names.get(domain), now)
@@ -370,9 +371,10 @@ def _refresh_one(ctx: Context, state: dict[str, Any], lookups: Mapping[str, np.L
                        str(state.get("project") or "default"))
     commands: list[dict[str, Any]] = []
     healed = False
+    sets = {np.set_name(ifname), *([np.set_name6(ifname)] if bridge.ipv6 else [])}
     complete = ifname in existing.ports and (mode == "open" or (
         np.chain_name(ifname) in existing.chains
-        and (mode != "allowlist" or np.set_name(ifname) in existing.sets)))
+        and (mode != "allowlist" or sets <= existing.sets)))
     if not complete:
         commands = np.container_commands(ctx.table, policy, bridge, existing)
         healed = True
@@ -406,7 +408,9 @@ def status(ctx: Context, container: str | None, *, now: float | None = None) -> 
         chain = np.chain_name(ifname)
         in_table = None if existing is None else existing.has(ifname)
         if existing is not None and state.get("mode") == "allowlist":
-            allowed = sorted(existing.elements.get(np.set_name(ifname), ()))
+            allowed = sorted({*existing.elements.get(np.set_name(ifname), ()),
+                              *existing.elements.get(np.set_name6(ifname), ())},
+                             key=np.address_key)
         else:
             allowed = list(np.state_addresses(state)) if state.get("mode") == "allowlist" else []
         last = state.get("last_refresh")

@@ -173,6 +173,14 @@ def parse_refresh_minutes(text: str) -> int:
     return validate_refresh_minutes(int(text))
 
 
+def _ipv6(text: str) -> ipaddress.IPv6Address | None:
+    """An IPv6 address without a zone (`%eth0`): a literal a policy can hold."""
+    try:
+        return ipaddress.IPv6Address(text) if "%" not in text else None
+    except ValueError:
+        return None
+
+
 def _ipv4(text: str) -> ipaddress.IPv4Address | None:
     """A dotted-quad IPv4 address, strictly (no leading zeros, no short forms)."""
     if not re.fullmatch(r"[0-9]{1,3}(\.[0-9]{1,3}){3}", text):
@@ -244,17 +252,25 @@ def blocked_v4(bridge: Bridge | None) -> list[ipaddress.IPv4Network]:
     return list(ipaddress.collapse_addresses(nets))
 
 
-def blocked_v6(bridge: Bridge) -> list[ipaddress.IPv6Network]:
+def blocked_v6(bridge: Bridge | None) -> list[ipaddress.IPv6Network]:
     nets = [ipaddress.IPv6Network(n) for n in BLOCKED_V6]
-    if bridge.ipv6 is not None:
+    if bridge is not None and bridge.ipv6 is not None:
         nets.append(bridge.ipv6.network)
     return list(ipaddress.collapse_addresses(nets))
 
 
 def is_blocked(address: str, bridge: Bridge | None) -> bool:
-    """True for an IPv4 address a filtered container may never reach (DNS rebinding)."""
-    ip = ipaddress.IPv4Address(address)
-    return any(ip in net for net in blocked_v4(bridge))
+    """True for an address (IPv4 or IPv6) a filtered container may never reach (DNS
+    rebinding)."""
+    ip = ipaddress.ip_address(address)
+    nets: list[Any] = blocked_v4(bridge) if ip.version == 4 else blocked_v6(bridge)
+    return any(ip in net for net in nets)
+
+
+def address_key(address: str) -> tuple[int, int]:
+    """Sort order of addresses: IPv4 first, then IPv6, each by value."""
+    ip = ipaddress.ip_address(address)
+    return ip.version, int(ip)
 
 
 @dataclass(frozen=True)
@@ -266,7 +282,7 @@ class Allowed:
 
 
 def parse_allowed(entries: Iterable[object], bridge: Bridge | None) -> Allowed:
-    """Validate allowed_domains: names and public IPv4 addresses, deduplicated in order
+    """Validate allowed_domains: names and public IPv4 and IPv6 addresses, deduplicated in order
     (bridge None: not yet checked against the bridge's own subnet)."""
     names: list[str] = []
     addresses: list[str] = []
@@ -278,20 +294,19 @@ def parse_allowed(entries: Iterable[object], bridge: Bridge | None) -> Allowed:
         if not isinstance(entry, str):
             raise BadInput(f"allowed domain {entry!r} must be a string")
         text = entry.strip(" ")
-        ip = _ipv4(text)
-        if ip is not None:
-            if is_blocked(str(ip), bridge):
-                raise BadInput(f"allowed address {text} is in a private, link-local or "
-                               "reserved range, which coi always blocks")
-            if str(ip) not in addresses:
-                addresses.append(str(ip))
+        ip = _ipv6(text) if ":" in text else _ipv4(text)
+        if ip is None and ":" in text:
+            raise BadInput(f"allowed entry {text!r} is not an IPv6 address")
+        if ip is None:
+            name = validate_domain(text)
+            if name not in names:
+                names.append(name)
             continue
-        if ":" in text:
-            raise BadInput(f"allowed entry {text!r}: IPv6 addresses are not supported in "
-                           "allowlists (IPv6 is dropped in allowlist mode)")
-        name = validate_domain(text)
-        if name not in names:
-            names.append(name)
+        if is_blocked(str(ip), bridge):
+            raise BadInput(f"allowed address {text} is in a private, link-local, "
+                           "IPv4-embedding or reserved range, which coi always blocks")
+        if str(ip) not in addresses:
+            addresses.append(str(ip))
     return Allowed(tuple(names), tuple(addresses))
 
 
@@ -372,6 +387,10 @@ def chain_name(ifname: str) -> str:
 
 def set_name(ifname: str) -> str:
     return f"a_{validate_ifname(ifname)}"
+
+
+def set_name6(ifname: str) -> str:
+    return f"a6_{validate_ifname(ifname)}"
 
 
 @dataclass(frozen=True)
@@ -485,15 +504,29 @@ def container_rules(policy: Policy, bridge: Bridge) -> list[list[Command]]:
     if mode == "restricted":
         rules.append([_ACCEPT])
     else:
-        rules += [[_match(daddr4, f"@{set_name(policy.ifname)}"), _ACCEPT], [_COUNTER, _DROP]]
+        rules.append([_match(daddr4, f"@{set_name(policy.ifname)}"), _ACCEPT])
+        if bridge.ipv6 is not None:
+            rules.append([_match(daddr6, f"@{set_name6(policy.ifname)}"), _ACCEPT])
+        rules.append([_COUNTER, _DROP])
     return rules
 
 
 def allowed_elements(policy: Policy, bridge: Bridge) -> list[str]:
-    """The allowlist set's elements: unique, sorted, never a blocked address."""
-    unique = {str(ipaddress.IPv4Address(a)) for a in policy.addresses}
-    return sorted((a for a in unique if not is_blocked(a, bridge)),
-                  key=ipaddress.IPv4Address)
+    """The allowlist's addresses: unique, IPv4 then IPv6 (only when the bridge has IPv6:
+    without it no IPv6 leaves), sorted, never a blocked address."""
+    unique = {str(ipaddress.ip_address(a)) for a in policy.addresses}
+    return sorted((a for a in unique if not is_blocked(a, bridge)
+                   and (":" not in a or bridge.ipv6 is not None)), key=address_key)
+
+
+def _allowlist_sets(policy: Policy, bridge: Bridge) -> list[tuple[str, str, list[str]]]:
+    """(set, type, elements) of each allowlist set the container has: IPv4, and IPv6
+    when the bridge has it."""
+    elements = allowed_elements(policy, bridge)
+    sets = [(set_name(policy.ifname), "ipv4_addr", [a for a in elements if ":" not in a])]
+    if bridge.ipv6 is not None:
+        sets.append((set_name6(policy.ifname), "ipv6_addr", [a for a in elements if ":" in a]))
+    return sets
 
 
 @dataclass(frozen=True)
@@ -557,13 +590,14 @@ class Existing:
     def has(self, ifname: str) -> bool:
         """True when any object of this interface is in the table."""
         return (ifname in self.ports or ifname in self.filtered
-                or chain_name(ifname) in self.chains or set_name(ifname) in self.sets)
+                or chain_name(ifname) in self.chains or set_name(ifname) in self.sets
+                or set_name6(ifname) in self.sets)
 
     def ifnames(self) -> set[str]:
         """Every interface the table holds something for."""
         found = set(self.ports) | set(self.filtered)
         found |= {c[2:] for c in self.chains if c.startswith("p_")}
-        found |= {s[2:] for s in self.sets if s.startswith("a_")}
+        found |= {s.split("_", 1)[1] for s in self.sets if s.startswith(("a_", "a6_"))}
         return {name for name in found if IFNAME_PATTERN.fullmatch(name)}
 
 
@@ -622,24 +656,27 @@ def container_commands(table: str, policy: Policy, bridge: Bridge,
                 {"add": {"element": _obj("bridge", table, name="ports",
                                          elem=[[policy.ifname, _ACCEPT]])}}]
     b = "bridge"
-    chain, aset = chain_name(policy.ifname), set_name(policy.ifname)
+    chain = chain_name(policy.ifname)
     cmds: list[Command] = [
         {"add": {"chain": _obj(b, table, name=chain)}},
         {"flush": {"chain": _obj(b, table, name=chain)}},
     ]
+    kept: set[str] = set()
     if policy.mode == "allowlist":
-        cmds += [{"add": {"set": _obj(b, table, name=aset, type="ipv4_addr")}},
-                 {"flush": {"set": _obj(b, table, name=aset)}}]
-        elements = allowed_elements(policy, bridge)
-        if elements:
-            cmds.append({"add": {"element": _obj(b, table, name=aset, elem=elements)}})
+        for aset, kind, elements in _allowlist_sets(policy, bridge):
+            kept.add(aset)
+            cmds += [{"add": {"set": _obj(b, table, name=aset, type=kind)}},
+                     {"flush": {"set": _obj(b, table, name=aset)}}]
+            if elements:
+                cmds.append({"add": {"element": _obj(b, table, name=aset, elem=elements)}})
     for number, expr in enumerate(container_rules(policy, bridge)):
         rule = _obj(b, table, chain=chain, expr=expr)
         if number == 0:
             rule["comment"] = comment_for(policy.project, policy.container)
         cmds.append({"add": {"rule": rule}})
-    if policy.mode != "allowlist" and aset in existing.sets:
-        cmds.append({"delete": {"set": _obj(b, table, name=aset)}})
+    for aset in (set_name(policy.ifname), set_name6(policy.ifname)):
+        if aset in existing.sets and aset not in kept:
+            cmds.append({"delete": {"set": _obj(b, table, name=aset)}})
     cmds += [
         {"add": {"element": _obj(b, table, name="ports",
                                  elem=[[policy.ifname, {"jump": {"target": chain}}]])}},
@@ -652,7 +689,7 @@ def removal_commands(table: str, ifname: str, existing: Existing) -> list[Comman
     """Delete everything of one interface that exists (and nothing that does not,
     since deleting a missing object fails the whole transaction)."""
     b = "bridge"
-    chain, aset = chain_name(ifname), set_name(ifname)
+    chain = chain_name(ifname)
     cmds: list[Command] = []
     if ifname in existing.ports:
         cmds.append({"delete": {"element": _obj(b, table, name="ports", elem=[ifname])}})
@@ -661,18 +698,19 @@ def removal_commands(table: str, ifname: str, existing: Existing) -> list[Comman
     if chain in existing.chains:
         cmds += [{"flush": {"chain": _obj(b, table, name=chain)}},
                  {"delete": {"chain": _obj(b, table, name=chain)}}]
-    if aset in existing.sets:
-        cmds.append({"delete": {"set": _obj(b, table, name=aset)}})
+    for aset in (set_name(ifname), set_name6(ifname)):
+        if aset in existing.sets:
+            cmds.append({"delete": {"set": _obj(b, table, name=aset)}})
     return cmds
 
 
 def set_refill_commands(table: str, policy: Policy, bridge: Bridge) -> list[Command]:
-    """Replace an allowlist set's elements: flush and refill (part of one transaction)."""
-    aset = set_name(policy.ifname)
-    cmds: list[Command] = [{"flush": {"set": _obj("bridge", table, name=aset)}}]
-    elements = allowed_elements(policy, bridge)
-    if elements:
-        cmds.append({"add": {"element": _obj("bridge", table, name=aset, elem=elements)}})
+    """Replace the allowlist sets' elements: flush and refill (part of one transaction)."""
+    cmds: list[Command] = []
+    for aset, _kind, elements in _allowlist_sets(policy, bridge):
+        cmds.append({"flush": {"set": _obj("bridge", table, name=aset)}})
+        if elements:
+            cmds.append({"add": {"element": _obj("bridge", table, name=aset, elem=elements)}})
     return cmds
 
 
@@ -693,7 +731,8 @@ class Lookup:
 
 def resolve(names: Sequence[str], resolvers: Sequence[Resolver], *, bridge: Bridge,
             timeout: float = DEFAULT_DNS_TIMEOUT, now: float | None = None) -> dict[str, Lookup]:
-    """A records of every name, asked concurrently, each within `timeout` seconds.
+    """A (and, when the bridge has IPv6, AAAA) records of every name, asked concurrently,
+    each within `timeout` seconds.
 
     Private answers are split off into `blocked` (DNS rebinding). `expires` is
     the answer's own expiration (the lowest TTL along a CNAME chain), not the
@@ -731,23 +770,49 @@ async def _resolve_all(names: list[str], resolvers: list[Resolver], bridge: Brid
 
 async def _resolve_one(resolver: Any, name: str, bridge: Bridge, timeout: float,
                        now: float) -> Lookup:
+    """A records, and AAAA too when the bridge has IPv6, asked at once."""
+    import asyncio  # noqa: PLC0415
+
+    kinds = ("A", "AAAA") if bridge.ipv6 is not None else ("A",)
+    answers = await asyncio.gather(*(_ask(resolver, name, kind, timeout) for kind in kinds))
+    return _combined(name, answers, bridge, now)
+
+
+async def _ask(resolver: Any, name: str, kind: str, timeout: float) -> tuple[str, Any]:
+    """(outcome, answer or error text) of one query: ok, nxdomain, no_answer or failed."""
     import dns.exception  # noqa: PLC0415
     import dns.resolver  # noqa: PLC0415
 
     try:
-        answer = await resolver.resolve(name, "A", lifetime=timeout, search=False)
+        return "ok", await resolver.resolve(name, kind, lifetime=timeout, search=False)
     except dns.resolver.NXDOMAIN:
-        return Lookup(name, "nxdomain", expires=now + NEGATIVE_RETRY)
+        return "nxdomain", None
     except dns.resolver.NoAnswer:
-        return Lookup(name, "no_answer", expires=now + NEGATIVE_RETRY)
+        return "no_answer", None
     except dns.exception.Timeout:
-        return Lookup(name, "failed", expires=now, error=f"no answer within {timeout:g} s")
+        return "failed", f"no answer within {timeout:g} s"
     except dns.exception.DNSException as exc:
-        return Lookup(name, "failed", expires=now, error=str(exc).split(":")[0][:200])
-    found = sorted({str(r.address) for r in answer.rrset or []}, key=ipaddress.IPv4Address)
+        return "failed", str(exc).split(":")[0][:200]
+
+
+def _combined(name: str, answers: Sequence[tuple[str, Any]], bridge: Bridge,
+              now: float) -> Lookup:
+    """One name's lookup from its answers: any failure fails it (its cached addresses
+    stay), NXDOMAIN ends it, else the addresses of every answer, expiring with the
+    first of them."""
+    failure = next((value for outcome, value in answers if outcome == "failed"), None)
+    if failure is not None:
+        return Lookup(name, "failed", expires=now, error=failure)
+    if any(outcome == "nxdomain" for outcome, _ in answers):
+        return Lookup(name, "nxdomain", expires=now + NEGATIVE_RETRY)
+    got = [answer for outcome, answer in answers if outcome == "ok"]
+    if not got:
+        return Lookup(name, "no_answer", expires=now + NEGATIVE_RETRY)
+    found = sorted({str(r.address) for answer in got for r in answer.rrset or []},
+                   key=address_key)
     public = tuple(a for a in found if not is_blocked(a, bridge))
     blocked = tuple(a for a in found if is_blocked(a, bridge))
-    return Lookup(name, "ok", public, blocked, float(answer.expiration))
+    return Lookup(name, "ok", public, blocked, min(float(a.expiration) for a in got))
 
 
 # -- the per-container state and cache --------------------------------------------------------
@@ -793,7 +858,7 @@ def state_addresses(state: Mapping[str, Any]) -> tuple[str, ...]:
     names = state.get("names") or {}
     for name in state.get("allowed_names") or []:
         found.update((names.get(name) or {}).get("addresses") or [])
-    return tuple(sorted(found, key=ipaddress.IPv4Address))
+    return tuple(sorted(found, key=address_key))
 
 
 def next_refresh(state: Mapping[str, Any]) -> float | None:

@@ -53,6 +53,7 @@ PORT = 8080
 PUBLIC, PUBLIC2, DNS_ADDR, HOST_PUBLIC_SIDE = ("198.51.100.10", "198.51.100.20",
                                               "198.51.100.53", "198.51.100.1")
 PRIVATE, METADATA = "10.77.0.2", "169.254.169.254"
+PUBLIC6 = "2001:db8:51::10"  # documentation range: never routed, only in rulesets here
 REACHED = {0, 7}
 DROPPED = 28
 PROBE_SECONDS = 2
@@ -594,14 +595,14 @@ def test_dry_run_prints_the_transaction_and_changes_nothing(net, make_container,
 @pytest.mark.parametrize("ipv6", [None, "fd42:1::1/64"])
 def test_every_mode_loads_into_the_kernel(ipv6):
     """`nft -c` (check only, nothing applied) accepts base + every mode, with and
-    without IPv6 on the bridge."""
+    without IPv6 on the bridge (an IPv6 allowlist set with it)."""
     bridge = np.Bridge("coibr0", ipaddress.IPv4Interface("10.151.43.1/24"),
                        ipaddress.IPv6Interface(ipv6) if ipv6 else None)
     table = f"coi_test_{secrets.token_hex(4)}"
     commands = np.base_commands(table, bridge)
     for number, mode in enumerate(("restricted", "allowlist")):
         ifname = np.host_name_for(f"coi-test-check-{number}")
-        policy = np.Policy(f"coi-test-check-{number}", ifname, mode, (PUBLIC,))
+        policy = np.Policy(f"coi-test-check-{number}", ifname, mode, (PUBLIC, PUBLIC6))
         commands += np.container_commands(table, policy, bridge, np.Existing())
     done = proc.run(["nft", "-c", "-j", "-f", "-"], input_text=nft.dump(commands),
                     check=False)

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from types import SimpleNamespace
 
 import dns.flags
 import dns.message
@@ -197,6 +198,55 @@ def test_with_ipv6_on_the_bridge_public_v6_passes_and_ula_link_local_do_not():
     assert decide("restricted", neighbour, bridge=BRIDGE6) == "accept"
     assert decide("restricted", ip6("2001:db8:43::1", "udp", 53), bridge=BRIDGE6) == "accept"
     assert decide("allowlist", ip6("2606:4700::1"), bridge=BRIDGE6) == "drop"
+
+
+def test_an_ipv6_allowlist_passes_its_addresses_and_nothing_else_when_the_bridge_has_ipv6():
+    allowed = ("2606:4700::1111", "198.51.100.10")
+    assert decide("allowlist", ip6("2606:4700::1111"), bridge=BRIDGE6,
+                  addresses=allowed) == "accept"
+    assert decide("allowlist", ip4("198.51.100.10"), bridge=BRIDGE6,
+                  addresses=allowed) == "accept"
+    for daddr in ("2606:4700::1112", "fd00::1"):
+        assert decide("allowlist", ip6(daddr), bridge=BRIDGE6, addresses=allowed) == "drop"
+    # An allowed ULA (a rebinding answer kept in a cache) is never an element.
+    policy = np.Policy(NAME, IFNAME, "allowlist", ("fd00::1", *allowed))
+    sets = sets_of(np.container_commands(TABLE, policy, BRIDGE6, np.Existing()))
+    assert sets[np.set_name6(IFNAME)] == ["2606:4700::1111"]
+    assert sets[np.set_name(IFNAME)] == ["198.51.100.10"]
+
+
+def test_without_ipv6_on_the_bridge_an_allowlist_has_no_ipv6_set():
+    policy = np.Policy(NAME, IFNAME, "allowlist", ("2606:4700::1111", "198.51.100.10"))
+    commands = np.container_commands(TABLE, policy, BRIDGE, np.Existing())
+    assert np.set_name6(IFNAME) not in sets_of(commands)
+    assert np.allowed_elements(policy, BRIDGE) == ["198.51.100.10"]
+    had = np.Existing(sets=frozenset({np.set_name(IFNAME), np.set_name6(IFNAME)}))
+    deletes = [c["delete"]["set"]["name"] for c in
+               np.container_commands(TABLE, policy, BRIDGE, had) if "delete" in c]
+    assert deletes == [np.set_name6(IFNAME)]
+
+
+def _answer(addresses: list[str], expiration: float) -> SimpleNamespace:
+    """What dnspython's resolve() answers, as far as coi-net reads it."""
+    return SimpleNamespace(rrset=[SimpleNamespace(address=a) for a in addresses],
+                           expiration=expiration)
+
+
+def test_a_and_aaaa_answers_combine_and_expire_with_the_first():
+    lookup = np._combined("x.example", [("ok", _answer(["198.51.100.10", "10.0.0.9"], 50.0)),
+                                        ("ok", _answer(["2606:4700::1", "fd00::7"], 20.0))],
+                          BRIDGE6, now=0.0)
+    assert (lookup.status, lookup.addresses) == ("ok", ("198.51.100.10", "2606:4700::1"))
+    assert lookup.blocked == ("10.0.0.9", "fd00::7")
+    assert lookup.expires == 20.0
+    only_a = np._combined("x.example", [("ok", _answer(["198.51.100.10"], 50.0)),
+                                        ("no_answer", None)], BRIDGE6, now=0.0)
+    assert only_a.addresses == ("198.51.100.10",)
+    failed = np._combined("x.example", [("ok", _answer(["198.51.100.10"], 50.0)),
+                                        ("failed", "no answer within 2 s")], BRIDGE6, now=0.0)
+    assert (failed.status, failed.error) == ("failed", "no answer within 2 s")
+    assert np._combined("x.example", [("nxdomain", None), ("nxdomain", None)], BRIDGE6,
+                        now=0.0).status == "nxdomain"
 
 
 # -- the commands --------------------------------------------------------------------------
@@ -411,20 +461,27 @@ def test_the_nic_override_pins_the_name_and_turns_incus_filtering_on_unless_open
     ("API.GitHub.com.", "names", "api.github.com"),
     (" 8.8.8.8 ", "addresses", "8.8.8.8"),
     ("xn--bcher-kva.example", "names", "xn--bcher-kva.example"),
+    ("2606:4700:0::1111", "addresses", "2606:4700::1111"),
 ])
-def test_allowed_entries_are_names_or_public_ipv4(entry, kind, value):
+def test_allowed_entries_are_names_or_public_ipv4_or_ipv6(entry, kind, value):
     assert getattr(np.parse_allowed([entry], BRIDGE), kind) == (value,)
 
 
 @pytest.mark.parametrize("entry", [
     "10.0.0.1", "192.168.1.1", "169.254.169.254", "10.151.43.7", "127.0.0.1", "0.0.0.0",
     "*.github.com", "github", "-x.com", "a..b", "1.2.3", "010.1.1.1", "8.8.8.8/32",
-    "2001:db8::1", "git hub.com", "github.com;drop", "a" * 64 + ".com", "", "é.com",
+    "fd00::1", "fe80::1%eth0", "::ffff:10.0.0.1", "2002:a00:1::1", "2001:db8::/64",
+    "git hub.com", "github.com;drop", "a" * 64 + ".com", "", "é.com",
     "github.com\n", "1.2.3.4.5", "256.1.1.1",
 ])
 def test_allowed_entries_that_are_private_wildcards_or_malformed_are_refused(entry):
     with pytest.raises(BadInput):
         np.parse_allowed([entry], BRIDGE)
+
+
+def test_an_ipv6_address_in_the_bridge_s_own_prefix_is_refused():
+    with pytest.raises(BadInput, match="private"):
+        np.parse_allowed(["2001:db8:43::9"], BRIDGE6)
 
 
 def test_allowed_entries_are_deduplicated_and_bounded():
