@@ -303,8 +303,10 @@ def parse_allowed(entries: Iterable[object], bridge: Bridge | None) -> Allowed:
                 names.append(name)
             continue
         if is_blocked(str(ip), bridge):
-            raise BadInput(f"allowed address {text} is in a private, link-local, "
-                           "IPv4-embedding or reserved range, which coi always blocks")
+            ranges = "private, link-local or reserved" if ip.version == 4 else \
+                "private (ULA), link-local, IPv4-embedding or reserved"
+            raise BadInput(f"allowed address {text} is in a {ranges} range, which coi "
+                           "always blocks")
         if str(ip) not in addresses:
             addresses.append(str(ip))
     return Allowed(tuple(names), tuple(addresses))
