@@ -79,7 +79,8 @@ class Context:
         """True when both tables have their base chains (else the base is rebuilt)."""
         bridge = {i["chain"]["name"] for i in nft.list_table("bridge", self.table) if "chain" in i}
         inet = {i["chain"]["name"] for i in nft.list_table("inet", self.table) if "chain" in i}
-        return {"c_pre", "c_fwd"} <= bridge and {"c_pre", "c_in", "c_fwd"} <= inet
+        return {"c_pre", "c_guard", "c_open", "c_fwd"} <= bridge and \
+            {"c_pre", "c_in", "c_fwd"} <= inet
 
 
 # -- apply -------------------------------------------------------------------------------------
@@ -312,7 +313,7 @@ def refresh(ctx: Context, containers: Sequence[str], *, force: bool = False,
             commands += cmds
             saves[name] = state
             records.append(record)
-        if need_base and commands:
+        if need_base and saves:  # a base of an older coi is healed too
             bridges = [np.Bridge.from_json(s["bridge"]) for s in saves.values()]
             commands = np.base_commands(ctx.table, bridges[0]) + commands
         ctx.commit(commands)

@@ -129,6 +129,12 @@ def net_device_override(container: str, *, network: str = "coibr0", mode: str = 
 
 MARK: Final = 0x636F6900
 """The packet mark of filtered containers' traffic ('coi\\0'); see docs/network.md."""
+POLICY_MARK: Final = MARK | 1
+"""The mark of traffic a port's policy let through unfiltered (ARP, DHCP and DNS to the
+bridge, anything of an open port): not MARK, so the inet chains leave it alone."""
+MARK_MASK: Final = 0xFFFFFF00
+GUARD_PRIORITY: Final = -190
+"""After every coi table's policy chains (-200): the guard sees the mark any of them set."""
 
 BLOCKED_V4: Final = ("0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8",
                      "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/3")
@@ -379,8 +385,16 @@ def _prefix(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Any:
 _COUNTER: Final[Command] = {"counter": None}
 _ACCEPT: Final[Command] = {"accept": None}
 _DROP: Final[Command] = {"drop": None}
-GUARD: Final[Command] = _match(_meta("iifname"), f"{IFNAME_PREFIX}*")
-"""Any port with coi's name: what base_commands drops unless its policy is in force."""
+_POLICY_MARKED: Final[Command] = {"mangle": {"key": {"meta": {"key": "mark"}},
+                                             "value": POLICY_MARK}}
+OPEN_CHAIN: Final = "c_open"
+"""Where an open-mode port jumps: marked as under its policy, and accepted."""
+GUARD: Final[list[Command]] = [
+    _match(_meta("iifname"), f"{IFNAME_PREFIX}*"),
+    _match({"&": [_meta("mark"), MARK_MASK]}, MARK, "!="), _COUNTER, _DROP]
+"""Any frame of a port with coi's name that no coi policy chain marked: dropped. Every
+coi table's policy chain marks what it lets through, so one table's guard never drops
+a port another table (a test's, another project's) holds the policy of."""
 
 
 def chain_name(ifname: str) -> str:
@@ -440,11 +454,12 @@ def base_commands(table: str, bridge: Bridge) -> list[Command]:
     ]
     marked = _match(_meta("mark"), MARK)
     chains: list[tuple[str, str, str, int, list[list[Command]]]] = [
-        # A port with its policy jumps to it (or, open, is accepted); any other port
-        # with coi's name is a container whose policy is not in force (yet): dropped.
+        # A port with its policy jumps to it (open: to c_open), which marks what passes.
         (b, "c_pre", "prerouting", -200,
-         [[{"vmap": {"key": _meta("iifname"), "data": "@ports"}}],
-          [GUARD, _COUNTER, _DROP]]),
+         [[{"vmap": {"key": _meta("iifname"), "data": "@ports"}}]]),
+        # Any port with coi's name whose frames no policy marked: its policy is not in
+        # force (yet), and nothing it sends passes.
+        (b, "c_guard", "prerouting", GUARD_PRIORITY, [GUARD]),
         # Frames a filtered port sends straight to another port: container to container.
         (b, "c_fwd", "forward", -200,
          [[_match(_meta("iifname"), "@filtered"), _COUNTER, _DROP]]),
@@ -458,6 +473,9 @@ def base_commands(table: str, bridge: Bridge) -> list[Command]:
          [[marked, _match(_payload("ip", "daddr"), "@blocked4"), _COUNTER, _DROP],
           [marked, _match(_payload("ip6", "daddr"), "@blocked6"), _COUNTER, _DROP]]),
     ]
+    cmds += [{"add": {"chain": _obj(b, table, name=OPEN_CHAIN)}},
+             {"flush": {"chain": _obj(b, table, name=OPEN_CHAIN)}},
+             {"add": {"rule": _obj(b, table, chain=OPEN_CHAIN, expr=[_POLICY_MARKED, _ACCEPT])}}]
     for family, name, hook, prio, rules in chains:
         cmds += [
             {"add": {"chain": _obj(family, table, name=name, type="filter", hook=hook,
@@ -478,7 +496,7 @@ def container_rules(policy: Policy, bridge: Bridge) -> list[list[Command]]:
     ether_type = _payload("ether", "type")
     udp_dport, tcp_dport = _payload("udp", "dport"), _payload("tcp", "dport")
     daddr4, daddr6 = _payload("ip", "daddr"), _payload("ip6", "daddr")
-    rules: list[list[Command]] = [[_match(ether_type, "arp"), _ACCEPT]]
+    rules: list[list[Command]] = [[_POLICY_MARKED], [_match(ether_type, "arp"), _ACCEPT]]
     if bridge.ipv6 is None:
         rules.append([_match(ether_type, "ip", "!="), _COUNTER, _DROP])
     else:
@@ -554,7 +572,6 @@ class Existing:
         dropped: dict[str, int] = {}
         elements: dict[str, tuple[str, ...]] = {}
         comments: dict[str, str] = {}
-        guarded = False
         for item in items:
             if "chain" in item:
                 chains.add(item["chain"]["name"])
@@ -576,13 +593,12 @@ class Existing:
                 rules[chain] = rules.get(chain, 0) + 1
                 if rule.get("comment") and chain not in comments:
                     comments[chain] = str(rule["comment"])
-                guarded = guarded or (chain == "c_pre" and GUARD in (rule.get("expr") or []))
                 for expr in rule.get("expr") or []:
                     counter = expr.get("counter") if isinstance(expr, dict) else None
                     if isinstance(counter, dict) and any("drop" in e for e in rule["expr"]):
                         dropped[chain] = dropped.get(chain, 0) + int(counter.get("packets", 0))
         return cls(frozenset(chains), frozenset(sets), frozenset(ports), frozenset(filtered),
-                   rules, dropped, elements, comments, guarded)
+                   rules, dropped, elements, comments, rules.get("c_guard", 0) > 0)
 
     def policy(self, ifname: str) -> str:
         """`in_force` (its port jumps to its rules, or is accepted: open), `blocked` (no
@@ -648,15 +664,16 @@ def comment_for(project: str, container: str) -> str:
 
 def container_commands(table: str, policy: Policy, bridge: Bridge,
                        existing: Existing) -> list[Command]:
-    """Replace one container's rules (in open mode: an accept for its port) in one go.
+    """Replace one container's rules (in open mode: its port jumps to c_open) in one go.
 
     Whatever an earlier container with the same interface left (rules, allowed
     addresses) is flushed in the same transaction, so nothing is inherited.
     """
-    if validate_mode(policy.mode) == "open":  # in force as an accept, unfiltered
+    if validate_mode(policy.mode) == "open":  # in force, unfiltered: c_open
         return [*removal_commands(table, policy.ifname, existing),
                 {"add": {"element": _obj("bridge", table, name="ports",
-                                         elem=[[policy.ifname, _ACCEPT]])}}]
+                                         elem=[[policy.ifname,
+                                                {"jump": {"target": OPEN_CHAIN}}]])}}]
     b = "bridge"
     chain = chain_name(policy.ifname)
     cmds: list[Command] = [

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import secrets
 import socket
 import subprocess
@@ -527,7 +528,7 @@ def test_a_new_container_with_an_old_name_inherits_no_openings(net, incus_client
     apply_ok(net, container_name, "--mode", "restricted")
     listing = net.bridge_listing()
     assert np.set_name(ifname) not in listing.sets
-    assert listing.rules[np.chain_name(ifname)] == 8
+    assert listing.rules[np.chain_name(ifname)] == 9
     assert net.status(container_name)["allowed"] == []
 
 
@@ -764,3 +765,26 @@ def test_an_allowlisted_name_whose_record_moves_is_followed_without_a_refresh_co
     until(lambda: net.status(box.name)["allowed"] == [PUBLIC2], 20)
     aset = np.set_name(np.host_name_for(box.name))
     assert net.bridge_listing().elements[aset] == (PUBLIC2,)
+
+
+def test_another_coi_table_s_guard_passes_the_ports_this_table_holds_the_policy_of(
+        world, net, make_container, incus_client, run_in, wait_for_ipv4, tmp_path):
+    """Tests, projects: several coi tables on one host, each with its guard; a port
+    whose policy one of them holds passes the others' guards (its policy marks it)."""
+    other = f"coi_test_{secrets.token_hex(4)}"
+    helper = make_container(start=False)
+    try:
+        done = proc.run([COI_NET, "apply", helper.name], check=False, timeout=60,
+                        env={**os.environ, "COI_NFT_TABLE": other,
+                             "COI_NET_STATE_DIR": str(tmp_path / "other-state")})
+        assert done.ok, done.stderr
+        assert "c_guard" in {i["chain"]["name"] for i in nft.list_table("bridge", other)
+                             if "chain" in i}
+        box = make_container(start=False)
+        apply_ok(net, box.name)
+        start(incus_client, wait_for_ipv4, box.name)
+        codes = probe(run_in, box.name, world.targets())
+        assert reached(codes) == {"public", "public2"}
+    finally:
+        for family in nft.FAMILIES:
+            run("nft", "delete", "table", family, other, check=False)

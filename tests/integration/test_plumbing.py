@@ -41,9 +41,13 @@ def _shared_dirs(user_coi) -> tuple[Path, Path]:
 
 def _comparable(instance: dict) -> dict:
     """What the flags decided about a container: its config and devices, without what
-    differs by slot alone (its name, slot key, view directory) or Incus's own state."""
+    differs by slot alone (its name, slot key, view directory, the start hook's words for
+    them) or Incus's own state."""
     config = {k: v for k, v in instance["config"].items()
               if not k.startswith(VOLATILE) and k != "user.coi.slot"}
+    # coi-net's start hook names the container and its interface.
+    hook = config.get("raw.lxc", "").replace(instance["name"], "NAME")
+    config["raw.lxc"] = hook.replace(instance["devices"]["eth0"].get("host_name", "-"), "IF")
     devices = {name: {k: v for k, v in device.items() if k != "source" or name != "workspace"}
                for name, device in instance["devices"].items()}
     nic = devices.get("eth0", {})

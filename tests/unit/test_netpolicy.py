@@ -70,7 +70,10 @@ def _same(value, item) -> bool:
 
 
 def _matches(match: dict, packet: Mapping, sets: Mapping[str, list]) -> bool:
-    left = match["left"]
+    left, mask = match["left"], None
+    if "&" in left:  # `meta mark & MASK`: an unmarked packet's mark is 0
+        left, mask = left["&"]
+        packet = {"meta.mark": 0, **packet}
     if "payload" in left:
         key = f"{left['payload']['protocol']}.{left['payload']['field']}"
     else:
@@ -78,6 +81,10 @@ def _matches(match: dict, packet: Mapping, sets: Mapping[str, list]) -> bool:
     if key not in packet:
         return False  # nft's implicit dependency: `udp dport` never matches a TCP packet
     right = match["right"]
+    if mask is not None:
+        return (packet[key] & mask == right) == (match["op"] == "==")
+    if isinstance(right, str) and right.endswith("*"):  # an interface name wildcard
+        return packet[key].startswith(right[:-1]) == (match["op"] == "==")
     if isinstance(right, str) and right.startswith("@"):
         candidates = sets.get(right[1:], [])
     elif isinstance(right, dict) and "set" in right:
@@ -143,7 +150,7 @@ def test_restricted_lets_every_public_address_out(daddr):
 def test_restricted_marks_what_it_lets_out_so_the_inet_table_can_drop_host_addresses():
     policy = np.Policy(NAME, IFNAME, "restricted")
     rules = np.container_rules(policy, BRIDGE)
-    mark = next(i for i, r in enumerate(rules) if "mangle" in r[0])
+    mark = next(i for i, r in enumerate(rules) if r[0].get("mangle", {}).get("value") == np.MARK)
     final = len(rules) - 1
     assert rules[mark][0]["mangle"]["value"] == np.MARK
     assert mark < final
@@ -176,10 +183,10 @@ def test_dns_and_dhcp_to_the_bridge_pass_but_nothing_else_on_the_host(mode):
 
 
 @pytest.mark.parametrize("mode", ["restricted", "allowlist"])
-def test_dns_and_dhcp_pass_unmarked_and_everything_else_is_marked(mode):
+def test_dns_and_dhcp_pass_without_mark_and_everything_else_is_marked(mode):
     policy = np.Policy(NAME, IFNAME, mode)
     rules = np.container_rules(policy, BRIDGE)
-    mark = next(i for i, r in enumerate(rules) if "mangle" in r[0])
+    mark = next(i for i, r in enumerate(rules) if r[0].get("mangle", {}).get("value") == np.MARK)
     for packet in (ip4("10.151.43.1", "udp", 53), ip4("255.255.255.255", "udp", 67, 68)):
         assert verdict(rules[:mark], packet, {}) == "accept"
 
@@ -267,14 +274,15 @@ def test_base_chains_hook_bridge_prerouting_and_forward_and_inet_before_dnat():
     commands = np.base_commands(TABLE, BRIDGE)
     chains = {(c["add"]["chain"]["family"], c["add"]["chain"]["name"]):
               (c["add"]["chain"]["hook"], c["add"]["chain"]["prio"])
-              for c in commands if "chain" in c.get("add", {})}
+              for c in commands if "hook" in c.get("add", {}).get("chain", {})}
     assert chains == {("bridge", "c_pre"): ("prerouting", -200),
+                      ("bridge", "c_guard"): ("prerouting", -190),
                       ("bridge", "c_fwd"): ("forward", -200),
                       ("inet", "c_pre"): ("prerouting", -150),
                       ("inet", "c_in"): ("input", -150),
                       ("inet", "c_fwd"): ("forward", -150)}
     flushed = [c["flush"]["chain"]["name"] for c in commands if "chain" in c.get("flush", {})]
-    assert len(flushed) == 5  # base rules are refilled, never duplicated
+    assert len(flushed) == 7  # base rules (and c_open's) are refilled, never duplicated
 
 
 def test_blocked_ranges_hold_the_bridge_subnet_without_overlaps():
@@ -311,7 +319,7 @@ def test_leaving_allowlist_deletes_the_set_only_when_it_exists():
 
 
 OPEN_PORT = {"add": {"element": {"family": "bridge", "table": TABLE, "name": "ports",
-                                  "elem": [[IFNAME, {"accept": None}]]}}}
+                                  "elem": [[IFNAME, {"jump": {"target": np.OPEN_CHAIN}}]]}}}
 
 
 def test_open_mode_removes_exactly_what_exists_and_accepts_the_port():
@@ -330,14 +338,37 @@ def test_open_mode_removes_exactly_what_exists_and_accepts_the_port():
     assert np.container_commands(TABLE, policy, BRIDGE, np.Existing()) == [OPEN_PORT]
 
 
-def test_a_port_with_coi_s_name_and_no_policy_is_dropped_after_the_ports_map():
-    commands = np.base_commands(TABLE, BRIDGE)
-    rules = [c["add"]["rule"]["expr"] for c in commands if "rule" in c.get("add", {})
-             and c["add"]["rule"]["family"] == "bridge" and c["add"]["rule"]["chain"] == "c_pre"]
-    assert rules == [
-        [{"vmap": {"key": {"meta": {"key": "iifname"}}, "data": "@ports"}}],
-        [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "coi*"}},
-         {"counter": None}, {"drop": None}]]
+def base_rules(chain: str) -> list[list[dict]]:
+    return [c["add"]["rule"]["expr"] for c in np.base_commands(TABLE, BRIDGE)
+            if "rule" in c.get("add", {}) and c["add"]["rule"]["family"] == "bridge"
+            and c["add"]["rule"]["chain"] == chain]
+
+
+def guard_verdict(packet: Mapping) -> str:
+    return verdict(base_rules("c_guard"), packet, {})
+
+
+def test_the_guard_drops_a_coi_port_no_policy_marked_and_only_that():
+    unmarked = {"meta.iifname": IFNAME, **ip4("198.51.100.10")}
+    assert guard_verdict(unmarked) == "drop"
+    for mark in (np.MARK, np.POLICY_MARK):
+        assert guard_verdict({**unmarked, "meta.mark": mark}) == "continue"
+    assert guard_verdict({**unmarked, "meta.mark": 0x12345678}) == "drop"
+    assert guard_verdict({**unmarked, "meta.iifname": "veth1234"}) == "continue"
+
+
+def test_every_policy_marks_what_it_lets_through_so_other_tables_guards_pass_it():
+    policy = np.Policy(NAME, IFNAME, "restricted")
+    rules = np.container_rules(policy, BRIDGE)
+    arp = verdict(rules[:2], {"ether.type": "arp"}, {})
+    assert arp == "accept"
+    assert rules[0] == [{"mangle": {"key": {"meta": {"key": "mark"}},
+                                    "value": np.POLICY_MARK}}]
+    assert base_rules(np.OPEN_CHAIN)[0][0] == rules[0][0]
+    chains = {(c["add"]["chain"]["name"]): c["add"]["chain"].get("prio")
+              for c in np.base_commands(TABLE, BRIDGE) if "chain" in c.get("add", {})
+              and c["add"]["chain"]["family"] == "bridge"}
+    assert chains["c_guard"] > chains["c_pre"]
 
 
 HOOK = "/usr/local/lib/coi/bin/coi-net-hook"
