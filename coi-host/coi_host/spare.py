@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from coi_common import trace
 from coi_common.entry import SPARE_VARIABLE
-from coi_common.proc import Result, program_errors, stop_group
+from coi_common.proc import Result, program_errors, spawn, stop_group
 
 
 class Spare:
@@ -65,6 +65,5 @@ class Spare:
                 self.waiting = None
 
     def _start(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([self.program], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True,
-                                env={**os.environ, SPARE_VARIABLE: "1"})
+        return spawn([self.program], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, env={**os.environ, SPARE_VARIABLE: "1"})

@@ -202,14 +202,15 @@ class _StderrRelay:
 
 
 def spawn(argv: Sequence[str], *, stdin: int | IO[bytes] | None = subprocess.DEVNULL,
-          stdout: int | IO[bytes] | None = None,
-          stderr: int | IO[bytes] | None = None) -> subprocess.Popen[bytes]:
+          stdout: int | IO[bytes] | None = None, stderr: int | IO[bytes] | None = None,
+          env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start argv with the given byte streams and return at once; the caller streams
     and waits. The child gets a session of its own, so stop_group() ends it and
     everything it started (an `incus exec` and its forwarder)."""
     with trace.span("spawn", argv) as call, program_errors(argv):
         child = subprocess.Popen(list(argv), stdin=stdin, stdout=stdout, stderr=stderr,
-                                 start_new_session=True)
+                                 start_new_session=True,
+                                 env=dict(env) if env is not None else None)
         call.end(f"started pid {child.pid}")
     return child
 
