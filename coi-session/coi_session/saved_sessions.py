@@ -935,9 +935,17 @@ def _broken_stream(child: subprocess.Popen[bytes], name: str, errors: IO[bytes],
     was read yet (`unread`); else `what` with the reason."""
     with contextlib.suppress(subprocess.TimeoutExpired):
         child.wait(timeout=grace)
-    if unread and _not_started(errors):
+    if unread and (_not_started(errors) or _ended_silently(child, errors)):
         return _NotStarted(f"incus could not start tar in {name}: {_reason(None, errors)}")
     return CoiError(f"{what}: {_reason(exc, errors)}")
+
+
+def _ended_silently(child: subprocess.Popen[bytes], errors: IO[bytes]) -> bool:
+    """An exec that ended without a byte of tar's output and without a word on stderr:
+    tar never ran (it always writes an archive's end, or says why not), as seen once
+    right after a stopped container was started for a save."""
+    errors.seek(0)
+    return child.returncode is not None and not errors.read(1)
 
 
 def _reason(exc: BaseException | None, errors: IO[bytes]) -> str:

@@ -519,6 +519,7 @@ class Incus:
         for tar streams; the caller retries with retry_exec/exec_not_started, as only
         it knows whether its stream was touched."""
         streams = {"stdout": stdout, "stderr": stderr}
+        self._greet_first_run()  # the banner would land in the stream's captured stderr
         if stdin is not None:
             streams["stdin"] = stdin
         return self._exec(lambda argv: proc.spawn(argv, **streams), spec)

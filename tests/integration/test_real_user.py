@@ -234,36 +234,67 @@ def test_an_operation_longer_than_the_socket_timeout_is_waited_for(make_containe
     assert result["metadata"]["return"] == 3
 
 
-def test_an_exec_incus_failed_to_start_is_tried_again_unseen(coi_env, tmp_path, test_image,
-                                                            test_user):
-    """A wrapper in front of the real incus answers the first exec as Incus does under
-    load; coi runs it again and the user sees only the command's own output. (Root runs
-    coi here, in a workspace of the test user: code acts as its owner.)"""
+def _incus_failing_once(tmp_path: Path, word: str, failure: str) -> Path:
+    """A directory holding an `incus` in front of the real one: its first call with
+    `word` among its arguments runs the shell `failure` instead; a marker file says so."""
     real = proc.which("incus")
     marker = tmp_path / "failed-once"
     wrapper = tmp_path / "bin" / "incus"
     wrapper.parent.mkdir()
     wrapper.write_text(
         "#!/bin/sh\n"
-        f'for a in "$@"; do [ "$a" = exec ] && [ ! -e {marker} ] && touch {marker} && '
-        "echo 'Error: Failed to retrieve PID of executing child process' >&2 && exit 1; done\n"
+        f'for a in "$@"; do [ "$a" = {word} ] && [ ! -e {marker} ] && touch {marker} && '
+        f"{{ {failure}; }}; done\n"
         f'exec {real} "$@"\n')
     wrapper.chmod(0o755)
+    return wrapper.parent
+
+
+def _run_as_owner(coi_env, tmp_path: Path, test_image: str, test_user, path: Path,
+                  *command: str) -> tuple[proc.Result, str]:
+    """`coi run --network open -- COMMAND` by root in a workspace of the test user (code
+    acts as its owner), with `path` first on PATH; (its result, its COI_TRACE)."""
     trace = tmp_path / "trace"
     workspace = tmp_path / "ws"
     workspace.mkdir()
     os.chown(workspace, test_user.uid, test_user.gid)
-    env = coi_env.environ(PATH=f"{wrapper.parent}:{os.environ['PATH']}",
+    env = coi_env.environ(PATH=f"{path}:{os.environ['PATH']}",
                           COI_DEFAULTS_IMAGE=test_image, COI_TOOL_NAME="dummy",
                           COI_TRACE=str(trace))
     done = proc.run([str(ROOT / "bin" / "coi"), "run",
                                   "--workspace", str(workspace), "--network", "open", "--",
-                                  "echo", "hello"], env=env, check=False, timeout=120)
+                                  *command], env=env, check=False, timeout=120)
+    return done, trace.read_text() if trace.exists() else ""
+
+
+def test_an_exec_incus_failed_to_start_is_tried_again_unseen(coi_env, tmp_path, test_image,
+                                                            test_user):
+    """A wrapper in front of the real incus answers the first exec as Incus does under
+    load; coi runs it again and the user sees only the command's own output."""
+    path = _incus_failing_once(tmp_path, "exec", "echo 'Error: Failed to retrieve PID of "
+                                                 "executing child process' >&2; exit 1")
+    done, trace = _run_as_owner(coi_env, tmp_path, test_image, test_user, path,
+                                "echo", "hello")
     assert done.returncode == 0, done.stderr
     assert done.stdout == "hello\n"
     assert "Failed to retrieve PID" not in done.stderr
-    assert marker.exists()
-    assert " retry exec " in trace.read_text()
+    assert (tmp_path / "failed-once").exists()
+    assert " retry exec " in trace
+
+
+def test_a_save_whose_exec_ended_without_a_word_is_tried_again(coi_env, tmp_path, test_image,
+                                                              test_user):
+    """The state stream's first exec ends at once, silent, with nothing read (seen right
+    after a stopped container was started for a save): tar never ran, so the save runs
+    it again and the session is saved."""
+    path = _incus_failing_once(tmp_path, "--ignore-failed-read", "exit 1")
+    done, trace = _run_as_owner(coi_env, tmp_path, test_image, test_user, path, "sh", "-c",
+                                "mkdir -p ~/.dummy && echo kept > ~/.dummy/history")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "failed-once").exists()
+    assert " retry exec " in trace
+    store = test_user.home / ".coi" / "sessions-dummy"
+    assert [p for p in store.rglob("history") if p.read_text() == "kept\n"], done.stderr
 
 
 def test_the_exec_retry_gives_up_after_a_few_tries_with_incus_s_words(monkeypatch):
