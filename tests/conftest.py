@@ -37,7 +37,7 @@ from coi_common import proc
 from coi_common.errors import CoiError, NotFound
 from coi_common.incus import ExecSpec, Incus, ipv4_of
 
-pytest_plugins = ["fixtures_users"]  # test_user, make_test_user, installed_user
+pytest_plugins = ["fixtures_users", "zone_server"]  # test users; dns_server
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_IMAGE = "coi-test-image"

@@ -9,6 +9,7 @@ Usage:
   coi-net [network] restore <name> [--format FMT] [--debug]
   coi-net [network] status [<name>] [--format FMT] [--debug]
   coi-net [network] gc [--dry-run] [--format FMT] [--debug]
+  coi-net [network] dns [--debug]
   coi-net (-h | --help)
   coi-net --version
 
@@ -41,6 +42,12 @@ Commands:
             container is blocked pending its policy (coi's guard drops all it
             sends until apply or restore).
   gc        Remove the rules of containers that no longer exist.
+  dns       The allowlist resolver, until stopped: the only DNS an allowlist
+            container gets (its queries to the bridge come here). Names its
+            policy allows, exact or under a `*.` wildcard, are asked upstream
+            and each answered address is allowed for the answer's TTL (plus
+            60 s) before the answer goes back; every other name is NXDOMAIN
+            and nothing leaves. coi's host service runs it.
 
 Modes:
   restricted  (default) Internet yes; private ranges (10/8, 172.16/12,
@@ -48,17 +55,19 @@ Modes:
               (100.64/10), the host itself (except DHCP and DNS on the bridge)
               and other containers no. IPv6 only when the bridge has IPv6.
   allowlist   Only the addresses of --allow entries (domain names, resolved
-              here, and IPv4 or IPv6 addresses; names get AAAA answers too when
-              the bridge has IPv6) plus DNS to the bridge; private ranges stay
-              blocked even when an allowed name resolves into one.
+              here, `*.example.com` wildcards, and IPv4 or IPv6 addresses; names
+              get AAAA answers too when the bridge has IPv6), plus what coi's
+              resolver answered the container for those names; private ranges
+              stay blocked even when an allowed name resolves into one.
   open        No filtering (its port is accepted as such: a port with coi's name
               and no policy at all passes nothing).
 
 Options:
   --mode MODE          restricted, allowlist or open (default: network.mode of
                        the config, restricted).
-  --allow ENTRY        A domain name, IPv4 or IPv6 address to allow (repeatable;
-                       default: network.allowed_domains of the config).
+  --allow ENTRY        A domain name, a *.wildcard, an IPv4 or IPv6 address to
+                       allow (repeatable; default: network.allowed_domains of
+                       the config).
   --resolver ADDR      DNS server for allowlists, ADDR or ADDR:PORT
                        (repeatable; default: network.resolvers, else the host's
                        /etc/resolv.conf).
@@ -80,7 +89,7 @@ Options:
 Changing rules needs root. A member of incus-admin who runs apply, remove or
 status gets them done by coi's host service (started by `coi setup`), which
 runs its own root-owned coi-net with the same, re-checked values; refresh,
-restore and gc stay root's (the service runs them by itself, no cron).
+restore, gc and dns stay root's (the service runs them by itself, no cron).
 `coi network ARGS` is `coi-net network ARGS`; the word `network` is optional.
 
 Examples:

@@ -27,8 +27,8 @@ PROG = "coi-net"
 
 def run(args: Args, *, as_json: bool) -> int:
     """Validate, run one verb, render its records; return the exit status."""
-    if args["apply"]:
-        return _apply(args, as_json=as_json)
+    if args["apply"] or args["dns"]:
+        return _apply(args, as_json=as_json) if args["apply"] else _dns()
     dry_run = bool(args["--dry-run"])
     names = [validate_container_name(n) for n in args["<name>"] or []]
     if args["remove"] and not names:
@@ -53,7 +53,17 @@ def run(args: Args, *, as_json: bool) -> int:
 
 
 def _verb(args: Args) -> str:
-    return next(v for v in ("apply", "remove", "refresh", "restore", "status", "gc") if args[v])
+    return next(v for v in ("apply", "remove", "refresh", "restore", "status", "dns", "gc")
+                if args[v])
+
+
+def _dns() -> int:
+    """The allowlist resolver, until stopped (coi's host service runs it)."""
+    ops.require_root("dns")
+    from coi_net import resolver  # noqa: PLC0415 - dnspython and the servers
+
+    ctx = _context(config.load(None), dry_run=False)
+    return resolver.serve(ctx, ops.bridge_facts(ctx.client, ctx.bridge_name))
 
 
 def _context(settings: config.Config, *, dry_run: bool) -> ops.Context:
@@ -131,7 +141,7 @@ def _apply(args: Args, *, as_json: bool) -> int:
     ctx = _context(settings, dry_run=dry_run)
     bridge = ops.bridge_facts(ctx.client, ctx.bridge_name)
     allowed = np.parse_allowed(entries, bridge)  # nor an address in the bridge's subnet
-    if mode == "allowlist" and not (allowed.names or allowed.addresses):
+    if mode == "allowlist" and not allowed.entries():
         print(f"{PROG}: warning: allowlist mode with nothing allowed: {name} can reach only "
               "the bridge's DNS", file=sys.stderr)
     request = ops.Request(name, mode, allowed if mode == "allowlist" else np.Allowed(),
@@ -144,6 +154,10 @@ def _apply(args: Args, *, as_json: bool) -> int:
         print(f"{PROG}: warning: {name} is running: Incus's NIC filtering stays as it is "
               "until coi-net apply runs with the container stopped (coi's rules are in "
               "force now)", file=sys.stderr)
+    if record["resolver"] is False:
+        print(f"{PROG}: warning: {name}: no allowlist resolver answers on the bridge, so "
+              "its names do not resolve until one does (coi's host service runs it: "
+              "sudo coi setup)", file=sys.stderr)
     for failure in record["failures"]:
         print(f"{PROG}: warning: {name}: {failure['name']}: {failure['error']}; "
               f"{_kept(failure['kept'])}", file=sys.stderr)

@@ -80,7 +80,7 @@ class Context:
         bridge = {i["chain"]["name"] for i in nft.list_table("bridge", self.table) if "chain" in i}
         inet = {i["chain"]["name"] for i in nft.list_table("inet", self.table) if "chain" in i}
         return {"c_pre", "c_guard", "c_open", "c_fwd"} <= bridge and \
-            {"c_pre", "c_in", "c_fwd"} <= inet
+            {"c_pre", "c_in", "c_fwd", np.DNS_CHAIN} <= inet
 
 
 # -- apply -------------------------------------------------------------------------------------
@@ -201,6 +201,7 @@ def apply(ctx: Context, request: Request, *, now: float | None = None) -> Record
             "mode": request.mode, "bridge": bridge.to_json(),
             "allowed_names": list(request.allowed.names),
             "allowed_addresses": list(request.allowed.addresses),
+            "allowed_wildcards": list(request.allowed.wildcards),
             "resolvers": [str(r) for r in request.resolvers],
             "dns_timeout": request.dns_timeout,
             "refresh_interval_minutes": request.refresh_minutes,
@@ -217,11 +218,17 @@ def apply(ctx: Context, request: Request, *, now: float | None = None) -> Record
         if not ctx.dry_run:
             _forget_others(ctx, ifname, request.container)
             ctx.store.save(request.container, state)
-    rules = 0 if request.mode == "open" else len(np.container_rules(policy, bridge))
+    rules = 0 if request.mode == "open" else len(np.container_rules(policy, bridge, ctx.table))
+    answered = None
+    if request.mode == "allowlist" and not ctx.dry_run:
+        from coi_net import resolver  # noqa: PLC0415 - dnspython, as resolution needs
+
+        answered = resolver.answering(bridge, ctx.table)
     return make_record("net_rules", container=request.container, mode=request.mode,
                        interface=ifname, rules=rules,
                        allowed=list(np.allowed_elements(policy, bridge))
                        if request.mode == "allowlist" else [],
+                       wildcards=list(request.allowed.wildcards), resolver=answered,
                        names=_names_view(names), failures=_failures(names),
                        nic_changed=nic == "changed", nic_pending=nic == "pending",
                        dry_run=ctx.dry_run)
@@ -372,7 +379,8 @@ def _refresh_one(ctx: Context, state: dict[str, Any], lookups: Mapping[str, np.L
                        str(state.get("project") or "default"))
     commands: list[dict[str, Any]] = []
     healed = False
-    sets = {np.set_name(ifname), *([np.set_name6(ifname)] if bridge.ipv6 else [])}
+    sets = {np.set_name(ifname), np.answered_set(ifname),
+            *([np.set_name6(ifname), np.answered_set(ifname, 6)] if bridge.ipv6 else [])}
     complete = ifname in existing.ports and (mode == "open" or (
         np.chain_name(ifname) in existing.chains
         and (mode != "allowlist" or sets <= existing.sets)))

@@ -133,6 +133,8 @@ POLICY_MARK: Final = MARK | 1
 """The mark of traffic a port's policy let through unfiltered (ARP, DHCP and DNS to the
 bridge, anything of an open port): not MARK, so the inet chains leave it alone."""
 MARK_MASK: Final = 0xFFFFFF00
+DNS_PORT: Final = 10053
+"""Where coi's allowlist resolver (coi-net dns) listens on the bridge, for table `coi`."""
 GUARD_PRIORITY: Final = -190
 """After every coi table's policy chains (-200): the guard sees the mark any of them set."""
 
@@ -206,10 +208,45 @@ def validate_domain(text: str) -> str:
     if (not name or len(name) > 253 or len(labels) < 2
             or not all(_LABEL.fullmatch(label) for label in labels)
             or labels[-1].isdigit()):
-        raise BadInput(f"allowed domain {text!r} is neither a domain name nor an IPv4 "
-                       "address", hint="use names like api.github.com (subdomains listed "
-                                       "one by one, no wildcards) or addresses like 8.8.8.8")
+        raise BadInput(f"allowed domain {text!r} is neither a domain name, a wildcard nor "
+                       "an IP address", hint="use names like api.github.com, wildcards "
+                                             "like *.githubusercontent.com or addresses "
+                                             "like 8.8.8.8")
     return name
+
+
+def validate_wildcard(text: str) -> str:
+    """`*.DOMAIN` (DOMAIN as validate_domain takes it, so never `*.com`): every name
+    under DOMAIN, at any depth, not DOMAIN itself."""
+    stripped = text.strip(" ")
+    if not stripped.startswith("*."):
+        raise BadInput(f"allowed wildcard {text!r} must start with '*.'")
+    return "*." + validate_domain(stripped[2:])
+
+
+def name_allowed(name: str, names: Iterable[str], wildcards: Iterable[str]) -> bool:
+    """Whether a queried `name` (any case, one trailing dot or none) is one of `names`
+    or under one of `wildcards` (`*.example.com`: a.example.com, a.b.example.com)."""
+    wanted = name.lower().removesuffix(".")
+    return wanted in set(names) or any(wanted.endswith(w[1:]) for w in wildcards)
+
+
+def dns_port(table: str) -> int:
+    """The allowlist resolver's port for `table`: DNS_PORT for coi's own, another fixed
+    one (20000-29999) for every other coi table, so a test's resolver is its own."""
+    return DNS_PORT if table == "coi" else 20000 + _table_hash(table) % 10000
+
+
+def dns_mark(table: str) -> int:
+    """The mark of DNS queries of `table`'s allowlist containers: the redirect to its
+    resolver matches it, so one table never takes another table's queries."""
+    return MARK | (2 if table == "coi" else 3 + _table_hash(table) % 253)
+
+
+def _table_hash(table: str) -> int:
+    import zlib  # noqa: PLC0415
+
+    return zlib.crc32(table.encode())
 
 
 @dataclass(frozen=True)
@@ -281,10 +318,15 @@ def address_key(address: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Allowed:
-    """allowed_domains split into names to resolve and raw addresses."""
+    """allowed_domains split into names to resolve, raw addresses and wildcards (which
+    only coi's resolver answers: nothing to resolve ahead)."""
 
     names: tuple[str, ...] = ()
     addresses: tuple[str, ...] = ()
+    wildcards: tuple[str, ...] = ()
+
+    def entries(self) -> list[str]:
+        return [*self.names, *self.addresses, *self.wildcards]
 
 
 def parse_allowed(entries: Iterable[object], bridge: Bridge | None) -> Allowed:
@@ -292,6 +334,7 @@ def parse_allowed(entries: Iterable[object], bridge: Bridge | None) -> Allowed:
     (bridge None: not yet checked against the bridge's own subnet)."""
     names: list[str] = []
     addresses: list[str] = []
+    wildcards: list[str] = []
     count = 0
     for entry in entries:
         count += 1
@@ -300,6 +343,11 @@ def parse_allowed(entries: Iterable[object], bridge: Bridge | None) -> Allowed:
         if not isinstance(entry, str):
             raise BadInput(f"allowed domain {entry!r} must be a string")
         text = entry.strip(" ")
+        if text.startswith("*"):
+            wildcard = validate_wildcard(text)
+            if wildcard not in wildcards:
+                wildcards.append(wildcard)
+            continue
         ip = _ipv6(text) if ":" in text else _ipv4(text)
         if ip is None and ":" in text:
             raise BadInput(f"allowed entry {text!r} is not an IPv6 address")
@@ -315,7 +363,7 @@ def parse_allowed(entries: Iterable[object], bridge: Bridge | None) -> Allowed:
                            "always blocks")
         if str(ip) not in addresses:
             addresses.append(str(ip))
-    return Allowed(tuple(names), tuple(addresses))
+    return Allowed(tuple(names), tuple(addresses), tuple(wildcards))
 
 
 @dataclass(frozen=True)
@@ -387,6 +435,7 @@ _ACCEPT: Final[Command] = {"accept": None}
 _DROP: Final[Command] = {"drop": None}
 _POLICY_MARKED: Final[Command] = {"mangle": {"key": {"meta": {"key": "mark"}},
                                              "value": POLICY_MARK}}
+DNS_CHAIN: Final = "c_dns"
 OPEN_CHAIN: Final = "c_open"
 """Where an open-mode port jumps: marked as under its policy, and accepted."""
 GUARD: Final[list[Command]] = [
@@ -407,6 +456,16 @@ def set_name(ifname: str) -> str:
 
 def set_name6(ifname: str) -> str:
     return f"a6_{validate_ifname(ifname)}"
+
+
+def answered_set(ifname: str, version: int = 4) -> str:
+    """The set of addresses coi's resolver answered the container, each for its TTL."""
+    return f"{'d' if version == 4 else 'd6'}_{validate_ifname(ifname)}"
+
+
+def set_names(ifname: str) -> tuple[str, ...]:
+    """Every allowlist set a container may have."""
+    return (set_name(ifname), set_name6(ifname), answered_set(ifname), answered_set(ifname, 6))
 
 
 @dataclass(frozen=True)
@@ -453,32 +512,38 @@ def base_commands(table: str, bridge: Bridge) -> list[Command]:
         {"add": {"set": _obj(b, table, name="filtered", type="ifname")}},
     ]
     marked = _match(_meta("mark"), MARK)
-    chains: list[tuple[str, str, str, int, list[list[Command]]]] = [
+    chains: list[tuple[str, str, str, str, int, list[list[Command]]]] = [
         # A port with its policy jumps to it (open: to c_open), which marks what passes.
-        (b, "c_pre", "prerouting", -200,
+        (b, "c_pre", "filter", "prerouting", -200,
          [[{"vmap": {"key": _meta("iifname"), "data": "@ports"}}]]),
         # Any port with coi's name whose frames no policy marked: its policy is not in
         # force (yet), and nothing it sends passes.
-        (b, "c_guard", "prerouting", GUARD_PRIORITY, [GUARD]),
+        (b, "c_guard", "filter", "prerouting", GUARD_PRIORITY, [GUARD]),
         # Frames a filtered port sends straight to another port: container to container.
-        (b, "c_fwd", "forward", -200,
+        (b, "c_fwd", "filter", "forward", -200,
          [[_match(_meta("iifname"), "@filtered"), _COUNTER, _DROP]]),
         # Before DNAT: any of the host's own addresses, broadcast and multicast.
-        ("inet", "c_pre", "prerouting", -150,
+        ("inet", "c_pre", "filter", "prerouting", -150,
          [[marked, _match({"fib": {"result": "type", "flags": ["daddr"]}},
                           {"set": ["local", "broadcast", "multicast"]}), _COUNTER, _DROP]]),
-        ("inet", "c_in", "input", -150, [[marked, _COUNTER, _DROP]]),
+        ("inet", "c_in", "filter", "input", -150, [[marked, _COUNTER, _DROP]]),
         # After DNAT: a rewrite to a private address is still refused.
-        ("inet", "c_fwd", "forward", -150,
+        ("inet", "c_fwd", "filter", "forward", -150,
          [[marked, _match(_payload("ip", "daddr"), "@blocked4"), _COUNTER, _DROP],
           [marked, _match(_payload("ip6", "daddr"), "@blocked6"), _COUNTER, _DROP]]),
+        # An allowlist container's DNS to the bridge (this table's DNS mark) goes to
+        # coi's resolver on the bridge, never to the bridge's dnsmasq.
+        ("inet", DNS_CHAIN, "nat", "prerouting", -100,
+         [[_match(_meta("mark"), dns_mark(table)),
+           _match(_meta("l4proto"), {"set": ["udp", "tcp"]}),
+           _match(_payload("th", "dport"), 53), {"redirect": {"port": dns_port(table)}}]]),
     ]
     cmds += [{"add": {"chain": _obj(b, table, name=OPEN_CHAIN)}},
              {"flush": {"chain": _obj(b, table, name=OPEN_CHAIN)}},
              {"add": {"rule": _obj(b, table, chain=OPEN_CHAIN, expr=[_POLICY_MARKED, _ACCEPT])}}]
-    for family, name, hook, prio, rules in chains:
+    for family, name, kind, hook, prio, rules in chains:
         cmds += [
-            {"add": {"chain": _obj(family, table, name=name, type="filter", hook=hook,
+            {"add": {"chain": _obj(family, table, name=name, type=kind, hook=hook,
                                    prio=prio, policy="accept")}},
             {"flush": {"chain": _obj(family, table, name=name)}},
         ]
@@ -487,8 +552,10 @@ def base_commands(table: str, bridge: Bridge) -> list[Command]:
     return cmds
 
 
-def container_rules(policy: Policy, bridge: Bridge) -> list[list[Command]]:
-    """The rule expressions of a container's chain, in order (restricted or allowlist)."""
+def container_rules(policy: Policy, bridge: Bridge, table: str) -> list[list[Command]]:
+    """The rule expressions of a container's chain in `table`, in order (restricted or
+    allowlist: its DNS to the bridge then carries the table's DNS mark, which sends it
+    to coi's resolver)."""
     mode = validate_mode(policy.mode)
     if mode == "open":
         raise ValueError("open mode has no rules")
@@ -496,6 +563,8 @@ def container_rules(policy: Policy, bridge: Bridge) -> list[list[Command]]:
     ether_type = _payload("ether", "type")
     udp_dport, tcp_dport = _payload("udp", "dport"), _payload("tcp", "dport")
     daddr4, daddr6 = _payload("ip", "daddr"), _payload("ip6", "daddr")
+    dns = [_ACCEPT] if mode == "restricted" else [
+        {"mangle": {"key": _meta("mark"), "value": dns_mark(table)}}, _ACCEPT]
     rules: list[list[Command]] = [[_POLICY_MARKED], [_match(ether_type, "arp"), _ACCEPT]]
     if bridge.ipv6 is None:
         rules.append([_match(ether_type, "ip", "!="), _COUNTER, _DROP])
@@ -504,16 +573,16 @@ def container_rules(policy: Policy, bridge: Bridge) -> list[list[Command]]:
     rules += [
         [_match(daddr4, {"set": ["255.255.255.255", gw4]}), _match(_payload("udp", "sport"), 68),
          _match(udp_dport, 67), _ACCEPT],
-        [_match(daddr4, gw4), _match(udp_dport, 53), _ACCEPT],
-        [_match(daddr4, gw4), _match(tcp_dport, 53), _ACCEPT],
+        [_match(daddr4, gw4), _match(udp_dport, 53), *dns],
+        [_match(daddr4, gw4), _match(tcp_dport, 53), *dns],
     ]
     if bridge.ipv6 is not None:
         gw6 = str(bridge.ipv6.ip)
         rules += [
             [_match(_payload("icmpv6", "type"), {"set": list(ND_TYPES)}), _ACCEPT],
             [_match(daddr6, "ff02::1:2"), _match(udp_dport, 547), _ACCEPT],
-            [_match(daddr6, gw6), _match(udp_dport, 53), _ACCEPT],
-            [_match(daddr6, gw6), _match(tcp_dport, 53), _ACCEPT],
+            [_match(daddr6, gw6), _match(udp_dport, 53), *dns],
+            [_match(daddr6, gw6), _match(tcp_dport, 53), *dns],
         ]
     rules += [
         [{"mangle": {"key": _meta("mark"), "value": MARK}}],
@@ -524,9 +593,11 @@ def container_rules(policy: Policy, bridge: Bridge) -> list[list[Command]]:
     if mode == "restricted":
         rules.append([_ACCEPT])
     else:
-        rules.append([_match(daddr4, f"@{set_name(policy.ifname)}"), _ACCEPT])
+        rules += [[_match(daddr4, f"@{set_name(policy.ifname)}"), _ACCEPT],
+                  [_match(daddr4, f"@{answered_set(policy.ifname)}"), _ACCEPT]]
         if bridge.ipv6 is not None:
-            rules.append([_match(daddr6, f"@{set_name6(policy.ifname)}"), _ACCEPT])
+            rules += [[_match(daddr6, f"@{set_name6(policy.ifname)}"), _ACCEPT],
+                      [_match(daddr6, f"@{answered_set(policy.ifname, 6)}"), _ACCEPT]]
         rules.append([_COUNTER, _DROP])
     return rules
 
@@ -608,14 +679,15 @@ class Existing:
     def has(self, ifname: str) -> bool:
         """True when any object of this interface is in the table."""
         return (ifname in self.ports or ifname in self.filtered
-                or chain_name(ifname) in self.chains or set_name(ifname) in self.sets
-                or set_name6(ifname) in self.sets)
+                or chain_name(ifname) in self.chains
+                or any(s in self.sets for s in set_names(ifname)))
 
     def ifnames(self) -> set[str]:
         """Every interface the table holds something for."""
         found = set(self.ports) | set(self.filtered)
         found |= {c[2:] for c in self.chains if c.startswith("p_")}
-        found |= {s.split("_", 1)[1] for s in self.sets if s.startswith(("a_", "a6_"))}
+        found |= {s.split("_", 1)[1] for s in self.sets
+                  if s.startswith(("a_", "a6_", "d_", "d6_"))}
         return {name for name in found if IFNAME_PATTERN.fullmatch(name)}
 
 
@@ -688,12 +760,17 @@ def container_commands(table: str, policy: Policy, bridge: Bridge,
                      {"flush": {"set": _obj(b, table, name=aset)}}]
             if elements:
                 cmds.append({"add": {"element": _obj(b, table, name=aset, elem=elements)}})
-    for number, expr in enumerate(container_rules(policy, bridge)):
+        # What the resolver answered under an earlier policy goes too.
+        for aset, kind in _answered_sets(policy.ifname, bridge):
+            kept.add(aset)
+            cmds += [{"add": {"set": _obj(b, table, name=aset, type=kind, flags=["timeout"])}},
+                     {"flush": {"set": _obj(b, table, name=aset)}}]
+    for number, expr in enumerate(container_rules(policy, bridge, table)):
         rule = _obj(b, table, chain=chain, expr=expr)
         if number == 0:
             rule["comment"] = comment_for(policy.project, policy.container)
         cmds.append({"add": {"rule": rule}})
-    for aset in (set_name(policy.ifname), set_name6(policy.ifname)):
+    for aset in set_names(policy.ifname):
         if aset in existing.sets and aset not in kept:
             cmds.append({"delete": {"set": _obj(b, table, name=aset)}})
     cmds += [
@@ -717,7 +794,7 @@ def removal_commands(table: str, ifname: str, existing: Existing) -> list[Comman
     if chain in existing.chains:
         cmds += [{"flush": {"chain": _obj(b, table, name=chain)}},
                  {"delete": {"chain": _obj(b, table, name=chain)}}]
-    for aset in (set_name(ifname), set_name6(ifname)):
+    for aset in set_names(ifname):
         if aset in existing.sets:
             cmds.append({"delete": {"set": _obj(b, table, name=aset)}})
     return cmds
@@ -730,6 +807,32 @@ def set_refill_commands(table: str, policy: Policy, bridge: Bridge) -> list[Comm
         cmds.append({"flush": {"set": _obj("bridge", table, name=aset)}})
         if elements:
             cmds.append({"add": {"element": _obj("bridge", table, name=aset, elem=elements)}})
+    return cmds
+
+
+def _answered_sets(ifname: str, bridge: Bridge) -> list[tuple[str, str]]:
+    """(set, type) of the resolver's sets of a container: IPv4, IPv6 with the bridge's."""
+    found = [(answered_set(ifname), "ipv4_addr")]
+    if bridge.ipv6 is not None:
+        found.append((answered_set(ifname, 6), "ipv6_addr"))
+    return found
+
+
+def answered_commands(table: str, ifname: str, bridge: Bridge,
+                      lifetimes: Mapping[str, int]) -> list[Command]:
+    """Put each answered address into the container's resolver sets for its lifetime
+    (seconds), replacing any shorter one: add (so the delete cannot fail), delete, add
+    with the timeout; one transaction for them all. IPv6 only with the bridge's."""
+    cmds: list[Command] = []
+    for address, seconds in sorted(lifetimes.items(), key=lambda item: address_key(item[0])):
+        version = ipaddress.ip_address(address).version
+        if is_blocked(address, bridge) or (version == 6 and bridge.ipv6 is None):
+            continue
+        where = _obj("bridge", table, name=answered_set(ifname, version))
+        cmds += [{"add": {"element": {**where, "elem": [address]}}},
+                 {"delete": {"element": {**where, "elem": [address]}}},
+                 {"add": {"element": {**where, "elem": [
+                     {"elem": {"val": address, "timeout": max(1, int(seconds))}}]}}}]
     return cmds
 
 

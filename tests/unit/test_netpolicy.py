@@ -12,16 +12,10 @@ import ipaddress
 import json
 import os
 import re
-import socket
-import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from types import SimpleNamespace
 
-import dns.flags
-import dns.message
-import dns.rcode
-import dns.rrset
 import pytest
 
 import coi_net
@@ -29,6 +23,7 @@ from coi_common import config
 from coi_common.errors import BadInput
 from coi_net import nft
 from coi_net import policy as np
+from zone_server import SILENT, ZONE
 
 BRIDGE = np.Bridge("coibr0", ipaddress.IPv4Interface("10.151.43.1/24"))
 BRIDGE6 = np.Bridge("coibr0", ipaddress.IPv4Interface("10.151.43.1/24"),
@@ -126,7 +121,7 @@ def decide(mode: str, packet: Mapping, *, bridge: np.Bridge = BRIDGE,
     policy = np.Policy(NAME, IFNAME, mode, addresses)
     commands = np.base_commands(TABLE, bridge) + np.container_commands(
         TABLE, policy, bridge, np.Existing())
-    return verdict(np.container_rules(policy, bridge), packet, sets_of(commands))
+    return verdict(np.container_rules(policy, bridge, TABLE), packet, sets_of(commands))
 
 
 # -- what the rules do ---------------------------------------------------------------------
@@ -149,7 +144,7 @@ def test_restricted_lets_every_public_address_out(daddr):
 
 def test_restricted_marks_what_it_lets_out_so_the_inet_table_can_drop_host_addresses():
     policy = np.Policy(NAME, IFNAME, "restricted")
-    rules = np.container_rules(policy, BRIDGE)
+    rules = np.container_rules(policy, BRIDGE, TABLE)
     mark = next(i for i, r in enumerate(rules) if r[0].get("mangle", {}).get("value") == np.MARK)
     final = len(rules) - 1
     assert rules[mark][0]["mangle"]["value"] == np.MARK
@@ -185,7 +180,7 @@ def test_dns_and_dhcp_to_the_bridge_pass_but_nothing_else_on_the_host(mode):
 @pytest.mark.parametrize("mode", ["restricted", "allowlist"])
 def test_dns_and_dhcp_pass_without_mark_and_everything_else_is_marked(mode):
     policy = np.Policy(NAME, IFNAME, mode)
-    rules = np.container_rules(policy, BRIDGE)
+    rules = np.container_rules(policy, BRIDGE, TABLE)
     mark = next(i for i, r in enumerate(rules) if r[0].get("mangle", {}).get("value") == np.MARK)
     for packet in (ip4("10.151.43.1", "udp", 53), ip4("255.255.255.255", "udp", 67, 68)):
         assert verdict(rules[:mark], packet, {}) == "accept"
@@ -273,16 +268,17 @@ def test_every_command_is_about_coi_s_own_table_only():
 def test_base_chains_hook_bridge_prerouting_and_forward_and_inet_before_dnat():
     commands = np.base_commands(TABLE, BRIDGE)
     chains = {(c["add"]["chain"]["family"], c["add"]["chain"]["name"]):
-              (c["add"]["chain"]["hook"], c["add"]["chain"]["prio"])
+              (c["add"]["chain"]["type"], c["add"]["chain"]["hook"], c["add"]["chain"]["prio"])
               for c in commands if "hook" in c.get("add", {}).get("chain", {})}
-    assert chains == {("bridge", "c_pre"): ("prerouting", -200),
-                      ("bridge", "c_guard"): ("prerouting", -190),
-                      ("bridge", "c_fwd"): ("forward", -200),
-                      ("inet", "c_pre"): ("prerouting", -150),
-                      ("inet", "c_in"): ("input", -150),
-                      ("inet", "c_fwd"): ("forward", -150)}
+    assert chains == {("bridge", "c_pre"): ("filter", "prerouting", -200),
+                      ("bridge", "c_guard"): ("filter", "prerouting", -190),
+                      ("bridge", "c_fwd"): ("filter", "forward", -200),
+                      ("inet", "c_pre"): ("filter", "prerouting", -150),
+                      ("inet", "c_in"): ("filter", "input", -150),
+                      ("inet", "c_fwd"): ("filter", "forward", -150),
+                      ("inet", "c_dns"): ("nat", "prerouting", -100)}
     flushed = [c["flush"]["chain"]["name"] for c in commands if "chain" in c.get("flush", {})]
-    assert len(flushed) == 7  # base rules (and c_open's) are refilled, never duplicated
+    assert len(flushed) == 8  # base rules (and c_open's) are refilled, never duplicated
 
 
 def test_blocked_ranges_hold_the_bridge_subnet_without_overlaps():
@@ -359,7 +355,7 @@ def test_the_guard_drops_a_coi_port_no_policy_marked_and_only_that():
 
 def test_every_policy_marks_what_it_lets_through_so_other_tables_guards_pass_it():
     policy = np.Policy(NAME, IFNAME, "restricted")
-    rules = np.container_rules(policy, BRIDGE)
+    rules = np.container_rules(policy, BRIDGE, TABLE)
     arp = verdict(rules[:2], {"ether.type": "arp"}, {})
     assert arp == "accept"
     assert rules[0] == [{"mangle": {"key": {"meta": {"key": "mark"}},
@@ -500,7 +496,8 @@ def test_allowed_entries_are_names_or_public_ipv4_or_ipv6(entry, kind, value):
 
 @pytest.mark.parametrize("entry", [
     "10.0.0.1", "192.168.1.1", "169.254.169.254", "10.151.43.7", "127.0.0.1", "0.0.0.0",
-    "*.github.com", "github", "-x.com", "a..b", "1.2.3", "010.1.1.1", "8.8.8.8/32",
+    "*.com", "*github.com", "a.*.com", "*.", "**.a.com", "*.-a.com", "github", "-x.com",
+    "a..b", "1.2.3", "010.1.1.1", "8.8.8.8/32",
     "fd00::1", "fe80::1%eth0", "::ffff:10.0.0.1", "2002:a00:1::1", "2001:db8::/64",
     "git hub.com", "github.com;drop", "a" * 64 + ".com", "", "é.com",
     "github.com\n", "1.2.3.4.5", "256.1.1.1",
@@ -658,60 +655,13 @@ def test_the_store_writes_atomically_and_refuses_foreign_files(tmp_path):
         store.path("../../etc/passwd")
 
 
-# -- resolution against a DNS server of our own ----------------------------------------------
-
-
-ZONE = {
-    "a.coi.test": [("A", 300, "198.51.100.10")],
-    "mixed.coi.test": [("A", 300, "198.51.100.11"), ("A", 300, "10.0.0.5"),
-                       ("A", 300, "169.254.169.254")],
-    "cname.coi.test": [("CNAME", 60, "a.coi.test."), ("A", 300, "198.51.100.10")],
-    "noa.coi.test": [],
-}
-SILENT = "slow.coi.test"
-
-
-@pytest.fixture
-def dns_server() -> Iterator[np.Resolver]:
-    """A UDP DNS server on 127.0.0.1 answering ZONE; SILENT never gets an answer."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(0.1)
-    stopping = threading.Event()
-
-    def serve() -> None:
-        while not stopping.is_set():
-            try:
-                wire, peer = sock.recvfrom(4096)
-            except TimeoutError:
-                continue
-            query = dns.message.from_wire(wire)
-            name = str(query.question[0].name).rstrip(".")
-            if name == SILENT:
-                continue
-            reply = dns.message.make_response(query)
-            reply.flags |= dns.flags.AA
-            if name not in ZONE:
-                reply.set_rcode(dns.rcode.NXDOMAIN)
-            owner = query.question[0].name
-            for rtype, ttl, value in ZONE.get(name, []):
-                reply.answer.append(dns.rrset.from_text(owner, ttl, "IN", rtype, value))
-                if rtype == "CNAME":
-                    owner = dns.name.from_text(value)
-            sock.sendto(reply.to_wire(), peer)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield np.Resolver("127.0.0.1", sock.getsockname()[1])
-    stopping.set()
-    thread.join(timeout=5)
-    sock.close()
+# -- resolution against a DNS server of our own (conftest.dns_server) --------------------------
 
 
 def test_names_resolve_concurrently_with_private_answers_split_off(dns_server):
     now = time.time()
     started = time.monotonic()
-    found = np.resolve([*ZONE, "gone.coi.test", SILENT], [dns_server], bridge=BRIDGE,
+    found = np.resolve([*ZONE, "gone.coi.test", SILENT], [dns_server.resolver], bridge=BRIDGE,
                        timeout=0.5, now=now)
     elapsed = time.monotonic() - started
     assert found["a.coi.test"].addresses == ("198.51.100.10",)
@@ -726,7 +676,7 @@ def test_names_resolve_concurrently_with_private_answers_split_off(dns_server):
 
 def test_expiration_follows_the_whole_answer_not_the_a_record_ttl(dns_server):
     now = time.time()
-    found = np.resolve(["a.coi.test", "cname.coi.test"], [dns_server], bridge=BRIDGE,
+    found = np.resolve(["a.coi.test", "cname.coi.test"], [dns_server.resolver], bridge=BRIDGE,
                        timeout=1, now=now)
     assert found["a.coi.test"].expires == pytest.approx(now + 300, abs=5)
     assert found["cname.coi.test"].expires == pytest.approx(now + 60, abs=5)
@@ -744,3 +694,82 @@ def test_the_help_shows_the_defaults_the_code_uses():
     minutes = config.SCHEMA["network"]["refresh_interval_minutes"].default
     assert f"network.refresh_interval_minutes, {minutes})" in " ".join(doc.split())
     assert f"network.mode of\n                       the config, {np.DEFAULT_MODE})" in doc
+
+
+# -- the allowlist resolver's part of the rules ------------------------------------------------
+
+
+def test_wildcards_are_kept_apart_from_names_and_match_every_depth_but_not_the_domain():
+    allowed = np.parse_allowed(["*.pub.test", "*.PUB.test.", "api.x.com", "1.1.1.1"], BRIDGE)
+    assert allowed == np.Allowed(("api.x.com",), ("1.1.1.1",), ("*.pub.test",))
+    assert allowed.entries() == ["api.x.com", "1.1.1.1", "*.pub.test"]
+    for name in ("a.pub.test", "A.B.pub.test.", "x-1.pub.test"):
+        assert np.name_allowed(name, allowed.names, allowed.wildcards), name
+    for name in ("pub.test", "evilpub.test", "a.pub.test.evil", "evil.test", "x.com"):
+        assert not np.name_allowed(name, allowed.names, allowed.wildcards), name
+    assert np.name_allowed("API.x.com.", allowed.names, allowed.wildcards)
+
+
+def test_an_allowlist_container_s_dns_to_the_bridge_carries_its_table_s_dns_mark():
+    for mode, mark in (("allowlist", np.dns_mark(TABLE)), ("restricted", np.POLICY_MARK)):
+        rules = np.container_rules(np.Policy(NAME, IFNAME, mode), BRIDGE6, TABLE)
+        for packet in (ip4("10.151.43.1", "udp", 53), ip4("10.151.43.1", "tcp", 53),
+                       ip6("2001:db8:43::1", "udp", 53)):
+            marks = []
+            for exprs in rules:  # the mark the rule that accepts it leaves
+                if verdict([exprs], {**packet, "meta.mark": 0}, {}) == "accept":
+                    marks = [e["mangle"]["value"] for e in exprs if "mangle" in e]
+                    break
+            assert (marks[-1] if marks else np.POLICY_MARK) == mark, (mode, packet)
+
+
+def test_each_table_s_dns_mark_passes_every_guard_and_goes_to_its_own_port():
+    tables = ["coi", TABLE, "coi_test_other", "coi_test_1a2b3c4d"]
+    marks = [np.dns_mark(t) for t in tables]
+    assert np.dns_mark("coi") == np.MARK | 2
+    assert np.dns_port("coi") == np.DNS_PORT
+    assert all(m & np.MARK_MASK == np.MARK and m not in (np.MARK, np.POLICY_MARK) for m in marks)
+    assert len(set(marks)) == len(tables)
+    assert len({np.dns_port(t) for t in tables}) == len(tables)
+    nat = [c["add"]["rule"] for c in np.base_commands(TABLE, BRIDGE)
+           if c.get("add", {}).get("rule", {}).get("chain") == "c_dns"]
+    assert len(nat) == 1
+    expr = nat[0]["expr"]
+    assert {"match": {"op": "==", "left": {"meta": {"key": "mark"}},
+                      "right": np.dns_mark(TABLE)}} in expr
+    assert expr[-1] == {"redirect": {"port": np.dns_port(TABLE)}}
+
+
+def test_an_answered_address_passes_an_allowlist_until_its_set_drops_it():
+    policy = np.Policy(NAME, IFNAME, "allowlist")
+    rules = np.container_rules(policy, BRIDGE6, TABLE)
+    for daddr, answered in (("198.51.100.7", np.answered_set(IFNAME)),
+                            ("2606:4700::7", np.answered_set(IFNAME, 6))):
+        packet = ip6(daddr) if ":" in daddr else ip4(daddr)
+        assert verdict(rules, packet, {answered: [daddr]}) == "accept"
+        assert verdict(rules, packet, {answered: []}) == "drop"
+
+
+def test_answered_addresses_replace_a_shorter_time_and_never_take_a_blocked_one():
+    commands = np.answered_commands(TABLE, IFNAME, BRIDGE, {
+        "198.51.100.7": 90, "10.0.0.5": 90, "2606:4700::7": 90, "169.254.169.254": 90})
+    assert [next(iter(c)) for c in commands] == ["add", "delete", "add"]
+    last = commands[-1]["add"]["element"]
+    assert last["name"] == np.answered_set(IFNAME)
+    assert last["elem"] == [{"elem": {"val": "198.51.100.7", "timeout": 90}}]
+    with_v6 = np.answered_commands(TABLE, IFNAME, BRIDGE6, {"2606:4700::7": 30})
+    assert with_v6[-1]["add"]["element"]["name"] == np.answered_set(IFNAME, 6)
+    assert np.answered_commands(TABLE, IFNAME, BRIDGE, {"10.1.2.3": 9}) == []
+
+
+def test_an_allowlist_apply_makes_its_answer_sets_with_timeouts_and_removal_deletes_them():
+    policy = np.Policy(NAME, IFNAME, "allowlist", ("198.51.100.7",))
+    made = {c["add"]["set"]["name"]: c["add"]["set"].get("flags")
+            for c in np.container_commands(TABLE, policy, BRIDGE6, np.Existing())
+            if "set" in c.get("add", {})}
+    assert made[np.answered_set(IFNAME)] == ["timeout"]
+    assert made[np.answered_set(IFNAME, 6)] == ["timeout"]
+    existing = np.Existing(sets=frozenset(np.set_names(IFNAME)))
+    deleted = {c["delete"]["set"]["name"] for c in np.removal_commands(TABLE, IFNAME, existing)}
+    assert deleted == set(np.set_names(IFNAME))
+    assert existing.ifnames() == {IFNAME}
