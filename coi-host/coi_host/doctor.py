@@ -93,6 +93,7 @@ def gather_checks(settings: config.Config) -> Iterator[Check]:
     service = ping_host_service()
     yield _network_rules_check(service)
     yield _upkeep_check(service)
+    yield _resolver_check(service)
     client = incus.connect(settings)
     try:
         server = client.server()
@@ -165,6 +166,24 @@ def _upkeep_check(service: ServiceState) -> Check:
         return Check("rules upkeep", False, f"{detail}; failing: {error}",
                      "see /var/log/coi/host-service.log")
     return Check("rules upkeep", True, detail)
+
+
+def _resolver_check(service: ServiceState) -> Check:
+    """The allowlist resolver the service keeps running (coi-net dns): without it an
+    allowlist container's names do not resolve (nothing else answers them)."""
+    if service.result is None:  # said by the network rules check already
+        return Check("allowlist resolver", False, "unknown: coi's host service does not "
+                     "answer", service.fix, required=False)
+    state = service.result.get("resolver")
+    if not isinstance(state, dict):
+        return Check("allowlist resolver", False, "coi's host service runs none (older "
+                     "than this coi)", START_SERVICE_FIX, required=False)
+    if not state.get("running"):
+        return Check("allowlist resolver", False, f"not running: {state.get('error') or '?'} "
+                     f"({state.get('starts')} starts); allowlist containers resolve no names",
+                     "see /var/log/coi/host-service.log", required=False)
+    return Check("allowlist resolver", True, f"coi-net dns running (pid {state.get('pid')}): "
+                 "allowlist containers get only their allowed names")
 
 
 def _idmap_check(service: ServiceState) -> Check:

@@ -9,7 +9,8 @@ per connection (docs/host-service.md):
 
 - `ping`: the service's version; the caller's uid as the service sees it; what
   its upkeep of rules did last (coi_host.upkeep: restore, refresh and gc of
-  egress rules every few seconds, with no cron).
+  egress rules every few seconds, with no cron), and whether the allowlist
+  resolver it keeps running (`coi-net dns`) runs.
 - `net_apply`, `net_remove`, `net_status`: run the root-owned coi-net with
   arguments built here from validated fields, for a coi container that exists
   (apply) or a valid container name (remove, status).
@@ -145,6 +146,7 @@ class Service:
         self.client = incus.connect(settings)
         self.coi_net = spare.Spare(find_executable("coi-net") or "coi-net")
         self.upkeep = upkeep.Upkeep(self.run_coi_net, tick)
+        self.resolver = upkeep.Watched([self.coi_net.program, "dns"])
         self.code = install.code_digest()
         self.verbs: dict[str, Callable[[Peer, Record], Record]] = {
             "ping": self.ping, "net_apply": self.net_apply, "net_remove": self.net_remove,
@@ -169,7 +171,8 @@ class Service:
 
     def ping(self, peer: Peer, _request: Record) -> Record:
         return {"version": __version__, "code": self.code, "uid": peer.uid,
-                "pid": os.getpid(), "verbs": list(self.verbs), "upkeep": self.upkeep.state()}
+                "pid": os.getpid(), "verbs": list(self.verbs), "upkeep": self.upkeep.state(),
+                "resolver": self.resolver.state()}
 
     def net_apply(self, _peer: Peer, request: Record) -> Record:
         argv = net_apply_argv(request)
@@ -300,12 +303,14 @@ def serve(path: str, tick: float = upkeep.TICK_SECONDS) -> int:
     # socket file goes with it.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     service.upkeep.start()  # its first round at once: rules a reboot took come back
+    service.resolver.start()
     try:
         server.serve_forever()
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:
         server.server_close()
+        service.resolver.stop()
         service.coi_net.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

@@ -4,6 +4,9 @@ run against real containers in tests/integration/test_network_isolation.py."""
 
 from __future__ import annotations
 
+import os
+import time
+
 from coi_common.errors import CoiError
 from coi_host import upkeep
 
@@ -49,3 +52,35 @@ def test_a_failing_round_is_reported_once_and_cleared_by_a_good_one(capsys):
     runner.fail = ""
     keeper.round()
     assert keeper.state()["error"] == ""
+
+
+def _until(check, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_watched_child_that_ends_is_started_again_and_says_how_it_ended(tmp_path):
+    count = tmp_path / "starts"
+    watched = upkeep.Watched(["sh", "-c", f"echo x >> {count}; exit 3"])
+    watched.start()
+    try:
+        assert _until(lambda: count.exists() and len(count.read_text().split()) >= 2)
+        assert watched.state()["error"] == "sh ended (exit 3)"
+        assert watched.state()["starts"] >= 2
+    finally:
+        watched.stop()
+
+
+def test_a_watched_child_runs_until_the_service_stops_it():
+    watched = upkeep.Watched(["sleep", "60"])
+    watched.start()
+    assert _until(lambda: watched.state()["running"])
+    pid = watched.state()["pid"]
+    watched.stop()
+    assert _until(lambda: not watched.state()["running"])
+    assert watched.state()["starts"] == 1
+    assert _until(lambda: not os.path.exists(f"/proc/{pid}"))  # ended and reaped
