@@ -251,6 +251,10 @@ def _status_text(record: Record) -> str:
              f"{record['interface']} ({state}), {rules} rules, {dropped} packets dropped"]
     if record["mode"] == "allowlist":
         lines.append(f"  allowed: {' '.join(record['allowed']) or '(nothing)'}")
+        if record["wildcards"]:
+            lines.append(f"  wildcards: {' '.join(record['wildcards'])}")
+        if record["answered"]:
+            lines.append(f"  answered by coi's resolver: {' '.join(record['answered'])}")
         for name, entry in record["names"].items():
             addresses = " ".join(entry["addresses"]) or "-"
             extra = f" ({entry['error']})" if entry["error"] else ""

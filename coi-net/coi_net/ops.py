@@ -423,12 +423,16 @@ def status(ctx: Context, container: str | None, *, now: float | None = None) -> 
         else:
             allowed = list(np.state_addresses(state)) if state.get("mode") == "allowlist" else []
         last = state.get("last_refresh")
+        answered = [] if existing is None else sorted(
+            {*existing.elements.get(np.answered_set(ifname), ()),
+             *existing.elements.get(np.answered_set(ifname, 6), ())}, key=np.address_key)
         records.append(make_record(
             "net_status", container=name, mode=state.get("mode"), interface=ifname,
             rules=None if existing is None else existing.rules.get(chain, 0),
             dropped=None if existing is None else existing.dropped.get(chain, 0),
             in_table=in_table, policy=None if existing is None else existing.policy(ifname),
-            allowed=allowed, names=_names_view(state.get("names") or {}),
+            allowed=allowed, answered=answered, wildcards=state.get("allowed_wildcards") or [],
+            names=_names_view(state.get("names") or {}),
             refresh_interval_minutes=state.get("refresh_interval_minutes"),
             applied_at=state.get("applied_at"), last_refresh=last,
             cache_age=None if last is None else round(now - float(last), 1),

@@ -219,9 +219,13 @@ def validate_wildcard(text: str) -> str:
     """`*.DOMAIN` (DOMAIN as validate_domain takes it, so never `*.com`): every name
     under DOMAIN, at any depth, not DOMAIN itself."""
     stripped = text.strip(" ")
-    if not stripped.startswith("*."):
-        raise BadInput(f"allowed wildcard {text!r} must start with '*.'")
-    return "*." + validate_domain(stripped[2:])
+    try:
+        if not stripped.startswith("*."):
+            raise BadInput("no '*.' prefix")
+        return "*." + validate_domain(stripped[2:])
+    except BadInput:
+        raise BadInput(f"allowed wildcard {text!r} is not '*.' and a domain of two or more "
+                       "labels", hint="e.g. *.githubusercontent.com (never *.com)") from None
 
 
 def name_allowed(name: str, names: Iterable[str], wildcards: Iterable[str]) -> bool:
@@ -649,8 +653,8 @@ class Existing:
             elif "set" in item:
                 name = item["set"]["name"]
                 sets.add(name)
-                elems = tuple(str(e) for e in item["set"].get("elem") or []
-                              if isinstance(e, str))
+                elems = tuple(_element(e) for e in item["set"].get("elem") or []
+                              if isinstance(e, str) or _element(e))
                 elements[name] = elems
                 if name == "filtered":
                     filtered.update(elems)
@@ -689,6 +693,15 @@ class Existing:
         found |= {s.split("_", 1)[1] for s in self.sets
                   if s.startswith(("a_", "a6_", "d_", "d6_"))}
         return {name for name in found if IFNAME_PATTERN.fullmatch(name)}
+
+
+def _element(elem: Any) -> str:
+    """A set element as listed: an address, or {"elem": {"val": ADDRESS, "timeout":
+    ..., "expires": ...}} in a set with timeouts ("" for anything else)."""
+    if isinstance(elem, str):
+        return elem
+    value = elem.get("elem", {}).get("val") if isinstance(elem, dict) else None
+    return value if isinstance(value, str) else ""
 
 
 # -- the start hook ------------------------------------------------------------------------

@@ -112,13 +112,16 @@ class World:
                 "host_bridge": f"http://{self.bridge_ip}:{self.host_port}/",
                 "host_public_side": f"http://{HOST_PUBLIC_SIDE}:{self.host_port}/"}
 
-    def set_dns(self, mapping: Mapping[str, str], *, ttl: int = 600) -> None:
-        """(Re)start the DNS server with `mapping`; other coi.test names are NXDOMAIN."""
+    def set_dns(self, mapping: Mapping[str, str], *, ttl: int = 600,
+                log: Path | None = None) -> None:
+        """(Re)start the DNS server with `mapping`; other coi.test names are NXDOMAIN.
+        With `log`, every query it gets is written there."""
         self.stop_dns()
         argv = ["ip", "netns", "exec", self.ns_pub, "dnsmasq", "--keep-in-foreground",
                 "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--bind-interfaces",
                 f"--listen-address={DNS_ADDR}", "--port=53", "--pid-file=",
                 f"--local-ttl={ttl}", "--local=/coi.test/",
+                *(["--log-queries", f"--log-facility={log}"] if log else []),
                 *(f"--address=/{name}/{address}" for name, address in mapping.items())]
         self.dns = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, start_new_session=True)
@@ -321,7 +324,6 @@ def test_allowlist_follows_dns_keeps_cache_on_failure_and_never_allows_private_a
     assert reached(codes) == {"public"}
     assert dropped(codes) == {"public2", "private", "metadata", "host_bridge",
                               "host_public_side"}
-    assert run_in(box.name, ["getent", "hosts", "_gateway.incus"], timeout=20).ok
 
     # The record moves; the cron sweep leaves it until the answer expires (TTL 600 s)...
     world.set_dns({"public.coi.test": PUBLIC2, "rebind.coi.test": PRIVATE})
@@ -356,6 +358,78 @@ def test_allowlist_follows_dns_keeps_cache_on_failure_and_never_allows_private_a
     assert gone.returncode == 0, gone.stderr
     assert gone.stdout == f"{box.name}: allowed -{PUBLIC2}\n"
     assert net.status(box.name)["allowed"] == []
+
+
+@pytest.fixture
+def resolver_for(net, world) -> Iterator[int]:
+    """`coi-net dns` of the test's table, as coi's host service runs it; its port."""
+    del world  # the bridge's address is up
+    port = np.dns_port(net.table)
+    child = subprocess.Popen([COI_NET, "dns"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True)
+    try:
+        bridge_ip = _bridge_ip()
+        deadline = time.monotonic() + 20
+        while True:
+            if child.poll() is not None:
+                pytest.fail(f"coi-net dns ended: {child.stderr.read().decode()[-400:]}")
+            try:  # it refuses the host: an answer all the same
+                dns.query.udp(dns.message.make_query("up.invalid", "A"), bridge_ip,
+                              port=port, timeout=0.3)
+                break
+            except (dns.exception.Timeout, OSError):
+                if time.monotonic() > deadline:
+                    pytest.fail("coi-net dns did not answer within 20 s")
+                time.sleep(0.1)
+        yield port
+    finally:
+        stop(child)
+
+
+def _bridge_ip() -> str:
+    done = run("incus", "network", "get", "coibr0", "ipv4.address")
+    return done.stdout.strip().split("/")[0]
+
+
+def test_the_allowlist_resolver_answers_only_allowed_names_and_lets_their_hosts_in_for_it(
+        world, net, resolver_for, make_container, incus_client, run_in, wait_for_ipv4,
+        tmp_path):
+    del resolver_for
+    log = tmp_path / "upstream.log"
+    world.set_dns({"a.pub.coi.test": PUBLIC, "b.pub.coi.test": PUBLIC2,
+                   "rebind.pub.coi.test": PRIVATE, "evil.coi.test": PUBLIC}, ttl=30, log=log)
+    box = make_container(start=False)
+    record = apply_ok(net, box.name, "--mode", "allowlist", "--allow", "*.pub.coi.test",
+                      "--resolver", DNS_ADDR, "--dns-timeout", "1")
+    assert (record["allowed"], record["wildcards"]) == ([], ["*.pub.coi.test"])
+    assert record["resolver"] is True
+    start(incus_client, wait_for_ipv4, box.name)
+    by_address = {"public": world.targets()["public"], "public2": world.targets()["public2"]}
+    assert dropped(probe(run_in, box.name, by_address)) == {"public", "public2"}
+
+    # The container's own DNS (the bridge) answers the wildcard's names, and their
+    # hosts are reachable at once: the address was allowed before the answer came.
+    looked_up = run_in(box.name, ["getent", "ahostsv4", "a.pub.coi.test"], timeout=20)
+    assert looked_up.ok, looked_up.stderr
+    assert looked_up.stdout.split()[0] == PUBLIC
+    by_name = {"a": f"http://a.pub.coi.test:{PORT}/", "b": f"http://b.pub.coi.test:{PORT}/"}
+    assert reached(probe(run_in, box.name, by_name)) == {"a", "b"}
+    answered = net.status(box.name)["answered"]
+    assert sorted(answered) == sorted([PUBLIC, PUBLIC2])
+
+    # Any other name does not resolve, and never reaches the upstream server; a name
+    # answered with a private address resolves to nothing, and stays blocked.
+    for name in ("evil.coi.test", "data-out-1.evil.coi.test", "_gateway.incus"):
+        assert not run_in(box.name, ["getent", "hosts", name], timeout=20).ok, name
+    assert not run_in(box.name, ["getent", "ahostsv4", "rebind.pub.coi.test"], timeout=20).ok
+    assert dropped(probe(run_in, box.name, {"private": world.targets()["private"]})) == \
+        {"private"}
+    asked = log.read_text()
+    assert "a.pub.coi.test" in asked
+    assert "rebind.pub.coi.test" in asked
+    assert "evil" not in asked
+    assert ".incus" not in asked
 
 
 # -- open ------------------------------------------------------------------------------------
@@ -605,6 +679,7 @@ def test_every_mode_loads_into_the_kernel(ipv6):
         ifname = np.host_name_for(f"coi-test-check-{number}")
         policy = np.Policy(f"coi-test-check-{number}", ifname, mode, (PUBLIC, PUBLIC6))
         commands += np.container_commands(table, policy, bridge, np.Existing())
+    commands += np.answered_commands(table, ifname, bridge, {PUBLIC: 90, PUBLIC6: 60})
     done = proc.run(["nft", "-c", "-j", "-f", "-"], input_text=nft.dump(commands),
                     check=False)
     assert done.ok, done.stderr

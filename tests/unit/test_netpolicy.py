@@ -416,6 +416,9 @@ LISTING = json.loads("""{"nftables": [
  {"table": {"family": "bridge", "name": "coi_test_x", "handle": 48}},
  {"set": {"family": "bridge", "name": "a_coi909532ece01d", "table": "coi_test_x",
           "type": "ipv4_addr", "handle": 5, "elem": ["198.51.100.10"]}},
+ {"set": {"family": "bridge", "name": "d_coi909532ece01d", "table": "coi_test_x",
+          "type": "ipv4_addr", "handle": 11, "flags": ["timeout"],
+          "elem": [{"elem": {"val": "198.51.100.20", "timeout": 100, "expires": 99}}]}},
  {"map": {"family": "bridge", "name": "ports", "table": "coi_test_x", "type": "ifname",
           "handle": 6, "map": "verdict",
           "elem": [["coi909532ece01d", {"jump": {"target": "p_coi909532ece01d"}}]]}},
@@ -449,6 +452,7 @@ def test_the_table_listing_is_read_into_what_exists():
     assert existing.rules["p_coi909532ece01d"] == 3
     assert existing.dropped["p_coi909532ece01d"] == 7
     assert existing.elements["a_coi909532ece01d"] == ("198.51.100.10",)
+    assert existing.elements["d_coi909532ece01d"] == ("198.51.100.20",)  # with a timeout
     assert existing.comments["p_coi909532ece01d"] == "coi:default/coi-test-zz02"
     assert existing.ifnames() == {"coi909532ece01d", "coi0123456789ab"}
     assert existing.has("coi0123456789ab")
