@@ -8,9 +8,13 @@ Prints median wall times over N runs (default 11):
   * refreshing an allowlist of 200 names against a local DNS server (dnsmasq
     in a network namespace of its own), in-process and as a program, with the
     number of nft transactions it took;
+  * the allowlist resolver (coi-net dns): one answer through it (upstream +
+    the answer's addresses into the container's set, one nft transaction)
+    against the same query sent to the upstream alone, and a denied name;
   * `import pyroute2` (why it stays off these paths).
 Targets: `coi-net apply` under 100 ms; the 200-name refresh under 1 s in ONE
-transaction. Exit 1 when a target is missed.
+transaction; the resolver adds under 10 ms to an answer. Exit 1 when a
+target is missed.
 
 Needs root, Incus and the test image (make test-image). Everything it makes is
 named coi-test-bench<hex> / coi_test_bench<hex> and removed at the end (and by
@@ -35,13 +39,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "lib"), str(ROOT / "coi-net")]
 
+import dns.message  # noqa: E402
+import dns.query  # noqa: E402
+import dns.rcode  # noqa: E402
+
 from coi_common.incus import Incus  # noqa: E402
-from coi_net import nft, ops  # noqa: E402
+from coi_net import nft, ops, resolver  # noqa: E402
 from coi_net import policy as np  # noqa: E402
 
 IMAGE = "coi-test-image"
 APPLY_TARGET_MS = 100.0
 REFRESH_TARGET_MS = 1000.0
+RESOLVER_TARGET_MS = 10.0
+QUERIES = 41
 NAMES = 200
 DNS_ADDR = "198.51.100.53"
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
@@ -176,10 +186,50 @@ def measure(client: Incus, dns: Dns, table: str, name: str, folder: Path, *,
                  f"{max(counts)} transaction(s) each; {allowed} names"))
     rows.append((f"coi-net refresh NAME, {NAMES} names", median_ms(
         program(COI_NET, "refresh", name), runs, before=dns.serve), ""))
+    dns.serve(0)
+    added = resolver_rows(ctx, name, rows)
     floor = median_ms(program(PYTHON, "-c", "pass"), runs)
     pyroute2 = median_ms(program(PYTHON, "-c", "import pyroute2"), runs) - floor
     rows.append(("import pyroute2 (above python -c pass)", pyroute2, "kept off these paths"))
-    return rows, apply_cli, refresh_ms, max(counts)
+    return rows, apply_cli, refresh_ms, max(counts), added
+
+
+def resolver_rows(ctx: ops.Context, name: str, rows: list[tuple[str, float, str]]) -> float:
+    """The resolver on 127.0.0.1 (taken for the container's address) against the
+    upstream alone, QUERIES of each, interleaved; returns the median it adds (ms)."""
+    directory = resolver.Directory(ctx.store, lambda container, _ifname:
+                                   {"127.0.0.1"} if container == name else set())
+    answerer = resolver.Answerer(ctx.table, directory, (),
+                                 lambda commands: nft.run(commands, table=ctx.table))
+    servers = resolver.listen(answerer, "127.0.0.1", 0)
+    port = servers[0].server_address[1]
+    samples: dict[str, list[float]] = {"upstream": [], "resolver": [], "denied": []}
+    try:
+        for number in range(QUERIES):
+            allowed = dns.message.make_query(f"n{number % NAMES:03d}.bench.test", "A")
+            for label, query, where in (
+                    ("upstream", allowed, (DNS_ADDR, 53)),
+                    ("resolver", allowed, ("127.0.0.1", port)),
+                    ("denied", dns.message.make_query("x.not-listed.test", "A"),
+                     ("127.0.0.1", port))):
+                start = time.perf_counter()
+                reply = dns.query.udp(query, where[0], port=where[1], timeout=2)
+                samples[label].append((time.perf_counter() - start) * 1000)
+                if reply.rcode() != (dns.rcode.NXDOMAIN if label == "denied" else
+                                     dns.rcode.NOERROR):
+                    raise SystemExit(f"the resolver bench got {dns.rcode.to_text(reply.rcode())}"
+                                     f" for {label}")
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    medians = {label: statistics.median(values) for label, values in samples.items()}
+    rows.append(("floor: one query to the upstream alone", medians["upstream"],
+                 f"{QUERIES} queries"))
+    rows.append(("the same through coi-net dns", medians["resolver"],
+                 "upstream + 1 nft transaction (the answer's address)"))
+    rows.append(("a name not allowed (NXDOMAIN, nothing sent)", medians["denied"], ""))
+    return medians["resolver"] - medians["upstream"]
 
 
 def main() -> int:
@@ -201,18 +251,21 @@ def main() -> int:
         client.create_instance(name, IMAGE, profiles=["coi"])
         dns = Dns(f"coi-test-bench{tag}", f"ctb{tag}", folder)
         dns.serve(0)
-        rows, apply_cli, refresh_ms, transactions = measure(client, dns, table, name, folder,
-                                                            runs=runs)
+        rows, apply_cli, refresh_ms, transactions, added = measure(
+            client, dns, table, name, folder, runs=runs)
         print(f"{'what':<42} {'median ms':>10}  note")
         for label, ms, note in rows:
             print(f"{label:<42} {ms:>10.1f}  {note}")
         ok_apply = apply_cli < APPLY_TARGET_MS
         ok_refresh = refresh_ms < REFRESH_TARGET_MS and transactions == 1
+        ok_resolver = added < RESOLVER_TARGET_MS
         print(f"coi-net apply {'meets' if ok_apply else 'MISSES'} the {APPLY_TARGET_MS:.0f} ms "
               f"target ({apply_cli:.1f} ms); refresh of {NAMES} names "
               f"{'meets' if ok_refresh else 'MISSES'} {REFRESH_TARGET_MS:.0f} ms in one "
-              f"transaction ({refresh_ms:.1f} ms, {transactions} transaction(s)); {runs} runs")
-        return 0 if ok_apply and ok_refresh else 1
+              f"transaction ({refresh_ms:.1f} ms, {transactions} transaction(s)); the "
+              f"resolver adds {added:.1f} ms ({'meets' if ok_resolver else 'MISSES'} "
+              f"{RESOLVER_TARGET_MS:.0f} ms); {runs} runs")
+        return 0 if ok_apply and ok_refresh and ok_resolver else 1
     finally:
         if dns is not None:
             dns.remove()

@@ -7,8 +7,8 @@ Usage:
 Removes instances named `coi-test-*` (forced), images all of whose aliases are
 `coi-test-*` (half-done builds, images tests published), network namespaces
 `coi-test-*`, nftables tables `coi_test_*` of any family, workspace views
-/run/coi/views/coi-test-*, their lock files in /run/coi/locks, profiles
-`coi-test-*` and the test accounts
+/run/coi/views/coi-test-*, their lock files in /run/coi/locks, profiles and
+networks (bridges) `coi-test-*` and the test accounts
 `coi-test-u*` (their processes, /tmp home and the `root:ID:1` lines of their
 uid and gid in /etc/subuid and /etc/subgid). The cached test images
 `coi-test-image` and `coi-test-full-image` always stay.
@@ -76,7 +76,8 @@ def sweep(client: Incus | None = None, *, scope: str = "") -> list[str]:
             *_sweep_nft(NFT_PREFIX + scope.replace("-", "_")),
             *_sweep_views(INSTANCE_PREFIX + scope),
             *_sweep_locks(INSTANCE_PREFIX + scope),
-            *_sweep_profiles(INSTANCE_PREFIX + scope),
+            *_sweep_incus("profile", INSTANCE_PREFIX + scope),
+            *_sweep_incus("network", INSTANCE_PREFIX + scope),
             *_sweep_users(USER_PREFIX + scope)]
 
 
@@ -133,14 +134,14 @@ def _sweep_nft(prefix: str) -> list[str]:
     return removed
 
 
-def _sweep_profiles(prefix: str) -> list[str]:
-    """Profiles tests made (after the instances, which may have used them)."""
-    listing = proc.run(["incus", "profile", "list", "--format", "json"], check=False)
+def _sweep_incus(kind: str, prefix: str) -> list[str]:
+    """Profiles or networks tests made (after the instances, which may have used them)."""
+    listing = proc.run(["incus", kind, "list", "--format", "json"], check=False)
     removed = []
-    for profile in json.loads(listing.stdout or "[]") if listing.ok else []:
-        if profile["name"].startswith(prefix):
-            proc.run(["incus", "profile", "delete", profile["name"]], check=False)
-            removed.append(f"removed profile {profile['name']}")
+    for item in json.loads(listing.stdout or "[]") if listing.ok else []:
+        if item["name"].startswith(prefix):
+            proc.run(["incus", kind, "delete", item["name"]], check=False)
+            removed.append(f"removed {kind} {item['name']}")
     return removed
 
 

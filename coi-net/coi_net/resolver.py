@@ -384,15 +384,27 @@ def _read(connection: socket.socket, size: int) -> bytes | None:
     return data
 
 
-def _server(kind: type[socketserver.BaseServer], handler: type, address: str, port: int,
-            answerer: Answerer) -> socketserver.BaseServer:
+def listen(answerer: Answerer, address: str, port: int) -> list[socketserver.BaseServer]:
+    """UDP and TCP servers of `answerer` on address:port (0: any free port, the UDP
+    one's, for benchmarks), each serving in a thread of its own; shut them down."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    server_class = type("Server", (socketserver.ThreadingMixIn, kind),
-                        {"address_family": family, "daemon_threads": True,
-                         "allow_reuse_address": True})
-    server = server_class((address, port), handler)
-    server.answerer = answerer  # type: ignore[attr-defined]
-    return server
+    servers: list[socketserver.BaseServer] = []
+    try:
+        for kind, handler in ((socketserver.UDPServer, _Udp), (socketserver.TCPServer, _Tcp)):
+            server_class = type("Server", (socketserver.ThreadingMixIn, kind),
+                                {"address_family": family, "daemon_threads": True,
+                                 "allow_reuse_address": True})
+            server = server_class((address, port), handler)
+            server.answerer = answerer  # type: ignore[attr-defined]
+            servers.append(server)
+            port = server.server_address[1]
+    except OSError:
+        for server in servers:
+            server.server_close()
+        raise
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    return servers
 
 
 def serve(ctx: Context, bridge: np.Bridge) -> int:
@@ -408,19 +420,16 @@ def serve(ctx: Context, bridge: np.Bridge) -> int:
 
     answerer = Answerer(ctx.table, Directory(ctx.store, incus_addresses(ctx.client)),
                         host_resolvers(), commit)
-    servers = []
+    servers: list[socketserver.BaseServer] = []
     try:
         for address in addresses:
-            for kind, handler in ((socketserver.UDPServer, _Udp),
-                                  (socketserver.TCPServer, _Tcp)):
-                servers.append(_server(kind, handler, address, port, answerer))
+            servers += listen(answerer, address, port)
     except OSError as exc:
         for server in servers:
+            server.shutdown()
             server.server_close()
         raise CoiError(f"the allowlist resolver cannot listen on port {port} of "
                        f"{ctx.bridge_name}: {exc.strerror or exc}") from None
-    for server in servers:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
     where = ", ".join(f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addresses)
     print(f"coi-net dns: answering allowlist containers of table {ctx.table} on {where}",
           file=sys.stderr, flush=True)

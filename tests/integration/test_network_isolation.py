@@ -54,7 +54,8 @@ PORT = 8080
 PUBLIC, PUBLIC2, DNS_ADDR, HOST_PUBLIC_SIDE = ("198.51.100.10", "198.51.100.20",
                                               "198.51.100.53", "198.51.100.1")
 PRIVATE, METADATA = "10.77.0.2", "169.254.169.254"
-PUBLIC6 = "2001:db8:51::10"  # documentation range: never routed, only in rulesets here
+PUBLIC6, PUBLIC6B, HOST_PUBLIC6_SIDE = "2001:db8:51::10", "2001:db8:51::20", "2001:db8:51::1"
+PRIVATE6, HOST_PRIVATE6_SIDE = "fd77:77::2", "fd77:77::1"
 REACHED = {0, 7}
 DROPPED = 28
 PROBE_SECONDS = 2
@@ -176,25 +177,30 @@ def world(incus_run_lock, bridge_subnet, tmp_path_factory) -> Iterator[World]:
     (web_root / "index.html").write_text("coi test host\n")
     item = World(secrets.token_hex(3), bridge_ip, _free_port(bridge_ip), web_root)
     try:
-        for ns, veth, host_cidr, ns_addresses, extra_route in (
-                (item.ns_pub, f"ctp{item.tag}", f"{HOST_PUBLIC_SIDE}/24",
-                 [f"{PUBLIC}/24", f"{PUBLIC2}/24", f"{DNS_ADDR}/24"], None),
-                (item.ns_lan, f"ctl{item.tag}", "10.77.0.1/24",
-                 [f"{PRIVATE}/24", f"{METADATA}/32"], f"{METADATA}/32")):
+        for ns, veth, host_cidrs, ns_addresses, extra_route in (
+                (item.ns_pub, f"ctp{item.tag}", [f"{HOST_PUBLIC_SIDE}/24",
+                                                  f"{HOST_PUBLIC6_SIDE}/64"],
+                 [f"{PUBLIC}/24", f"{PUBLIC2}/24", f"{DNS_ADDR}/24", f"{PUBLIC6}/64",
+                  f"{PUBLIC6B}/64"], None),
+                (item.ns_lan, f"ctl{item.tag}", ["10.77.0.1/24", f"{HOST_PRIVATE6_SIDE}/64"],
+                 [f"{PRIVATE}/24", f"{METADATA}/32", f"{PRIVATE6}/64"], f"{METADATA}/32")):
             run("ip", "netns", "add", ns)
             item.namespaces.append(ns)
             run("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-            run("ip", "addr", "add", host_cidr, "dev", veth)
+            for cidr in host_cidrs:  # IPv6 without duplicate detection: usable at once
+                run("ip", "addr", "add", cidr, "dev", veth, *(["nodad"] if ":" in cidr else []))
             run("ip", "link", "set", veth, "up")
             if extra_route:
                 run("ip", "route", "add", extra_route, "dev", veth)
             run("ip", "-n", ns, "link", "set", "lo", "up")
             run("ip", "-n", ns, "link", "set", "eth0", "up")
             for cidr in ns_addresses:
-                run("ip", "-n", ns, "addr", "add", cidr, "dev", "eth0")
-            gateway = host_cidr.split("/")[0]
-            run("ip", "-n", ns, "route", "add", "default", "via", gateway)
-            item.servers.append(_http_server(["ip", "netns", "exec", ns], PORT, "0.0.0.0",
+                run("ip", "-n", ns, "addr", "add", cidr, "dev", "eth0",
+                    *(["nodad"] if ":" in cidr else []))
+            for gateway in (cidr.split("/")[0] for cidr in host_cidrs):
+                run("ip", "-n", ns, "-6" if ":" in gateway else "-4", "route", "add", "default",
+                    "via", gateway)
+            item.servers.append(_http_server(["ip", "netns", "exec", ns], PORT, "::",
                                              web_root))
         for bind in (bridge_ip, HOST_PUBLIC_SIDE):
             item.servers.append(_http_server([], item.host_port, bind, web_root))
@@ -244,7 +250,7 @@ def net(coi_env, tmp_path, monkeypatch) -> Iterator[Net]:
 def probe(run_in, name: str, targets: Mapping[str, str]) -> dict[str, int]:
     """curl every target from inside the container at once; label -> curl's exit code."""
     script = " ".join(
-        f"(curl -s -o /dev/null --connect-timeout {PROBE_SECONDS} -m {PROBE_SECONDS} "
+        f"(curl -g -s -o /dev/null --connect-timeout {PROBE_SECONDS} -m {PROBE_SECONDS} "
         f"'{url}'; echo \"{label} $?\") &" for label, url in targets.items()) + " wait"
     done = run_in(name, ["bash", "-c", script], timeout=30)
     codes = dict(line.split() for line in done.stdout.splitlines() if line.strip())
@@ -388,7 +394,9 @@ def resolver_for(net, world) -> Iterator[int]:
 
 
 def _bridge_ip() -> str:
-    done = run("incus", "network", "get", "coibr0", "ipv4.address")
+    """The IPv4 address of the bridge coi-net takes as coi's (coibr0, or a test's own)."""
+    name = os.environ.get("COI_INCUS_NETWORK") or "coibr0"
+    done = run("incus", "network", "get", name, "ipv4.address")
     return done.stdout.strip().split("/")[0]
 
 
@@ -430,6 +438,102 @@ def test_the_allowlist_resolver_answers_only_allowed_names_and_lets_their_hosts_
     assert "rebind.pub.coi.test" in asked
     assert "evil" not in asked
     assert ".incus" not in asked
+
+
+# -- IPv6, on a bridge of the test's own ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bridge6:
+    """A test bridge with IPv6 (a ULA prefix, NAT66 out), taken as coi's bridge."""
+
+    name: str
+    ipv6: ipaddress.IPv6Interface
+
+    def nic(self) -> dict[str, dict[str, str]]:
+        return {"eth0": {"type": "nic", "network": self.name, "name": "eth0"}}
+
+
+@pytest.fixture
+def bridge6(world, monkeypatch) -> Iterator[Bridge6]:
+    """Made for the test and deleted after it (after its containers: ask for it first);
+    coi-net (and coi-net dns) take it as coi's bridge through COI_INCUS_NETWORK."""
+    del world
+    name = f"coi-test-{secrets.token_hex(3)}"
+    ipv6 = ipaddress.IPv6Interface(f"fd78:{secrets.token_hex(2)}::1/64")
+    forwarding = Path("/proc/sys/net/ipv6/conf/all/forwarding")
+    before = forwarding.read_text()
+    run("incus", "network", "create", name, f"ipv4.address=10.78.{secrets.randbelow(200) + 20}"
+        ".1/24", "ipv4.nat=true", f"ipv6.address={ipv6}", "ipv6.nat=true")
+    monkeypatch.setenv("COI_INCUS_NETWORK", name)
+    try:
+        yield Bridge6(name, ipv6)
+    finally:
+        run("incus", "network", "delete", name, check=False)
+        forwarding.write_text(before)  # Incus turned IPv6 forwarding on for the bridge
+
+
+def wait_for_ipv6(incus_client, name: str, prefix: ipaddress.IPv6Network,
+                  seconds: float = 30) -> str:
+    """The container's address in the bridge's prefix (SLAAC), once it has one."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        nic = (incus_client.instance_state(name).get("network") or {}).get("eth0") or {}
+        for entry in nic.get("addresses") or []:
+            if entry.get("family") == "inet6" and ipaddress.ip_address(entry["address"]) in prefix:
+                return entry["address"]
+        time.sleep(0.3)
+    pytest.fail(f"{name} got no IPv6 address in {prefix} within {seconds:g} s")
+
+
+def v6_targets() -> dict[str, str]:
+    """The IPv6 test hosts; `host_v6` is the host's own side of the public veth (no
+    server: a refused connection proves the packet arrived)."""
+    return {"public6": f"http://[{PUBLIC6}]:{PORT}/", "public6b": f"http://[{PUBLIC6B}]:{PORT}/",
+            "private6": f"http://[{PRIVATE6}]:{PORT}/",
+            "host_v6": f"http://[{HOST_PUBLIC6_SIDE}]:{PORT + 1}/"}
+
+
+def _start6(bridge6: Bridge6, make_container, incus_client, wait_for_ipv4, net,
+            *apply_args: str):
+    box = make_container(start=False, devices=bridge6.nic())
+    record = apply_ok(net, box.name, *apply_args)
+    start(incus_client, wait_for_ipv4, box.name)
+    wait_for_ipv6(incus_client, box.name, bridge6.ipv6.network)
+    return box, record
+
+
+def test_restricted_on_an_ipv6_bridge_reaches_public_v6_hosts_but_not_ula_or_the_host(
+        world, net, bridge6, make_container, incus_client, run_in, wait_for_ipv4):
+    box, record = _start6(bridge6, make_container, incus_client, wait_for_ipv4, net,
+                          "--mode", "restricted")
+    assert record["rules"] == len(np.container_rules(
+        np.Policy(box.name, record["interface"], "restricted"),
+        np.Bridge("b", ipaddress.IPv4Interface("10.0.0.1/24"), bridge6.ipv6), net.table))
+    codes = probe(run_in, box.name, {**v6_targets(), "public": world.targets()["public"]})
+    assert reached(codes) == {"public6", "public6b", "public"}
+    assert dropped(codes) == {"private6", "host_v6"}
+
+
+def test_an_ipv6_allowlist_reaches_its_address_and_a_wildcard_s_aaaa_answer_only(
+        world, net, bridge6, resolver_for, make_container, incus_client, run_in,
+        wait_for_ipv4, tmp_path):
+    del resolver_for
+    world.set_dns({"v6.pub.coi.test": PUBLIC6B}, log=tmp_path / "upstream.log")
+    box, record = _start6(bridge6, make_container, incus_client, wait_for_ipv4, net,
+                          "--mode", "allowlist", "--allow", PUBLIC6, "--allow",
+                          "*.pub.coi.test", "--resolver", DNS_ADDR, "--dns-timeout", "1")
+    assert record["allowed"] == [PUBLIC6]
+    codes = probe(run_in, box.name, {**v6_targets(), "public": world.targets()["public"]})
+    assert reached(codes) == {"public6"}
+    assert dropped(codes) == {"public6b", "private6", "host_v6", "public"}
+    looked_up = run_in(box.name, ["getent", "ahostsv6", "v6.pub.coi.test"], timeout=20)
+    assert looked_up.ok, looked_up.stderr
+    assert looked_up.stdout.split()[0] == PUBLIC6B
+    codes = probe(run_in, box.name, {"v6": f"http://v6.pub.coi.test:{PORT}/",
+                                     "private6": v6_targets()["private6"]})
+    assert reached(codes) == {"v6"}
+    assert PUBLIC6B in net.status(box.name)["answered"]
 
 
 # -- open ------------------------------------------------------------------------------------

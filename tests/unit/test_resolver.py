@@ -6,9 +6,11 @@ resolver for real (nft, a container, its queries)."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 import dns.flags
 import dns.message
+import dns.query
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
@@ -173,3 +175,29 @@ def test_a_hostile_state_is_not_a_client():
     with pytest.raises(np.BadInput):
         resolver.Client.from_state({"container": NAME, "ifname": IFNAME,
                                     "allowed_wildcards": ["*"], "bridge": BRIDGE.to_json()})
+
+
+def test_the_sockets_answer_over_udp_and_tcp_and_drop_what_is_not_dns(tmp_path, dns_server):
+    world = World(tmp_path, dns_server.resolver)
+    world.directory.addresses_of = lambda _c, _i: {"127.0.0.1"}
+    servers = resolver.listen(world.answerer, "127.0.0.1", 0)
+    try:
+        port = servers[0].server_address[1]
+        query = dns.message.make_query("a.coi.test", "A")
+        assert _addresses(dns.query.udp(query, "127.0.0.1", port=port, timeout=2)) == \
+            ["198.51.100.10"]
+        assert _addresses(dns.query.tcp(query, "127.0.0.1", port=port, timeout=2)) == \
+            ["198.51.100.10"]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(0.5)
+            sock.sendto(b"\x00not dns", ("127.0.0.1", port))
+            with pytest.raises(TimeoutError):
+                sock.recv(512)
+        denied = dns.query.udp(dns.message.make_query("evil.test", "A"), "127.0.0.1",
+                               port=port, timeout=2)
+        assert denied.rcode() == dns.rcode.NXDOMAIN
+        assert dns_server.asked == ["a.coi.test", "a.coi.test"]
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
