@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 
 import dns.flags
 import dns.message
@@ -201,3 +202,24 @@ def test_the_sockets_answer_over_udp_and_tcp_and_drop_what_is_not_dns(tmp_path, 
         for server in servers:
             server.shutdown()
             server.server_close()
+
+
+def test_apply_s_probe_tells_a_listening_resolver_from_a_closed_port_at_once(tmp_path,
+                                                                           dns_server):
+    world = World(tmp_path, dns_server.resolver)
+    servers = resolver.listen(world.answerer, "127.0.0.1", 0)
+    port = servers[0].server_address[1]
+    local = np.Bridge("lo", ipaddress.IPv4Interface("127.0.0.1/8"))
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(np, "dns_port", lambda _table: port)
+            assert resolver.answering(local, TABLE)  # it refuses the host: an answer
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    started = time.monotonic()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(np, "dns_port", lambda _table: port)
+        assert not resolver.answering(local, TABLE, timeout=5)
+    assert time.monotonic() - started < 1
