@@ -29,6 +29,7 @@ container's sets, with names that container may have anyway.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import socketserver
@@ -74,6 +75,7 @@ IN_FLIGHT: Final = 64
 """Queries handled at once; beyond that a query is dropped (the client asks again)."""
 RELOAD_SECONDS: Final = 2.0
 """How old the directory of containers may get before a query reloads it."""
+PARENT_CHECK_SECONDS: Final = 1.0
 MISS_SECONDS: Final = 0.5
 """The least time between two lookups of every container's addresses in Incus."""
 
@@ -434,8 +436,12 @@ def serve(ctx: Context, bridge: np.Bridge) -> int:
     print(f"coi-net dns: answering allowlist containers of table {ctx.table} on {where}",
           file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    parent = os.getppid()
     try:
-        threading.Event().wait()
+        # Ends with its parent (the host service), even one killed without a word: a
+        # resolver left behind would hold the port against the next service's.
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:

@@ -79,10 +79,12 @@ def test_doctor_as_uid_outside_incus_admin_exits_5_with_group_hint(nobody):
 
 
 UPKEEP = {"tick_seconds": 10.0, "rounds": 3, "last": None, "error": "", "restored": []}
+RESOLVER_DOWN = {"running": False, "pid": None, "starts": 3, "error": "coi-net ended (exit 1)"}
 
 
 class _PingAnswerer(socketserver.StreamRequestHandler):
-    result: ClassVar[dict] = {"version": STAND_IN_VERSION, "upkeep": UPKEEP}
+    result: ClassVar[dict] = {"version": STAND_IN_VERSION, "upkeep": UPKEEP,
+                              "resolver": RESOLVER_DOWN}
 
     def handle(self):
         request = json.loads(self.rfile.readline())
@@ -169,6 +171,25 @@ def test_doctor_shows_the_rules_upkeep_and_fails_on_a_service_without_it(
     assert status == 1
     assert checks["rules upkeep"]["ok"] is False
     assert checks["rules upkeep"]["fix"] == START_SERVICE_FIX
+
+
+def test_doctor_shows_the_real_service_s_allowlist_resolver_running(test_user):
+    _, checks = doctor_as(test_user)
+    resolver = checks["allowlist resolver"]
+    assert resolver["ok"], resolver
+    assert "coi-net dns running (pid " in resolver["detail"]
+
+
+def test_doctor_warns_when_the_allowlist_resolver_is_down_without_failing(
+        make_test_user, answering_service, old_service):
+    user = make_test_user()
+    _, checks = doctor_as(user, COI_HOST_SOCKET=str(answering_service))
+    resolver = checks["allowlist resolver"]
+    assert (resolver["ok"], resolver["required"]) == (False, False)
+    assert "not running: coi-net ended (exit 1) (3 starts)" in resolver["detail"]
+    _, checks = doctor_as(user, COI_HOST_SOCKET=str(old_service))
+    assert checks["allowlist resolver"]["ok"] is False
+    assert "older than this coi" in checks["allowlist resolver"]["detail"]
 
 
 def test_doctor_as_a_delegated_normal_user_reports_the_idmap_ok(make_test_user,
