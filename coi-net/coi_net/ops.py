@@ -75,12 +75,13 @@ class Context:
                 return np.Existing()
             raise
 
-    def base_present(self) -> bool:
-        """True when both tables have their base chains (else the base is rebuilt)."""
-        bridge = {i["chain"]["name"] for i in nft.list_table("bridge", self.table) if "chain" in i}
+    def base_present(self, existing: np.Existing) -> bool:
+        """True when both tables have their base chains (else the base is rebuilt);
+        `existing` is the bridge table as listed already."""
+        if not {"c_pre", "c_guard", "c_open", "c_fwd"} <= existing.chains:
+            return False
         inet = {i["chain"]["name"] for i in nft.list_table("inet", self.table) if "chain" in i}
-        return {"c_pre", "c_guard", "c_open", "c_fwd"} <= bridge and \
-            {"c_pre", "c_in", "c_fwd", np.DNS_CHAIN} <= inet
+        return {"c_pre", "c_in", "c_fwd", np.DNS_CHAIN} <= inet
 
 
 # -- apply -------------------------------------------------------------------------------------
@@ -309,7 +310,7 @@ def refresh(ctx: Context, containers: Sequence[str], *, force: bool = False,
     with ctx.store.lock():
         existing = ctx.existing()
         commands: list[dict[str, Any]] = []
-        need_base = not ctx.base_present()
+        need_base = not ctx.base_present(existing)
         saves: dict[str, dict[str, Any]] = {}
         for name in states:
             state = ctx.store.load(name)  # fresh, under the lock
