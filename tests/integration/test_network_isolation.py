@@ -473,17 +473,15 @@ def bridge6(world, monkeypatch) -> Iterator[Bridge6]:
         forwarding.write_text(before)  # Incus turned IPv6 forwarding on for the bridge
 
 
-def wait_for_ipv6(incus_client, name: str, prefix: ipaddress.IPv6Network,
-                  seconds: float = 30) -> str:
-    """The container's address in the bridge's prefix (SLAAC), once it has one."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        nic = (incus_client.instance_state(name).get("network") or {}).get("eth0") or {}
-        for entry in nic.get("addresses") or []:
-            if entry.get("family") == "inet6" and ipaddress.ip_address(entry["address"]) in prefix:
-                return entry["address"]
-        time.sleep(0.3)
-    pytest.fail(f"{name} got no IPv6 address in {prefix} within {seconds:g} s")
+def wait_for_ipv6(run_in, name: str, seconds: int = 30) -> None:
+    """Until the container's SLAAC address has passed duplicate detection and its
+    default route (from the router advertisement) is there: before that a connection
+    from it waits for nothing."""
+    script = (f"for i in $(seq {seconds * 5}); do "
+              "ip -6 addr show dev eth0 scope global -tentative | grep -q inet6 && "
+              "ip -6 route show default | grep -q via && exit 0; sleep 0.2; done; exit 1")
+    if not run_in(name, ["sh", "-c", script], timeout=seconds + 10).ok:
+        pytest.fail(f"{name} got no usable IPv6 address and route within {seconds} s")
 
 
 def v6_targets() -> dict[str, str]:
@@ -494,18 +492,18 @@ def v6_targets() -> dict[str, str]:
             "host_v6": f"http://[{HOST_PUBLIC6_SIDE}]:{PORT + 1}/"}
 
 
-def _start6(bridge6: Bridge6, make_container, incus_client, wait_for_ipv4, net,
+def _start6(bridge6: Bridge6, make_container, incus_client, wait_for_ipv4, run_in, net,
             *apply_args: str):
     box = make_container(start=False, devices=bridge6.nic())
     record = apply_ok(net, box.name, *apply_args)
     start(incus_client, wait_for_ipv4, box.name)
-    wait_for_ipv6(incus_client, box.name, bridge6.ipv6.network)
+    wait_for_ipv6(run_in, box.name)
     return box, record
 
 
 def test_restricted_on_an_ipv6_bridge_reaches_public_v6_hosts_but_not_ula_or_the_host(
         world, net, bridge6, make_container, incus_client, run_in, wait_for_ipv4):
-    box, record = _start6(bridge6, make_container, incus_client, wait_for_ipv4, net,
+    box, record = _start6(bridge6, make_container, incus_client, wait_for_ipv4, run_in, net,
                           "--mode", "restricted")
     assert record["rules"] == len(np.container_rules(
         np.Policy(box.name, record["interface"], "restricted"),
@@ -520,7 +518,7 @@ def test_an_ipv6_allowlist_reaches_its_address_and_a_wildcard_s_aaaa_answer_only
         wait_for_ipv4, tmp_path):
     del resolver_for
     world.set_dns({"v6.pub.coi.test": PUBLIC6B}, log=tmp_path / "upstream.log")
-    box, record = _start6(bridge6, make_container, incus_client, wait_for_ipv4, net,
+    box, record = _start6(bridge6, make_container, incus_client, wait_for_ipv4, run_in, net,
                           "--mode", "allowlist", "--allow", PUBLIC6, "--allow",
                           "*.pub.coi.test", "--resolver", DNS_ADDR, "--dns-timeout", "1")
     assert record["allowed"] == [PUBLIC6]
