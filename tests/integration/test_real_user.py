@@ -293,7 +293,7 @@ def test_a_save_whose_exec_ended_without_a_word_is_tried_again(coi_env, tmp_path
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "failed-once").exists()
     assert " retry exec " in trace
-    store = test_user.home / ".coi" / "sessions-dummy"
+    store = coi_env.home / ".coi" / "sessions-dummy"  # the store of root, who ran it
     assert [p for p in store.rglob("history") if p.read_text() == "kept\n"], done.stderr
 
 
