@@ -21,6 +21,10 @@ How the rules work (docs/network.md has the picture):
   local` drops marked packets to any of the host's own addresses (before
   DNAT), `input` drops any marked packet that still reaches the host, and
   `forward` re-checks private destinations after DNAT.
+* An allowlist container's DNS to the bridge carries the table's DNS mark
+  (`dns_mark`), which the nat chain `c_dns` redirects to coi's resolver
+  (coi_net.resolver); the addresses it answers go into the sets
+  `d_<ifname>` / `d6_<ifname>` (with timeouts) beside the static `a_` ones.
 
 Nothing here touches the system: building is pure (unit-tested), resolution
 needs dnspython (imported lazily; ~150 ms) and the store writes files.
