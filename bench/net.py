@@ -162,6 +162,21 @@ def measure(client: Incus, dns: Dns, table: str, name: str, folder: Path, *,
                  median_ms(lambda: ops.apply(ctx, restricted), runs), ""))
     apply_cli = median_ms(program(COI_NET, "apply", name), runs)
     rows.append(("coi-net apply, restricted", apply_cli, "what a session start pays"))
+    fresh = [f"{name}-n{number}" for number in range(runs)]
+    turn = iter(fresh)
+
+    def apply_next() -> None:
+        program(COI_NET, "apply", next(turn))()
+
+    try:
+        rows.append(("coi-net apply, a new container", median_ms(
+            apply_next, runs,
+            before=lambda number: client.create_instance(fresh[number], IMAGE,
+                                                         profiles=["coi"])),
+            "+ its NIC and start hook (one PATCH)"))
+    finally:
+        for other in fresh:
+            client.delete_instance_force(other)
     rows.append(("coi-net apply, allowlist of 3 names", median_ms(program(
         COI_NET, "apply", name, "--mode", "allowlist", "--resolver", DNS_ADDR,
         "--allow", "n000.bench.test", "--allow", "n001.bench.test", "--allow",
