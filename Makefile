@@ -63,9 +63,7 @@ docs: venv
 
 bench: venv
 	$(PY) -m compileall -q lib coi-* >/dev/null
-	$(PY) bench/startup.py
-	$(SUDO) $(PY) bench/net.py
-	$(SUDO) $(PY) bench/porcelain.py $(if $(BASELINE),--baseline $(BASELINE))
+	$(SUDO) $(PY) -m bench $(if $(BASELINE),--baseline $(BASELINE))
 
 # Installs coi for the user running make (no root): a venv under
 # ~/.local/share/coi and links in ~/.local/bin (see install.sh).

@@ -1,23 +1,35 @@
-"""Everyday coi commands against the raw Incus floor, before and after a change, in one run.
+"""The bench suite: everyday coi commands against the raw Incus floor, before and after a
+change, in one run (`make bench`, `python -m bench`).
 
 Usage:
-  porcelain.py [--baseline DIR] [--containers N] [--list-runs M] [--real-service]
-               [--format FMT] [--debug] [<runs>]
+  porcelain.py [--baseline DIR] [--containers N] [--list-runs M] [--concurrent K]
+               [--real-service] [--format FMT] [--debug] [<runs>]
   porcelain.py (-h | --help)
 
 Prints ONE markdown table, ms as median / max, every column measured in this
 run with the runs interleaved (baseline, this, floor, baseline, this, floor,
 ...) after one unrecorded warm-up of each, so machine drift hits every column
-alike:
+alike; then the ratio of this checkout to the floor, the row's goal (the
+issue's: within 20 % of the floor, and for start-up at most 60 ms) and
+whether it is met:
 
   row                          raw Incus floor (the least Incus work the same job needs)
-  `coi run -- true`            incus create IMAGE NAME + incus start + incus exec NAME --
-                               true + incus delete -f NAME, timed end to end
+  `coi run -- true` (open,     incus create IMAGE NAME + incus start + incus exec NAME --
+  restricted, allowlist)       true + incus delete -f NAME, timed end to end
   `coi shell` to the prompt    incus create + incus start + incus exec -t NAME -- sh -c
                                "echo 'dummy>'" until its output is seen
-  `coi list --format json`     incus list --format json PREFIX (the same N stopped
-                               containers, made by `coi run --persistent` of this checkout)
-  `coi --version`              python -c pass (the venv's interpreter)
+  `coi list --format json`     incus list --format json PREFIX (none, then the same N
+                               stopped containers, made by `coi run --persistent`)
+  `coi version`, `coi --help`  python -c pass (the venv's interpreter)
+  K concurrent `coi run`       K concurrent floors of `coi run` (wall time of all; the
+                               failures of each side are counted, the goal is none)
+
+Peak RSS: every process of this checkout (its bin/ on the command line: coi,
+its executables, the host service) is sampled all along (VmHWM, every 20 ms);
+the largest is reported against the goal of 60 MB. Beside the table it
+writes bench/results.json (every sample, the verdicts and the machine:
+cores, kernel, Incus version, storage drivers) and bench/ratios.svg (a bar
+per row of this checkout / floor, the goal as a line).
 
 `coi shell` runs in a pseudo terminal with the `dummy` test tool, timed from
 the start until its prompt `dummy>` is on the screen; the session is then
@@ -50,8 +62,9 @@ command fails (stderr names the column, the command and its last error line).
 
 Options:
   --baseline DIR    Checkout to compare with (its bin/coi and .venv).
-  --containers N    Stopped containers present for the listing row [default: 5].
+  --containers N    Stopped containers present for the listing row [default: 10].
   --list-runs M     Runs of the listing and start-up rows [default: 11].
+  --concurrent K    Sessions started at once in the concurrency row [default: 10].
   --real-service    Use the host service `coi setup` runs, not one per checkout.
   --format FMT      text (the markdown table) or json (one array, a record per
                     row) [default: text].
@@ -89,7 +102,9 @@ from pathlib import Path
 from typing import Any, Final
 
 ROOT: Final = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "lib"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "lib"), str(ROOT / "tests"), str(ROOT / "bench")]
+
+import report  # noqa: E402 - bench/, beside this file
 
 import fixtures_users  # noqa: E402 - needs the path above
 import sweep  # noqa: E402
@@ -111,6 +126,28 @@ SLOWER_MS: Final = 100.0
 SERVICE_START_TIMEOUT: Final = 15.0
 REAL_SOCKET: Final = "/run/coi/host.sock"
 PR_SET_PDEATHSIG: Final = 1  # linux/prctl.h
+STARTUP_MOST_MS: Final = 60.0
+RSS_GOAL_MB: Final = 60.0
+SAMPLER: Final = """
+import os, signal, sys, time
+pattern, peak, stop = sys.argv[1].encode(), 0, []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+while not stop:
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if pattern not in open(f"/proc/{pid}/cmdline", "rb").read():
+                continue
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+        except OSError:
+            pass
+    time.sleep(0.02)
+print(peak)
+"""
+"""The peak RSS sampler, a process of its own (the bench itself has no threads)."""
 
 
 @dataclass(frozen=True)
@@ -134,7 +171,15 @@ class Row:
     label: str
     runs: int
     measure: Callable[[Column], float]
+    goal: report.Goal = field(default_factory=report.Goal)
     samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def median(self, key: str) -> float | None:
+        cell = self.cell(key)
+        return cell["median_ms"] if cell else None
+
+    def met(self) -> bool | None:
+        return self.goal.met(self.median("this"), self.median("floor"))
 
     def cell(self, key: str) -> dict[str, Any] | None:
         found = self.samples.get(key)
@@ -216,6 +261,7 @@ class Bench:
         self.workspace.mkdir(mode=0o755)
         os.chown(self.workspace, self.user.uid, self.user.gid)
         self.listed: list[str] = []
+        self.failures: dict[str, int] = {}
 
     # -- running as the bench user ------------------------------------------------------
 
@@ -257,10 +303,10 @@ class Bench:
 
     # -- the rows: one run of one column, in ms ------------------------------------------
 
-    def run_true(self, column: Column) -> float:
+    def run_true(self, column: Column, network: str = "restricted") -> float:
         start = time.perf_counter()
         if column.checkout is not None:
-            self.coi(column, "run", "--", "true")
+            self.coi(column, "run", "--network", network, "--", "true")
         else:
             name = self.floor_name()
             self.run(column, "incus", "create", IMAGE, name, "--profile", PROFILE)
@@ -268,6 +314,27 @@ class Bench:
             self.run(column, "incus", "exec", name, "--", "true")
             self.run(column, "incus", "delete", "-f", name)
         return ms_since(start)
+
+    def concurrent(self, column: Column, count: int) -> float:
+        """`count` sessions (or floors) started at once in the one workspace: the wall
+        time until the last ended; those that failed are counted, not raised."""
+        if column.checkout is not None:
+            commands = [[column.coi(), "run", "--", "true"]] * count
+        else:
+            commands = [["sh", "-c", f"incus create {IMAGE} {name} --profile {PROFILE} && "
+                         f"incus start {name} && incus exec {name} -- true && "
+                         f"incus delete -f {name}"]
+                        for name in (f"{self.floor_name()}{n}" for n in range(count))]
+        start = time.perf_counter()
+        children = [subprocess.Popen(self.argv(*command), env=self.env(column),
+                                     cwd=self.workspace, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    for command in commands]
+        failed = sum(child.wait(timeout=COMMAND_TIMEOUT * 2) != 0 for child in children)
+        elapsed = ms_since(start)
+        self.failures[column.key] = self.failures.get(column.key, 0) + failed
+        self.end_sessions(column)
+        return elapsed
 
     def shell_prompt(self, column: Column) -> float:
         start = time.perf_counter()
@@ -321,10 +388,10 @@ class Bench:
             raise CommandFailed(f"{column.title}: the listing lacks {', '.join(missing)}")
         return elapsed
 
-    def start_up(self, column: Column) -> float:
+    def start_up(self, column: Column, *args: str) -> float:
         start = time.perf_counter()
         if column.checkout is not None:
-            self.coi(column, "--version")
+            self.coi(column, *args)
         else:
             self.run(column, str(ROOT / ".venv" / "bin" / "python"), "-c", "pass")
         return ms_since(start)
@@ -425,14 +492,20 @@ def slower(row: Row) -> str:
     return ""
 
 
+VERDICT: Final = {True: "pass", False: "FAIL", None: "-"}
+
+
 def render_table(rows: Sequence[Row], columns: Sequence[Column]) -> str:
-    lines = ["| row | " + " | ".join(c.title for c in columns) + " |",
-             "|---" * (len(columns) + 1) + "|"]
+    lines = ["| row | " + " | ".join(c.title for c in columns) + " | ratio | goal | |",
+             "|---" * (len(columns) + 4) + "|"]
     for row in rows:
         cells = []
         for column in columns:
             cell = row.cell(column.key)
             cells.append(f"{cell['median_ms']:.0f} / {cell['max_ms']:.0f}" if cell else "")
+        found = report.ratio(row.median("this"), row.median("floor"))
+        cells += [f"x{found:.2f}" if found is not None else "-", row.goal.text(),
+                  VERDICT[row.met()]]
         lines.append(f"| {row.label} ({row.runs} runs) | " + " | ".join(cells) + " |")
     return "\n".join(["ms, median / max", "", *lines])
 
@@ -440,7 +513,24 @@ def render_table(rows: Sequence[Row], columns: Sequence[Column]) -> str:
 def records(rows: Sequence[Row]) -> list[dict[str, Any]]:
     return [{"bench": "porcelain", "version": 1, "row": row.label, "runs": row.runs,
              "floor": row.cell("floor"), "baseline": row.cell("baseline"),
-             "this": row.cell("this"), "slower": bool(slower(row))} for row in rows]
+             "this": row.cell("this"), "slower": bool(slower(row)),
+             "ratio": report.ratio(row.median("this"), row.median("floor")),
+             "goal": row.goal.text(), "met": row.met()} for row in rows]
+
+
+class PeakRss:
+    """The SAMPLER process, over every process with `pattern` on its command line."""
+
+    def __init__(self, pattern: str) -> None:
+        self.child = subprocess.Popen([sys.executable, "-c", SAMPLER, pattern],
+                                      stdout=subprocess.PIPE, text=True,
+                                      preexec_fn=_die_with_parent)  # noqa: PLW1509
+
+    def stop(self) -> float:
+        """The largest peak seen, MB."""
+        self.child.terminate()
+        out, _ = self.child.communicate(timeout=10)
+        return round(int(out.strip() or 0) / 1024, 1)
 
 
 # -- the run -----------------------------------------------------------------------------
@@ -458,6 +548,7 @@ def bench(args: Args) -> int:
                          hint="sudo .venv/bin/python bench/porcelain.py")
     runs = positive("<runs>", args["<runs>"] or "5")
     list_runs = positive("--list-runs", args["--list-runs"])
+    concurrent = positive("--concurrent", args["--concurrent"])
     count = positive("--containers", args["--containers"])
     if args["--format"] not in ("text", "json"):
         raise UsageError(f"--format must be text or json, got {args['--format']!r}")
@@ -497,23 +588,61 @@ def bench(args: Args) -> int:
         columns.append(Column("floor", "raw incus floor"))
         user = fixtures_users.create_user(f"bench{tag}")
         work = Bench(user, f"{sweep.INSTANCE_PREFIX}bench{tag}-", client)
-        rows = [Row("`coi run -- true`", runs, work.run_true),
+        startup = report.Goal(most_ms=STARTUP_MOST_MS)
+        rows = [*(Row(f"`coi run -- true`, {network}", runs,
+                      lambda c, n=network: work.run_true(c, n))
+                  for network in ("open", "restricted", "allowlist")),
                 Row("`coi shell` to the prompt", runs, work.shell_prompt),
-                Row(f"`coi list --format json`, {count} stopped", list_runs, work.list_json),
-                Row("`coi --version` (floor: python -c pass)", list_runs, work.start_up)]
-        for row in rows[:2]:
+                Row(f"{concurrent} concurrent `coi run -- true` (all)", max(1, runs // 2),
+                    lambda c: work.concurrent(c, concurrent)),
+                Row("`coi list --format json`, none", list_runs, work.list_json),
+                Row("`coi version` (floor: python -c pass)", list_runs,
+                    lambda c: work.start_up(c, "version"), startup),
+                Row("`coi --help` (floor: python -c pass)", list_runs,
+                    lambda c: work.start_up(c, "--help"), startup),
+                Row(f"`coi list --format json`, {count} stopped", list_runs, work.list_json)]
+        sampler = PeakRss(str(ROOT / "bin"))
+        for row in rows[:-1]:
             measure(row, columns)
         work.make_listed(next(c for c in columns if c.key == "this"), count)
-        for row in rows[2:]:
-            measure(row, columns)
+        measure(rows[-1], columns)
+        peak = sampler.stop()
     finally:
         clean_up()
-    return report(rows, [columns[-1], *columns[:-1]], as_json=args["--format"] == "json")
+    return show(rows, [columns[-1], *columns[:-1]], Extra(peak, work.failures),
+                as_json=args["--format"] == "json")
 
 
-def report(rows: Sequence[Row], columns: Sequence[Column], *, as_json: bool) -> int:
-    """Print the table (columns in this order) or the records; 1 when a row got slower."""
-    print(json.dumps(records(rows), indent=2) if as_json else render_table(rows, columns))
+@dataclass(frozen=True)
+class Extra:
+    """What is not a timed row: the peak RSS of this checkout's processes (MB) and the
+    failed runs of the concurrency row per column."""
+
+    peak_mb: float
+    failures: dict[str, int]
+
+    def lines(self) -> list[str]:
+        met = self.peak_mb < RSS_GOAL_MB
+        failed = ", ".join(f"{key} {count}" for key, count in sorted(self.failures.items()))
+        return [f"peak RSS of this checkout's processes: {self.peak_mb:g} MB (goal < "
+                f"{RSS_GOAL_MB:g} MB: {VERDICT[met]})",
+                f"failed runs in the concurrency row: {failed} (goal: none from coi: "
+                f"{VERDICT[not self.failures.get('this')]})"]
+
+
+def show(rows: Sequence[Row], columns: Sequence[Column], extra: Extra, *,
+         as_json: bool) -> int:
+    """Print the table (columns in this order) or the records, write results.json and
+    the chart; 1 when a row got slower."""
+    found = records(rows)
+    report.write_results(ROOT / "bench" / "results.json", found, {
+        **report.machine_facts(), "peak_rss_mb": extra.peak_mb,
+        "concurrent_failures": extra.failures})
+    report.ratio_chart(ROOT / "bench" / "ratios.svg",
+                       [(row.label, record["ratio"]) for row, record in zip(rows, found,
+                                                                          strict=True)])
+    print(json.dumps(found, indent=2) if as_json else
+          "\n".join([render_table(rows, columns), "", *extra.lines()]))
     verdicts = [(row.label, slower(row)) for row in rows]
     for label, verdict in verdicts:
         if verdict:
