@@ -17,15 +17,13 @@ Options:
 
 from __future__ import annotations
 
-import difflib
 import os
-import platform
 import sys
 
 from coi_common import __version__, output
 from coi_common.entry import PROG_VARIABLE, Args, parse_args, run_main
 from coi_common.errors import CoiError, NotFound, UsageError
-from coi_common.plumbing import find_executable
+from coi_common.executables import find_executable
 from coi_dispatch.commands import BY_NAME, COMMANDS
 
 VERSION_USAGE = """Usage:
@@ -92,6 +90,8 @@ def dispatch(args: Args) -> int:
 
 def unknown_command_message(name: str) -> str:
     """One line for an unknown command, with the closest known name when there is one."""
+    import difflib  # noqa: PLC0415 - ~10 ms, for a mistyped command only
+
     close = difflib.get_close_matches(name, list(BY_NAME), n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else "; see 'coi --help'"
     return f"{name!r} is not a coi command{hint}"  # repr: never a raw escape sequence
@@ -127,6 +127,8 @@ def show_help(rest: list[str]) -> int:
 
 def show_version(*, as_json: bool) -> int:
     """coi and Python versions, and the Incus server's when the daemon answers."""
+    import platform  # noqa: PLC0415
+
     from coi_common.incus import Incus  # noqa: PLC0415
 
     try:

@@ -6,12 +6,10 @@ are all made from this one list.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 
-@dataclass(frozen=True)
-class Command:
+class Command(NamedTuple):
     """One `coi NAME`: the executable that runs it and a one-line summary."""
 
     name: str

@@ -18,7 +18,6 @@ import json
 import os
 import pwd
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
@@ -26,6 +25,7 @@ from typing import Any, Final
 from coi_common import plan, proc, trace
 from coi_common.entry import PLUMBING_VARIABLE
 from coi_common.errors import ALL_ERRORS, CoiError, NotFound
+from coi_common.executables import find_executable
 from coi_common.protocol import Record, parse_record
 
 MAX_OUTPUT: Final = 4 * 1024 * 1024
@@ -115,20 +115,6 @@ class Child:
         """Stop the child, unless it has ended (its pid may be another's by now)."""
         if self.process is not None and self.process.returncode is None:
             proc.stop_group(self.process, grace=0)
-
-
-def find_executable(program: str) -> str | None:
-    """`program` next to this coi first (a checkout or a venv), then on PATH."""
-    # Beside the link we were started by (~/.local/bin), then beside what it points at
-    # (the venv's bin): a `coi` linked alone still finds its siblings.
-    started = os.path.abspath(sys.argv[0])
-    places = [os.environ.get("COI_BIN_DIR") or os.path.dirname(started),
-              os.path.dirname(os.path.realpath(started))]
-    for here in dict.fromkeys(places):
-        sibling = os.path.join(here, program)
-        if os.access(sibling, os.X_OK):
-            return sibling
-    return proc.which(program)
 
 
 def as_account(account: pwd.struct_passwd, argv: list[str]) -> list[str]:

@@ -24,6 +24,7 @@ from typing import IO, Any
 
 from coi_common import trace
 from coi_common.errors import CommandFailed, NotFound
+from coi_common.executables import which  # noqa: F401 - proc.which, as callers know it
 
 
 @dataclass(frozen=True)
@@ -213,15 +214,6 @@ def spawn(argv: Sequence[str], *, stdin: int | IO[bytes] | None = subprocess.DEV
                                  env=dict(env) if env is not None else None)
         call.end(f"started pid {child.pid}")
     return child
-
-
-def which(program: str) -> str | None:
-    """Full path of `program` on PATH, or None."""
-    for folder in os.environ.get("PATH", "").split(os.pathsep):
-        candidate = os.path.join(folder, program)
-        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
-            return candidate
-    return None
 
 
 def spawn_detached(argv: Sequence[str], log_path: str) -> int:
