@@ -1,4 +1,5 @@
-"""Write docs/commands.md from the command register and each executable's usage.
+"""Write docs/commands.md from the command register and each executable's usage, and
+bin/_commands (`NAME OWNER` lines: where bin/_launch hands `coi NAME` straight over).
 
 Run: .venv/bin/python docs/generate.py (make docs). tests/unit/test_docs.py
 fails when the committed file differs from what this prints.
@@ -18,6 +19,13 @@ import coi_dispatch as dispatch  # noqa: E402
 from coi_dispatch.commands import COMMANDS  # noqa: E402
 
 TARGET = ROOT / "docs" / "commands.md"
+OWNERS = ROOT / "bin" / "_commands"
+
+
+def owners() -> str:
+    """`NAME OWNER` of every command an executable owns (the dispatcher's built-ins
+    stay the dispatcher's)."""
+    return "".join(f"{c.name} {c.owner}\n" for c in COMMANDS if c.owner != "coi")
 
 
 def usage_section(docstring: str) -> str:
@@ -49,3 +57,4 @@ def render() -> str:
 
 if __name__ == "__main__":
     TARGET.write_text(render(), encoding="utf-8")
+    OWNERS.write_text(owners(), encoding="utf-8")

@@ -132,3 +132,24 @@ def test_debug_flag_shows_a_traceback_only_when_asked(tmp_path):
     assert "Traceback" not in quiet.stderr
     assert "Traceback" in loud.stderr
     assert quiet.returncode == loud.returncode == 2
+
+
+def _launched_module(*args: str, **env: str) -> str:
+    """The module bin/coi's launcher runs for `coi ARGS` (`sh -x` shows its exec)."""
+    done = subprocess.run(["sh", "-x", str(ROOT / "bin" / "coi"), *args],
+                          env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=30, check=False)
+    line = next(line for line in done.stderr.splitlines() if " -m " in line and "exec" in line)
+    return line.split(" -m ", 1)[1].split()[0]
+
+
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c.owner != "coi"])
+def test_the_launcher_hands_a_command_straight_to_its_owner(command):
+    assert _launched_module(command.name, "--help") == command.owner.replace("-", "_")
+
+
+def test_built_ins_options_first_unknown_names_and_stub_owners_go_to_the_dispatcher(tmp_path):
+    assert _launched_module("version") == "coi_dispatch"
+    assert _launched_module("--debug", "list", "--help") == "coi_dispatch"
+    assert _launched_module("lst") == "coi_dispatch"
+    assert _launched_module("list", "--help", COI_BIN_DIR=str(tmp_path)) == "coi_dispatch"

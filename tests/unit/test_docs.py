@@ -12,3 +12,5 @@ def test_commands_doc_matches_the_register_and_every_usage():
     spec.loader.exec_module(generate)
     assert (ROOT / "docs" / "commands.md").read_text() == generate.render(), \
         "docs/commands.md is stale: run make docs"
+    assert (ROOT / "bin" / "_commands").read_text() == generate.owners(), \
+        "bin/_commands is stale: run make docs"
