@@ -24,8 +24,9 @@ whether it is met:
   K concurrent `coi run`       K concurrent floors of `coi run` (wall time of all; the
                                failures of each side are counted, the goal is none)
 
-Peak RSS: every process of this checkout (its bin/ on the command line: coi,
-its executables, the host service) is sampled all along (VmHWM, every 20 ms);
+Peak RSS: every process of this checkout (its interpreter running a coi module:
+the dispatcher, every executable, the host service) is sampled all along
+(VmHWM, every 20 ms);
 the largest is reported against the goal of 60 MB. Beside the table it
 writes bench/results.json (every sample, the verdicts and the machine:
 cores, kernel, Incus version, storage drivers) and bench/ratios.svg (a bar
@@ -130,14 +131,16 @@ STARTUP_MOST_MS: Final = 60.0
 RSS_GOAL_MB: Final = 60.0
 SAMPLER: Final = """
 import os, signal, sys, time
-pattern, peak, stop = sys.argv[1].encode(), 0, []
+root, peak, stop = sys.argv[1].encode(), 0, []
 signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
 while not stop:
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
-            if pattern not in open(f"/proc/{pid}/cmdline", "rb").read():
+            words = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")
+            if not (words[0].startswith(root) and b"-m" in words and
+                    any(w.startswith(b"coi_") for w in words)):
                 continue
             for line in open(f"/proc/{pid}/status"):
                 if line.startswith("VmHWM:"):
@@ -519,10 +522,11 @@ def records(rows: Sequence[Row]) -> list[dict[str, Any]]:
 
 
 class PeakRss:
-    """The SAMPLER process, over every process with `pattern` on its command line."""
+    """The SAMPLER process, over every process whose interpreter lies under `root` and
+    runs a coi module (`python -S -m coi_slot ...`, as bin/_launch starts them)."""
 
-    def __init__(self, pattern: str) -> None:
-        self.child = subprocess.Popen([sys.executable, "-c", SAMPLER, pattern],
+    def __init__(self, root: str) -> None:
+        self.child = subprocess.Popen([sys.executable, "-c", SAMPLER, root],
                                       stdout=subprocess.PIPE, text=True,
                                       preexec_fn=_die_with_parent)  # noqa: PLW1509
 
@@ -601,7 +605,7 @@ def bench(args: Args) -> int:
                 Row("`coi --help` (floor: python -c pass)", list_runs,
                     lambda c: work.start_up(c, "--help"), startup),
                 Row(f"`coi list --format json`, {count} stopped", list_runs, work.list_json)]
-        sampler = PeakRss(str(ROOT / "bin"))
+        sampler = PeakRss(str(ROOT))
         for row in rows[:-1]:
             measure(row, columns)
         work.make_listed(next(c for c in columns if c.key == "this"), count)
