@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import IO, Final
+from typing import IO, Final, NamedTuple
 
 MAX_LINE: Final = 64 * 1024
 """Longest status, header or chunk-size line read."""
@@ -30,8 +29,7 @@ class ProtocolError(Exception):
     """An answer that is not HTTP/1.x, or broke off halfway."""
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(NamedTuple):
     status: int
     headers: dict[str, str]
     """Header names lower-cased."""

@@ -28,8 +28,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from types import MappingProxyType
+from typing import Any, Final, NamedTuple, TypeVar
 from urllib.parse import quote, urlencode
 
 from coi_common import httpunix, plan, proc, trace
@@ -619,17 +619,17 @@ def ipv4_of(state: Mapping[str, Any] | None, interface: str = "eth0") -> str:
     return ""
 
 
-@dataclass(frozen=True)
-class ExecSpec:
+class ExecSpec(NamedTuple):
     """One `incus exec`: the container, the command, as whom, where, with exactly which
     environment, and whether with a terminal (True: -t, False: -T, None: Incus decides).
-    Every command coi runs in a container is described by one of these."""
+    Every command coi runs in a container is described by one of these. (The records of
+    the transport are NamedTuples: importing dataclasses costs a process ~15 ms.)"""
 
     instance: str
     command: tuple[str, ...]
     user: int | None = None
     cwd: str | None = None
-    env: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = MappingProxyType({})
     tty: bool | None = None
 
     def args(self) -> list[str]:

@@ -19,16 +19,14 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from coi_common import trace
 from coi_common.errors import CommandFailed, NotFound
 from coi_common.executables import which  # noqa: F401 - proc.which, as callers know it
 
 
-@dataclass(frozen=True)
-class Result:
+class Result(NamedTuple):
     """What a finished program left behind."""
 
     argv: tuple[str, ...]
@@ -41,8 +39,7 @@ class Result:
         return self.returncode == 0
 
 
-@dataclass(frozen=True)
-class BinaryResult:
+class BinaryResult(NamedTuple):
     """What a finished program left behind, its output as bytes (nothing decoded)."""
 
     argv: tuple[str, ...]
@@ -102,8 +99,7 @@ def run_bytes(argv: Sequence[str], *, timeout: float | None = None) -> BinaryRes
     return BinaryResult(tuple(argv), done.returncode, done.stdout, done.stderr)
 
 
-@dataclass(frozen=True)
-class HandOver:
+class HandOver(NamedTuple):
     """How an interactive child ended: its status and, when its stderr was watched,
     the first line it printed if that line began with the watched prefix (held back
     from the user until the caller decides; see hand_over)."""
