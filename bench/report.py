@@ -35,9 +35,10 @@ class Goal:
             return None
         checks = []
         if self.ratio is not None:
-            if not floor_ms:
+            found = ratio(this_ms, floor_ms)
+            if found is None:
                 return None
-            checks.append(this_ms <= floor_ms * self.ratio)
+            checks.append(found <= self.ratio)  # the ratio as the table shows it
         if self.most_ms is not None:
             checks.append(this_ms <= self.most_ms)
         return all(checks)
