@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from coi_common import apt_sources, proc
+from coi_common import apt_sources, executables, proc
 
 OS_RELEASE = "/etc/os-release"
 BACKPORTS_SOURCES = "/etc/apt/sources.list.d/coi-backports.sources"
@@ -123,7 +123,7 @@ def _read(path: Path) -> str:
 def find_program(program: str, extra_dirs: Iterable[str] = SBIN_DIRS) -> str | None:
     """`program` on PATH, else in `extra_dirs`: a normal user's PATH on Debian lacks the
     sbin directories, where programs such as nft live that coi still needs to find."""
-    return proc.which(program) or shutil.which(program, path=os.pathsep.join(extra_dirs))
+    return executables.which(program) or shutil.which(program, path=os.pathsep.join(extra_dirs))
 
 
 def has_systemd() -> bool:
@@ -144,8 +144,8 @@ def choose_pool_driver(has_zfs: bool, has_btrfs: bool) -> str:
 
 
 def best_pool_driver() -> str:
-    has_zfs = os.path.isdir("/sys/module/zfs") and proc.which("zpool") is not None
-    has_btrfs = "btrfs" in filesystems() and proc.which("mkfs.btrfs") is not None
+    has_zfs = os.path.isdir("/sys/module/zfs") and executables.which("zpool") is not None
+    has_btrfs = "btrfs" in filesystems() and executables.which("mkfs.btrfs") is not None
     return choose_pool_driver(has_zfs, has_btrfs)
 
 

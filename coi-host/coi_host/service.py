@@ -54,7 +54,7 @@ from coi_common import (
     proc,
 )
 from coi_common.errors import BadInput, CoiError, NotFound, PermissionDenied
-from coi_common.plumbing import find_executable
+from coi_common.executables import find_executable
 from coi_common.protocol import Record, error_record, make_record, parse_record
 from coi_host import install, spare, upkeep, views
 

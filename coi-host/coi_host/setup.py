@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from coi_common import config, idmap, incus, proc
+from coi_common import config, executables, idmap, incus, proc
 from coi_common.errors import CoiError, CommandFailed, IncusUnavailable, PermissionDenied
 from coi_common.progress import Progress
 from coi_common.protocol import make_record, write_record
@@ -91,7 +91,7 @@ def ensure_packages(ctx: Context) -> Step:
     plan = hostinfo.install_plan(ctx.distro)
     missing = hostinfo.missing_packages(("incus", *PACKAGES)) if plan.apt else []
     if not plan.apt:
-        if proc.which("incus"):
+        if executables.which("incus"):
             return Step("packages", False, "incus present (not an apt system: "
                         "install nftables, tmux, debootstrap yourself)")
         raise CoiError(f"cannot install Incus on {ctx.distro.pretty}", hint=plan.message)

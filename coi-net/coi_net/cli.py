@@ -142,8 +142,8 @@ def _apply(args: Args, *, as_json: bool) -> int:
     bridge = ops.bridge_facts(ctx.client, ctx.bridge_name)
     allowed = np.parse_allowed(entries, bridge)  # nor an address in the bridge's subnet
     if mode == "allowlist" and not allowed.entries():
-        print(f"{PROG}: warning: allowlist mode with nothing allowed: {name} can reach only "
-              "the bridge's DNS", file=sys.stderr)
+        print(f"{PROG}: warning: allowlist mode with nothing allowed: {name} can reach "
+              "nothing, and coi's resolver answers it no name", file=sys.stderr)
     request = ops.Request(name, mode, allowed if mode == "allowlist" else np.Allowed(),
                           resolvers, minutes, timeout,
                           nic_filtering=not args["--no-nic-filtering"])

@@ -16,9 +16,9 @@ from typing import Any, Final
 
 from coi_common import plan
 from coi_common.errors import BadInput, CoiError, NotFound, PermissionDenied
+from coi_common.executables import find_executable
 from coi_common.incus import Incus
 from coi_common.naming import validate_container_name
-from coi_common.plumbing import find_executable
 from coi_common.protocol import Record, make_record
 from coi_net import nft
 from coi_net import policy as np

@@ -39,7 +39,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -232,11 +232,11 @@ def validate_wildcard(text: str) -> str:
                        "labels", hint="e.g. *.githubusercontent.com (never *.com)") from None
 
 
-def name_allowed(name: str, names: Iterable[str], wildcards: Iterable[str]) -> bool:
+def name_allowed(name: str, names: Collection[str], wildcards: Iterable[str]) -> bool:
     """Whether a queried `name` (any case, one trailing dot or none) is one of `names`
     or under one of `wildcards` (`*.example.com`: a.example.com, a.b.example.com)."""
     wanted = name.lower().removesuffix(".")
-    return wanted in set(names) or any(wanted.endswith(w[1:]) for w in wildcards)
+    return wanted in names or any(wanted.endswith(w[1:]) for w in wildcards)
 
 
 def dns_port(table: str) -> int:

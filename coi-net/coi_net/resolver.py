@@ -251,7 +251,8 @@ class Answerer:
 
     def _allow(self, client: Client, addresses: Iterable[str], lifetime: float) -> None:
         """Each address into the container's answer sets, never shortening an earlier
-        answer's time: one transaction (none when there is nothing to add)."""
+        answer's time: one transaction (none when there is nothing to add), committed
+        under the lock, since a process has one libnftables context."""
         now = self.clock()
         with self._lock:
             lifetimes = {}
@@ -414,14 +415,8 @@ def serve(ctx: Context, bridge: np.Bridge) -> int:
     service runs it)."""
     port = np.dns_port(ctx.table)
     addresses = [str(bridge.ipv4.ip), *([str(bridge.ipv6.ip)] if bridge.ipv6 else [])]
-    lock = threading.Lock()
-
-    def commit(commands: list[np.Command]) -> None:
-        with lock:  # one libnftables context per process
-            nft.run(commands, table=ctx.table)
-
     answerer = Answerer(ctx.table, Directory(ctx.store, incus_addresses(ctx.client)),
-                        host_resolvers(), commit)
+                        host_resolvers(), lambda commands: nft.run(commands, table=ctx.table))
     servers: list[socketserver.BaseServer] = []
     try:
         for address in addresses:

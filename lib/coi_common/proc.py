@@ -23,7 +23,6 @@ from typing import IO, Any, NamedTuple
 
 from coi_common import trace
 from coi_common.errors import CommandFailed, NotFound
-from coi_common.executables import which  # noqa: F401 - proc.which, as callers know it
 
 
 class Result(NamedTuple):

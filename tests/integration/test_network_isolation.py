@@ -38,7 +38,7 @@ import dns.message
 import dns.query
 import pytest
 
-from coi_common import naming, proc
+from coi_common import executables, naming, proc
 from coi_common.errors import CoiError
 from coi_common.protocol import parse_record
 from coi_common.sessions import SlotRecord
@@ -170,7 +170,7 @@ def _http_server(argv_prefix: list[str], port: int, bind: str, root: Path) -> su
 def world(incus_run_lock, bridge_subnet, tmp_path_factory) -> Iterator[World]:
     """Build the test world after the sweep (incus_run_lock) and remove it at the end."""
     del incus_run_lock
-    if proc.which("dnsmasq") is None:
+    if executables.which("dnsmasq") is None:
         pytest.fail("dnsmasq is not installed (apt-get install dnsmasq-base)", pytrace=False)
     bridge_ip = str(next(bridge_subnet.hosts()))
     web_root = tmp_path_factory.mktemp("web")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from coi_common import hostservice, naming, proc
+from coi_common import executables, hostservice, naming, proc
 from coi_common import incus as incus_module
 from coi_common.errors import CoiError, NotFound
 from coi_net import policy as np
@@ -237,7 +237,7 @@ def test_an_operation_longer_than_the_socket_timeout_is_waited_for(make_containe
 def _incus_failing_once(tmp_path: Path, word: str, failure: str) -> Path:
     """A directory holding an `incus` in front of the real one: its first call with
     `word` among its arguments runs the shell `failure` instead; a marker file says so."""
-    real = proc.which("incus")
+    real = executables.which("incus")
     marker = tmp_path / "failed-once"
     wrapper = tmp_path / "bin" / "incus"
     wrapper.parent.mkdir()
@@ -413,7 +413,7 @@ def test_a_session_whose_tool_cannot_start_is_removed_and_says_so(user_coi, term
         fake = wrappers / "incus"
         fake.write_text('#!/bin/sh\nfor a in "$@"; do case "$a" in *"new-session "*) '
                         "echo 'Error: tmux refused (test)' >&2; exit 1;; esac; done\n"
-                        f'exec {proc.which("incus")} "$@"\n')
+                        f'exec {executables.which("incus")} "$@"\n')
         fake.chmod(0o755)
         path = f"{wrappers}:{user_coi.user.home}/.local/bin:/usr/bin:/bin"
         broken = dataclasses.replace(user_coi, env={**user_coi.env, "PATH": path})
