@@ -70,10 +70,11 @@ def end_session(client: Incus, name: str, *, save: bool = True, remove: bool = F
 
 @dataclass
 class Early:
-    """`coi-session save` and `coi-net remove` of the session whose slot record comes on
-    `coi-slot end`'s stdin: started before the record is even read (while the session's
-    last command still runs), so their start-up (~40-100 ms each) is over when they are
-    needed; given the record when their turn comes."""
+    """`coi-session save` of the session whose slot record comes on `coi-slot end`'s
+    stdin, started before the record is even read (while the session's last command
+    still runs), so its start-up is over when it is needed; and `coi-net remove`,
+    started once the record says the session has rules (it is needed after the save
+    and the stop). Each is given the record when its turn comes."""
 
     record: sessions.SlotRecord | None = None
     saver: plumbing.Child | None = None
@@ -82,16 +83,13 @@ class Early:
     @classmethod
     def started(cls, *, save: bool) -> Early:
         return cls(None, plumbing.Child("coi-session", ["save"], kind="session_saved")
-                   if save else None,
-                   plumbing.Child("coi-net", ["remove"], kind="net_removed"))
+                   if save else None)
 
     def given(self, record: sessions.SlotRecord) -> None:
-        """The record arrived: the children are this container's (coi-net's not needed
-        when the session has no rules)."""
+        """The record arrived: the children are this container's."""
         self.record = record
-        if record.network == "open" and self.remover is not None:
-            self.remover.abandon()
-            self.remover = None
+        if record.network != "open":
+            self.remover = plumbing.Child("coi-net", ["remove"], kind="net_removed")
 
     def stopped(self, name: str) -> None:
         """`name`, an ephemeral container, is stopped and goes next: coi-net remove gets

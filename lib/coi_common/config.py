@@ -369,6 +369,7 @@ def _apply_file(path: str, data: Mapping[str, Any], values: dict[str, Any],
 
 
 _WARNED: set[str] = set()
+os.register_at_fork(after_in_child=_WARNED.clear)  # a fork is a program of its own
 STRICTNESS: Final = {"open": 0, "restricted": 1, "allowlist": 2}
 UNTRUSTED_KEYS: Final = ("defaults.image", "defaults.persistent", "defaults.max_slots")
 """What an untrusted workspace file may set freely: none of them widens access."""

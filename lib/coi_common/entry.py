@@ -440,6 +440,10 @@ def run_main(prog: str, doc: str, handler: Handler, argv: list[str] | None = Non
         status = report(prog, CoiError(f"internal error: {type(exc).__name__}: {exc}",
                                        hint="rerun with --debug and report it"), as_json=as_json)
     sys.stdout.flush()
+    if os.environ.get("COI_TRACE"):
+        from coi_common import trace  # noqa: PLC0415 - tracing only
+
+        trace.process_end(prog)
     if _whole_process(prog):
         # Every file coi writes is closed by now and its threads are daemons: the
         # interpreter's teardown (~8 ms, in each of a session's coi processes) is skipped.

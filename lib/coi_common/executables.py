@@ -1,8 +1,8 @@
 """Where programs are: on PATH, and coi's own executables beside this coi.
 
-Apart from proc and plumbing (which re-export these) because the dispatcher needs
-only this to hand a command to its owner, and their imports (subprocess,
-threading, json) cost every `coi NAME` ~10 ms.
+Apart from proc and plumbing because the dispatcher needs only this to hand a command
+to its owner, and their imports (subprocess, threading, json) cost every `coi NAME`
+~10 ms.
 """
 
 from __future__ import annotations

@@ -175,6 +175,7 @@ SHARED_LOCKS: Final = "/run/coi/locks"
 SHARED_LOCKS_MODE: Final = 0o1770
 _ending: set[str] = set()
 """The containers whose ending lock this process holds (ending_lock is reentrant)."""
+os.register_at_fork(after_in_child=_ending.clear)  # a fork holds none of them
 
 
 @contextlib.contextmanager

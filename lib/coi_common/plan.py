@@ -19,6 +19,7 @@ A step's `call` is the text COI_TRACE writes for the same call in a real run
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
@@ -44,6 +45,9 @@ def stop() -> None:
     """Back to changing things (the plan is dropped)."""
     global _steps  # noqa: PLW0603 - one plan per process, by design
     _steps = None
+
+
+os.register_at_fork(after_in_child=stop)  # a fork's program plans only if asked itself
 
 
 def active() -> bool:

@@ -18,11 +18,12 @@ import json
 import os
 import pwd
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from coi_common import plan, proc, trace
+from coi_common import forks, plan, proc, trace
 from coi_common.entry import PLUMBING_VARIABLE
 from coi_common.errors import ALL_ERRORS, CoiError, NotFound
 from coi_common.executables import find_executable
@@ -74,9 +75,14 @@ class Child:
         if self.assumed is not None:
             self.process = None
             return
-        argv = ["env", f"{PLUMBING_VARIABLE}=1", path, *args,
-                *(["--dry-run"] if self.asks else []), "--format", "json"]
+        flags = [*args, *(["--dry-run"] if self.asks else []), "--format", "json"]
         self.started = time.perf_counter()
+        module = None if as_user else own_module(program, path)
+        if module is not None:
+            self.process = forks.fork_program(program, module, flags,
+                                              {PLUMBING_VARIABLE: "1"})
+            return
+        argv = ["env", f"{PLUMBING_VARIABLE}=1", path, *flags]
         self.process = proc.spawn(as_account(as_user, argv) if as_user else argv,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
@@ -113,8 +119,28 @@ class Child:
 
     def abandon(self) -> None:
         """Stop the child, unless it has ended (its pid may be another's by now)."""
-        if self.process is not None and self.process.returncode is None:
+        if self.process is not None and self.process.poll() is None:
             proc.stop_group(self.process, grace=0)
+
+
+_CHECKOUT_BIN: Final = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__)))), "bin")
+
+
+def own_module(program: str, path: str) -> str | None:
+    """The package to run `program` from in a fork (coi_common.forks), when `path`, the
+    executable found for it, is this installation's own: the checkout's bin/ launcher or
+    the script of the venv we run in. Anything else (a test's stub, another install on
+    PATH) is started as what it is; so is every child when forks are off."""
+    if not forks.enabled():
+        return None
+    ours = (os.path.join(_CHECKOUT_BIN, program), os.path.join(sys.prefix, "bin", program))
+    # The launchers in bin/ are links to bin/_launch, named after their program; a link
+    # in ~/.local/bin points at the venv's script.
+    found = {path, os.path.realpath(path)}
+    found = {os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
+             for p in found}
+    return program.replace("-", "_") if found & set(ours) else None
 
 
 def as_account(account: pwd.struct_passwd, argv: list[str]) -> list[str]:

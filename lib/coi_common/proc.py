@@ -8,6 +8,9 @@ where start-up time does not matter (coi_host.setup).
 
 Every start is traced with COI_TRACE (coi_common.trace), named after the
 function that started it: `run ARGV`, `spawn ARGV`, ...
+
+coi's own programs run as plumbing children start as forks of the caller instead
+(coi_common.forks, `fork ARGV` in a trace); stop_group ends either kind.
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from typing import IO, Any, NamedTuple
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from coi_common import trace
 from coi_common.errors import CommandFailed, NotFound
+
+if TYPE_CHECKING:
+    from coi_common.forks import Forked
 
 
 class Result(NamedTuple):
@@ -243,7 +249,7 @@ def run_logged(argv: Sequence[str], log_path: str) -> int:
     return status
 
 
-def stop_group(child: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
+def stop_group(child: subprocess.Popen[bytes] | Forked, *, grace: float = 10.0) -> None:
     """SIGTERM a child's process group, then SIGKILL what is left after `grace` seconds
     (0: SIGKILL at once, for a child that is only copying data)."""
     steps = ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)) if grace else \

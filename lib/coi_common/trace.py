@@ -4,7 +4,8 @@
 
 `what` is the call: `GET /1.0/instances?...` (a REST exchange), `exec NAME CMD...`,
 `run ARGV...`, `spawn ARGV...` (a process; the name is the coi_common.proc function),
-shortened to WHAT_MAX characters. A retry adds `coi-trace: <pid> retry <what> <pause>
+shortened to WHAT_MAX characters. Each coi process ends with `coi-trace: <pid> end
+<program> <ms> ms cpu (...), peak <MB> MB`. A retry adds `coi-trace: <pid> retry <what> <pause>
 ms <why>` before it is tried again.
 
 COI_TRACE=1 (or any value that is not an absolute path) writes the lines to stderr;
@@ -42,6 +43,15 @@ _fd: int | None = None
 _local = threading.local()
 
 
+def _forget_file() -> None:
+    """In a fork (coi_common.forks): the file is opened again, by the new program."""
+    global _fd  # noqa: PLW0603 - the file is opened once per process
+    _fd = None
+
+
+os.register_at_fork(after_in_child=_forget_file)
+
+
 def target() -> str | None:
     """Where lines go: STDERR, an absolute file path, or None (tracing off)."""
     global _target  # noqa: PLW0603 - read once per process, by design
@@ -69,6 +79,19 @@ def note(kind: str, words: Words, started: float, outcome: str) -> None:
     own line: timed from `started` (time.perf_counter()), never nested in a span."""
     if target() is not None:
         _write_call(kind, words, started, outcome)
+
+
+def process_end(prog: str) -> None:
+    """The line of this process as it ends: the CPU it used and its peak memory, so the
+    cost of each of a session's coi processes can be read beside its calls."""
+    if target() is None:
+        return
+    import resource  # noqa: PLC0415 - only when tracing
+
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    _write(f"end {prog} {(used.ru_utime + used.ru_stime) * 1000:.1f} ms cpu "
+           f"({used.ru_utime * 1000:.0f} user, {used.ru_stime * 1000:.0f} sys), "
+           f"peak {used.ru_maxrss / 1024:.1f} MB")
 
 
 def retry(kind: str, words: Words, pause: float, why: str) -> None:
