@@ -23,6 +23,12 @@ whether it is met:
   `coi version`, `coi --help`  python -c pass (the venv's interpreter)
   K concurrent `coi run`       K concurrent floors of `coi run` (wall time of all; the
                                failures of each side are counted, the goal is none)
+  `coi session save NAME`      incus exec NAME -- tar -C /home/code -cf - .dummy | tar -x
+  of a 50 MiB, 5,120-file      into a fresh folder (the state: `split` of 50 MiB of random
+  state directory              bytes into 10 KiB files under ~/.dummy, made once)
+  `coi session restore ID      tar -cf - of that folder | incus exec NAME --user 1000
+  NAME` of it                  --group 1000 -- tar -x --no-same-owner -C /home/code
+  (this checkout only: the baseline column is left out of these two rows)
 
 Peak RSS: every process of this checkout (its interpreter running a coi module:
 the dispatcher, every executable, the host service) is sampled all along
@@ -128,6 +134,9 @@ SERVICE_START_TIMEOUT: Final = 15.0
 REAL_SOCKET: Final = "/run/coi/host.sock"
 PR_SET_PDEATHSIG: Final = 1  # linux/prctl.h
 STARTUP_MOST_MS: Final = 60.0
+STATE_MIB: Final = 50
+STATE_PIECE: Final = "10K"
+"""The saved-state rows' directory: STATE_MIB MiB cut into 5,120 files of 10 KiB."""
 RSS_GOAL_MB: Final = 60.0
 SAMPLER: Final = """
 import os, signal, sys, time
@@ -264,6 +273,8 @@ class Bench:
         self.workspace.mkdir(mode=0o755)
         os.chown(self.workspace, self.user.uid, self.user.gid)
         self.listed: list[str] = []
+        self.state_name, self.session_id = "", ""
+        self.floor_copy = self.user.home / "floor-state"
         self.failures: dict[str, int] = {}
 
     # -- running as the bench user ------------------------------------------------------
@@ -375,6 +386,44 @@ class Bench:
                                 f"found {found}")
         self.listed = sorted(found)
 
+    # -- the saved-state rows: one persistent container holding the state -------------
+
+    def make_state(self, column: Column) -> None:
+        """A running persistent container of the workspace whose ~/.dummy holds the
+        state (STATE_MIB), made by `column`."""
+        script = (f"mkdir -p ~/.dummy/bench && head -c {STATE_MIB}M /dev/urandom | "
+                  f"split -b {STATE_PIECE} -a 4 -d - ~/.dummy/bench/f")
+        self.coi(column, "run", "--persistent", "--slot", "1", "--", "sh", "-c", script)
+        [instance] = self.client.instances(self.prefix)
+        self.state_name = instance["name"]
+        if instance["status"] != "Running":
+            self.client.set_state(self.state_name, "start")
+
+    def save_state(self, column: Column) -> float:
+        if column.checkout is not None:
+            start = time.perf_counter()
+            shown = self.coi(column, "session", "save", self.state_name, "--format", "json")
+            elapsed = ms_since(start)
+            self.session_id = json.loads(shown.splitlines()[-1])["id"]
+            return elapsed
+        self.run(column, "rm", "-rf", str(self.floor_copy))
+        self.run(column, "mkdir", str(self.floor_copy))
+        start = time.perf_counter()
+        self.run(column, "sh", "-c", f"incus exec {self.state_name} -- tar -C /home/code "
+                 f"-cf - .dummy | tar -x -C {self.floor_copy}")
+        return ms_since(start)
+
+    def restore_state(self, column: Column) -> float:
+        start = time.perf_counter()
+        if column.checkout is not None:
+            self.coi(column, "session", "restore", self.session_id, self.state_name,
+                     "--format", "json")
+        else:
+            self.run(column, "sh", "-c", f"tar -C {self.floor_copy} -cf - .dummy | incus "
+                     f"exec {self.state_name} --user 1000 --group 1000 -- tar -x "
+                     "--no-same-owner -C /home/code")
+        return ms_since(start)
+
     def list_json(self, column: Column) -> float:
         start = time.perf_counter()
         if column.checkout is not None:
@@ -398,6 +447,40 @@ class Bench:
         else:
             self.run(column, str(ROOT / ".venv" / "bin" / "python"), "-c", "pass")
         return ms_since(start)
+
+
+def measure_rows(work: Bench, columns: Sequence[Column], *, runs: int, list_runs: int,
+                 concurrent: int, count: int) -> list[Row]:
+    """Every row, measured in order: the sessions, start-up, the saved state (this
+    checkout only), then the listing of `count` stopped containers."""
+    startup = report.Goal(most_ms=STARTUP_MOST_MS)
+    rows = [*(Row(f"`coi run -- true`, {network}", runs,
+                  lambda c, n=network: work.run_true(c, n))
+              for network in ("open", "restricted", "allowlist")),
+            Row("`coi shell` to the prompt", runs, work.shell_prompt),
+            Row(f"{concurrent} concurrent `coi run -- true` (all)", max(1, runs // 2),
+                lambda c: work.concurrent(c, concurrent)),
+            Row("`coi list --format json`, none", list_runs, work.list_json),
+            Row("`coi version` (floor: python -c pass)", list_runs,
+                lambda c: work.start_up(c, "version"), startup),
+            Row("`coi --help` (floor: python -c pass)", list_runs,
+                lambda c: work.start_up(c, "--help"), startup),
+            Row(f"`coi list --format json`, {count} stopped", list_runs, work.list_json)]
+    state_rows = [Row(f"`coi session save NAME`, {STATE_MIB} MiB in 5,120 files",
+                      list_runs, work.save_state),
+                  Row("`coi session restore ID NAME` of it", list_runs,
+                      work.restore_state)]
+    rows[-1:-1] = state_rows
+    for row in rows[:-3]:
+        measure(row, columns)
+    this = next(c for c in columns if c.key == "this")
+    work.make_state(this)
+    for row in state_rows:  # the baseline's coi-session may not read this one's keys
+        measure(row, [c for c in columns if c.key != "baseline"])
+    work.end_sessions(this)
+    work.make_listed(this, count)
+    measure(rows[-1], columns)
+    return rows
 
 
 def ms_since(start: float) -> float:
@@ -592,24 +675,9 @@ def bench(args: Args) -> int:
         columns.append(Column("floor", "raw incus floor"))
         user = fixtures_users.create_user(f"bench{tag}")
         work = Bench(user, f"{sweep.INSTANCE_PREFIX}bench{tag}-", client)
-        startup = report.Goal(most_ms=STARTUP_MOST_MS)
-        rows = [*(Row(f"`coi run -- true`, {network}", runs,
-                      lambda c, n=network: work.run_true(c, n))
-                  for network in ("open", "restricted", "allowlist")),
-                Row("`coi shell` to the prompt", runs, work.shell_prompt),
-                Row(f"{concurrent} concurrent `coi run -- true` (all)", max(1, runs // 2),
-                    lambda c: work.concurrent(c, concurrent)),
-                Row("`coi list --format json`, none", list_runs, work.list_json),
-                Row("`coi version` (floor: python -c pass)", list_runs,
-                    lambda c: work.start_up(c, "version"), startup),
-                Row("`coi --help` (floor: python -c pass)", list_runs,
-                    lambda c: work.start_up(c, "--help"), startup),
-                Row(f"`coi list --format json`, {count} stopped", list_runs, work.list_json)]
         sampler = PeakRss(str(ROOT))
-        for row in rows[:-1]:
-            measure(row, columns)
-        work.make_listed(next(c for c in columns if c.key == "this"), count)
-        measure(rows[-1], columns)
+        rows = measure_rows(work, columns, runs=runs, list_runs=list_runs,
+                            concurrent=concurrent, count=count)
         peak = sampler.stop()
     finally:
         clean_up()

@@ -100,26 +100,34 @@ def fork_program(program: str, module: str, args: Sequence[str],
     with trace.span("fork", argv) as call:
         child_in, to_child = os.pipe()
         from_child, child_out = os.pipe()
+        ready, leading = os.pipe()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()
         pid = os.fork()
         if pid == 0:
-            _become(argv, module, env, child_in, child_out)
-        os.close(child_in)
-        os.close(child_out)
+            _become(argv, module, env, (child_in, child_out, leading))
+        for end in (child_in, child_out, leading):
+            os.close(end)
+        # Until it leads a session of its own (as Popen returns only after its exec):
+        # a stop_group() right after this must find the group to signal.
+        os.read(ready, 1)
+        os.close(ready)
         call.end(f"started pid {pid}")
     return Forked(pid, os.fdopen(to_child, "wb"), os.fdopen(from_child, "rb"))
 
 
-def _become(argv: tuple[str, ...], module: str, env: Mapping[str, str], stdin: int,
-            stdout: int) -> None:
-    """In the fork: be `argv` as a fresh start of it would be, then exit. Never returns."""
+def _become(argv: tuple[str, ...], module: str, env: Mapping[str, str],
+            pipes: tuple[int, int, int]) -> None:
+    """In the fork: be `argv` as a fresh start of it would be, then exit. Never returns.
+    `pipes`: its stdin, its stdout, and the one closed once it leads its session."""
     status = FAILED_TO_START
+    stdin, stdout, leading = pipes
     try:
         gc.freeze()  # the parent's objects are never collected here (no finaliser of
         # theirs may close a descriptor number this program has reused)
         os.setsid()
+        os.close(leading)
         os.dup2(stdin, 0)
         os.dup2(stdout, 1)
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
@@ -138,6 +146,8 @@ def _become(argv: tuple[str, ...], module: str, env: Mapping[str, str], stdin: i
         status = 0
     except SystemExit as exc:
         status = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    except BrokenPipeError:  # its reader went away: nobody is left to tell
+        status = 1
     except BaseException as exc:  # reported, then the fork ends
         with contextlib.suppress(OSError):
             os.write(2, f"{argv[0]}: could not start: {type(exc).__name__}: {exc}\n".encode())

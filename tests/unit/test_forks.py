@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from coi_common import forks, locks, plan, plumbing, trace
+from coi_common import forks, locks, plan, plumbing, proc, trace
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -142,3 +143,9 @@ def test_a_coi_child_answers_the_same_forked_or_spawned(forking: str, tmp_path: 
     started = [line.split()[2] for line in traced.read_text().splitlines()
                if "coi-session list" in line and " child " not in line]
     assert started == (["fork"] if forking == "1" else ["spawn"])
+
+
+def test_a_fork_can_be_stopped_as_soon_as_it_is_started(probe: str) -> None:
+    child = forks.fork_program("coi-probe", probe, [], {})  # would wait for its stdin
+    proc.stop_group(child, grace=0)
+    assert child.poll() == -signal.SIGKILL
