@@ -1253,8 +1253,10 @@ def _in_state(tool: Tool, rel: str) -> bool:
 
 
 @contextlib.contextmanager
-def running(client: Incus, name: str) -> Iterator[bool]:
-    """Yield with `name` running; True when it had to be started for this.
+def running(client: Incus, name: str, instance: Mapping[str, Any] | None = None
+            ) -> Iterator[bool]:
+    """Yield with `name` running; True when it had to be started for this. `instance`:
+    the container as the caller just read it (else it is read here).
 
     A stopped container is started with every NIC masked (an instance device of
     type `none` over each), so nothing in it reaches a network during the copy;
@@ -1262,13 +1264,14 @@ def running(client: Incus, name: str) -> Iterator[bool]:
     back is stored on the container first, so a save killed halfway is healed
     by the next one (heal_masked).
     """
-    heal_masked(client, name)
-    status = client.status(name)
+    instance = instance or client.instance_config(name)
+    heal_masked(client, name, instance)
+    status = instance.get("status")
     if status == "Running":
         yield False
         return
     if status != "Stopped":
-        raise CoiError(f"{name} is {status.lower()}; cannot copy its session now")
+        raise CoiError(f"{name} is {str(status).lower()}; cannot copy its session now")
     _mask_nics(client, name)
     try:
         client.set_state(name, "start")
@@ -1291,9 +1294,10 @@ def _mask_nics(client: Incus, name: str) -> None:
     client.edit_instance(name, devices={nic: {"type": "none"} for nic in nics})
 
 
-def heal_masked(client: Incus, name: str) -> None:
-    """Put back the NICs a save masked (normally at once; after a crash, later)."""
-    config = client.instance_config(name).get("config") or {}
+def heal_masked(client: Incus, name: str, instance: Mapping[str, Any] | None = None) -> None:
+    """Put back the NICs a save masked (normally at once; after a crash, later).
+    `instance`: the container as just read (else it is read here)."""
+    config = (instance or client.instance_config(name)).get("config") or {}
     if MASKED_KEY not in config:
         return
     try:
@@ -1410,7 +1414,8 @@ def save_container(client: Incus, name: str, *, settings: Any = None,
     """
     started_at = time.monotonic()
     naming.validate_container_name(name)
-    keys = _coi_keys(client.instance_config(name))
+    instance = client.instance_config(name)
+    keys = _coi_keys(instance)
     settings = _settings_for(keys["workspace"], settings)
     tool = get_tool(keys["tool"], registry_from_config(settings))
     if not tool.state_dirs and not tool.state_files:
@@ -1420,7 +1425,7 @@ def save_container(client: Incus, name: str, *, settings: Any = None,
     exclude = tool.credential_files if injects_credentials(tool, settings) else ()
     tmp = store.new_tmp(tool.name)
     try:
-        with running(client, name) as started:
+        with running(client, name, instance) as started:
             left = max(1.0, timeout - (time.monotonic() - started_at))
             pulled = pull_state(client, name, tool, os.path.join(tmp, HOME_DIR),
                                 exclude=exclude, quotas=(per_session, total),
@@ -1467,7 +1472,8 @@ def restore_into(client: Incus, name: str, session: Session | None, *, settings:
     then carries the session's id, so its next save updates that session.
     """
     started_at = time.monotonic()
-    keys = _coi_keys(client.instance_config(name))
+    instance = client.instance_config(name)
+    keys = _coi_keys(instance)
     settings = _settings_for(keys["workspace"], settings)
     tool = get_tool(keys["tool"], registry_from_config(settings))
     if session is not None:
@@ -1481,7 +1487,7 @@ def restore_into(client: Incus, name: str, session: Session | None, *, settings:
             raise CoiError(f"saved session {session.id} has no {HOME_DIR}/ directory")
     with_host = injects_credentials(tool, settings)
     extras = credential_extras(tool) if with_host else []
-    with running(client, name):
+    with running(client, name, instance):
         settings_text = _settings_base(client, name, tool, session)
         merged = merged_settings(tool, settings_text, with_host=with_host)
         if merged is not None:

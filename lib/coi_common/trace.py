@@ -43,13 +43,16 @@ _fd: int | None = None
 _local = threading.local()
 
 
-def _forget_file() -> None:
-    """In a fork (coi_common.forks): the file is opened again, by the new program."""
+def _start_afresh() -> None:
+    """In a fork (coi_common.forks): the file is opened again, by the new program, and
+    the span the parent had open around the fork (`fork ...`) is not this program's:
+    its calls would be folded into it, unwritten."""
     global _fd  # noqa: PLW0603 - the file is opened once per process
     _fd = None
+    _local.span = None
 
 
-os.register_at_fork(after_in_child=_forget_file)
+os.register_at_fork(after_in_child=_start_afresh)
 
 
 def target() -> str | None:

@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = """
     import json, os, sys
-    from coi_common import locks, plan
+    from coi_common import locks, plan, trace
+    with trace.span("run", ["the-probes-own-call"]):
+        pass
     line = sys.stdin.readline()
     print(json.dumps({"argv": sys.argv, "line": line, "rest": sys.stdin.read(),
                       "fds": sorted(int(f) for f in os.listdir("/proc/self/fd")),
@@ -82,6 +84,18 @@ def test_a_fork_starts_with_coi_commons_per_process_state_reset(probe: str) -> N
         locks._ending.discard("coi-held-by-the-parent")
     assert seen["ending"] == []
     assert seen["planning"] is False
+
+
+def test_a_forks_own_calls_are_traced(probe: str, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    traced = tmp_path / "trace"
+    monkeypatch.setattr(trace, "_target", str(traced))
+    monkeypatch.setattr(trace, "_fd", None)
+    child = forks.fork_program("coi-probe", probe, [], {})
+    child.communicate(b"\n")
+    lines = traced.read_text().splitlines()
+    assert f"coi-trace: {child.pid} run the-probes-own-call" in "\n".join(lines)
+    assert any(line.split()[2] == "fork" for line in lines)
 
 
 def test_the_status_of_the_program_is_the_forks_status(probe: str) -> None:
