@@ -1,8 +1,8 @@
 """How `coi shell` and `coi run` get their slot: the flags that are `coi-slot next`'s,
 and that child itself, started as early as it can be.
 
-Kept apart from coi_shell.session, whose imports (~25 ms of them) are then made while
-`coi-slot next` starts up beside them.
+Kept apart from coi_shell.session, whose own imports are then made while `coi-slot
+next` works beside them.
 """
 
 from __future__ import annotations
@@ -28,7 +28,11 @@ def early_next(args: Args, argv: list[str]) -> plumbing.Child | None:
 
 
 def next_child(flags: list[str]) -> plumbing.Child:
-    """`coi-slot next FLAGS`, started (a dry run asks it for its own plan)."""
+    """`coi-slot next FLAGS`, started (a dry run asks it for its own plan). The modules
+    it shares with this session are loaded first, so that the fork (coi_common.forks)
+    brings them along and it loads only its own."""
+    from coi_common import config, incus, sessions, tools  # noqa: F401, PLC0415
+
     return plumbing.Child("coi-slot", ["next", *flags], kind="slot", dry_run=plumbing.ASKS)
 
 
