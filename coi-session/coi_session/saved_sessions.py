@@ -42,7 +42,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -862,7 +861,7 @@ def _pull_once(client: Incus, name: str, tool: Tool, home: str, *, exclude: Sequ
             _as_code(name, ["tar", "--ignore-failed-read", "--sparse", "-C", HOME, "-cf", "-",
                             "--", *paths], {"HOME": HOME, "LC_ALL": "C"}),
             stdout=subprocess.PIPE, stderr=errors)
-        expired = _Watchdog(child, timeout)
+        expired = proc.Watchdog(child, timeout)
         try:
             assert child.stdout is not None
             try:
@@ -887,24 +886,6 @@ def _pull_once(client: Incus, name: str, tool: Tool, home: str, *, exclude: Sequ
         if status not in (0, 1):
             raise CommandFailed(f"tar in {name} exited {status}: {_reason(None, errors)}")
     return writer.result
-
-
-class _Watchdog:
-    """Kills a child's process group when `timeout` passes."""
-
-    def __init__(self, child: subprocess.Popen[bytes], timeout: float) -> None:
-        self.fired = False
-        self._child = child
-        self._timer = threading.Timer(timeout, self._fire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def _fire(self) -> None:
-        self.fired = True
-        proc.stop_group(self._child, grace=0)
-
-    def cancel(self) -> None:
-        self._timer.cancel()
 
 
 def _end(child: subprocess.Popen[bytes]) -> None:
@@ -1094,7 +1075,7 @@ def _push_once(client: Incus, name: str, *, home: str | None, extras: Sequence[E
             _as_code(name, ["sh", "-c", script, "coi-restore", *replace_paths],
                      {"HOME": HOME, "LC_ALL": "C"}),
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors)
-        expired = _Watchdog(child, timeout)
+        expired = proc.Watchdog(child, timeout)
         counted = (0, 0)
         try:
             assert child.stdin is not None

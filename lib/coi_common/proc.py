@@ -249,6 +249,25 @@ def run_logged(argv: Sequence[str], log_path: str) -> int:
     return status
 
 
+class Watchdog:
+    """Stops a streaming child's process group (stop_group, at once) when `timeout`
+    seconds pass before cancel(); `fired` says whether it did."""
+
+    def __init__(self, child: subprocess.Popen[bytes], timeout: float) -> None:
+        self.fired = False
+        self._child = child
+        self._timer = threading.Timer(timeout, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        stop_group(self._child, grace=0)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
 def stop_group(child: subprocess.Popen[bytes] | Forked, *, grace: float = 10.0) -> None:
     """SIGTERM a child's process group, then SIGKILL what is left after `grace` seconds
     (0: SIGKILL at once, for a child that is only copying data)."""
