@@ -40,8 +40,10 @@ from coi_common import trace
 VARIABLE: Final = "COI_FORK"
 FAILED_TO_START: Final = 70
 """The status of a fork that could not become its program (EX_SOFTWARE)."""
-_RESET_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD,
-                         signal.SIGPIPE)
+_FRESH_SIGNALS: Final = {signal.SIGINT: signal.default_int_handler,
+                          signal.SIGTERM: signal.SIG_DFL, signal.SIGHUP: signal.SIG_DFL,
+                          signal.SIGCHLD: signal.SIG_DFL, signal.SIGPIPE: signal.SIG_IGN}
+"""The handlers a new Python interpreter starts with, for the signals coi sets."""
 
 
 def enabled() -> bool:
@@ -131,9 +133,8 @@ def _become(argv: tuple[str, ...], module: str, env: Mapping[str, str],
         os.dup2(stdin, 0)
         os.dup2(stdout, 1)
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-        for number in _RESET_SIGNALS:
-            signal.signal(number, signal.default_int_handler if number == signal.SIGINT
-                          else signal.SIG_IGN if number == signal.SIGPIPE else signal.SIG_DFL)
+        for number, handler in _FRESH_SIGNALS.items():
+            signal.signal(number, handler)
         os.environ.update(env)
         sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
         sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115

@@ -134,13 +134,13 @@ def own_module(program: str, path: str) -> str | None:
     PATH) is started as what it is; so is every child when forks are off."""
     if not forks.enabled():
         return None
-    ours = (os.path.join(_CHECKOUT_BIN, program), os.path.join(sys.prefix, "bin", program))
-    # The launchers in bin/ are links to bin/_launch, named after their program; a link
-    # in ~/.local/bin points at the venv's script.
-    found = {path, os.path.realpath(path)}
-    found = {os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
-             for p in found}
-    return program.replace("-", "_") if found & set(ours) else None
+    ours = {os.path.join(_CHECKOUT_BIN, program), os.path.join(sys.prefix, "bin", program)}
+    # The launchers in bin/ are links to bin/_launch named after their program (so their
+    # folder is resolved, not the link); one in ~/.local/bin points at the venv's script.
+    named = (path, os.path.realpath(path))
+    return program.replace("-", "_") if any(
+        os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p)) in ours
+        for p in named) else None
 
 
 def as_account(account: pwd.struct_passwd, argv: list[str]) -> list[str]:
