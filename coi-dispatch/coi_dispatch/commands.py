@@ -28,6 +28,7 @@ COMMANDS: Final[tuple[Command, ...]] = (
     Command("shutdown", "coi-slot", "Stop containers gracefully, save sessions, delete"),
     Command("clean", "coi-slot", "Remove stopped and orphaned coi containers"),
     Command("persist", "coi-slot", "Turn ephemeral containers into persistent ones"),
+    Command("pool", "coi-slot", "Keep containers of this workspace warm for instant sessions"),
     Command("info", "coi-session", "Show a saved session (latest of this workspace by default)"),
     Command("session", "coi-session", "List, show, delete and prune saved sessions"),
     Command("build", "coi-image", "Build the coi image, or a custom image from a script"),

@@ -22,23 +22,19 @@ from coi_common.entry import Args
 from coi_common.errors import BadInput, CoiError, PermissionDenied
 from coi_common.protocol import make_record, write_record
 from coi_common.views import (
+    MAX_WALKED,
     VIEW_ROOT,
     View,
     check_rules,
     is_view_source,
     link_refused,
-    masks,
     opened,
     protected_targets,
+    walk_masked,
 )
 
 EMPTY_FILE: Final = "/run/coi/empty"
 MAX_MASKED: Final = 256
-MAX_WALKED: Final = 100_000
-"""Masking looks at this many entries at most (then says so): a start stays quick."""
-SKIPPED_DIRS: Final = frozenset({".git", "node_modules", ".venv", "venv", "__pycache__",
-                                 ".tox", ".mypy_cache", "target"})
-"""Trees masking does not enter: tool caches, not where a project keeps its secrets."""
 # The new mount API (same numbers on every architecture since Linux 5.2/5.12).
 SYS_OPEN_TREE: Final = 428
 SYS_MOVE_MOUNT: Final = 429
@@ -212,23 +208,20 @@ def _open_plain(parent: int, name: str, rel: str) -> int:
 
 
 def _mask_all(tree: int, patterns: Sequence[str]) -> tuple[int, list[str]]:
-    if not [p for p in patterns if not p.startswith("!")]:
-        return 0, []
-    masked, walked, notes = 0, 0, []
-    for _top, dirs, files, folder in os.fwalk(".", dir_fd=tree, follow_symlinks=False):
-        dirs[:] = [d for d in dirs if d not in SKIPPED_DIRS]
-        walked += len(dirs) + len(files)
-        for name in files:
-            if masks(name, patterns) and _mask(folder, name):
-                masked += 1
-                if masked > MAX_MASKED:
-                    raise BadInput(f"more than {MAX_MASKED} files match security.mask",
-                                   hint="narrow security.mask, or start with --no-mask")
-        if walked > MAX_WALKED:
-            notes.append(f"masking looked at the first {MAX_WALKED} entries only: files "
-                         "further in are not masked")
-            break
-    return masked, notes
+    masked = 0
+
+    def mask(folder: int, name: str, _path: str) -> None:
+        nonlocal masked
+        if _mask(folder, name):
+            masked += 1
+            if masked > MAX_MASKED:
+                raise BadInput(f"more than {MAX_MASKED} files match security.mask",
+                               hint="narrow security.mask, or start with --no-mask")
+
+    if walk_masked(tree, patterns, mask):
+        return masked, []
+    return masked, [f"masking looked at the first {MAX_WALKED} entries only: files "
+                    "further in are not masked"]
 
 
 def _mask(folder: int, name: str) -> bool:

@@ -13,6 +13,7 @@ Usage:
             [--cpu N] [--memory SIZE] [--processes N] [--no-mask]
             [--allow-home] [--force] [--record FILE] [--dry-run] [--format FMT]
             [--debug] [--] <command>...
+  coi-shell warm [--dry-run] [--format FMT] [--debug]
   coi-shell attach [<name>] [--workspace DIR] [--slot N] [--bash] [--debug]
   coi-shell tmux list [--all-users] [--format FMT] [--debug]
   coi-shell tmux send <name> <text> [--all-users] [--debug]
@@ -31,6 +32,10 @@ Commands:
   run            Run one command as user code in /workspace of a fresh container,
                  passing stdin, stdout, stderr and the exit code through; the
                  container is deleted afterwards unless --persistent.
+  warm           Make the warm pool container of the slot record on stdin
+                 (plumbing: coi-slot next --pool | coi-shell warm; coi pool fill
+                 runs it): created, its network rules in, started and booted, then
+                 left running for a session of its workspace to claim.
   attach         Reattach to a running session of this workspace (--bash: a
                  plain shell in it instead of the tmux session).
   tmux list      Your running coi containers with their tmux sessions.
@@ -117,6 +122,11 @@ def dispatch(args: Args, argv: list[str]) -> int:
         from coi_shell import automation  # noqa: PLC0415
 
         return automation.run(args)
+    if args["warm"]:
+        from coi_common import protocol, sessions  # noqa: PLC0415
+        from coi_shell import session  # noqa: PLC0415
+
+        return session.warm(sessions.SlotRecord.from_record(protocol.read_record("slot")))
     from coi_shell import slotting  # noqa: PLC0415
 
     early = slotting.early_next(args, argv)

@@ -85,14 +85,16 @@ def session_idmap(workspace: str) -> IdMap:
 
 
 def container_config(record: SlotRecord, idmap: IdMap, *, owner: int,
-                     allow_setuid: bool = False) -> dict[str, str]:
+                     allow_setuid: bool = False, coverage: str = "") -> dict[str, str]:
     """Instance config: Docker nesting, the idmap, no setuid files (seccomp), the
-    session's env, coi's own keys. `owner` is the uid coi acts for (host_uid)."""
+    session's env, coi's own keys. `owner` is the uid coi acts for (host_uid); a warm
+    pool's container gets user.coi.pool, its shape and its view's `coverage`."""
     config = {**NESTING, **idmap.config(), **seccomp.container_config(allow_setuid)}
     config.update({f"environment.{k}": v for k, v in record.environment.items()})
     config.update(SessionContainer(record.workspace, record.slot, record.persistent,
-                                   record.image, record.tool, record.network,
-                                   owner).to_config())
+                                   record.image, record.tool, record.network, owner,
+                                   pool=f"{record.pool}.{coverage}" if record.pool else ""
+                                   ).to_config())
     return config
 
 
@@ -174,28 +176,40 @@ def ensure_idmap(idmap: IdMap) -> None:
 # -- the workspace view (views.py: as root, or by coi's host service) ---------------------
 
 
+@dataclass(frozen=True)
+class Viewed:
+    """A session's workspace view (views.View; None when there is none) and, for a warm
+    pool's container, what it covers (views.coverage, taken before it was built: a file
+    made meanwhile only makes the container unclaimable, never unmasked)."""
+
+    view: Any
+    coverage: str = ""
+
+
 @contextlib.contextmanager
 def workspace_view(record: SlotRecord, settings: Any, idmap: IdMap, *, wanted: bool = True
-                   ) -> Iterator[Any]:
-    """Within: the view of the record's workspace for its container (None when not
+                   ) -> Iterator[Viewed]:
+    """Within: the view of the record's workspace for its container (none when not
     `wanted`, or security.protect is off and nothing is masked); after: detached from
     the host. Missing protected paths are made first, as the user (placeholders)."""
     from coi_common import views  # noqa: PLC0415
     from coi_shell import placeholders  # noqa: PLC0415
 
-    protect = list(settings.get("security.protected_paths")) \
-        if settings.get("security.protect") else []
-    patterns = list(settings.get("security.mask")) if record.mask else []
-    if not wanted or (not protect and not [p for p in patterns if not p.startswith("!")]):
-        yield None
+    protect, patterns = views.rules(settings, record.mask)
+    if not wanted:
+        yield Viewed(None)
         return
     views.check_rules(protect, patterns)
     owner = (idmap.host_uid, idmap.host_gid) if os.geteuid() == 0 else None
-    targets = placeholders.placeholders(record.workspace, protect, owner)
+    targets = placeholders.placeholders(record.workspace, protect, owner) if protect else []
+    coverage = views.coverage(record.workspace, protect, patterns) if record.pool else ""
+    if not targets and not [p for p in patterns if not p.startswith("!")]:
+        yield Viewed(None, coverage)
+        return
     view = _build_view(record.container, record.workspace, targets, patterns,
                        {"allow_home": record.allow_home, "force": record.force})
     try:
-        yield view
+        yield Viewed(view, coverage)
     finally:
         release_view(record.container)
 

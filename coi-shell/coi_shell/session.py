@@ -31,10 +31,10 @@ from coi_common import (
 )
 from coi_common.entry import Args
 from coi_common.errors import BadInput, CoiError, IncusError, NotFound, UsageError
-from coi_common.protocol import read_record
+from coi_common.protocol import make_record, read_record, write_record
 from coi_shell import container, slotting
 
-RUNNING, RESTARTED, CREATED = "running", "restarted", "created"
+RUNNING, RESTARTED, CREATED, CLAIMED = "running", "restarted", "created", "claimed"
 """What ensure_container found or did."""
 ATTACH_SETTLE_SECONDS = 30.0
 DOWN = ("Stopped", "Gone")
@@ -129,7 +129,8 @@ def context_from_args(args: Args, argv: list[str], *, record_on_stdin: bool,
 def ensure_container(ctx: Context, started: Callable[[bool], None] = lambda _reused: None
                      ) -> str:
     """Make the slot's container run; RUNNING when it was (attach to it), RESTARTED for
-    a stopped persistent one started again, CREATED for a new one.
+    a stopped persistent one started again, CREATED for a new one, CLAIMED for a warm
+    pool's that coi-slot next claimed for this session.
 
     Everything that can refuse (image, id map, network privilege) is checked
     before a container is created; a persistent container that is stopped is
@@ -140,6 +141,8 @@ def ensure_container(ctx: Context, started: Callable[[bool], None] = lambda _reu
     instance = _instance_of(client, name)
     if instance is not None:
         _check_ours(instance, ctx.record.workspace)
+        if ctx.record.pooled:
+            return _claimed(ctx, instance, started)
         if instance.get("status") == "Running":
             return RUNNING
         if sessions.is_persistent(instance):
@@ -161,6 +164,19 @@ def ensure_container(ctx: Context, started: Callable[[bool], None] = lambda _reu
             end_session(ctx, "--no-save")
         raise
     return CREATED
+
+
+def _claimed(ctx: Context, instance: Mapping[str, Any],
+             started: Callable[[bool], None]) -> str:
+    """A warm pool's container, claimed by coi-slot next: made, started and booted for
+    this workspace already; only the home is left to restore."""
+    if instance.get("status") != "Running":
+        with contextlib.suppress(CoiError):
+            end_session(ctx, "--no-save")
+        raise CoiError(f"the pooled container {ctx.record.container} stopped before the "
+                       "session could start in it; it was removed", hint="try again")
+    started(False)
+    return CLAIMED
 
 
 def end_session(ctx: Context, *flags: str, child: plumbing.Child | None = None
@@ -240,7 +256,7 @@ def _create_with(ctx: Context, applier: plumbing.Child | None) -> None:
     # Every host path is checked before the view makes anything in the workspace.
     devices = container.container_devices(record, sessions.invoking_home())
 
-    def create(view: Any) -> None:
+    def create(viewed: container.Viewed) -> None:
         try:
             # Created stopped: the egress rules go in before its first packet.
             with progress.waiting(f"creating {record.container} from image {record.image} "
@@ -249,9 +265,10 @@ def _create_with(ctx: Context, applier: plumbing.Child | None) -> None:
                     record.container, record.image, profiles=[record.profile],
                     config={**container.container_config(
                         record, idmap, owner=sessions.invoking_ids()[0],
-                        allow_setuid=ctx.settings.get("security.allow_setuid")),
+                        allow_setuid=ctx.settings.get("security.allow_setuid"),
+                        coverage=viewed.coverage),
                         **container.limits_config(record.limits)},
-                    devices=container.through_view(devices, view))
+                    devices=container.through_view(devices, viewed.view))
         except NotFound as exc:
             raise NotFound(exc.message, hint="build it with 'coi build'") from None
         container.apply_network(record, applier)
@@ -259,16 +276,16 @@ def _create_with(ctx: Context, applier: plumbing.Child | None) -> None:
     _start(ctx, idmap, create)
 
 
-def _start(ctx: Context, idmap: container.IdMap, before: Callable[[Any], None],
-           viewed: bool = True) -> None:
+def _start(ctx: Context, idmap: container.IdMap,
+           before: Callable[[container.Viewed], None], viewed: bool = True) -> None:
     """Start the container on a fresh view of the workspace (`before` runs first, with
     the view: creating the container); the view leaves the host once it started.
     `viewed` False: a container made before views mounts the workspace itself."""
-    with container.workspace_view(ctx.record, ctx.settings, idmap, wanted=viewed) as view:
-        before(view)
+    with container.workspace_view(ctx.record, ctx.settings, idmap, wanted=viewed) as made:
+        before(made)
         ctx.client.set_state(ctx.record.container, "start")
-    if view is not None:
-        print(f"coi: {view.summary()}", file=sys.stderr)
+    if made.view is not None and not ctx.record.pool:
+        print(f"coi: {made.view.summary()}", file=sys.stderr)
 
 
 def abandon(ctx: Context, reason: str) -> CoiError:
@@ -517,6 +534,7 @@ def shell(args: Args, argv: list[str], early: plumbing.Child | None = None) -> i
                   + ("; --resume does not apply to a running session" if wanted else ""),
                   file=sys.stderr)
         ensure_tmux(ctx, resume=resumed)
+        refill_pool(ctx)
         code = hand_terminal_to(ctx, ["tmux", "attach-session", "-t", sessions.TMUX_SESSION],
                                 terminal)
         return after_terminal(ctx, code)
@@ -548,6 +566,44 @@ def run_command(args: Args, argv: list[str], early: plumbing.Child | None = None
             end_session(ctx, child=ending)
         except CoiError as exc:  # the command's own status stays the answer
             print(f"coi: {exc.one_line()}", file=sys.stderr)
+        refill_pool(ctx)
+
+
+def refill_pool(ctx: Context) -> None:
+    """With a warm pool configured (pool.size), `coi pool fill` of this workspace in the
+    background, after a session that could have claimed from it: it makes what was
+    claimed again, off this command's time. Its output goes to logs_dir/pool.log."""
+    if ctx.record.persistent or not ctx.settings.get("pool.size"):
+        return
+    from coi_common import executables, plan  # noqa: PLC0415
+
+    argv = [executables.find_executable("coi-slot") or "coi-slot", "pool", "fill",
+            "--workspace", ctx.record.workspace]
+    if plan.step("spawn", argv):
+        return
+    logs = ctx.settings.path("paths.logs_dir")
+    with contextlib.suppress(OSError):  # no refill: the next session makes its own
+        os.makedirs(logs, mode=0o700, exist_ok=True)
+        proc.spawn_detached(argv, os.path.join(logs, "pool.log"))
+
+
+def warm(record: sessions.SlotRecord) -> int:
+    """`coi-shell warm`: make the warm pool container of a `coi-slot next --pool` record
+    (created, its rules in, started, booted: what a session would do before its
+    home), and leave it running for a session to claim."""
+    if not record.pool:
+        raise UsageError("coi-shell warm takes the slot record of 'coi-slot next --pool'",
+                         hint="coi pool fill makes warm containers")
+    settings = config.load(record.workspace, profile=record.config_profile or None)
+    tool = tools.get_tool(record.tool, tools.registry_from_config(settings))
+    ctx = Context(settings, incus.connect(settings), record, tool)
+    if _instance_of(ctx.client, record.container) is not None:
+        raise CoiError(f"{record.container} exists already: a warm pool container is "
+                       "always a new one")
+    ensure_container(ctx)
+    write_record(make_record("container_action", name=record.container, action="warm",
+                             ok=True))
+    return 0
 
 
 def attach(args: Args) -> int:

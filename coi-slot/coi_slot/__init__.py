@@ -5,7 +5,7 @@ Usage:
                 [--profile NAME] [--tool NAME] [--network MODE] [--env K=V]...
                 [--storage PATH] [--mount SPEC]... [--resume] [--session ID]
                 [--cpu N] [--memory SIZE] [--processes N] [--no-mask]
-                [--allow-home] [--force] [--dry-run] [--format FMT] [--debug]
+                [--allow-home] [--force] [--pool] [--dry-run] [--format FMT] [--debug]
   coi-slot end [<name>] [--no-save] [--if-down] [--wait S] [--dry-run] [--format FMT]
                [--debug]
   coi-slot list [--all] [--all-users] [--format FMT] [--debug]
@@ -16,6 +16,9 @@ Usage:
   coi-slot clean [--force] [--all-users] [--dry-run] [--format FMT] [--debug]
   coi-slot persist (<name>... | --all) [--force] [--all-users] [--dry-run] [--format FMT]
                    [--debug]
+  coi-slot pool status [--workspace DIR] [--all] [--format FMT] [--debug]
+  coi-slot pool fill [--workspace DIR] [--size N] [--format FMT] [--debug]
+  coi-slot pool drain [--workspace DIR] [--all] [--format FMT] [--debug]
   coi-slot (-h | --help)
   coi-slot --version
 
@@ -26,7 +29,9 @@ Commands:
              container exists, so concurrent callers never get the same slot.
              It takes every flag of `coi shell` and `coi run` (the porcelain
              runs it with them): each is checked here, before the slot is
-             reserved, and carried in the record.
+             reserved, and carried in the record. An ephemeral session claims an
+             idle container of the workspace's warm pool made for the same
+             settings, when there is one (the record says "pooled": true).
   end        End one session (plumbing; coi shell and coi run end with it):
              save it, then delete the container unless it is persistent, then
              remove its network rules; under the container's lock, so two
@@ -45,6 +50,14 @@ Commands:
   clean      Remove stopped ephemeral containers (left over when a session
              ended without cleaning up). Persistent containers stay.
   persist    Make containers persistent: shutdown and session exit keep them.
+  pool       The warm pool (pool.size): containers of the workspace made,
+             started, booted and under their network rules before a session
+             asks, so that `coi run` and `coi shell` start in one at once.
+             status lists the idle ones (--all: of every workspace), fill makes
+             them until --size are idle (coi run and coi shell refill it in the
+             background after each claim), drain removes them. A pooled
+             container serves one session of its own workspace and user, made
+             for the same settings, and is deleted after it like any other.
 
 Only coi's own containers are touched: their names carry the container prefix
 (COI_CONTAINER_PREFIX, default coi-) and they have coi's user.coi.* keys. Each
@@ -76,8 +89,12 @@ Options:
   --processes N     Most processes at once, 0 none (limits.processes).
   --no-mask         Show the workspace's secret files inside (security.mask).
   --allow-home      Allow your home directory itself as the workspace or a mount.
+  --pool            next: a slot for a new warm pool container (coi-shell warm
+                    makes it); the record carries the session shape it serves.
+  --size N          pool fill: how many idle containers to keep (default:
+                    pool.size).
   --all             kill/shutdown/persist: every coi container of yours. list:
-                    also the saved sessions.
+                    also the saved sessions. pool status/drain: every workspace.
   --all-users       Also other users' containers (root: always).
   --no-save         kill, end: delete without saving the session.
   --if-down         end: only a session whose container is down.
@@ -104,6 +121,7 @@ Examples:
   coi shutdown --timeout 30 coi-3f2a9c1b-1
   coi clean --force
   coi persist coi-3f2a9c1b-1
+  coi pool fill --size 2
 """
 
 from __future__ import annotations
@@ -127,6 +145,10 @@ def dispatch(args: Args) -> int:
         from coi_slot import allocate  # noqa: PLC0415
 
         return allocate.run(args)
+    if args["pool"]:
+        from coi_slot import pool_commands  # noqa: PLC0415
+
+        return pool_commands.run(args, as_json=as_json)
     if args["list"]:
         from coi_slot import listing  # noqa: PLC0415
 

@@ -16,9 +16,9 @@ from typing import Any
 
 from coi_common import config, incus, naming, plan, sessions, tools
 from coi_common.entry import Args
-from coi_common.errors import BadInput
+from coi_common.errors import BadInput, CoiError
 from coi_common.protocol import write_record
-from coi_slot import slots
+from coi_slot import pool, slots
 
 FLAG_KEYS = {"--image": "defaults.image", "--tool": "tool.name", "--network": "network.mode",
              "--cpu": "limits.cpu", "--memory": "limits.memory",
@@ -33,26 +33,60 @@ def run(args: Args) -> int:
 
 
 def next_record(args: Args) -> sessions.SlotRecord:
-    """The slot record the flags ask for, its slot reserved."""
+    """The slot record the flags ask for, its slot reserved (or a pooled container
+    claimed)."""
     settings = load_settings(args)
+    record = described_record(args, settings)
+    wanted = naming.validate_slot(args["--slot"], settings.get("defaults.max_slots"),
+                                  allow_auto=True) if args["--slot"] is not None else 0
+    storage = record.storage
+    if storage and not os.path.isdir(storage) and not plan.step("mkdir", storage):
+        os.makedirs(storage, exist_ok=True)
+    return in_a_slot(incus.connect(settings), settings, record, wanted or None,
+                     for_pool=bool(args["--pool"]))
+
+
+def described_record(args: Args, settings: Any) -> sessions.SlotRecord:
+    """The session the flags describe, every one of them checked, before any slot is
+    chosen (slot 0) or anything is made."""
     tools.get_tool(settings.get("tool.name"), tools.registry_from_config(settings))
     limits = naming.validate_limits(settings.get("limits.cpu"), settings.get("limits.memory"),
                                     settings.get("limits.processes"))
     resume = _resume(args)
-    wanted = naming.validate_slot(args["--slot"], settings.get("defaults.max_slots"),
-                                  allow_auto=True) if args["--slot"] is not None else 0
     mounts = [sessions.Mount.parse(spec) for spec in args["--mount"]]
     storage = _storage_dir(args["--storage"]) if args["--storage"] is not None else ""
     flags = {"allow_home": bool(args["--allow-home"]), "force": bool(args["--force"])}
     # Every host path is refused before a slot is reserved or a directory is made.
     sessions.host_sources(args["--workspace"], storage, mounts, sessions.invoking_home(),
                           **flags)
-    if storage and not os.path.isdir(storage) and not plan.step("mkdir", storage):
-        os.makedirs(storage, exist_ok=True)
-    record = slots.new_slot_record(incus.connect(settings), settings, args["--workspace"],
-                                   slot=wanted or None, mounts=mounts, storage=storage)
-    return dataclasses.replace(record, limits=limits, mask=not args["--no-mask"],
-                               resume=resume, config_profile=args["--profile"] or "", **flags)
+    return dataclasses.replace(
+        slots.described(settings, args["--workspace"], mounts=mounts, storage=storage),
+        limits=limits, mask=not args["--no-mask"], resume=resume,
+        config_profile=args["--profile"] or "", **flags)
+
+
+def in_a_slot(client: incus.Incus, settings: Any, record: sessions.SlotRecord,
+              wanted: int | None, *, for_pool: bool = False) -> sessions.SlotRecord:
+    """The described session in a slot: an idle pooled container of its shape claimed
+    (pool.claim), else a slot reserved; `for_pool`: a slot for a new pooled container
+    (the record carries its shape)."""
+    instances = slots.workspace_instances(client, record.workspace)
+    if for_pool:
+        if record.persistent or record.resume:
+            raise BadInput("--pool: a warm pool holds ephemeral containers with nothing "
+                           "restored yet (no --persistent, --resume)")
+        return slots.with_slot(settings, dataclasses.replace(
+            record, pool=pool.pool_shape(record, settings)), instances, wanted=wanted)
+    uid = sessions.invoking_ids()[0]
+    claimed = pool.claim(client, settings, record, instances, uid, wanted=wanted)
+    if claimed is not None:
+        return claimed
+    if wanted is not None and pool.idle_of(instances, record.workspace, uid,
+                                           slot=wanted):
+        raise CoiError(f"slot {wanted} of {record.workspace} holds a warm pool container "
+                       "made for other settings", hint="leave out --slot, or empty the "
+                       "pool first: coi pool drain")
+    return slots.with_slot(settings, record, instances, wanted=wanted)
 
 
 def load_settings(args: Args) -> Any:

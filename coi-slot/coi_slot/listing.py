@@ -44,6 +44,8 @@ class ContainerRow:
     ipv4: str
     created_at: str
     owner_uid: int | None = None
+    pooled: bool = False
+    """An idle container of a warm pool: made for sessions, used by none yet."""
 
     @property
     def mode(self) -> str:
@@ -53,7 +55,8 @@ class ContainerRow:
         return {"name": self.name, "status": self.status, "persistent": self.persistent,
                 "workspace": self.workspace, "ipv4": self.ipv4, "image": self.image,
                 "created_at": self.created_at, "slot": self.slot, "tool": self.tool,
-                "network": self.network, "mode": self.mode, "owner_uid": self.owner_uid}
+                "network": self.network, "mode": self.mode, "owner_uid": self.owner_uid,
+                "pooled": self.pooled}
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def row_from_incus(raw: Mapping[str, Any]) -> ContainerRow:
         persistent=keys.persistent, workspace=keys.workspace, slot=keys.slot or None,
         image=keys.image, tool=keys.tool, network=keys.network,
         ipv4=ipv4_of(raw.get("state")), created_at=str(raw.get("created_at") or ""),
-        owner_uid=keys.host_uid)
+        owner_uid=keys.host_uid, pooled=keys.idle_in_pool)
 
 
 def saved_sessions() -> list[SavedSession]:
@@ -134,7 +137,7 @@ def render_text(rows: Sequence[ContainerRow],
     if rows:
         text = output.table([("NAME", "MODE", "STATUS", "SLOT", "IPV4", "IMAGE", "OWNER",
                               "CREATED", "WORKSPACE")] +
-                            [(r.name, r.mode, r.status.upper() or NONE_SHOWN,
+                            [(r.name, r.mode, _status_word(r),
                               _shown(r.slot), r.ipv4 or NONE_SHOWN, r.image or NONE_SHOWN,
                               _shown(r.owner_uid), short_time(r.created_at),
                               r.workspace or NONE_SHOWN) for r in rows])
@@ -148,6 +151,11 @@ def render_text(rows: Sequence[ContainerRow],
                             [(s.id, s.tool or NONE_SHOWN, short_time(s.saved_at),
                               s.workspace or NONE_SHOWN) for s in saved])
     return f"{text}\n\nSaved sessions:\n{sessions_table}"
+
+
+def _status_word(row: ContainerRow) -> str:
+    status = row.status.upper() or NONE_SHOWN
+    return f"{status} (POOL)" if row.pooled else status
 
 
 def _shown(number: int | None) -> str:

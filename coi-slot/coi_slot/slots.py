@@ -9,9 +9,10 @@ never get the same slot. The state lives in `<state_dir>/slots/`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final
@@ -102,31 +103,46 @@ def release(state_dir: str, workspace: str, slot: int) -> None:
             protocol.write_json_atomic(str(path), reservations)
 
 
-def new_slot_record(client: incus.Incus, settings: Any, workspace: str, *,
-                    slot: int | None = None, mounts: Sequence[sessions.Mount] = (),
-                    storage: str = "") -> sessions.SlotRecord:
-    """Allocate (or take `slot`) for the workspace and describe its container.
-
-    `settings` is the effective config with command-line flags already applied
-    (defaults.persistent, defaults.image, defaults.environment, tool.name, ...).
-    """
-    prefix = naming.container_prefix()
+def described(settings: Any, workspace: str, *, mounts: Sequence[sessions.Mount] = (),
+              storage: str = "") -> sessions.SlotRecord:
+    """The session the settings describe for the workspace, its slot not chosen yet
+    (0). `settings` is the effective config with command-line flags already applied
+    (defaults.persistent, defaults.image, defaults.environment, tool.name, ...)."""
     path = naming.canonical_workspace(workspace)
-    max_slots = settings.get("defaults.max_slots")
-    wanted = naming.validate_slot(slot, max_slots) if slot else None
     # Checked before reserving: a bad image name must not hold a slot for two minutes.
     image = naming.validate_image_name(settings.get("defaults.image"))
-    instances = client.instances(f"{prefix}{naming.workspace_hash(path)}-")
-    existing = [i["name"] for i in instances]
-    if wanted is None and settings.get("defaults.persistent"):
-        wanted = reusable_slot(instances, path, sessions.invoking_ids()[0])
-    number = reserve(settings.path("paths.state_dir"), path, prefix=prefix,
-                           existing=existing, max_slots=max_slots, wanted=wanted)
-    return sessions.SlotRecord(path, number, naming.container_name(path, number, prefix),
-                      bool(settings.get("defaults.persistent")), image,
-                      settings.get("incus.profile"), settings.get("tool.name"),
-                      settings.get("network.mode"), dict(settings.get("defaults.environment")),
-                      tuple(mounts), storage)
+    return sessions.SlotRecord(path, 0, "", bool(settings.get("defaults.persistent")), image,
+                               settings.get("incus.profile"), settings.get("tool.name"),
+                               settings.get("network.mode"),
+                               dict(settings.get("defaults.environment")), tuple(mounts),
+                               storage)
+
+
+def workspace_instances(client: incus.Incus, workspace: str) -> list[dict[str, Any]]:
+    """The containers of the workspace's slots, in one request."""
+    return client.instances(f"{naming.container_prefix()}{naming.workspace_hash(workspace)}-")
+
+
+def with_slot(settings: Any, record: sessions.SlotRecord,
+              instances: Sequence[Mapping[str, Any]], *, wanted: int | None = None
+              ) -> sessions.SlotRecord:
+    """`record` (described) in a slot reserved for it: `wanted`, or the slot of a
+    stopped persistent container it comes back to, or the lowest free one."""
+    prefix = naming.container_prefix()
+    if wanted is None and record.persistent:
+        wanted = reusable_slot(instances, record.workspace, sessions.invoking_ids()[0])
+    number = reserve(settings.path("paths.state_dir"), record.workspace, prefix=prefix,
+                     existing=[i["name"] for i in instances],
+                     max_slots=settings.get("defaults.max_slots"), wanted=wanted)
+    return dataclasses.replace(record, slot=number,
+                               container=naming.container_name(record.workspace, number, prefix))
+
+
+def claim(state_dir: str, workspace: str, take: Callable[[], bool]) -> bool:
+    """take() under the workspace's slot lock: a pooled container is claimed once, and
+    never while a slot is being chosen."""
+    with _locked(slot_file(state_dir, workspace)):
+        return take()
 
 
 def reusable_slot(instances: Sequence[Mapping[str, Any]], workspace: str,

@@ -73,6 +73,9 @@ SCHEMA: Final[Mapping[str, Mapping[str, Key]]] = {
         "max_slots": Key("int", 10, minimum=1, maximum=99),
         "environment": Key("table", {}),
     },
+    "pool": {
+        "size": Key("int", 0, minimum=0, maximum=99),
+    },
     "tool": {
         "name": Key("str", "claude"),
         "binary": Key("str", ""),

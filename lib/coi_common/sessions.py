@@ -77,6 +77,11 @@ class SlotRecord:
     workspace and tool, anything else is the id of the session to restore."""
     config_profile: str = ""
     """The [profiles.NAME] of the config the session was asked with (--profile)."""
+    pool: str = ""
+    """A warm pool's container to make (`coi-slot next --pool`): the session shape it
+    serves (pool_shape), written on it as user.coi.pool; "" for a session."""
+    pooled: bool = False
+    """The container is a warm pool's, claimed for this session: up and ready already."""
 
     def to_record(self) -> dict[str, Any]:
         data = asdict(self)
@@ -116,6 +121,10 @@ class SlotRecord:
         profile = _record_field(data, "config_profile", str, "")
         if profile:
             _checked("config_profile", naming.validate_profile_name, profile)
+        pool = _record_field(data, "pool", str, "")
+        if pool and not is_pool_shape(pool):
+            raise BadInput(f"slot record: pool {pool!r} is not a session shape "
+                           "(16 hex digits)")
         return cls(workspace, slot, container, _record_field(data, "persistent", bool),
                    _checked("image", naming.validate_image_name, data["image"]),
                    _checked("profile", naming.validate_profile_name,
@@ -129,7 +138,12 @@ class SlotRecord:
                                      _record_field(data, "limits", dict, dict(NO_LIMITS))),
                    *(_record_field(data, key, bool, default) for key, default in
                      (("mask", True), ("allow_home", False), ("force", False))),
-                   resume, profile)
+                   resume, profile, pool, _record_field(data, "pooled", bool, False))
+
+
+def is_pool_shape(text: str) -> bool:
+    """16 lower-case hex digits: a session shape's fingerprint, or a view's coverage."""
+    return len(text) == 16 and all(c in "0123456789abcdef" for c in text)
 
 
 def _checked(field_name: str, check: Callable[..., Any], *values: Any) -> Any:
@@ -238,6 +252,9 @@ class SessionContainer:
     session_id: str = ""
     session_base: str = ""
     ended_run: str = ""
+    pool: str = ""
+    """An idle warm pool container's `SHAPE.COVERAGE` (pool_shape, views.coverage);
+    "" for a session's."""
 
     CREATE_KEYS: ClassVar[tuple[str, ...]] = (
         "workspace", "slot", "persistent", "image", "tool", "network", "host_uid")
@@ -256,20 +273,27 @@ class SessionContainer:
                 and (uid is None or _digits(uid))):
             return None
         values = {key: str(get(key) or "") for key in ("image", "tool", "session_id",
-                                                      "session_base", "ended_run")}
+                                                      "session_base", "ended_run", "pool")}
         network = str(get("network") or "restricted")
         if network not in naming.NETWORK_MODES:
             return None
         return cls(workspace, int(slot), get("persistent") == "true", values["image"],
                    values["tool"] or "claude", network, int(uid) if uid is not None else None,
-                   values["session_id"], values["session_base"], values["ended_run"])
+                   values["session_id"], values["session_base"], values["ended_run"],
+                   values["pool"])
+
+    @property
+    def idle_in_pool(self) -> bool:
+        """Waiting in a warm pool: made for sessions, used by none yet."""
+        return bool(self.pool)
 
     def to_config(self) -> dict[str, str]:
         """The keys written at create (the later ones are set by restore, save, end)."""
         values = {"workspace": self.workspace, "slot": str(self.slot),
                   "persistent": str(self.persistent).lower(), "image": self.image,
                   "tool": self.tool, "network": self.network,
-                  "host_uid": "" if self.host_uid is None else str(self.host_uid)}
+                  "host_uid": "" if self.host_uid is None else str(self.host_uid),
+                  "pool": self.pool}
         return {f"{KEY}{key}": value for key, value in values.items() if value}
 
 

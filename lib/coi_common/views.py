@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import os
 import stat
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -47,6 +48,11 @@ from coi_common.errors import BadInput, CoiError
 
 VIEW_ROOT: Final = "/run/coi/views"
 MAX_PATHS: Final = 64
+MAX_WALKED: Final = 100_000
+"""Masking looks at this many entries at most (then says so): a start stays quick."""
+SKIPPED_DIRS: Final = frozenset({".git", "node_modules", ".venv", "venv", "__pycache__",
+                                 ".tox", ".mypy_cache", "target"})
+"""Trees masking does not enter: tool caches, not where a project keeps its secrets."""
 
 @dataclass(frozen=True)
 class View:
@@ -106,6 +112,14 @@ def check_rules(protect: Sequence[str], mask: Sequence[str]) -> None:
                            "(security.mask)")
 
 
+def rules(settings: Any, mask: bool) -> tuple[list[str], list[str]]:
+    """The protected paths and mask patterns a session's view follows: the config's,
+    none protected when security.protect is off, none masked with --no-mask."""
+    protect = list(settings.get("security.protected_paths")) \
+        if settings.get("security.protect") else []
+    return protect, list(settings.get("security.mask")) if mask else []
+
+
 def masks(name: str, patterns: Sequence[str]) -> bool:
     """True when a file called `name` is masked: it matches a pattern and no '!' one."""
     if any(fnmatch.fnmatchcase(name, p[1:]) for p in patterns if p.startswith("!")):
@@ -152,6 +166,45 @@ def link_refused(rel: str) -> BadInput:
     return BadInput(f"protected path {rel!r} of the workspace is a symbolic link: coi will "
                     "not start a session on it", hint="replace the link with what it points "
                     "to, or set security.protect = false in your own config")
+
+
+def walk_masked(tree: int, patterns: Sequence[str],
+                visit: Callable[[int, str, str], None]) -> bool:
+    """visit(folder fd, name, path) for every entry of `tree` not in a directory
+    (SKIPPED_DIRS left out) whose name is masked; False when the walk stopped at
+    MAX_WALKED entries."""
+    if not [p for p in patterns if not p.startswith("!")]:
+        return True
+    walked = 0
+    for top, dirs, files, folder in os.fwalk(".", dir_fd=tree, follow_symlinks=False):
+        dirs[:] = [d for d in dirs if d not in SKIPPED_DIRS]
+        walked += len(dirs) + len(files)
+        for name in files:
+            if masks(name, patterns):
+                visit(folder, name, os.path.normpath(os.path.join(top, name)))
+        if walked > MAX_WALKED:
+            return False
+    return True
+
+
+def coverage(workspace: str, protect: Sequence[str], patterns: Sequence[str]) -> str:
+    """A digest of what a view of the workspace built now would cover: each protected
+    target with its kind, and every file masking would hide. A warm pool's container
+    (made earlier) may serve a session only while its view covers what a new one
+    would: the digest taken before its view was built must equal the one now."""
+    masked: list[str] = []
+
+    def regular(folder: int, name: str, path: str) -> None:
+        with contextlib.suppress(OSError):  # gone meanwhile: nothing to hide
+            if stat.S_ISREG(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
+                masked.append(f"mask {path}")
+
+    with opened(workspace, os.O_PATH | os.O_DIRECTORY) as root:
+        protected = [f"protect {target} {path_kind(root, target.rstrip('/'))}"
+                     for target in protected_targets(root, protect)]
+        complete = walk_masked(root, patterns, regular)
+    text = "\n".join([*protected, *sorted(masked), f"complete {complete}"])
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 # -- walking by file descriptor --------------------------------------------------------------------

@@ -316,7 +316,7 @@ def test_the_list_record_keeps_the_original_keys_and_adds_ours():
                      "ipv4": "10.151.43.165", "image": "coi",
                      "created_at": "2026-11-27T04:31:05.591882599Z", "slot": 2,
                      "tool": "claude", "network": "restricted", "mode": "persistent",
-                     "owner_uid": 1000}
+                     "owner_uid": 1000, "pooled": False}
     assert (second["ipv4"], second["persistent"], second["owner_uid"]) == ("", False, None)
 
 
