@@ -21,6 +21,7 @@ from typing import IO, Any
 from coi_common import (
     config,
     incus,
+    locks,
     naming,
     owners,
     plumbing,
@@ -423,6 +424,9 @@ def resume_target(ctx: Context) -> dict[str, Any] | None:
     if not ctx.record.resume:
         return None
     try:
+        # A session of this workspace still ending in the background is saved first.
+        locks.wait_for_endings(ctx.client, [i["name"] for i in ctx.client.instances(
+            f"{naming.container_prefix()}{naming.workspace_hash(ctx.record.workspace)}-")])
         found = plumbing.call("coi-session", ["restore", "--check"],
                               record=ctx.record.to_record(), kind="session",
                               dry_run=plumbing.READS)
@@ -549,15 +553,16 @@ def run_command(args: Args, argv: list[str], early: plumbing.Child | None = None
     ctx = context_from_args(args, argv, record_on_stdin=False, early=early)
     wanted = resume_target(ctx)
     enders: list[plumbing.Child] = []  # coi-slot end, started while the container boots
+    flags = ["--background"] if ends_in_background(ctx) else []
     try:
-        ready_and_home(ctx, wanted, then=lambda: enders.append(ender()))
+        ready_and_home(ctx, wanted, then=lambda: enders.append(ender(*flags)))
     except BaseException:
         for child in enders:
             child.abandon()
         raise
     ending = enders[0] if enders else None
     try:
-        ending = ending or ender()
+        ending = ending or ender(*flags)
         spec = container.as_code(ctx.record.container, list(args["<command>"]), tty=False,
                                 env=container.session_env(os.environ.get("TERM")))
         return ctx.client.exec_handover(spec)
@@ -567,6 +572,14 @@ def run_command(args: Args, argv: list[str], early: plumbing.Child | None = None
         except CoiError as exc:  # the command's own status stays the answer
             print(f"coi: {exc.one_line()}", file=sys.stderr)
         refill_pool(ctx)
+
+
+def ends_in_background(ctx: Context) -> bool:
+    """With a warm pool (pool.size), an ephemeral `coi run` answers once its command is
+    done: the save, the delete and the removal of the rules go on behind it
+    (pool.end_in_background; coi-slot end --background)."""
+    return not ctx.record.persistent and bool(ctx.settings.get("pool.size")) \
+        and bool(ctx.settings.get("pool.end_in_background"))
 
 
 def refill_pool(ctx: Context) -> None:

@@ -6,8 +6,8 @@ Usage:
                 [--storage PATH] [--mount SPEC]... [--resume] [--session ID]
                 [--cpu N] [--memory SIZE] [--processes N] [--no-mask]
                 [--allow-home] [--force] [--pool] [--dry-run] [--format FMT] [--debug]
-  coi-slot end [<name>] [--no-save] [--if-down] [--wait S] [--dry-run] [--format FMT]
-               [--debug]
+  coi-slot end [<name>] [--no-save] [--if-down] [--wait S] [--background] [--dry-run]
+               [--format FMT] [--debug]
   coi-slot list [--all] [--all-users] [--format FMT] [--debug]
   coi-slot kill (<name>... | --all) [--no-save] [--force] [--all-users] [--dry-run]
                 [--format FMT] [--debug]
@@ -99,6 +99,10 @@ Options:
   --no-save         kill, end: delete without saving the session.
   --if-down         end: only a session whose container is down.
   --wait S          end --if-down: seconds to wait for a stop under way.
+  --background      end, of a slot record: answer once the session's ending lock
+                    is held; the save, the delete and the removal of the rules go
+                    on in a process of their own (logs_dir/end.log). A resume of
+                    the workspace waits for it; a failed save keeps the container.
   --timeout S       Seconds to wait for a clean stop before forcing it; 0
                     stops at once [default: 60].
   --force           Do not ask (COI_FORCE=1 does the same). next: allow any

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from coi_common import config, incus, naming, owners, sessions
+from coi_common import config, forks, incus, locks, naming, owners, plan, sessions
 from coi_common.entry import Args
 from coi_common.errors import EXIT_FAILED, CoiError, NotFound, UsageError
 from coi_common.protocol import make_record, read_record, write_record
@@ -58,13 +58,16 @@ class ActionResult:
     message: str = ""
     running: bool = False
     """end --if-down: the container is still up, so its session was not ended."""
+    background: bool = False
+    """end --background: the ending goes on in a process of its own."""
 
     def record(self) -> dict[str, Any]:
         """The `container_action` record (docs/protocol.md)."""
         return make_record("container_action", name=self.name, action=self.action, ok=self.ok,
                            deleted=self.deleted, persistent=self.persistent,
                            forced=self.forced, changed=self.changed, saved=self.saved,
-                           message=self.message, running=self.running)
+                           message=self.message, running=self.running,
+                           background=self.background)
 
     def line(self) -> str:
         """The text line of a success (failures go to stderr, see run())."""
@@ -72,9 +75,7 @@ class ActionResult:
             state = "is now persistent" if self.changed else "was persistent already"
             return f"{self.name} {state}"
         if self.action == "end":
-            return f"{self.name} is still running" if self.running else \
-                f"session in {self.name} ended; container " + \
-                ("deleted" if self.deleted else "kept (persistent)")
+            return self._end_line()
         if not self.changed:
             return f"{self.name} was stopped already (persistent, kept)"
         if self.action == "kill":
@@ -85,6 +86,14 @@ class ActionResult:
         how = f"forced {self.name} to stop ({self.message})" if self.forced \
             else f"shut down {self.name}"
         return f"{how}, {'deleted' if self.deleted else 'kept (persistent)'}"
+
+    def _end_line(self) -> str:
+        if self.background:
+            return f"session in {self.name} ends in the background"
+        if self.running:
+            return f"{self.name} is still running"
+        return f"session in {self.name} ended; container " + \
+            ("deleted" if self.deleted else "kept (persistent)")
 
 
 # -- the command ---------------------------------------------------------------------------
@@ -134,13 +143,19 @@ def run_end(args: Args, *, as_json: bool) -> int:
     if args["<name>"]:
         return _ended_now(_end_of(naming.validate_container_name(args["<name>"][0]), args,
                                   wait, None, config.load(None, lenient=True)), as_json)
-    early = ending.Early.started(save=not args["--no-save"])
+    # In the background its children start there: a detached process cannot wait
+    # for children of its parent.
+    background = bool(args["--background"]) and not plan.active()
+    early = ending.Early() if background else ending.Early.started(save=not args["--no-save"])
     try:
         record = sessions.SlotRecord.from_record(read_record("slot"))
-        early.given(record)
+        if not background:
+            early.given(record)
         settings = config.load(record.workspace, lenient=True)
+        locked = (lambda: _on_in_background(record.container, settings, as_json)) \
+            if background else (lambda: None)
         try:
-            result = _end_of(record.container, args, wait, early, settings)
+            result = _end_of(record.container, args, wait, early, settings, locked=locked)
         finally:
             slots.release(settings.path("paths.state_dir"), record.workspace, record.slot)
     finally:
@@ -149,14 +164,30 @@ def run_end(args: Args, *, as_json: bool) -> int:
 
 
 def _end_of(name: str, args: Args, wait: float, early: ending.Early | None,
-            settings: config.Config) -> ActionResult:
+            settings: config.Config, *, locked: Callable[[], None] = lambda: None
+            ) -> ActionResult:
     client = incus.connect(settings)
     target = _own_session(client, name)
     if target is None:
         return ActionResult(name, "end", ok=True, deleted=True, changed=False)
     return ended(target, "end", ending.end_session(
         client, name, save=not args["--no-save"], if_down=bool(args["--if-down"]),
-        wait=wait, early=early))
+        wait=wait, early=early, locked=locked))
+
+
+def _on_in_background(name: str, settings: config.Config, as_json: bool) -> None:
+    """--background, its ending lock held: the caller is told the session ends in the
+    background and leaves; a detached copy holding the lock (so a resume waits for
+    it: locks.wait_for_endings) saves, deletes and removes the rules, writing to
+    logs_dir/end.log."""
+    logs = settings.path("paths.logs_dir")
+    os.makedirs(logs, mode=0o700, exist_ok=True)
+    if forks.detach(os.path.join(logs, "end.log")):
+        _ended_now(ActionResult(name, "end", ok=True, background=True), as_json)
+        sys.stdout.flush()
+        os._exit(0)  # its lock is the detached copy's now: nothing here may let it go
+    locks.adopt_ending(name)
+    print(f"coi-slot end {name} (in the background, pid {os.getpid()})", flush=True)
 
 
 def _ended_now(result: ActionResult, as_json: bool) -> int:

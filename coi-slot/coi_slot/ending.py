@@ -16,7 +16,7 @@ import os
 import pwd
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -45,7 +45,8 @@ class Ending:
 
 
 def end_session(client: Incus, name: str, *, save: bool = True, remove: bool = False,
-                if_down: bool = False, wait: float = 0.0, early: Early | None = None) -> Ending:
+                if_down: bool = False, wait: float = 0.0, early: Early | None = None,
+                locked: Callable[[], None] = lambda: None) -> Ending:
     """Save the session, then delete the container unless it is persistent, and with
     it its network rules. Only an explicit removal (`remove`, as `coi kill` asks)
     deletes a persistent one. A failed save keeps the container (Ending.message says
@@ -59,11 +60,12 @@ def end_session(client: Incus, name: str, *, save: bool = True, remove: bool = F
     nothing again (a removal still deletes it). Ending.saved: the session is in the
     store, saved by this call or, with nothing run since, by the one that ended it.
     `early`: `coi-session save` and `coi-net remove` started before (Early), given the
-    slot record when their turn comes."""
+    slot record when their turn comes. `locked` runs once the ending lock is held
+    (actions: --background goes on in a process of its own from there)."""
     early = early or Early()
     try:
         return _end(client, name, save=save, remove=remove, if_down=if_down, wait=wait,
-                    early=early)
+                    early=early, locked=locked)
     finally:
         early.abandon()
 
@@ -118,8 +120,9 @@ class Early:
 
 
 def _end(client: Incus, name: str, *, save: bool, remove: bool, if_down: bool, wait: float,
-         early: Early) -> Ending:
+         early: Early, locked: Callable[[], None]) -> Ending:
     with locks.ending_lock(client, name):
+        locked()
         if if_down and not _down(client, name, wait):
             return Ending(saved=False, deleted=False, running=True)
         try:

@@ -75,6 +75,7 @@ SCHEMA: Final[Mapping[str, Mapping[str, Key]]] = {
     },
     "pool": {
         "size": Key("int", 0, minimum=0, maximum=99),
+        "end_in_background": Key("bool", True),
     },
     "tool": {
         "name": Key("str", "claude"),

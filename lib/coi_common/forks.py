@@ -157,3 +157,26 @@ def _become(argv: tuple[str, ...], module: str, env: Mapping[str, str],
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()
         os._exit(status)
+
+
+def detach(log_path: str) -> bool:
+    """Go on in the background: True in the caller, which leaves next with os._exit (so
+    that nothing it holds, a lock, is undone on its way out); False in the detached
+    copy, which leads a session of its own, reads /dev/null, writes to `log_path`
+    (appended) and keeps every other descriptor: the locks it holds are its own now.
+    Its parent may exit at once: nothing waits for it."""
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    if os.fork():
+        os.close(log)
+        return True
+    os.setsid()
+    nothing = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(nothing, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(nothing)
+    os.close(log)
+    return False

@@ -17,7 +17,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Final
 
 from coi_common import naming, progress
@@ -219,6 +219,21 @@ def ending_lock(client: Incus, name: str) -> Iterator[None]:
                 _ending.discard(name)
     finally:
         os.close(fd)
+
+
+def adopt_ending(name: str) -> None:
+    """In a fork that goes on ending `name` (forks.detach) inside its parent's
+    ending_lock: the lock is this process's now, so taking it again is reentrant."""
+    _ending.add(name)
+
+
+def wait_for_endings(client: Incus, names: Sequence[str]) -> None:
+    """Until no coi command is ending any of these containers (a session ending in the
+    background is saved then): each ending lock taken and let go, bounded as
+    ending_lock is."""
+    for name in names:
+        with ending_lock(client, name):
+            pass
 
 
 def prepare_ending_locks(client: Incus) -> None:

@@ -59,12 +59,36 @@ def test_a_filled_pool_serves_the_next_run_which_deletes_it_and_refills(user_coi
     assert done.stdout.strip() == pooled["name"]
     made = user_coi.workspace / "made"
     assert (made.stat().st_uid, made.stat().st_gid) == (user_coi.user.uid, user_coi.user.gid)
+    [refilled] = settled(user_coi, incus_client)
+    assert refilled["created_at"] != pooled["created_at"]  # (its slot may be the same)
+
+
+def settled(user_coi, incus_client, size: int = 1) -> list[dict]:
+    """Once the background work of the runs is done (their ends, the refill), the
+    pool's ready containers; the test fails when it takes over REFILL_SECONDS."""
     deadline = time.monotonic() + REFILL_SECONDS
-    while not (ready := [c for c in idle(user_coi) if c["ready"]]) \
-            and time.monotonic() < deadline:
-        time.sleep(1)
-    assert [c["name"] for c in ready] != []
-    assert ready[0]["created_at"] != pooled["created_at"]  # (its slot may be the same)
+    while time.monotonic() < deadline:
+        ready = [c for c in idle(user_coi) if c["ready"]]
+        if len(ready) == size and len(incus_client.instances(user_coi.prefix)) == size:
+            return ready
+        time.sleep(0.5)
+    pytest.fail(f"the pool did not settle within {REFILL_SECONDS} s: {idle(user_coi)}")
+
+
+def test_with_a_pool_a_run_ends_in_the_background_and_a_resume_right_after_has_its_save(
+        user_coi, incus_client):
+    filled(user_coi)
+    pool_on = {"COI_POOL_SIZE": "1"}
+    # 40 MiB more to save: the resume starts while the save still runs
+    first = user_coi("run", "--", "sh", "-c", "head -c 40M /dev/urandom > ~/.dummy/big; "
+                     "echo kept > ~/.dummy/note", env=pool_on)
+    assert first.returncode == 0, first.stderr
+    resumed = user_coi("run", "--resume", "--", "cat", "/home/code/.dummy/note", env=pool_on)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout == "kept\n"
+    settled(user_coi, incus_client)
+    log = user_coi.user.home / ".coi" / "logs" / "end.log"
+    assert "in the background" in log.read_text()
 
 
 def test_a_pooled_container_has_its_restricted_rules_before_any_session(user_coi,
