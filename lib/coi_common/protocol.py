@@ -32,6 +32,7 @@ REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "exec": ("stdout", "stderr", "exit_code"),
     "container_list": ("active_containers",),
     "container_action": ("name", "action", "ok"),
+    "pool_status": ("workspace", "size", "containers"),
     "session": ("id", "tool", "workspace", "updated_at"),
     "session_saved": ("saved", "container", "dropped"),
     "session_restored": ("id", "container", "credentials"),
