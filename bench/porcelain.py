@@ -29,6 +29,10 @@ whether it is met:
   `coi session restore ID      tar -cf - of that folder | incus exec NAME --user 1000
   NAME` of it                  --group 1000 -- tar -x --no-same-owner -C /home/code
   (this checkout only: the baseline column is left out of these two rows)
+  `coi run -- true` and `coi   the floors of `coi run` and `coi shell` above; this
+  shell` to the prompt, from   checkout with pool.size 1, the pool filled and settled
+  a warm pool of one           (the last run's end and refill over) before each timing
+                               (no baseline column: it has no pool)
 
 Peak RSS: every process of this checkout (its interpreter running a coi module:
 the dispatcher, every executable, the host service) is sampled all along
@@ -138,6 +142,12 @@ STATE_MIB: Final = 50
 STATE_PIECE: Final = "10K"
 """The saved-state rows' directory: STATE_MIB MiB cut into 5,120 files of 10 KiB."""
 RSS_GOAL_MB: Final = 60.0
+POOL_SETTLE_SECONDS: Final = 120
+POOLED_RUN_RATIO: Final = 0.34
+POOLED_RUN_MOST_MS: Final = 400.0
+POOLED_SHELL_MOST_MS: Final = 600.0
+"""The goals of a session from the warm pool: `coi run` three times faster than the
+floor and within 0.4 s, `coi shell` to its prompt within 0.6 s."""
 SAMPLER: Final = """
 import os, signal, sys, time
 root, peak, stop = sys.argv[1].encode(), 0, []
@@ -276,6 +286,7 @@ class Bench:
         self.state_name, self.session_id = "", ""
         self.floor_copy = self.user.home / "floor-state"
         self.failures: dict[str, int] = {}
+        self.pool_size = 0  # the pool rows' COI_POOL_SIZE for this checkout's coi
 
     # -- running as the bench user ------------------------------------------------------
 
@@ -287,7 +298,8 @@ class Bench:
         env = {**self.user.login_env(), "TERM": TERM}
         if column.checkout is not None:
             env.update(COI_DEFAULTS_IMAGE=IMAGE, COI_TOOL_NAME="dummy",
-                       COI_CONTAINER_PREFIX=self.prefix, COI_HOST_SOCKET=column.socket)
+                       COI_CONTAINER_PREFIX=self.prefix, COI_HOST_SOCKET=column.socket,
+                       COI_POOL_SIZE=str(self.pool_size))
         return env
 
     def run(self, column: Column, *command: str) -> str:
@@ -368,8 +380,41 @@ class Bench:
             self.end_sessions(column)
         return elapsed
 
+    # -- the warm pool rows: this checkout with a pool of one, against the same floor ---
+
+    def pooled(self, measure: Callable[[Column], float]) -> Callable[[Column], float]:
+        """`measure` of a column; this checkout's claims from a warm pool of one, filled
+        and settled (the last run's end and refill over) outside the timing."""
+        def pooled_measure(column: Column) -> float:
+            if column.checkout is not None:
+                self.settle_pool(column)
+            return measure(column)
+        return pooled_measure
+
+    def settle_pool(self, column: Column, *, alone: bool = True) -> None:
+        """Until a `coi pool fill` ran to its end (none was under way in the background:
+        the pool is full) and, when `alone`, nothing but the pool runs (the last run's
+        end is over)."""
+        deadline = time.monotonic() + POOL_SETTLE_SECONDS
+        while time.monotonic() < deadline:
+            done = subprocess.run(self.argv(column.coi(), "pool", "fill"), env=self.env(column),
+                                  cwd=self.workspace, stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
+                                  check=False)
+            status = json.loads(self.coi(column, "pool", "status", "--format", "json"))
+            if done.returncode == 0 and "under way" not in done.stderr and (
+                    not alone or len(self.client.instances(self.prefix))
+                    == len(status["containers"])):
+                return
+            time.sleep(0.3)
+        raise CommandFailed(f"{column.title}: the warm pool did not settle within "
+                            f"{POOL_SETTLE_SECONDS} s")
+
     def end_sessions(self, column: Column) -> None:
-        """Outside the timing: the column ends its own session; nothing may be left."""
+        """Outside the timing: the column ends its own session; nothing may be left (a
+        refill of the pool is let finish first: a container half made cannot be ended)."""
+        if column.checkout is not None and self.pool_size:
+            self.settle_pool(column, alone=False)
         if column.checkout is not None:
             self.coi(column, "kill", "--all", "--force")
         for instance in self.client.instances(self.prefix):
@@ -470,10 +515,22 @@ def measure_rows(work: Bench, columns: Sequence[Column], *, runs: int, list_runs
                       list_runs, work.save_state),
                   Row("`coi session restore ID NAME` of it", list_runs,
                       work.restore_state)]
-    rows[-1:-1] = state_rows
-    for row in rows[:-3]:
+    pool_rows = [Row("`coi run -- true`, restricted, warm pool of 1", runs,
+                     work.pooled(work.run_true),
+                     report.Goal(ratio=POOLED_RUN_RATIO, most_ms=POOLED_RUN_MOST_MS)),
+                 Row("`coi shell` to the prompt, warm pool of 1", runs,
+                     work.pooled(work.shell_prompt),
+                     report.Goal(ratio=None, most_ms=POOLED_SHELL_MOST_MS))]
+    rows[-1:-1] = [*state_rows, *pool_rows]
+    for row in rows[:-5]:
         measure(row, columns)
     this = next(c for c in columns if c.key == "this")
+    work.pool_size = 1
+    for row in pool_rows:  # the baseline has no pool
+        measure(row, [c for c in columns if c.key != "baseline"])
+    work.pool_size = 0
+    work.settle_pool(this)
+    work.end_sessions(this)
     work.make_state(this)
     for row in state_rows:  # the baseline's coi-session may not read this one's keys
         measure(row, [c for c in columns if c.key != "baseline"])
