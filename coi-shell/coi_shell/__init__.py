@@ -123,10 +123,9 @@ def dispatch(args: Args, argv: list[str]) -> int:
 
         return automation.run(args)
     if args["warm"]:
-        from coi_common import protocol, sessions  # noqa: PLC0415
         from coi_shell import session  # noqa: PLC0415
 
-        return session.warm(sessions.SlotRecord.from_record(protocol.read_record("slot")))
+        return session.warm()
     from coi_shell import slotting  # noqa: PLC0415
 
     early = slotting.early_next(args, argv)

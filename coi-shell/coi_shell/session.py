@@ -600,10 +600,11 @@ def refill_pool(ctx: Context) -> None:
         proc.spawn_detached(argv, os.path.join(logs, "pool.log"))
 
 
-def warm(record: sessions.SlotRecord) -> int:
-    """`coi-shell warm`: make the warm pool container of a `coi-slot next --pool` record
-    (created, its rules in, started, booted: what a session would do before its
-    home), and leave it running for a session to claim."""
+def warm() -> int:
+    """`coi-shell warm`: make the warm pool container of the `coi-slot next --pool`
+    record on stdin (created, its rules in, started, booted: what a session would do
+    before its home), and leave it running for a session to claim."""
+    record = _record_from_file("-")
     if not record.pool:
         raise UsageError("coi-shell warm takes the slot record of 'coi-slot next --pool'",
                          hint="coi pool fill makes warm containers")

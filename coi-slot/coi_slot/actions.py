@@ -236,7 +236,7 @@ def select(client: incus.Incus, prefix: str, action: str, names: Sequence[str], 
             chosen = [i for i in chosen
                       if i.get("status") == STOPPED and not sessions.is_persistent(i)]
         elif action == "persist":  # a warm pool's container has no session to keep
-            chosen = [i for i in chosen if not _idle_in_pool(i)]
+            chosen = [i for i in chosen if not sessions.is_idle_in_pool(i)]
         return chosen
     strangers = [n for n in dict.fromkeys(names) if n not in ours]
     if strangers:
@@ -358,16 +358,11 @@ def persist(client: incus.Incus, target: Instance) -> ActionResult:
     name = target["name"]
     if sessions.is_persistent(target):
         return ActionResult(name, "persist", ok=True, persistent=True, changed=False)
-    if _idle_in_pool(target):
+    if sessions.is_idle_in_pool(target):
         return ActionResult(name, "persist", ok=False, message=f"{name} waits in the warm "
                             "pool, with no session to keep: start one with 'coi shell'")
     client.set_config(name, {f"{sessions.KEY}persistent": "true"})
     return ActionResult(name, "persist", ok=True, persistent=True)
-
-
-def _idle_in_pool(target: Instance) -> bool:
-    keys = sessions.SessionContainer.from_instance(target)
-    return keys is not None and keys.idle_in_pool
 
 
 def _stopped_persistent(target: Instance) -> bool:

@@ -130,8 +130,7 @@ def _end(client: Incus, name: str, *, save: bool, remove: bool, if_down: bool, w
         except NotFound:
             return Ending(saved=False, deleted=True)
         kept_since = _ended_since_start(instance)
-        keys = sessions.SessionContainer.from_instance(instance)
-        save = save and not (keys is not None and keys.idle_in_pool)  # nothing ran in it
+        save = save and not sessions.is_idle_in_pool(instance)  # nothing ran in it
         saved, problem = save_session(name, owners.owner_uid(instance), early) \
             if save and not kept_since else (save and kept_since, "")
         if problem:

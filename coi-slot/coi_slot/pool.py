@@ -50,24 +50,26 @@ def pool_shape(record: sessions.SlotRecord, settings: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def idle_of(instances: Sequence[Mapping[str, Any]], workspace: str, uid: int, *,
+def idle_of(instances: Sequence[Mapping[str, Any]], workspace: str | None, uid: int, *,
             slot: int | None = None
             ) -> list[tuple[Mapping[str, Any], sessions.SessionContainer]]:
-    """The workspace's pooled containers of user `uid` not claimed yet (in `slot`
-    only, when given), by slot."""
+    """The pooled containers of user `uid` not claimed yet, of `workspace` (None: of
+    every workspace; in `slot` only, when given), by workspace and slot."""
     found = []
     for instance in instances:
         keys = sessions.SessionContainer.from_instance(instance)
-        if keys is not None and keys.idle_in_pool and keys.workspace == workspace \
+        if keys is not None and keys.idle_in_pool and workspace in (None, keys.workspace) \
                 and keys.host_uid == uid and slot in (None, keys.slot):
             found.append((instance, keys))
-    return sorted(found, key=lambda pair: pair[1].slot)
+    return sorted(found, key=lambda pair: (pair[1].workspace, pair[1].slot))
 
 
-def fresh_key(record: sessions.SlotRecord, settings: Any) -> str:
-    """The user.coi.pool value a container made now for `record` would carry."""
+def fresh_key(record: sessions.SlotRecord, settings: Any, shape: str = "") -> str:
+    """The user.coi.pool value a container made now for `record` would carry (`shape`:
+    its pool_shape, when known already)."""
     protect, patterns = views.rules(settings, record.mask)
-    return f"{pool_shape(record, settings)}.{views.coverage(record.workspace, protect, patterns)}"
+    coverage = views.coverage(record.workspace, protect, patterns)
+    return f"{shape or pool_shape(record, settings)}.{coverage}"
 
 
 def claimable(instance: Mapping[str, Any], key: str, image: str) -> bool:
@@ -90,10 +92,14 @@ def claim(client: incus.Incus, settings: Any, record: sessions.SlotRecord,
     """`record` (an ephemeral session's, before its slot is chosen) in an idle pooled
     container of its workspace that can serve it, claimed; None when none can (or
     the one in slot `wanted` cannot: the caller then goes on as without a pool)."""
-    idle = idle_of(instances, record.workspace, uid, slot=wanted)
-    if record.persistent or record.pool or not idle:
+    if record.persistent or record.pool:
         return None
-    key, image = fresh_key(record, settings), image_fingerprint(client, record.image)
+    shape = pool_shape(record, settings)
+    idle = [(i, k) for i, k in idle_of(instances, record.workspace, uid, slot=wanted)
+            if k.pool.startswith(f"{shape}.")]
+    if not idle:  # the workspace walk and the alias only when one is of this shape
+        return None
+    key, image = fresh_key(record, settings, shape), image_fingerprint(client, record.image)
     state_dir = settings.path("paths.state_dir")
     for instance, keys in idle:
         if claimable(instance, key, image) and slots.claim(

@@ -44,7 +44,9 @@ def _size(value: str | None) -> int | None:
 
 def default_session(workspace: str) -> tuple[Any, sessions.SlotRecord]:
     """The settings and the described record of `coi run` without flags here."""
-    args = parse_args("coi-slot", sys.modules["coi_slot"].__doc__ or "",
+    import coi_slot  # noqa: PLC0415 - its usage, loaded already
+
+    args = parse_args("coi-slot", coi_slot.__doc__ or "",
                       ["next", "--pool", "--workspace", workspace])
     settings = allocate.load_settings(args)
     return settings, allocate.described_record(args, settings)
@@ -103,13 +105,9 @@ def drain(workspace: str, *, everywhere: bool) -> list[Mapping[str, Any]]:
     workspace of the caller's)."""
     settings = config.load(workspace, lenient=True)
     client = incus.connect(settings)
-    uid = sessions.invoking_ids()[0]
-    instances = sessions.coi_containers(client, naming.container_prefix())
-    idle = [instance for instance in instances
-            if (keys := sessions.SessionContainer.from_instance(instance)) is not None
-            and keys.idle_in_pool and keys.host_uid == uid
-            and (everywhere or keys.workspace == workspace)]
-    return [_ended(client, instance["name"]) for instance in idle]
+    idle = pool.idle_of(sessions.coi_containers(client, naming.container_prefix()),
+                        None if everywhere else workspace, sessions.invoking_ids()[0])
+    return [_ended(client, instance["name"]) for instance, _keys in idle]
 
 
 def _ended(client: incus.Incus, name: str) -> Mapping[str, Any]:
@@ -140,16 +138,14 @@ def _word(result: Mapping[str, Any]) -> str:
 def _status(workspace: str, *, everywhere: bool, as_json: bool) -> int:
     settings, record = default_session(workspace)
     client = incus.connect(settings)
-    uid = sessions.invoking_ids()[0]
-    instances = sessions.coi_containers(client, naming.container_prefix())
-    key = pool.fresh_key(record, settings)
-    image = pool.image_fingerprint(client, record.image)
+    idle = pool.idle_of(sessions.coi_containers(client, naming.container_prefix()),
+                        None if everywhere else workspace, sessions.invoking_ids()[0])
+    here = any(keys.workspace == workspace for _instance, keys in idle)
+    # The workspace walk and the alias only when a container here is to be judged.
+    key = pool.fresh_key(record, settings) if here else ""
+    image = pool.image_fingerprint(client, record.image) if here else ""
     rows = [_row(instance, keys, pool.claimable(instance, key, image)
-                 if keys.workspace == workspace else None)
-            for instance in instances
-            if (keys := sessions.SessionContainer.from_instance(instance)) is not None
-            and keys.idle_in_pool and keys.host_uid == uid
-            and (everywhere or keys.workspace == workspace)]
+                 if keys.workspace == workspace else None) for instance, keys in idle]
     size = settings.get("pool.size")
     if as_json:
         write_record(make_record("pool_status", workspace=workspace, size=size,

@@ -314,6 +314,11 @@ def is_persistent(instance: Mapping[str, Any]) -> bool:
     return (instance.get("config") or {}).get(f"{KEY}persistent") == "true"
 
 
+def is_idle_in_pool(instance: Mapping[str, Any]) -> bool:
+    """Waiting in a warm pool (user.coi.pool set): no session ran in it."""
+    return bool((instance.get("config") or {}).get(f"{KEY}pool"))
+
+
 # -- the view and the rules of an ended session -------------------------------------------
 
 
