@@ -19,12 +19,16 @@ target is missed.
 Needs root, Incus and the test image (make test-image). Everything it makes is
 named coi-test-bench<hex> / coi_test_bench<hex> and removed at the end (and by
 tests/sweep.py after a crash). It holds the test run lock, shared.
-Run: sudo .venv/bin/python bench/net.py [RUNS]
+With --rows FILE it also writes the rows the suite's one table shows (coi-net apply
+on a new container and the 200-name refresh, every sample against the floor of one
+`nft -j -f -` of the same rules), which `python -m bench` hands to porcelain.py.
+Run: sudo .venv/bin/python bench/net.py [RUNS] [--rows FILE]
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import secrets
 import shutil
@@ -34,6 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,8 +63,8 @@ PYTHON = str(ROOT / ".venv" / "bin" / "python")
 COI_NET = str(ROOT / "bin" / "coi-net")
 
 
-def median_ms(action: Callable[[], object], runs: int,
-              before: Callable[[int], object] | None = None) -> float:
+def samples_ms(action: Callable[[], object], runs: int,
+               before: Callable[[int], object] | None = None) -> list[float]:
     samples = []
     for number in range(runs):
         if before is not None:
@@ -67,7 +72,20 @@ def median_ms(action: Callable[[], object], runs: int,
         start = time.perf_counter()
         action()
         samples.append((time.perf_counter() - start) * 1000)
-    return statistics.median(samples)
+    return samples
+
+
+def median_ms(action: Callable[[], object], runs: int,
+              before: Callable[[int], object] | None = None) -> float:
+    return statistics.median(samples_ms(action, runs, before))
+
+
+def nft_floor(text: str) -> Callable[[], None]:
+    """One `nft -j -f -` of a transaction's JSON: what any tool that shells out pays."""
+    def run() -> None:
+        subprocess.run(["nft", "-j", "-f", "-"], input=text, text=True, check=True,
+                       capture_output=True)
+    return run
 
 
 def sh(*argv: str) -> None:
@@ -139,10 +157,31 @@ def _run_lock() -> object:
     return lock
 
 
+@dataclass(frozen=True)
+class SuiteRow:
+    """A row for the suite's one table (porcelain.py --net-rows): every sample of this
+    checkout and of its floor, in ms."""
+
+    label: str
+    this: list[float]
+    floor: list[float]
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Every row of this bench's own table (label, median ms, note), the rows for the
+    suite's table, the targets' numbers and the most transactions one refresh took."""
+
+    rows: list[tuple[str, float, str]]
+    suite: list[SuiteRow]
+    apply_cli: float
+    refresh_ms: float
+    transactions: int
+    resolver_added: float
+
+
 def measure(client: Incus, dns: Dns, table: str, name: str, folder: Path, *,
-            runs: int) -> tuple[list[tuple[str, float, str]], float, float, int]:
-    """Every row: (label, median ms, note); also the two targets' numbers and the
-    most transactions one refresh took."""
+            runs: int) -> Measured:
     ctx = ops.Context(client, table, np.Store(str(folder / "state")), "coibr0")
     restricted = ops.Request(name, "restricted", np.Allowed(), (), 30)
     ops.apply(ctx, restricted)  # NIC override in place, as coi-shell creates it
@@ -152,10 +191,9 @@ def measure(client: Incus, dns: Dns, table: str, name: str, folder: Path, *,
         table, np.Policy(name, ifname, "restricted"), bridge, ctx.existing())
     text = nft.dump(commands)
     rows: list[tuple[str, float, str]] = []
-    rows.append(("floor: nft -j -f - (same transaction)", median_ms(
-        lambda: subprocess.run(["nft", "-j", "-f", "-"], input=text, text=True,
-                               check=True, capture_output=True), runs),
-        f"{len(commands)} commands"))
+    apply_floor = samples_ms(nft_floor(text), runs)
+    rows.append(("floor: nft -j -f - (same transaction)", statistics.median(apply_floor),
+                 f"{len(commands)} commands"))
     rows.append(("libnftables in-process (same)", median_ms(
         lambda: nft.run(commands, table=table), runs), nft.backend()))
     rows.append(("ops.apply in-process, restricted",
@@ -169,11 +207,10 @@ def measure(client: Incus, dns: Dns, table: str, name: str, folder: Path, *,
         program(COI_NET, "apply", next(turn))()
 
     try:
-        rows.append(("coi-net apply, a new container", median_ms(
-            apply_next, runs,
-            before=lambda number: client.create_instance(fresh[number], IMAGE,
-                                                         profiles=["coi"])),
-            "+ its NIC and start hook (one PATCH)"))
+        apply_new = samples_ms(apply_next, runs, before=lambda number: client.create_instance(
+            fresh[number], IMAGE, profiles=["coi"]))
+        rows.append(("coi-net apply, a new container", statistics.median(apply_new),
+                     "+ its NIC and start hook (one PATCH)"))
     finally:
         for other in fresh:
             client.delete_instance_force(other)
@@ -199,14 +236,22 @@ def measure(client: Incus, dns: Dns, table: str, name: str, folder: Path, *,
     allowed = len(ctx.store.load(name)["names"])
     rows.append((f"refresh {NAMES} names, in-process", refresh_ms,
                  f"{max(counts)} transaction(s) each; {allowed} names"))
-    rows.append((f"coi-net refresh NAME, {NAMES} names", median_ms(
-        program(COI_NET, "refresh", name), runs, before=dns.serve), ""))
+    refresh_cli = samples_ms(program(COI_NET, "refresh", name), runs, before=dns.serve)
+    rows.append((f"coi-net refresh NAME, {NAMES} names", statistics.median(refresh_cli), ""))
+    allowlist = np.Policy(name, ifname, "allowlist",
+                          np.state_addresses(ctx.store.load(name)))
+    refresh_floor = samples_ms(nft_floor(nft.dump(np.container_commands(
+        table, allowlist, bridge, ctx.existing()))), runs)
+    suite = [SuiteRow("`coi-net apply NAME`, a new container (floor: nft -f of its rules)",
+                      apply_new, apply_floor),
+             SuiteRow(f"`coi-net refresh NAME`, {NAMES} names, local DNS (floor: nft -f of "
+                      "its rules)", refresh_cli, refresh_floor)]
     dns.serve(0)
     added = resolver_rows(ctx, name, rows)
     floor = median_ms(program(PYTHON, "-c", "pass"), runs)
     pyroute2 = median_ms(program(PYTHON, "-c", "import pyroute2"), runs) - floor
     rows.append(("import pyroute2 (above python -c pass)", pyroute2, "kept off these paths"))
-    return rows, apply_cli, refresh_ms, max(counts), added
+    return Measured(rows, suite, apply_cli, refresh_ms, max(counts), added)
 
 
 def resolver_rows(ctx: ops.Context, name: str, rows: list[tuple[str, float, str]]) -> float:
@@ -247,8 +292,22 @@ def resolver_rows(ctx: ops.Context, name: str, rows: list[tuple[str, float, str]
     return medians["resolver"] - medians["upstream"]
 
 
+def arguments(argv: list[str]) -> tuple[int, Path | None]:
+    """[RUNS] [--rows FILE]: the runs of each row, and where the suite's rows go."""
+    rows: Path | None = None
+    if "--rows" in argv:
+        at = argv.index("--rows")
+        if at + 1 >= len(argv):
+            raise SystemExit("net.py: --rows needs a file name")
+        rows = Path(argv[at + 1])
+        argv = argv[:at] + argv[at + 2:]
+    if len(argv) > 1 or (argv and not argv[0].isdigit()) or (argv and int(argv[0]) < 1):
+        raise SystemExit(f"net.py: usage: net.py [RUNS] [--rows FILE], got {' '.join(argv)}")
+    return (int(argv[0]) if argv else 11), rows
+
+
 def main() -> int:
-    runs = int(sys.argv[1]) if len(sys.argv) > 1 else 11
+    runs, rows_file = arguments(sys.argv[1:])
     if os.geteuid() != 0:
         raise SystemExit("bench/net.py changes nftables: run it as root")
     lock = _run_lock()
@@ -266,10 +325,13 @@ def main() -> int:
         client.create_instance(name, IMAGE, profiles=["coi"])
         dns = Dns(f"coi-test-bench{tag}", f"ctb{tag}", folder)
         dns.serve(0)
-        rows, apply_cli, refresh_ms, transactions, added = measure(
-            client, dns, table, name, folder, runs=runs)
+        measured = measure(client, dns, table, name, folder, runs=runs)
+        apply_cli, refresh_ms = measured.apply_cli, measured.refresh_ms
+        transactions, added = measured.transactions, measured.resolver_added
+        if rows_file is not None:
+            rows_file.write_text(json.dumps([asdict(row) for row in measured.suite]))
         print(f"{'what':<42} {'median ms':>10}  note")
-        for label, ms, note in rows:
+        for label, ms, note in measured.rows:
             print(f"{label:<42} {ms:>10.1f}  {note}")
         ok_apply = apply_cli < APPLY_TARGET_MS
         ok_refresh = refresh_ms < REFRESH_TARGET_MS and transactions == 1

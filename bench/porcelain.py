@@ -3,7 +3,7 @@ change, in one run (`make bench`, `python -m bench`).
 
 Usage:
   porcelain.py [--baseline DIR] [--containers N] [--list-runs M] [--concurrent K]
-               [--real-service] [--format FMT] [--debug] [<runs>]
+               [--real-service] [--net-rows FILE] [--format FMT] [--debug] [<runs>]
   porcelain.py (-h | --help)
 
 Prints ONE markdown table, ms as median / max, every column measured in this
@@ -33,6 +33,11 @@ whether it is met:
   shell` to the prompt, from   checkout with pool.size 1, the pool filled and settled
   a warm pool of one           (the last run's end and refill over) before each timing
                                (no baseline column: it has no pool)
+  `sudo poweroff` in `coi    incus create --ephemeral + incus start, booted (outside the
+  shell`'s bash until the    timing), then incus exec NAME -- poweroff until the
+  container is gone          container is gone
+  coi-net apply, refresh     from bench/net.py (--net-rows): one `nft -j -f -` of the
+                             same rules (this checkout only)
 
 Peak RSS: every process of this checkout (its interpreter running a coi module:
 the dispatcher, every executable, the host service) is sampled all along
@@ -77,6 +82,8 @@ Options:
   --list-runs M     Runs of the listing and start-up rows [default: 11].
   --concurrent K    Sessions started at once in the concurrency row [default: 10].
   --real-service    Use the host service `coi setup` runs, not one per checkout.
+  --net-rows FILE   Rows measured by `bench/net.py --rows FILE` (coi-net apply and
+                    refresh against one nft -f), added to the table.
   --format FMT      text (the markdown table) or json (one array, a record per
                     row) [default: text].
   --debug           Show tracebacks on errors.
@@ -148,6 +155,10 @@ POOLED_RUN_MOST_MS: Final = 400.0
 POOLED_SHELL_MOST_MS: Final = 600.0
 """The goals of a session from the warm pool: `coi run` three times faster than the
 floor and within 0.4 s, `coi shell` to its prompt within 0.6 s."""
+BOOTED: Final = ("for _ in $(seq 300); do case $(systemctl is-system-running --wait "
+                 "2>/dev/null) in running|degraded) exit 0;; esac; sleep 0.1; done; exit 1")
+"""Until systemd finished booting (a bus to answer on first: right after the start
+there is none), at most ~30 s."""
 SAMPLER: Final = """
 import os, signal, sys, time
 root, peak, stop = sys.argv[1].encode(), 0, []
@@ -245,6 +256,21 @@ class Terminal:
                 raise self._failure(f"no {text.decode()!r} within {timeout:g} s")
             if select.select([self.master], [], [], left)[0] and not self._read():
                 raise self._failure(f"ended before {text.decode()!r} appeared")
+
+    def type(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def finish(self, timeout: float) -> None:
+        """Read until the program ended (the terminal's other side closed); CommandFailed
+        when it did not within `timeout` or failed."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if select.select([self.master], [], [], left)[0] and not self._read():
+                code = self.child.wait(timeout=max(left, 1.0))
+                if code != 0:
+                    raise self._failure(f"exited {code}")
+                return
+        raise self._failure(f"did not end within {timeout:g} s")
 
     def close(self, keys: bytes = b"", timeout: float = 30.0) -> None:
         """Type `keys`, read until the program ends (at most `timeout`), else kill it."""
@@ -380,6 +406,41 @@ class Bench:
             self.end_sessions(column)
         return elapsed
 
+    def poweroff(self, column: Column) -> float:
+        """From `sudo poweroff` in a session's bash (the floor: `poweroff` by `incus
+        exec` in a booted ephemeral container) until the container is gone."""
+        if column.checkout is not None:
+            term = self.terminal(column, column.coi(), "shell")
+            try:
+                term.wait_for(PROMPT, PROMPT_TIMEOUT)
+                term.type(b"/exit\r")
+                term.wait_for(b"code@", PROMPT_TIMEOUT)
+                start = time.perf_counter()
+                term.type(b"sudo poweroff\r")
+                term.finish(COMMAND_TIMEOUT)
+            finally:
+                term.close()
+        else:
+            name = self.floor_name()
+            self.run(column, "incus", "create", IMAGE, name, "--profile", PROFILE,
+                     "--ephemeral")
+            self.run(column, "incus", "start", name)
+            self.run(column, "incus", "exec", name, "--", "sh", "-c", BOOTED)
+            start = time.perf_counter()
+            self.run(column, "incus", "exec", name, "--", "poweroff")
+        self.wait_gone(column)
+        elapsed = ms_since(start)
+        self.end_sessions(column)
+        return elapsed
+
+    def wait_gone(self, column: Column) -> None:
+        deadline = time.monotonic() + COMMAND_TIMEOUT
+        while self.client.instances(self.prefix):
+            if time.monotonic() > deadline:
+                raise CommandFailed(f"{column.title}: the container was not gone within "
+                                    f"{COMMAND_TIMEOUT:g} s of the poweroff")
+            time.sleep(0.02)
+
     # -- the warm pool rows: this checkout with a pool of one, against the same floor ---
 
     def pooled(self, measure: Callable[[Column], float]) -> Callable[[Column], float]:
@@ -503,6 +564,8 @@ def measure_rows(work: Bench, columns: Sequence[Column], *, runs: int, list_runs
                   lambda c, n=network: work.run_true(c, n))
               for network in ("open", "restricted", "allowlist")),
             Row("`coi shell` to the prompt", runs, work.shell_prompt),
+            Row("`sudo poweroff` in `coi shell` until the container is gone", runs,
+                work.poweroff),
             Row(f"{concurrent} concurrent `coi run -- true` (all)", max(1, runs // 2),
                 lambda c: work.concurrent(c, concurrent)),
             Row("`coi list --format json`, none", list_runs, work.list_json),
@@ -538,6 +601,26 @@ def measure_rows(work: Bench, columns: Sequence[Column], *, runs: int, list_runs
     work.make_listed(this, count)
     measure(rows[-1], columns)
     return rows
+
+
+def net_rows(path: Path) -> list[Row]:
+    """The rows bench/net.py wrote: [{label, this: [ms...], floor: [ms...]}, ...]."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--net-rows {path}: unreadable: {error}") from None
+    if not isinstance(found, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("label"), str) and all(
+                isinstance(r.get(k), list) and r[k] and
+                all(isinstance(v, int | float) for v in r[k]) for k in ("this", "floor"))
+            for r in found):
+        raise UsageError(f"--net-rows {path}: not the rows bench/net.py --rows writes")
+    return [Row(r["label"], len(r["this"]), _measured_by_net_py,
+                samples={"this": r["this"], "floor": r["floor"]}) for r in found]
+
+
+def _measured_by_net_py(column: Column) -> float:
+    raise AssertionError(f"{column.title}: a row of bench/net.py is not measured here")
 
 
 def ms_since(start: float) -> float:
@@ -697,6 +780,7 @@ def bench(args: Args) -> int:
     if args["--format"] not in ("text", "json"):
         raise UsageError(f"--format must be text or json, got {args['--format']!r}")
     baseline = checked_checkout(args["--baseline"]) if args["--baseline"] else None
+    extra_rows = net_rows(Path(args["--net-rows"])) if args["--net-rows"] else []
     checkouts = [(key, path) for key, path in (("baseline", baseline), ("this", ROOT)) if path]
     lock = sweep.RunLock()
     lock.share()
@@ -734,7 +818,7 @@ def bench(args: Args) -> int:
         work = Bench(user, f"{sweep.INSTANCE_PREFIX}bench{tag}-", client)
         sampler = PeakRss(str(ROOT))
         rows = measure_rows(work, columns, runs=runs, list_runs=list_runs,
-                            concurrent=concurrent, count=count)
+                            concurrent=concurrent, count=count) + extra_rows
         peak = sampler.stop()
     finally:
         clean_up()
