@@ -10,7 +10,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv setup test-deps test-image test lint shell build sweep clean bench docs
+.PHONY: all venv setup test-deps test-image test lint shell build sweep clean bench docs man
 
 all: venv
 
@@ -60,6 +60,9 @@ clean:
 
 docs: venv
 	$(PY) docs/generate.py
+
+# The manual pages (man/*.1) are made with the docs, from the same usage text.
+man: docs
 
 bench: venv
 	$(PY) -m compileall -q lib coi-* >/dev/null

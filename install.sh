@@ -20,6 +20,8 @@ die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
 SRC=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd -P)
 VENV=${XDG_DATA_HOME:-$HOME/.local/share}/coi/venv
 BIN=$HOME/.local/bin
+# man finds pages beside each PATH directory: ~/.local/bin -> ~/.local/share/man.
+MAN=$HOME/.local/share/man/man1
 
 new_enough() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; }
 has_venv() { "$1" -c 'import ensurepip, venv' >/dev/null 2>&1; }
@@ -101,6 +103,22 @@ print(" ".join(e.name for e in distribution("coi").entry_points if e.group == "c
     done
 }
 
+# The manual pages the distribution installed into the venv (man/*.1): `man coi`,
+# `man coi-shell`, ... for the user, without root.
+link_manuals() {
+    pages=$("$VENV/bin/python" -c 'import sys; print(sys.prefix)')/share/man/man1
+    [ -d "$pages" ] || { warn "no manual pages in $pages"; return 0; }
+    mkdir -p "$MAN"
+    for page in "$pages"/coi*.1; do
+        ln -sfn "$page" "$MAN/${page##*/}"
+    done
+    for link in "$MAN"/coi*.1; do  # pages a newer coi no longer has
+        if [ -L "$link" ] && [ ! -e "$link" ]; then
+            case $(readlink "$link") in "$VENV/"*) rm -f "$link" ;; esac
+        fi
+    done
+}
+
 report_path() {
     case ":$PATH:" in
         *":$BIN:"*)
@@ -139,6 +157,7 @@ check_incus
 say "installing coi from $SRC into $VENV (with $python)"
 install_venv "$python"
 link_executables
+link_manuals
 "$BIN/coi" help >/dev/null || die "the installed $BIN/coi does not run (see above)"
 say "installed: $("$BIN/coi" --version | head -n 1), linked into $BIN"
 report_path

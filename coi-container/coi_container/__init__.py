@@ -75,7 +75,9 @@ Options:
 
 Examples:
   coi container launch coi my-container --ephemeral
+  coi container start my-container
   coi container stop my-container --force
+  coi container running my-container || coi container start my-container
   coi container delete my-container --force
   coi container exec my-container --user 1000 --env FOO=bar --cwd /workspace -- npm test
   coi container exec my-container --capture --format raw -- pwd

@@ -3,7 +3,7 @@
 Usage:
   coi [--debug] <command> [<args>...]
   coi (-h | --help)
-  coi --version
+  coi (-V | --version)
 
 `coi NAME ARGS...` runs the executable that owns NAME (see `coi help`) with
 NAME and ARGS, and exits with its status. A NAME that is not a coi command
@@ -12,7 +12,7 @@ but exists as `coi-NAME` next to coi or on PATH is run as `coi-NAME ARGS...`.
 Options:
   --debug      Show tracebacks on errors (same as COI_DEBUG=1).
   -h --help    List the commands.
-  --version    Print coi, Python and Incus versions.
+  -V --version  Print coi, Python and Incus versions.
 """
 
 from __future__ import annotations
@@ -20,27 +20,36 @@ from __future__ import annotations
 import os
 import sys
 
-from coi_common import __version__, output
+from coi_common import __version__, output, usage
+from coi_common.commands import ALIASES, BY_NAME, COMMANDS
 from coi_common.entry import PROG_VARIABLE, Args, parse_args, run_main
 from coi_common.errors import CoiError, NotFound, UsageError
 from coi_common.executables import find_executable
-from coi_dispatch.commands import BY_NAME, COMMANDS
 
-VERSION_USAGE = """Usage:
-  coi version [--format FMT]
+BUILTIN_DOC = """coi's own commands.
+
+Usage:
+  coi version [--format FMT] [<ignored>...]
+  coi help [<command>...]
+  coi completion [<shell>]
+
+Commands:
+  version     Print coi's, Python's and the Incus server's versions. Words after
+              it are ignored, as the original coi did.
+  help        Show what coi can do, or the help of one command: the same text as
+              `coi NAME --help`.
+  completion  Print the completion script of a shell: bash (the default), zsh or
+              fish. It completes commands, subcommands, flags, and the names of
+              containers, saved sessions, images, profiles and tools.
 
 Options:
   --format FMT  Output format: text or json [default: text].
-"""
 
-COMPLETION_USAGE = """Usage:
-  coi completion [bash]
+Examples:
+  coi version --format json
+  coi help session list
+  coi completion zsh > ~/.zfunc/_coi
 """
-
-HELP_USAGE = """Usage:
-  coi help [<command>]
-"""
-
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `coi`."""
@@ -68,15 +77,14 @@ def dispatch(args: Args) -> int:
     if args["--debug"]:
         os.environ["COI_DEBUG"] = "1"
     name, rest = args["<command>"], list(args["<args>"])
-    if name == "version":
-        options = parse_args("coi version", VERSION_USAGE, ["version", *rest])
-        return show_version(as_json=output.wants_json(options))
-    if name == "help":
-        return show_help(rest)
-    if name == "completion":
-        parse_args("coi completion", COMPLETION_USAGE, ["completion", *rest])
-        print(bash_completion())
-        return 0
+    if name in ALIASES:
+        name, rest = ALIASES[name][0], [*ALIASES[name][1:], *rest]
+    if name in BY_NAME and BY_NAME[name].owner == "coi":
+        return builtin(name, rest)
+    if name == "__complete":
+        from coi_dispatch import complete  # noqa: PLC0415 - completion only
+
+        return complete.answer(rest)
     command = BY_NAME.get(name)
     if command is not None:
         exec_owner(command.owner, [name, *rest])
@@ -108,21 +116,52 @@ def exec_owner(owner: str, argv: list[str]) -> None:
     os.execv(path, [path, *argv])  # noqa: S606 - argv is passed through, never a shell
 
 
-def show_help(rest: list[str]) -> int:
-    """`coi help` lists commands; `coi help NAME` shows NAME's own help."""
-    name = parse_args("coi help", HELP_USAGE, ["help", *rest])["<command>"]
-    if name is None:
+def builtin(name: str, rest: list[str]) -> int:
+    """version, help and completion: parsed and helped as every other command."""
+    argv = [name, *rest]
+    if usage.wants_help(argv):
+        print(usage.command_help(BUILTIN_DOC, argv))
+        return 0
+    options = parse_args("coi", BUILTIN_DOC, argv, shown_as="coi")
+    if name == "version":
+        return show_version(as_json=output.wants_json(options))
+    if name == "help":
+        return show_help(options["<command>"])
+    from coi_dispatch import complete  # noqa: PLC0415 - completion only
+
+    print(complete.script(options["<shell>"] or "bash"))
+    return 0
+
+
+def show_help(words: list[str]) -> int:
+    """`coi help` lists commands; `coi help NAME [SUB]` shows that command's help."""
+    if not words:
         print(overview())
         return 0
-    command = BY_NAME.get(name)
+    if words[0] in ALIASES:
+        words = [*ALIASES[words[0]], *words[1:]]
+    command = BY_NAME.get(words[0])
     if command is None:
-        raise UsageError(unknown_command_message(name))
+        raise UsageError(unknown_command_message(words[0]))
+    check_subcommands(words)
     if command.owner == "coi":
-        usage = {"version": VERSION_USAGE, "completion": COMPLETION_USAGE}.get(command.name)
-        print(f"{command.summary}.\n\n{usage or HELP_USAGE}")
+        print(usage.command_help(BUILTIN_DOC, words))
         return 0
-    exec_owner(command.owner, [command.name, "--help"])
+    exec_owner(command.owner, [*words, "--help"])
     return 0
+
+
+def check_subcommands(words: list[str]) -> None:
+    """`coi help image list`: every word after the command is one of its subcommands."""
+    from coi_dispatch.grammar import GRAMMAR  # noqa: PLC0415
+
+    node = GRAMMAR[words[0]]
+    for at, word in enumerate(words[1:], start=1):
+        if word not in node["commands"]:
+            known = ", ".join(node["commands"]) or "none"
+            raise UsageError(f"{word!r} is not a command of 'coi {' '.join(words[:at])}' "
+                             f"(its commands: {known})")
+        node = node["commands"][word]
 
 
 def show_version(*, as_json: bool) -> int:
@@ -143,23 +182,6 @@ def show_version(*, as_json: bool) -> int:
     else:
         print(f"coi {__version__}\npython {platform.python_version()}\nincus: {server}")
     return 0
-
-
-def bash_completion() -> str:
-    """A bash completion script completing coi's command names."""
-    names = " ".join(c.name for c in COMMANDS)
-    return (
-        "# coi bash completion: eval \"$(coi completion bash)\"\n"
-        "_coi() {\n"
-        "  local cur=${COMP_WORDS[COMP_CWORD]}\n"
-        "  if [ \"$COMP_CWORD\" -eq 1 ]; then\n"
-        f"    COMPREPLY=($(compgen -W \"{names}\" -- \"$cur\"))\n"
-        "  else\n"
-        "    COMPREPLY=($(compgen -f -- \"$cur\"))\n"
-        "  fi\n"
-        "}\n"
-        "complete -F _coi coi"
-    )
 
 
 if __name__ == "__main__":

@@ -182,7 +182,7 @@ def _resolver_check(service: ServiceState) -> Check:
         return Check("allowlist resolver", False, f"not running: {state.get('error') or '?'} "
                      f"({state.get('starts')} starts); allowlist containers resolve no names",
                      "see /var/log/coi/host-service.log", required=False)
-    return Check("allowlist resolver", True, f"coi-net dns running (pid {state.get('pid')}): "
+    return Check("allowlist resolver", True, f"running (pid {state.get('pid')}): "
                  "allowlist containers get only their allowed names")
 
 

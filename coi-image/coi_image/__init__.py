@@ -52,6 +52,9 @@ Examples:
   coi build custom my-rust --script build-rust.sh
   coi image list --format json
   coi image cleanup nightly- --keep 3
+  coi image exists my-rust && echo built
+  coi image publish my-container my-snapshot --description "before the upgrade"
+  coi image delete my-snapshot
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ def _settle(client: Incus, operation: str) -> None:
             return
     except NotFound:
         return  # over, and Incus has forgotten it already
-    print("coi-image: Incus is still publishing (it cannot cancel that); "
+    print("coi: Incus is still publishing (it cannot cancel that); "
           "waiting for it to end, to remove the half-way image", file=sys.stderr, flush=True)
     # A failed publish is over too; one still running after SETTLE_SECONDS is given up.
     with contextlib.suppress(IncusError, NotFound):

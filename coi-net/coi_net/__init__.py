@@ -18,7 +18,7 @@ Commands:
             NIC coi's fixed host-side name and Incus's own MAC/IPv4 filtering and
             port isolation. Run it after creating the container and before
             starting it, so the rules are there before its first packet. Without
-            <name>, reads a slot record (coi-slot next) on stdin and takes the
+            <name>, reads a slot record (of coi's slots) on stdin and takes the
             container and mode from it.
   remove    Remove a container's rules and state (at deletion); without <name>,
             the container of a slot record on stdin. Missing rules
@@ -30,8 +30,8 @@ Commands:
             name could not be resolved (its cached addresses stay in force).
             coi's host service runs `refresh --all` every 10 s by itself.
   restore   Put a container's recorded rules back when they are missing, without
-            resolving anything (the cached addresses stand); exits 1 when coi-net
-            recorded no policy for it. Incus runs it, through coi-net-hook, each
+            resolving anything (the cached addresses stand); exits 1 when coi
+            recorded no policy for it. Incus runs it, through coi's start hook, each
             time the container starts: apply makes that the container's
             lxc.hook.start-host, so a container whose rules cannot be put in
             place does not start at all.
@@ -96,6 +96,12 @@ Examples:
   coi-net apply coi-3f2a9c1b-1 --mode allowlist --allow github.com --allow 8.8.8.8
   coi-slot next | coi-net apply
   coi network status --format json
+  coi network apply coi-3f2a9c1b-1 --mode restricted
+  coi network remove coi-3f2a9c1b-1
+  coi network refresh --force coi-3f2a9c1b-1
+  coi network restore coi-3f2a9c1b-1
+  coi network gc --dry-run
+  coi network dns
   coi-net refresh --all
   coi-net restore coi-3f2a9c1b-1
   coi-net remove coi-3f2a9c1b-1

@@ -43,7 +43,7 @@ def state_dir(env: Mapping[str, str] | None = None) -> str:
 
 def require_root(what: str) -> None:
     if os.geteuid() != 0:
-        raise PermissionDenied(f"coi-net {what} changes firewall rules and needs root",
+        raise PermissionDenied(f"coi network {what} changes firewall rules and needs root",
                                hint=SUDO_HINT)
 
 
@@ -303,7 +303,7 @@ def refresh(ctx: Context, containers: Sequence[str], *, force: bool = False,
             records.append(make_record("net_refresh", container=name, ok=False, changed=False,
                                        added=[], removed=[], restored=False,
                                        failures=[{"name": "", "error": "no rules applied "
-                                                  "by coi-net", "kept": []}]))
+                                                  "by coi", "kept": []}]))
             continue
         states[name] = state
     lookups = _resolve_due(states, explicit=explicit, force=force, now=now) if resolve else {}
@@ -412,8 +412,8 @@ def status(ctx: Context, container: str | None, *, now: float | None = None) -> 
     for name in names:
         state = ctx.store.load(name)
         if state is None:
-            raise NotFound(f"coi-net has no rules for container {name}",
-                           hint=f"coi-net apply {name}")
+            raise NotFound(f"coi has no network rules for container {name}",
+                           hint=f"coi network apply {name}")
         ifname = np.validate_ifname(state.get("ifname"))
         chain = np.chain_name(ifname)
         in_table = None if existing is None else existing.has(ifname)

@@ -40,7 +40,6 @@ Commands:
             (--keep), or not updated within DURATION (--older-than), in the
             workspace (--all: in every workspace).
   info      One session in full: <id>, or the newest of the workspace.
-            (`coi info`.)
   The word `session` is optional: `coi session list` runs
   `coi-session session list`, which is `coi-session list`.
 
@@ -61,6 +60,12 @@ Examples:
   coi session list --all --format json
   coi-session restore 20260301-091500-5d41402abc4b coi-3f2a9c1b-2
   coi session prune --older-than 30d --all
+  coi session save coi-3f2a9c1b-1
+  coi session restore 20260301-091500-5d41402abc4b coi-3f2a9c1b-2
+  coi session latest --format json
+  coi session show 20260301-091500-5d41402abc4b
+  coi session delete 20260301-091500-5d41402abc4b
+  coi info --format json
 """
 
 from __future__ import annotations

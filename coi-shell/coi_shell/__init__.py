@@ -24,8 +24,9 @@ Usage:
 Commands:
   shell          Start (or reattach to) the AI tool in a tmux session in the
                  container of a slot of the workspace, and hand your terminal
-                 to it. With a slot record on stdin (coi-slot next | coi-shell)
-                 that record is used and the terminal is opened from /dev/tty.
+                 to it. With a slot record on stdin (the pipeline of
+                 docs/architecture.md) that record is used and the terminal is
+                 opened from /dev/tty.
                  Inside: tmux runs bash, which runs the tool. Ctrl+b d detaches;
                  `sudo poweroff` ends the session (saved, then the container is
                  deleted unless persistent).
@@ -53,7 +54,7 @@ Options:
   --profile NAME    Apply [profiles.NAME] of the configuration.
   --tool NAME       AI tool to run (tool.name, normally claude).
   --network MODE    restricted, allowlist or open (network.mode).
-  --env K=V         Environment variable for the session (repeatable).
+  -e K=V --env K=V  Environment variable for the session (repeatable).
   --storage PATH    Host directory mounted at /storage.
   --mount SPEC      Extra host directory, SRC:DST or SRC:DST:ro (repeatable).
   --resume          Restore the newest saved session of this workspace and tool
@@ -76,8 +77,8 @@ Options:
   --force           Allow any directory except / and Incus's own (system paths,
                     credential folders): only when you really mean it.
   --record FILE     Use the slot record in FILE (- : stdin), as printed by
-                    coi-slot next, instead of flags: `coi-slot next FLAGS >r;
-                    coi-shell run --record r -- CMD` is `coi run FLAGS -- CMD`.
+                    coi's slot plumbing, instead of flags (docs/architecture.md:
+                    composing the executables gives the same session as the flags).
                     The flags then come from the record; giving others too is
                     refused.
   --dry-run         Change nothing: print the plan, every change the session
@@ -95,6 +96,9 @@ Examples:
   coi shell --slot 2 --persistent
   coi shell --resume
   coi run -- make test
+  coi attach --slot 2
+  coi tmux list --format json
+  coi tmux capture coi-1a2b3c4d-1
   coi-slot next | coi-shell
   coi tmux send coi-1a2b3c4d-1 "write a hello world script"
 """

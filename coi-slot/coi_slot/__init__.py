@@ -52,12 +52,14 @@ Commands:
   persist    Make containers persistent: shutdown and session exit keep them.
   pool       The warm pool (pool.size): containers of the workspace made,
              started, booted and under their network rules before a session
-             asks, so that `coi run` and `coi shell` start in one at once.
-             status lists the idle ones (--all: of every workspace), fill makes
-             them until --size are idle (coi run and coi shell refill it in the
-             background after each claim), drain removes them. A pooled
-             container serves one session of its own workspace and user, made
-             for the same settings, and is deleted after it like any other.
+             asks, so that `coi run` and `coi shell` start in one at once. A
+             pooled container serves one session of its own workspace and user,
+             made for the same settings, and is deleted after it like any other.
+  pool status  The idle containers of the workspace's pool (--all: of every
+             workspace).
+  pool fill  Make idle containers until --size are there (coi run and coi
+             shell refill the pool in the background after each claim).
+  pool drain  Remove the idle containers, unsaved (--all: of every workspace).
 
 Only coi's own containers are touched: their names carry the container prefix
 (COI_CONTAINER_PREFIX, default coi-) and they have coi's user.coi.* keys. Each
@@ -77,7 +79,7 @@ Options:
   --profile NAME    Apply the [profiles.NAME] table of the config.
   --tool NAME       AI tool to run (tool.name, normally claude).
   --network MODE    restricted, allowlist or open (network.mode).
-  --env K=V         Set an environment variable in the session (repeatable);
+  -e K=V --env K=V  Set an environment variable in the session (repeatable);
                     laid over defaults.environment.
   --storage PATH    Host directory mounted at /storage (made if missing).
   --mount SPEC      Extra host directory, SRC:DST or SRC:DST:ro (repeatable).
@@ -126,6 +128,8 @@ Examples:
   coi clean --force
   coi persist coi-3f2a9c1b-1
   coi pool fill --size 2
+  coi pool status --all --format json
+  coi pool drain
 """
 
 from __future__ import annotations

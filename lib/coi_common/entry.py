@@ -11,13 +11,12 @@ from __future__ import annotations
 import copy
 import itertools
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final, NamedTuple, NoReturn
+from typing import Any, Final, NoReturn
 
-from coi_common import __version__
+from coi_common import __version__, usage
 from coi_common.errors import EXIT_FAILED, CoiError, Interrupted, UsageError
 
 Args = Mapping[str, Any]
@@ -35,10 +34,6 @@ SPARE_LINE_MAX: Final = 1 << 16
 _PLUMBING: dict[str, bool] = {"child": False}
 """Set by the dispatcher (`coi`) for the executable it runs, so argument errors name the
 command as the user typed it (`coi kill: ...`, not `coi-slot: ...`)."""
-USAGE_WIDTH: Final = 100
-COMMAND_WORD: Final = re.compile(r"(\[)?(?P<word>[a-z][a-z0-9-]*)(?(1)\])")
-"""A command word of a usage pattern, required (`list`) or optional (`[network]`)."""
-OPTION_VALUE: Final = re.compile(r"[A-Z][A-Z0-9_]*(=[A-Z][A-Z0-9_]*)?")
 
 
 class ArgumentError(UsageError):
@@ -96,14 +91,6 @@ def _copy_option_matches() -> None:
 # -- argument errors: which command was meant, what it lacks ---------------------------------
 
 
-class _Pattern(NamedTuple):
-    """One usage pattern split for analysis: the command words argv matched, the rest.
-    (Not a dataclass: importing dataclasses costs every coi process ~15 ms.)"""
-
-    words: tuple[str, ...]
-    items: tuple[str, ...]
-
-
 def argument_error(doc: str, argv: Sequence[str], docopt_message: str, *,
                    shown_as: str | None = None) -> ArgumentError:
     """Say what is wrong with argv in the terms of the command the user meant.
@@ -113,20 +100,20 @@ def argument_error(doc: str, argv: Sequence[str], docopt_message: str, *,
     item made optional fits argv; when nothing fits even with every required item
     optional, the words docopt could not place are unexpected.
     """
-    program, patterns = _usage_patterns(doc)
+    program, patterns = usage.patterns_of(doc)
     base = shown_as or program
-    chosen = _closest(patterns, argv)
+    chosen = usage.closest(patterns, argv)
     if not chosen:
         return ArgumentError(_usage_problem(docopt_message), shown_as=base,
                              hint=f"see '{base} --help'")
     name = " ".join([base, *chosen[0].words])
-    usage = _render_usage(base, chosen)
+    lines = usage.render_usage(base, chosen)
     first = docopt_message.strip().splitlines()[0] if docopt_message.strip() else ""
     if first and not first.startswith("Usage:") and "unmatched" not in first:
-        return ArgumentError(first, shown_as=name, usage=usage)  # e.g. "--slot requires argument"
-    subcommands = _next_words(chosen)
+        return ArgumentError(first, shown_as=name, usage=lines)  # e.g. "--slot requires argument"
+    subcommands = usage.next_words(chosen)
     if subcommands:
-        typed = _leading_words(argv)[len(chosen[0].words):]
+        typed = usage.leading_words(argv)[len(chosen[0].words):]
         problem = f"unknown command {typed[0]!r}" if typed else "missing a command"
         return ArgumentError(f"{problem}; one of: {', '.join(subcommands)}", shown_as=name,
                              hint=f"see '{name} --help'")
@@ -138,101 +125,10 @@ def argument_error(doc: str, argv: Sequence[str], docopt_message: str, *,
         message = "missing arguments"
     else:
         message = next((f for f in findings if isinstance(f, str)), "invalid arguments")
-    return ArgumentError(message, shown_as=name, usage=usage)
+    return ArgumentError(message, shown_as=name, usage=lines)
 
 
-def _usage_patterns(doc: str) -> tuple[str, list[str]]:
-    """The program name and each usage pattern (whitespace collapsed) of a docopt doc."""
-    body = _usage_body(doc)
-    words = body.split()
-    if not words:
-        return "", []
-    program = words[0]
-    patterns: list[list[str]] = []
-    for word in words:
-        if word == program:
-            patterns.append([])
-        else:
-            patterns[-1].append(word)
-    return program, [" ".join(p) for p in patterns]
-
-
-def _usage_body(doc: str) -> str:
-    """Text after `Usage:` up to the first blank line."""
-    match = re.search(r"usage:(.*?)(\n\s*\n|\Z)", doc, re.IGNORECASE | re.DOTALL)
-    return match.group(1) if match else ""
-
-
-def _items(text: str) -> list[str]:
-    """Top-level items of a pattern: words, <args>, [groups], (groups), each with its
-    `...`; an option and its VALUE placeholder stay one item."""
-    items: list[str] = []
-    depth, current = 0, ""
-    for char in text:
-        if char.isspace() and depth == 0:
-            if current:
-                items.append(current)
-            current = ""
-            continue
-        depth += (char in "([") - (char in ")]")
-        current += char
-    if current:
-        items.append(current)
-    merged: list[str] = []
-    for item in items:
-        if item == "...":
-            merged[-1] += item
-        elif merged and merged[-1].startswith("-") and OPTION_VALUE.fullmatch(item):
-            merged[-1] += f" {item}"
-        else:
-            merged.append(item)
-    return merged
-
-
-def _closest(patterns: Sequence[str], argv: Sequence[str]) -> list[_Pattern]:
-    """The patterns whose leading command words match the most of argv's leading words
-    (at least one); for each, the words matched and the items after them."""
-    leading = _leading_words(argv)
-    scored: list[tuple[int, _Pattern]] = []
-    for text in patterns:
-        items = _items(text)
-        matched: list[str] = []
-        position = 0
-        while items and (word := COMMAND_WORD.fullmatch(items[0])):
-            optional = items[0].startswith("[")
-            if position < len(leading) and leading[position] == word["word"]:
-                matched.append(word["word"])
-                position += 1
-            elif not optional:
-                break
-            items = items[1:]
-        scored.append((len(matched), _Pattern(tuple(matched), tuple(items))))
-    best = max((score for score, _ in scored), default=0)
-    return [pattern for score, pattern in scored if score == best] if best else []
-
-
-def _next_words(patterns: Sequence[_Pattern]) -> list[str]:
-    """When every pattern goes on with a required command word (`coi tmux` then list,
-    send or capture), those words in order; otherwise none."""
-    words: list[str] = []
-    for pattern in patterns:
-        word = COMMAND_WORD.fullmatch(pattern.items[0]) if pattern.items else None
-        if word is None or pattern.items[0].startswith("["):
-            return []
-        words.append(word["word"])
-    return list(dict.fromkeys(words)) if len(patterns) > 1 else []
-
-
-def _leading_words(argv: Sequence[str]) -> list[str]:
-    words = []
-    for arg in argv:
-        if arg.startswith("-"):
-            break
-        words.append(arg)
-    return words
-
-
-def _missing(doc: str, program: str, pattern: _Pattern,
+def _missing(doc: str, program: str, pattern: usage.Pattern,
              argv: Sequence[str]) -> tuple[str, ...] | str:
     """The required items argv lacks (as few as make it fit), or why nothing fits."""
     if "|" in pattern.items:  # top-level alternatives: no single item to blame
@@ -248,7 +144,7 @@ def _missing(doc: str, program: str, pattern: _Pattern,
     return tuple(pattern.items[i] for i in required if i in relaxed)
 
 
-def _fit(doc: str, program: str, pattern: _Pattern, optional: set[int],
+def _fit(doc: str, program: str, pattern: usage.Pattern, optional: set[int],
          argv: Sequence[str]) -> str | None:
     """None when argv fits `pattern` with the items at `optional` made optional;
     otherwise what docopt could not place."""
@@ -257,7 +153,7 @@ def _fit(doc: str, program: str, pattern: _Pattern, optional: set[int],
     items = [f"[{item}]" if index in optional else item
              for index, item in enumerate(pattern.items)]
     line = " ".join([program, *pattern.words, *items])
-    body = _usage_body(doc)
+    body = usage.usage_body(doc)
     trial = doc.replace(body, f"\n  {line}\n", 1)
     try:
         docopt(trial, list(argv), default_help=False)
@@ -307,24 +203,6 @@ def _describe(item: str) -> str:
     if text.startswith("(") and text.endswith(")"):
         text = text[1:-1]
     return " or ".join(part.strip() for part in text.split("|"))
-
-
-def _render_usage(base: str, patterns: Sequence[_Pattern]) -> list[str]:
-    """`usage: coi kill (<name>... | --all) ...`, wrapped at USAGE_WIDTH between items."""
-    lines: list[str] = []
-    for number, pattern in enumerate(patterns):
-        lead = "usage: " if number == 0 else " " * len("usage: ")
-        command = " ".join([base, *pattern.words])
-        indent = " " * (len(lead) + len(command) + 1)
-        line = lead + command
-        for item in pattern.items:
-            if len(line) + 1 + len(item) > USAGE_WIDTH and line.strip() != command:
-                lines.append(line)
-                line = indent + item
-            else:
-                line += f" {item}"
-        lines.append(line)
-    return lines
 
 
 RESUME_FLAGS: Final = ("--resume", "--continue")
@@ -419,6 +297,12 @@ def run_main(prog: str, doc: str, handler: Handler, argv: list[str] | None = Non
     debug = debug_enabled(argv)
     signal.signal(signal.SIGTERM, _raise_interrupted)
     as_json = json_requested(argv)
+    # Messages name the command as typed (`coi run: ...`), never the executable.
+    said_as = f"{shown_as} {argv[0]}" if shown_as and argv else prog
+    if shown_as and (usage.wants_help(argv) or usage.bare_group(doc, argv)):
+        # `coi NAME --help`: NAME's own help in coi's terms, not the executable's page.
+        print(usage.command_help(doc, argv, shown_as))
+        sys.exit(0)
     try:
         args = parse_args(prog, doc, argv, options_first=options_first, shown_as=shown_as)
         as_json = wants_json(args)
@@ -427,9 +311,9 @@ def run_main(prog: str, doc: str, handler: Handler, argv: list[str] | None = Non
     except CoiError as exc:
         if debug:
             _print_traceback()
-        status = report(prog, exc, as_json=as_json)
+        status = report(said_as, exc, as_json=as_json)
     except KeyboardInterrupt:
-        status = report(prog, Interrupted("interrupted"), as_json=as_json)
+        status = report(said_as, Interrupted("interrupted"), as_json=as_json)
     except BrokenPipeError:
         # The reader went away (`coi list | head`); nothing useful left to say.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -437,7 +321,7 @@ def run_main(prog: str, doc: str, handler: Handler, argv: list[str] | None = Non
     except Exception as exc:
         if debug:
             _print_traceback()
-        status = report(prog, CoiError(f"internal error: {type(exc).__name__}: {exc}",
+        status = report(said_as, CoiError(f"internal error: {type(exc).__name__}: {exc}",
                                        hint="rerun with --debug and report it"), as_json=as_json)
     sys.stdout.flush()
     if os.environ.get("COI_TRACE"):

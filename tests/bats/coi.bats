@@ -81,22 +81,25 @@ setup() {
   assert_output "doctor True"
 }
 
-@test "coi help NAME shows the owner's usage" {
+@test "coi help NAME shows the command's own help in coi terms" {
   run coi help doctor
   assert_success
-  assert_output --partial "coi-host doctor [--format FMT]"
+  assert_line --index 0 "coi doctor: Check that this machine can run coi, and say how to fix it."
+  assert_line "  coi doctor [--format FMT] [--debug]"
+  refute_output --partial "coi-host"
 }
 
-@test "an unknown output format is refused with exit 2" {
+@test "an unknown output format is refused with exit 2, naming the command" {
   run coi doctor --format yaml
   assert_failure 2
-  assert_output "coi-host: unknown format 'yaml'; use text or json"
+  assert_output "coi doctor: unknown format 'yaml'; use text or json"
 }
 
-@test "coi completion bash defines a completion for coi" {
-  run coi completion bash
+@test "the bash completion, sourced in bash, completes coi sh to shell and shutdown" {
+  run bash -c 'eval "$(coi completion bash)"; COMP_WORDS=(coi sh); COMP_CWORD=1; _coi
+    printf "%s\n" "${COMPREPLY[@]}"'
   assert_success
-  assert_line "complete -F _coi coi"
+  assert_output $'shell\nshutdown'
 }
 
 @test "a tool defined in config with a bad field is reported by config show" {

@@ -28,7 +28,7 @@ setup() {
   INCUS_SOCKET=$BATS_TEST_TMPDIR/no.socket run coi container exists "$MISSING"
   assert_failure 4
   assert_equal "${#lines[@]}" 1
-  assert_output --partial "coi-container: Incus is not running"
+  assert_output --partial "coi container: Incus is not running"
 }
 
 @test "coi container start|stop|delete of a missing container exits 3 in one line" {
@@ -36,7 +36,7 @@ setup() {
     run coi container "$verb" "$MISSING"
     assert_failure 3
     assert_equal "${#lines[@]}" 1
-    assert_output "coi-container: container $MISSING does not exist (see 'coi list' or 'incus list')"
+    assert_output "coi container: container $MISSING does not exist (see 'coi list' or 'incus list')"
   done
 }
 
@@ -58,13 +58,13 @@ setup() {
   run coi container exec "$MISSING" --format raw -- pwd
   assert_failure 2
   assert_equal "${#lines[@]}" 1
-  assert_output --partial "coi-container: --format only applies with --capture"
+  assert_output --partial "coi container: --format only applies with --capture"
 }
 
 @test "coi container exec --capture --format yaml is refused with exit 2" {
   run coi container exec "$MISSING" --capture --format yaml -- pwd
   assert_failure 2
-  assert_output "coi-container: unknown format 'yaml'; use json or raw"
+  assert_output "coi container: unknown format 'yaml'; use json or raw"
 }
 
 @test "coi container exec without -- before the command is refused with exit 2" {
@@ -123,7 +123,7 @@ setup() {
     run coi file push $args "$BATS_TEST_TMPDIR/file" "$MISSING:/tmp/x"
     assert_failure 2
     assert_equal "${#lines[@]}" 1
-    assert_output --regexp "^coi-container: --(uid|gid|mode) '[^']*': expected "
+    assert_output --regexp "^coi file: --(uid|gid|mode) '[^']*': expected "
   done
 }
 
@@ -136,7 +136,7 @@ setup() {
 @test "coi file push to a target without NAME: exits 2" {
   run coi file push "$BATS_TEST_TMPDIR/file" /tmp/x
   assert_failure 2
-  assert_output "coi-container: destination '/tmp/x' is not NAME:PATH (e.g. my-container:/workspace/file)"
+  assert_output "coi file: destination '/tmp/x' is not NAME:PATH (e.g. my-container:/workspace/file)"
 }
 
 @test "coi file push to an empty container name exits 2" {

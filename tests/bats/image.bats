@@ -41,7 +41,7 @@ print(len(lines) > 0)' <<<"$output"
   run coi image list --format yaml
   assert_failure 2
   assert_equal "${#lines[@]}" 1
-  assert_output "coi-image: unknown format 'yaml'; use text or json"
+  assert_output "coi image: unknown format 'yaml'; use text or json"
 }
 
 @test "coi image cleanup with --keep 0 is refused in one line with exit 2" {
@@ -62,7 +62,7 @@ print(len(lines) > 0)' <<<"$output"
   run coi image delete coi-test-nonexistent-zz
   assert_failure 3
   assert_equal "${#lines[@]}" 1
-  assert_output "coi-image: image coi-test-nonexistent-zz does not exist (see 'coi image list --all')"
+  assert_output "coi image: image coi-test-nonexistent-zz does not exist (see 'coi image list --all')"
 }
 
 @test "coi image publish of a missing container exits 3 in one line" {

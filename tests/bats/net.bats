@@ -26,8 +26,12 @@ teardown() {
   assert_output --partial "coi-net refresh --all"
 }
 
-@test "coi network --help is coi-net's own help" {
+@test "coi network --help lists the network commands, and coi-net --help is its own page" {
   run coi network --help
+  assert_success
+  assert_line --index 0 "coi network: Show and manage egress rules of containers."
+  assert_line --regexp "^  status  "
+  run coi-net --help
   assert_success
   assert_line --index 0 "coi-net: egress rules (nftables) of coi's containers."
 }
@@ -78,7 +82,7 @@ teardown() {
   assert_failure 3
   run json_get "(d['kind'], d['code'], d['exit_code'])"
   assert_output "('error', 'not_found', 3)"
-  assert_equal "$stderr" "coi-net: coi-net has no rules for container coi-test-nosuch-1 (coi-net apply coi-test-nosuch-1)"
+  assert_equal "$stderr" "coi-net: coi has no network rules for container coi-test-nosuch-1 (coi network apply coi-test-nosuch-1)"
 }
 
 @test "remove of a container without rules succeeds and says so" {
@@ -91,7 +95,7 @@ teardown() {
   run --separate-stderr coi-net refresh coi-test-nosuch-1
   assert_failure 1
   assert_output ""
-  assert_equal "$stderr" "coi-net: coi-test-nosuch-1: no rules applied by coi-net"
+  assert_equal "$stderr" "coi-net: coi-test-nosuch-1: no rules applied by coi"
 }
 
 @test "refresh --all and gc with nothing to do are silent and succeed (cron)" {

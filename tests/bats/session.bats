@@ -164,10 +164,11 @@ plant() {
   assert_output --partial "session id '../x'"
 }
 
-@test "coi help session shows the coi-session usage" {
+@test "coi help session shows the session commands in coi terms" {
   run coi help session
   assert_success
-  assert_line --partial "coi-session [session] list"
+  assert_line --partial "  coi session list [--workspace DIR | --all]"
+  refute_output --partial "coi-session"
 }
 
 @test "a session with corrupt metadata can still be deleted" {

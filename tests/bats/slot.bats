@@ -36,7 +36,7 @@ setup() {
   run coi list --format yaml
   assert_failure 2
   assert_equal "${#lines[@]}" 1
-  assert_output "coi-slot: unknown format 'yaml'; use text or json"
+  assert_output "coi list: unknown format 'yaml'; use text or json"
 }
 
 @test "coi kill of a container that does not exist exits 3 in one line" {
@@ -90,9 +90,9 @@ setup() {
   assert_line --index 0 "coi tmux send: missing <text>"
   run coi tmux capture
   assert_line --index 0 "coi tmux capture: missing <name>"
-  run coi tmux
+  run coi tmux sned
   assert_failure 2
-  assert_output "coi tmux: missing a command; one of: list, send, capture (see 'coi tmux --help')"
+  assert_output "coi tmux: unknown command 'sned'; one of: list, send, capture (see 'coi tmux --help')"
 }
 
 @test "coi list --all-users --format json with no coi containers is an empty list" {
@@ -104,7 +104,7 @@ setup() {
 @test "coi shutdown --timeout that is not whole seconds exits 2" {
   run coi shutdown --timeout soon --all --force
   assert_failure 2
-  assert_output "coi-slot: --timeout must be a whole number of seconds, got 'soon'"
+  assert_output "coi shutdown: --timeout must be a whole number of seconds, got 'soon'"
 }
 
 @test "coi-slot next prints a slot record that parses, in its workspace" {

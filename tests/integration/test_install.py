@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from coi_common import __version__, idmap
+from coi_common.commands import COMMANDS
 from coi_common.protocol import parse_record
-from coi_dispatch.commands import COMMANDS
 from fixtures_users import create_user, remove_user
 
 pytestmark = pytest.mark.incus

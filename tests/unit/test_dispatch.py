@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import coi_dispatch as dispatch
-from coi_dispatch.commands import BY_NAME, COMMANDS
+from coi_common.commands import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,12 +83,28 @@ def test_help_of_unknown_command_fails_with_exit_2(capsys):
     assert code == 2
 
 
-def test_completion_script_completes_every_command_name(capsys):
-    code, out, _ = run_main(["completion", "bash"], capsys)
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completion_prints_a_script_for_each_shell_that_asks_coi_for_candidates(capsys,
+                                                                                shell):
+    code, out, _ = run_main(["completion", shell], capsys)
     assert code == 0
-    assert "complete -F _coi coi" in out
-    for name in BY_NAME:
-        assert name in out
+    assert "coi __complete" in out
+    assert f"for {shell}" in out
+
+
+def test_completion_of_an_unknown_shell_is_refused_in_one_line(capsys):
+    code, _, err = run_main(["completion", "tcsh"], capsys)
+    assert code == 2
+    assert err == "coi: no completion for shell 'tcsh'; one of: bash, zsh, fish\n"
+
+
+def test_version_ignores_the_words_after_it_and_dash_v_is_version(capsys):
+    code, out, _ = run_main(["version", "please", "now"], capsys)
+    assert code == 0
+    assert out.startswith("coi ")
+    code, short, _ = run_main(["-V"], capsys)
+    assert not code
+    assert short.startswith("coi ")
 
 
 def make_stub(folder: Path, name: str, body: str) -> Path:

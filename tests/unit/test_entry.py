@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from coi_common import entry
-from coi_common.entry import PROG_VARIABLE, USAGE_WIDTH, parse_args, run_main
+from coi_common.entry import PROG_VARIABLE, parse_args, run_main
 from coi_common.errors import NotFound
+from coi_common.usage import USAGE_WIDTH
 from coi_container import __doc__ as CONTAINER_USAGE
 from coi_image import __doc__ as IMAGE_USAGE
 from coi_net import __doc__ as NET_USAGE
@@ -182,9 +183,9 @@ def test_an_option_without_its_value_is_named_under_its_command(monkeypatch, cap
 
 
 def test_a_missing_or_unknown_subcommand_lists_the_commands_there_are(monkeypatch, capsys):
-    _, err = usage_error(SHELL_USAGE, ["tmux"], monkeypatch, capsys, shown_as="coi")
-    assert err == ("coi tmux: missing a command; one of: list, send, capture "
-                   "(see 'coi tmux --help')\n")
+    _, err = usage_error(SHELL_USAGE, ["tmux"], monkeypatch, capsys)  # `coi tmux`: its page
+    assert err == ("coi-shell tmux: missing a command; one of: list, send, capture "
+                   "(see 'coi-shell tmux --help')\n")
     _, err = usage_error(SHELL_USAGE, ["tmux", "sned", "x"], monkeypatch, capsys,
                          shown_as="coi")
     assert err.startswith("coi tmux: unknown command 'sned'; one of: list, send, capture")

@@ -20,7 +20,7 @@ What may be written: nothing. HOME, XDG_CONFIG_HOME, TMPDIR and the working dire
 directory in them must be as it was. The last test asks the real Incus that no instance
 or image of these tests exists.
 
-Left out on purpose: `--help`, `-h`, `--version` and `--debug` (valid anywhere; --debug
+Left out on purpose: `--help`, `-h`, `--version`, `-V` and `--debug` (valid anywhere; --debug
 prints tracebacks by design), NUL (no argv can hold it), and inputs whose right answer
 is not "bad input": a well-formed name of something that does not exist is "not found"
 (exit 3), and `exists`/`running` answer a malformed name with exit 1 and no output, as
@@ -54,9 +54,9 @@ from hypothesis import strategies as st
 
 import coi_common
 from coi_common import entry, naming, plumbing
+from coi_common.commands import BY_NAME
 from coi_common.errors import EXIT_USAGE
 from coi_common.plumbing import read_records as plumbing_records
-from coi_dispatch.commands import BY_NAME
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES: Final = {"coi": "coi_dispatch", "coi-host": "coi_host",
@@ -414,13 +414,14 @@ LONG: Final = st.builds(operator.mul, st.sampled_from(["a", "9", "/", "-", "é",
 
 
 def _asks_for_help(token: str) -> bool:
-    """--help, -h, --version and --debug (or a prefix docopt would take for one)."""
+    """--help, -h, --version (-V, coi's) and --debug (or a prefix docopt would take for
+    one)."""
     if token == "--" or not token.startswith("-") or len(token) < 2:
         return False
     if token.startswith("--"):
         name = token[2:].split("=", 1)[0]
         return not name or any(word.startswith(name) for word in ("help", "version", "debug"))
-    return "h" in token[1:]
+    return "h" in token[1:] or "V" in token[1:]
 
 
 TEXT: Final = st.one_of(st.sampled_from(SPECIAL), st.text(CHARACTERS, max_size=24), LONG,
@@ -741,7 +742,7 @@ def usage_words(doc: str) -> tuple[list[tuple[str, ...]], list[str]]:
             words.append(word.group(1))
         leads.append(tuple(words))
     options = sorted(set(re.findall(r"(?<![\w-])(--?[a-zA-Z][a-zA-Z0-9-]*)", doc))
-                     - {"-h", "--help", "--version", "--debug"})
+                     - {"-h", "--help", "-V", "--version", "--debug"})
     return leads, options
 
 

@@ -13,7 +13,7 @@ import coi_image
 import coi_net
 import coi_shell
 import coi_slot
-from coi_common import entry, hostservice, plan, plumbing, protocol
+from coi_common import hostservice, plan, plumbing, protocol, usage
 from coi_common.errors import IncusUnavailable
 from coi_common.incus import ExecSpec, Incus
 
@@ -149,7 +149,7 @@ def test_the_text_plan_numbers_each_step_and_shortens_a_long_body(planning, caps
 
 @pytest.mark.parametrize("module", list(CHANGING_COMMANDS), ids=lambda m: m.__name__)
 def test_every_command_that_changes_state_offers_dry_run(module):
-    _, patterns = entry._usage_patterns(module.__doc__)
+    _, patterns = usage.patterns_of(module.__doc__)
     for command in CHANGING_COMMANDS[module]:
         usages = [p for p in patterns if p.startswith(command + " ") or p == command]
         assert usages, command

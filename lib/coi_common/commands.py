@@ -42,7 +42,9 @@ COMMANDS: Final[tuple[Command, ...]] = (
     Command("trust", "coi-host", "Let this workspace's .coi.toml widen settings (by content)"),
     Command("version", "coi", "Print coi, Python and Incus versions"),
     Command("help", "coi", "Show help for coi or one command"),
-    Command("completion", "coi", "Print a shell completion script (bash)"),
+    Command("completion", "coi", "Print a shell completion script (bash, zsh or fish)"),
 )
 
 BY_NAME: Final[dict[str, Command]] = {c.name: c for c in COMMANDS}
+ALIASES: Final[dict[str, tuple[str, ...]]] = {"images": ("image", "list")}
+"""Names the original coi answered to, and the words they stand for here."""
