@@ -96,29 +96,28 @@ def _argument_kind(args: Sequence[Sequence[Any]], typed: int) -> str:
 
 def live_names(kind: str) -> list[str]:
     """The names of `kind`; nothing when it cannot be known (completion never fails)."""
-    if not kind:
-        return []
-    if kind in CONSTANTS:
-        return list(CONSTANTS[kind])
-    if kind == "commands":
-        return [c.name for c in COMMANDS]
     readers: dict[str, Callable[[], list[str]]] = {
-        "containers": _containers, "images": _images, "sessions": _sessions,
-        "profiles": _profiles, "tools": _tools}
-    reader = readers.get(kind)
-    if reader is None:
-        return []
+        "containers": lambda: _cached(f"containers {_prefix()}", _containers),
+        "images": lambda: _cached("images", _images), "sessions": _sessions,
+        "profiles": _profiles, "tools": _tools,
+        "commands": lambda: [c.name for c in COMMANDS],
+        **{name: lambda values=values: list(values) for name, values in CONSTANTS.items()}}
     try:
-        return _cached(kind, reader) if kind in ("containers", "images") else reader()
+        return readers[kind]() if kind in readers else []
     except (CoiError, OSError, ValueError):
         return []
 
 
-def _containers() -> list[str]:
-    from coi_common.incus import Incus  # noqa: PLC0415
+def _prefix() -> str:
     from coi_common.naming import container_prefix  # noqa: PLC0415
 
-    return sorted(i["name"] for i in Incus(timeout=2).instances(container_prefix()))
+    return container_prefix()
+
+
+def _containers() -> list[str]:
+    from coi_common.incus import Incus  # noqa: PLC0415
+
+    return sorted(i["name"] for i in Incus(timeout=2).instances(_prefix()))
 
 
 def _images() -> list[str]:
@@ -156,26 +155,34 @@ def _tools() -> list[str]:
     return sorted(registry_from_config(_config()))
 
 
+def _fresh(entry: Any, now: float) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("at"), int | float) and \
+        0 <= now - entry["at"] < CACHE_SECONDS
+
+
 def _cache_path() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "coi", "completion.json")
 
 
-def _cached(kind: str, reader: Callable[[], list[str]]) -> list[str]:
-    """`reader()`, or what it gave within CACHE_SECONDS (kept in the user's cache)."""
+def _cached(key: str, reader: Callable[[], list[str]]) -> list[str]:
+    """`reader()`, or what it gave within CACHE_SECONDS (kept in the user's cache under
+    `key`)."""
     path, now = _cache_path(), time.time()
     cache: dict[str, Any] = {}
     try:
         with open(path, "rb") as file:
-            cache = json.loads(file.read(CACHE_MAX_BYTES + 1)[:CACHE_MAX_BYTES] or b"{}")
+            cache = json.loads(file.read(CACHE_MAX_BYTES) or b"{}")  # cut short: not JSON
     except (OSError, ValueError):
         cache = {}
-    entry = cache.get(kind) if isinstance(cache, dict) else None
-    if isinstance(entry, dict) and isinstance(entry.get("at"), int | float) and \
-            0 <= now - entry["at"] < CACHE_SECONDS and isinstance(entry.get("names"), list):
+    if not isinstance(cache, dict):
+        cache = {}
+    entry = cache.get(key)
+    if _fresh(entry, now) and isinstance(entry.get("names"), list):
         return [n for n in entry["names"] if isinstance(n, str)]
     names = reader()
-    cache = {**(cache if isinstance(cache, dict) else {}), kind: {"at": now, "names": names}}
+    # Only the fresh entries stay: the file never grows.
+    cache = {k: v for k, v in cache.items() if _fresh(v, now)} | {key: {"at": now, "names": names}}
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     temporary = f"{path}.{os.getpid()}"
     with open(temporary, "w", encoding="utf-8") as file:

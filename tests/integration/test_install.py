@@ -49,6 +49,19 @@ def test_installed_coi_help_lists_every_command(installed_user):
     assert listed >= {command.name for command in COMMANDS}
 
 
+@pytest.mark.parametrize(("page", "first_usage"), [
+    ("coi", "coi <command> [<args>...]"), ("coi-shell", "coi shell [--workspace DIR]"),
+    ("coi-list", "coi list [--all]"), ("coi-slot", "coi-slot next [--workspace DIR]")])
+def test_man_pages_work_for_the_user_after_install(installed_user, page, first_usage):
+    done = installed_user.run(["man", "-P", "cat", page], env={"MANWIDTH": "120"})
+    assert done.returncode == 0, done.stderr
+    assert first_usage in done.stdout
+    where = installed_user.run(["man", "-w", page]).stdout.strip()  # the link's target
+    linked = installed_user.home / ".local" / "share" / "man" / "man1" / f"{page}.1"
+    assert linked.is_symlink()
+    assert where == str(linked.resolve())
+
+
 def test_installed_coi_list_finds_coi_slot_beside_it(installed_user):
     done = installed_user.run(["coi", "list", "--format", "json"])
     assert done.returncode == 0, done.stdout + done.stderr
