@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from coi_common import config, hostservice, idmap, incus, proc, sessions
+from coi_common import config, hostservice, idmap, incus, output, proc, sessions
 from coi_common.errors import (
     EXIT_FAILED,
     EXIT_PERMISSION,
@@ -63,8 +63,9 @@ def run_doctor(*, as_json: bool) -> int:
         write_record(make_record("doctor", ok=status == 0, checks=[asdict(c) for c in checks]))
     else:
         for check in checks:
-            mark = "ok  " if check.ok else ("FAIL" if check.required else "warn")
-            print(f"{mark} {check.name}: {check.detail}")
+            mark, style = ("ok  ", "ok") if check.ok else (
+                ("FAIL", "fail") if check.required else ("warn", "warn"))
+            print(f"{output.coloured(mark, style, sys.stdout)} {check.name}: {check.detail}")
             if not check.ok and check.fix:
                 print(f"     fix: {check.fix}")
     if status:

@@ -18,6 +18,7 @@ from typing import Any, Final, NoReturn
 
 from coi_common import __version__, usage
 from coi_common.errors import EXIT_FAILED, CoiError, Interrupted, UsageError
+from coi_common.output import QUIET_VARIABLE, VERBOSE_VARIABLE
 
 Args = Mapping[str, Any]
 Handler = Callable[[Args], int | None]
@@ -230,6 +231,23 @@ def wants_json(args: Args) -> bool:
     return args.get("--format") == "json" or bool(args.get("--json"))
 
 
+VERBOSITY_FLAGS: Final = {"-q": QUIET_VARIABLE, "--quiet": QUIET_VARIABLE,
+                          "-v": VERBOSE_VARIABLE, "--verbose": VERBOSE_VARIABLE}
+
+
+def take_verbosity(argv: list[str]) -> list[str]:
+    """-q/--quiet and -v/--verbose, which every command takes anywhere before `--`: taken
+    out of argv into the environment (output.quiet/verbose), which the programs the
+    command runs inherit; the last one given wins."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    for word in argv[:cut]:
+        if word in VERBOSITY_FLAGS:
+            os.environ.pop(QUIET_VARIABLE, None)
+            os.environ.pop(VERBOSE_VARIABLE, None)
+            os.environ[VERBOSITY_FLAGS[word]] = "1"
+    return [w for w in argv[:cut] if w not in VERBOSITY_FLAGS] + argv[cut:]
+
+
 def debug_enabled(argv: list[str]) -> bool:
     """--debug anywhere on the command line, or COI_DEBUG set to a true value."""
     return "--debug" in argv or os.environ.get("COI_DEBUG", "") not in ("", "0", "false")
@@ -294,6 +312,7 @@ def run_main(prog: str, doc: str, handler: Handler, argv: list[str] | None = Non
     # Read once and dropped, so programs this one runs do not inherit the dispatcher's name.
     shown_as = os.environ.pop(PROG_VARIABLE, None) or None
     _PLUMBING["child"] = os.environ.pop(PLUMBING_VARIABLE, "") == "1"
+    argv = take_verbosity(argv)
     debug = debug_enabled(argv)
     signal.signal(signal.SIGTERM, _raise_interrupted)
     as_json = json_requested(argv)

@@ -24,6 +24,9 @@ OPTION_NAME: Final = re.compile(r"(?<![\w<-])(--?[A-Za-z][\w-]*)")
 ENTRY: Final = re.compile(r"  (?P<key>\S+(?: \S+)*?)(?:  +(?P<text>\S.*))?$")
 """The first line of a section's entry: two spaces, the key, two or more, its text."""
 HELP_FLAGS: Final = ("-h", "--help")
+COMMON_FLAGS: Final = ("  -q --quiet        Only results and errors: no progress, no notes.",
+                       "  -v --verbose      Say every step and every wait, however short.",
+                       "  -h --help         Show this help.")
 
 
 class Pattern(NamedTuple):
@@ -186,6 +189,7 @@ def command_help(doc: str, argv: Sequence[str], base: str = "coi") -> str:
     flags = _flags(doc, chosen)
     if flags:
         body += ["Options:", *flags, ""]
+    body += ["Every command also takes:", *COMMON_FLAGS, ""]
     examples = [line for line in section_lines(doc, "Examples")
                 if f"{line.strip().removeprefix('sudo ')} ".startswith(f"{name} ")]
     body += ["Examples:", *examples] if examples else []

@@ -46,3 +46,15 @@ def test_no_message_of_the_tour_names_an_internal_executable(user_coi):
     assert said["lsit"].startswith("coi: 'lsit' is not a coi command")
     assert said["run"].startswith("coi run: missing <command>")
     assert said["shell --network wide"].startswith("coi shell: ")
+
+
+def test_colour_shows_on_a_terminal_and_never_with_no_color(user_coi):
+    def on_a_terminal(**env: str) -> str:
+        done = user_coi.user.run(
+            ["script", "-qec", f"{user_coi.user.coi} doctor", "/dev/null"],
+            env={**user_coi.env, "TERM": "xterm-256color", **env}, cwd=user_coi.workspace)
+        return done.stdout
+
+    assert "\x1b[32mok  \x1b[0m" in on_a_terminal()
+    assert "\x1b[" not in on_a_terminal(NO_COLOR="1")
+    assert "ok   " in on_a_terminal(NO_COLOR="1")

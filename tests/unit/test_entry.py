@@ -258,3 +258,18 @@ def test_format_json_after_the_double_dash_belongs_to_the_command():
     assert entry.json_requested(["list", "--format=json"])
     assert not entry.json_requested(["run", "--", "tool", "--format", "json"])
     assert not entry.json_requested(["list", "--format", "text"])
+
+
+def test_quiet_and_verbose_are_taken_out_before_the_double_dash_into_the_environment(
+        monkeypatch):
+    from coi_common import entry, output
+
+    monkeypatch.delenv(output.QUIET_VARIABLE, raising=False)
+    monkeypatch.delenv(output.VERBOSE_VARIABLE, raising=False)
+    assert entry.take_verbosity(["run", "-v", "-q", "--", "ls", "-v"]) == \
+        ["run", "--", "ls", "-v"]
+    assert output.quiet()
+    assert not output.verbose()
+    assert entry.take_verbosity(["list", "--verbose"]) == ["list"]
+    assert output.verbose()
+    assert not output.quiet()
