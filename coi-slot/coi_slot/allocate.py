@@ -53,7 +53,9 @@ def described_record(args: Args, settings: Any) -> sessions.SlotRecord:
     limits = naming.validate_limits(settings.get("limits.cpu"), settings.get("limits.memory"),
                                     settings.get("limits.processes"))
     resume = _resume(args)
-    mounts = [sessions.Mount.parse(spec) for spec in args["--mount"]]
+    mounts = [sessions.Mount.parse(config.expand_path(spec)) for spec in
+              settings.get("mounts.default")] + [sessions.Mount.parse(spec)
+                                                for spec in args["--mount"]]
     storage = _storage_dir(args["--storage"]) if args["--storage"] is not None else ""
     flags = {"allow_home": bool(args["--allow-home"]), "force": bool(args["--force"])}
     # Every host path is refused before a slot is reserved or a directory is made.

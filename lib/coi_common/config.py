@@ -38,7 +38,8 @@ from coi_common.errors import ConfigError
 class Key:
     """The type, default and limits of one config key."""
 
-    kind: str  # "str", "bool", "int", "list" (of strings) or "table" (string to string)
+    kind: str  # "str", "bool", "int", "list" (of strings), "table" (string to string)
+    # or "mounts" ([[mounts.default]] tables)
     default: Any
     choices: tuple[str, ...] = ()
     minimum: int | None = None
@@ -123,6 +124,11 @@ SCHEMA: Final[Mapping[str, Mapping[str, Key]]] = {
         "extra_ca_certificates": Key("list", []),
         "host_ca_certificates": Key("bool", True),
         "mirror": Key("str", ""),
+    },
+    "mounts": {
+        # [[mounts.default]] tables (host, container, readonly), as the original coi
+        # reads them; kept as `HOST:CONTAINER[:ro]`, the form of --mount.
+        "default": Key("mounts", []),
     },
 }
 
@@ -267,18 +273,23 @@ def load(workspace: str | None = None, *, profile: str | None = None,
 
 
 def config_files(workspace: str | None, env: Mapping[str, str]) -> list[str]:
-    """The system, user and project file paths, lowest precedence first (existing or not)."""
+    """The system, user, COI_CONFIG and project file paths, lowest precedence first
+    (existing or not)."""
     system = env.get("COI_SYSTEM_CONFIG") or SYSTEM_CONFIG
     home = env.get("HOME") or os.path.expanduser("~")
     xdg = env.get("XDG_CONFIG_HOME", "")
     # The XDG spec says a relative XDG_CONFIG_HOME is invalid and must be ignored.
     config_home = xdg if os.path.isabs(xdg) else os.path.join(home, ".config")
     paths = [os.path.abspath(system), os.path.join(config_home, "coi", "config.toml")]
+    extra = env.get(EXTRA_VARIABLE, "")
+    if extra:  # the user's own extra file (as the original coi reads COI_CONFIG)
+        paths.append(os.path.abspath(os.path.expanduser(extra)))
     if workspace is not None:
         paths.append(os.path.join(os.path.realpath(workspace), PROJECT_FILE))
     return paths
 
 
+EXTRA_VARIABLE: Final = "COI_CONFIG"
 MAX_CONFIG_BYTES: Final = 1 << 20
 """A config file larger than this is refused unread (no config needs more)."""
 
@@ -473,9 +484,9 @@ def _apply_env(env: Mapping[str, str], values: dict[str, Any], sources: dict[str
                               f"(known in [{section}]: {', '.join(SCHEMA[section])})")
         dotted = f"{section}.{key}"
         spec = SCHEMA[section][key]
-        if spec.kind == "table":
-            raise ConfigError(f"{where}: {dotted} is a table and cannot be set from the "
-                              "environment; set it in a config file")
+        if spec.kind in ("table", "mounts"):
+            raise ConfigError(f"{where}: {dotted} is made of tables and cannot be set from "
+                              "the environment; set it in a config file")
         value = _parse_text(where, dotted, spec, env[variable])
         values[dotted] = _check(where, dotted, spec, value)
         sources[dotted] = where
@@ -540,6 +551,8 @@ def _check(where: str, dotted: str, spec: Key, value: Any) -> Any:
                 raise ConfigError(f"{where}: {dotted} must be a list of strings, "
                                   f"got {_describe(item)} in the list")
         return list(value)
+    if spec.kind == "mounts" and isinstance(value, list):
+        return [_mount_spec(where, f"{dotted}[{n}]", item) for n, item in enumerate(value)]
     if spec.kind == "table" and isinstance(value, dict):
         for name, item in value.items():
             if not isinstance(item, str):
@@ -567,6 +580,30 @@ def _check(where: str, dotted: str, spec: Key, value: Any) -> Any:
     return value
 
 
+MOUNT_KEYS: Final = {"host": str, "container": str, "readonly": bool}
+
+
+def _mount_spec(where: str, dotted: str, table: Any) -> str:
+    """One [[mounts.default]] table as `HOST:CONTAINER[:ro]` (the host path as written:
+    ~ is expanded, and the path checked, where a session uses it)."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: {dotted} must be a table (host, container, readonly), "
+                          f"got {_describe(table)}")
+    for key, value in table.items():
+        if key not in MOUNT_KEYS:
+            raise ConfigError(f"{where}: unknown key {dotted}.{key} (known: host, container, "
+                              "readonly)")
+        if not isinstance(value, MOUNT_KEYS[key]):
+            raise ConfigError(f"{where}: {dotted}.{key} must be "
+                              f"{'a boolean' if key == 'readonly' else 'a string'}, "
+                              f"got {_describe(value)}")
+    for key in ("host", "container"):
+        if not table.get(key) or ":" in table[key]:
+            raise ConfigError(f"{where}: {dotted}.{key} must be a path without ':', "
+                              f"got {_describe(table.get(key, ''))}")
+    return f"{table['host']}:{table['container']}" + (":ro" if table.get("readonly") else "")
+
+
 def _is_size(text: str) -> bool:
     try:
         sizes.parse_size(text)
@@ -581,7 +618,8 @@ def _expected(spec: Key) -> str:
     if spec.kind == "int" and spec.minimum is not None:
         return f"an integer of {spec.minimum} or more"
     return {"str": "a string", "bool": "a boolean", "int": "an integer",
-            "list": "a list of strings", "table": "a table of strings"}[spec.kind]
+            "list": "a list of strings", "table": "a table of strings",
+            "mounts": "[[mounts.default]] tables"}[spec.kind]
 
 
 def _describe(value: Any) -> str:

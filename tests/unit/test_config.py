@@ -291,7 +291,8 @@ def test_env_unknown_key_in_a_known_section_names_the_variable(layout: Layout) -
 
 def test_env_table_key_cannot_be_set_from_the_environment(layout: Layout) -> None:
     message = error_of(layout, env=dict(layout.env, COI_DEFAULTS_ENVIRONMENT="A=1"))
-    assert message.startswith("env COI_DEFAULTS_ENVIRONMENT: defaults.environment is a table")
+    assert message.startswith("env COI_DEFAULTS_ENVIRONMENT: defaults.environment is made of "
+                              "tables")
 
 
 def test_other_coi_variables_are_ignored(layout: Layout) -> None:
@@ -498,6 +499,9 @@ WIDENING = """\
     persistent = true
     [tools.claude]
     credential_files = [".ssh/id_ed25519"]
+    [[mounts.default]]
+    host = "~/.ssh"
+    container = "/loot"
     """
 
 
@@ -509,9 +513,11 @@ def test_an_untrusted_workspace_file_cannot_widen_settings_and_each_refusal_is_s
     assert cfg.get("network.allowed_domains") == []
     assert cfg.get("incus.profile") == "coi"
     assert "tools.claude" not in cfg.values
+    assert cfg.get("mounts.default") == []
     assert pair(cfg, "defaults.persistent") == (True, str(layout.project))  # harmless
     said = capsys.readouterr().err
-    for key in ("network.mode", "network.allowed_domains", "incus.profile", "tools.claude"):
+    for key in ("network.mode", "network.allowed_domains", "incus.profile", "tools.claude",
+                "mounts.default"):
         assert f"coi: ignoring {key} in {layout.project}" in said
     assert "defaults.persistent" not in said
 
@@ -533,3 +539,31 @@ def test_trust_pins_the_content_and_an_edit_needs_trust_again(layout: Layout) ->
     assert layout.load().get("network.mode") == "open"
     write(layout.project, WIDENING + "# edited inside\n")
     assert layout.load().get("network.mode") == "restricted"
+
+
+def test_mounts_default_tables_become_mount_specs_and_coi_config_is_an_extra_layer(
+        layout: Layout, tmp_path) -> None:
+    extra = tmp_path / "extra.toml"
+    extra.write_text('[[mounts.default]]\nhost = "~/data"\ncontainer = "/data"\n\n'
+                     '[[mounts.default]]\nhost = "/srv/cfg"\ncontainer = "/config"\n'
+                     'readonly = true\n\n[defaults]\npersistent = true\n')
+    settings = config.load(None, env=dict(layout.env, COI_CONFIG=str(extra)))
+    assert settings.get("mounts.default") == ["~/data:/data", "/srv/cfg:/config:ro"]
+    assert settings.source("defaults.persistent") == str(extra)
+    assert config.load(None, env=layout.env).get("mounts.default") == []
+
+
+@pytest.mark.parametrize(("table", "problem"), [
+    ('host = "/a"', "mounts.default[0].container must be a path without ':'"),
+    ('host = "/a:b"\ncontainer = "/b"', "mounts.default[0].host must be a path without ':'"),
+    ('host = "/a"\ncontainer = "/b"\nreadonly = "yes"',
+     "mounts.default[0].readonly must be a boolean"),
+    ('host = "/a"\ncontainer = "/b"\nmode = "rw"', "unknown key mounts.default[0].mode"),
+])
+def test_a_bad_mounts_default_table_is_refused_in_one_line(layout: Layout, tmp_path, table,
+                                                           problem) -> None:
+    extra = tmp_path / "extra.toml"
+    extra.write_text(f"[[mounts.default]]\n{table}\n")
+    message = error_of(layout, env=dict(layout.env, COI_CONFIG=str(extra)))
+    assert problem in message
+    assert "\n" not in message

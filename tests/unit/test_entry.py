@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from coi_common import entry
+from coi_common import entry, output
 from coi_common.entry import PROG_VARIABLE, parse_args, run_main
 from coi_common.errors import NotFound
 from coi_common.usage import USAGE_WIDTH
@@ -262,8 +262,6 @@ def test_format_json_after_the_double_dash_belongs_to_the_command():
 
 def test_quiet_and_verbose_are_taken_out_before_the_double_dash_into_the_environment(
         monkeypatch):
-    from coi_common import entry, output
-
     monkeypatch.delenv(output.QUIET_VARIABLE, raising=False)
     monkeypatch.delenv(output.VERBOSE_VARIABLE, raising=False)
     assert entry.take_verbosity(["run", "-v", "-q", "--", "ls", "-v"]) == \
