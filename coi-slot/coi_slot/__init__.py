@@ -13,7 +13,8 @@ Usage:
                 [--format FMT] [--debug]
   coi-slot shutdown (<name>... | --all) [--timeout S] [--force] [--all-users]
                     [--dry-run] [--format FMT] [--debug]
-  coi-slot clean [--force] [--all-users] [--dry-run] [--format FMT] [--debug]
+  coi-slot clean [--sessions | --all] [--force] [--all-users] [--dry-run] [--format FMT]
+                 [--debug]
   coi-slot persist (<name>... | --all) [--force] [--all-users] [--dry-run] [--format FMT]
                    [--debug]
   coi-slot pool status [--workspace DIR] [--all] [--format FMT] [--debug]
@@ -48,7 +49,8 @@ Commands:
              forcing them; save the session; delete ephemeral containers and
              keep persistent ones, stopped.
   clean      Remove stopped ephemeral containers (left over when a session
-             ended without cleaning up). Persistent containers stay.
+             ended without cleaning up). Persistent containers stay. With
+             --sessions (or --all) every saved session of yours goes too.
   persist    Make containers persistent: shutdown and session exit keep them.
   pool       The warm pool (pool.size): containers of the workspace made,
              started, booted and under their network rules before a session
@@ -97,6 +99,9 @@ Options:
                     pool.size).
   --all             kill/shutdown/persist: every coi container of yours. list:
                     also the saved sessions. pool status/drain: every workspace.
+                    clean: the same as --sessions.
+  --sessions        clean: also delete every saved session of yours (every
+                    workspace and tool; asked first unless --force).
   --all-users       Also other users' containers (root: always).
   --no-save         kill, end: delete without saving the session.
   --if-down         end: only a session whose container is down.
@@ -126,6 +131,7 @@ Examples:
   coi kill --no-save coi-3f2a9c1b-2
   coi shutdown --timeout 30 coi-3f2a9c1b-1
   coi clean --force
+  coi clean --sessions --force
   coi persist coi-3f2a9c1b-1
   coi pool fill --size 2
   coi pool status --all --format json

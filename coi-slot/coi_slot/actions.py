@@ -27,10 +27,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from coi_common import config, forks, incus, locks, naming, owners, plan, sessions
+from coi_common import config, forks, incus, locks, naming, owners, plan, plumbing, sessions
 from coi_common.entry import Args
 from coi_common.errors import EXIT_FAILED, CoiError, NotFound, UsageError
-from coi_common.protocol import make_record, read_record, write_record
+from coi_common.protocol import Record, make_record, read_record, write_record
 from coi_slot import ending, slots
 
 PROG: Final = "coi-slot"
@@ -115,12 +115,40 @@ def run(args: Args, *, as_json: bool, confirm: Confirm | None = None) -> int:
     client = incus.connect(config.load(None))
     targets = select(client, naming.container_prefix(), action, names, every=every,
                      uid=owners.caller_uid(), all_users=bool(args["--all-users"]))
-    if not targets:
+    # clean --sessions (or --all, as the original spells it): the saved sessions too.
+    saved = saved_sessions() if action == "clean" and (
+        args["--sessions"] or args["--all"]) else None
+    if not targets and not saved:
         _say("nothing to clean" if action == "clean" else "no coi containers", as_json)
         return 0
-    if every and not force and not (confirm or ask)(question(action, targets)):
+    if every and not force and not (confirm or ask)(question(action, targets, saved)):
         print(f"{PROG}: cancelled; nothing changed", file=sys.stderr, flush=True)
         return 0
+    status = _act_on(client, action, targets, timeout=timeout, save=save, every=every,
+                     as_json=as_json)
+    if saved:
+        _delete_saved_sessions(as_json)
+    return status
+
+
+def saved_sessions() -> list[Record]:
+    """Every saved session of the user (`coi clean --sessions` removes them all)."""
+    return plumbing.call("coi-session", ["list", "--all"], kind="session",
+                         dry_run=plumbing.READS)
+
+
+def _delete_saved_sessions(as_json: bool) -> None:
+    for deleted in plumbing.call("coi-session", ["prune", "--keep", "0", "--all"],
+                                 kind="session_deleted"):
+        if as_json:
+            write_record(deleted)
+        else:
+            print(f"deleted session {deleted['id']} ({deleted['tool']}, "
+                  f"{deleted['workspace']})", flush=True)
+
+
+def _act_on(client: incus.Incus, action: str, targets: Sequence[Instance], *,
+            timeout: int, save: bool, every: bool, as_json: bool) -> int:
     status = 0
     for result in act(client, action, targets, timeout=timeout, save=save,
                       skip_stopped=every):
@@ -247,12 +275,17 @@ def select(client: incus.Incus, prefix: str, action: str, names: Sequence[str], 
     return targets
 
 
-def question(action: str, targets: Sequence[Instance]) -> str:
+def question(action: str, targets: Sequence[Instance],
+             saved: Sequence[Record] | None = None) -> str:
     names = ", ".join(t["name"] for t in targets)
     count = f"{len(targets)} container{'s' if len(targets) != 1 else ''}"
     verb = {"kill": "Kill", "shutdown": "Shut down", "clean": "Remove",
             "persist": "Make persistent"}[action]
-    return f"{verb} {count} ({names})? [y/N] "
+    listed = f"{count} ({names})" if targets else count
+    if saved:
+        listed += f" and {len(saved)} saved session{'s' if len(saved) != 1 else ''} " \
+                  "(every workspace)"
+    return f"{verb} {listed}? [y/N] "
 
 
 def ask(prompt: str) -> bool:

@@ -135,6 +135,23 @@ plant() {
   assert_equal "${#lines[@]}" 2
 }
 
+@test "coi clean --sessions deletes every saved session, and asks first without --force" {
+  plant s-one 2026-03-01T09:00:00.000000Z
+  plant s-two 2026-03-02T09:00:00.000000Z /elsewhere
+  run coi clean --sessions < /dev/null
+  assert_failure 2
+  assert_output --partial "asks for confirmation, and there is no terminal"
+  [ -d "$HOME/.coi/sessions-dummy/s-one" ]
+  run --separate-stderr coi clean --sessions --force
+  assert_success
+  assert_line "deleted session s-one (dummy, $WS)"
+  assert_line "deleted session s-two (dummy, /elsewhere)"
+  [ ! -e "$HOME/.coi/sessions-dummy/s-one" ] && [ ! -e "$HOME/.coi/sessions-dummy/s-two" ]
+  run coi clean --all --force
+  assert_success
+  assert_output "nothing to clean"
+}
+
 @test "coi session prune with a bad duration exits 2 in one line" {
   run coi session prune --older-than 3y
   assert_failure 2
