@@ -262,8 +262,8 @@ def test_format_json_after_the_double_dash_belongs_to_the_command():
 
 def test_quiet_and_verbose_are_taken_out_before_the_double_dash_into_the_environment(
         monkeypatch):
-    monkeypatch.delenv(output.QUIET_VARIABLE, raising=False)
-    monkeypatch.delenv(output.VERBOSE_VARIABLE, raising=False)
+    for variable in (output.QUIET_VARIABLE, output.VERBOSE_VARIABLE):
+        monkeypatch.setenv(variable, "")  # recorded: what the test sets is undone after it
     assert entry.take_verbosity(["run", "-v", "-q", "--", "ls", "-v"]) == \
         ["run", "--", "ls", "-v"]
     assert output.quiet()
