@@ -97,9 +97,8 @@ def run(args: Args, *, as_json: bool) -> int:
         _emit_line(_deleted_line(name, image))
         return 0
     images = list_images(_client(), everything=args["--all"], prefix=args["--prefix"])
-    if as_json:
-        for image in images:
-            write_record(image.record())
+    if as_json:  # one document: the listing
+        write_record(make_record("image_list", images=[image.record() for image in images]))
     else:
         _emit_line(render_table(images))
     return 0

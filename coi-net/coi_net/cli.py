@@ -18,7 +18,7 @@ from coi_common import config, incus
 from coi_common.entry import Args
 from coi_common.errors import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, CoiError, PermissionDenied
 from coi_common.naming import validate_container_name
-from coi_common.protocol import Record, validate, write_record
+from coi_common.protocol import Record, make_record, validate, write_record
 from coi_net import nft, ops
 from coi_net import policy as np
 
@@ -106,9 +106,20 @@ def _status(names: list[str], *, as_json: bool) -> int:
                                  **fields).get("records")
         if not isinstance(found, list):
             raise CoiError("coi's host service answered net_status without records")
-        records = [validate(record, "net_status") for record in found]
-    _render(records, None, as_json=as_json, text=_status_text)
+        records = [validate(record, "net_status") for record in _status_records(found)]
+    if as_json:  # one document: the listing
+        write_record(make_record("net_status_list", containers=records))
+    else:
+        _render(records, None, as_json=False, text=_status_text)
     return status_code(records)
+
+
+def _status_records(found: list[Any]) -> list[Any]:
+    """The net_status records of the service's answer: one net_status_list document
+    (a service of an older coi sent the records themselves)."""
+    return [record for listed in found for record in (
+        validate(listed, "net_status_list")["containers"]
+        if isinstance(listed, dict) and listed.get("kind") == "net_status_list" else [listed])]
 
 
 def _apply(args: Args, *, as_json: bool) -> int:

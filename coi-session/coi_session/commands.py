@@ -131,9 +131,8 @@ def _list(args: Args, as_json: bool) -> int:
     workspace = None if args["--all"] else _workspace(args)
     store, _ = _store(workspace)
     found = store.sessions(tool=_tool_filter(args), workspace=workspace)
-    if as_json:
-        for session in found:
-            write_record(session.to_record())
+    if as_json:  # one document: the listing
+        write_record(make_record("session_list", sessions=[s.to_record() for s in found]))
         return 0
     if not found:
         print("no saved sessions" + (f" for {workspace}" if workspace else ""), flush=True)

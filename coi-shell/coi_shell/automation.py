@@ -65,9 +65,9 @@ def list_sessions(client: incus.Incus, *, uid: int, all_users: bool, as_json: bo
     found = owners.visible(sessions.coi_containers(client, naming.container_prefix()),
                            uid=uid, all_users=all_users)
     rows = [_session_row(client, i) for i in found if i.get("status") == "Running"]
-    if as_json:
-        for row in rows:
-            write_record(make_record("tmux_session", **row))
+    if as_json:  # one document: the listing
+        write_record(make_record("tmux_list", sessions=[make_record("tmux_session", **row)
+                                                        for row in rows]))
         return 0
     if not rows:
         print("no running coi sessions")

@@ -31,7 +31,7 @@ from coi_common import config, forks, incus, locks, naming, owners, plan, plumbi
 from coi_common.entry import Args
 from coi_common.errors import EXIT_FAILED, CoiError, NotFound, UsageError
 from coi_common.protocol import Record, make_record, read_record, write_record
-from coi_slot import ending, slots
+from coi_slot import ending, listing, slots
 
 PROG: Final = "coi-slot"
 FORCE_VARIABLE: Final = "COI_FORCE"
@@ -133,8 +133,7 @@ def run(args: Args, *, as_json: bool, confirm: Confirm | None = None) -> int:
 
 def saved_sessions() -> list[Record]:
     """Every saved session of the user (`coi clean --sessions` removes them all)."""
-    return plumbing.call("coi-session", ["list", "--all"], kind="session",
-                         dry_run=plumbing.READS)
+    return listing.listed_sessions()
 
 
 def _delete_saved_sessions(as_json: bool) -> None:

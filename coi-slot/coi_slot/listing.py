@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from coi_common import config, incus, naming, output, owners, plumbing, sessions
 from coi_common.incus import ipv4_of
-from coi_common.protocol import Record, make_record, write_record
+from coi_common.protocol import Record, make_record, validate, write_record
 
 KEY: Final = sessions.KEY
 NONE_SHOWN: Final = "-"
@@ -116,7 +116,15 @@ def saved_sessions() -> list[SavedSession]:
     coi-session's; it warns about unreadable metadata itself)."""
     return [SavedSession(id=str(s["id"]), saved_at=str(s["updated_at"]),
                          workspace=str(s["workspace"]), tool=str(s["tool"]))
-            for s in plumbing.call("coi-session", ["list", "--all"], kind="session")]
+            for s in listed_sessions()]
+
+
+def listed_sessions() -> list[Record]:
+    """The session records of `coi-session list --all` (one session_list document),
+    each checked as a session record."""
+    return [validate(s, "session") for listing in plumbing.call(
+        "coi-session", ["list", "--all"], kind="session_list", dry_run=plumbing.READS)
+        for s in validate(listing, "session_list")["sessions"]]
 
 
 # -- rendering -----------------------------------------------------------------------------

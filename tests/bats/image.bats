@@ -21,18 +21,18 @@ setup() {
   assert_equal "$stderr" ""
 }
 
-@test "coi image list --format json is JSON Lines of image records, stderr quiet" {
+@test "coi image list --format json is one image_list document of image records" {
   run --separate-stderr coi image list --all --format json
   assert_success
   assert_equal "$stderr" ""
   run "$PY" -c '
 import sys
-from coi_common.protocol import parse_record
-lines = sys.stdin.read().splitlines()
-for line in lines:
-    record = parse_record(line, "image")
-    assert len(record["fingerprint"]) == 64, record
-print(len(lines) > 0)' <<<"$output"
+from coi_common.protocol import parse_record, validate
+[line] = sys.stdin.read().splitlines()
+images = parse_record(line, "image_list")["images"]
+for record in images:
+    assert len(validate(record, "image")["fingerprint"]) == 64, record
+print(len(images) > 0)' <<<"$output"
   assert_success
   assert_output "True"
 }

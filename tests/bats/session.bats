@@ -30,10 +30,10 @@ plant() {
   assert_equal "$stderr" ""
 }
 
-@test "coi session list --all --format json with no sessions prints nothing" {
+@test "coi session list --all --format json with no sessions is an empty listing" {
   run --separate-stderr coi session list --all --format json
   assert_success
-  assert_output ""
+  assert_output '{"coi": 1, "kind": "session_list", "sessions": []}'
   assert_equal "$stderr" ""
 }
 
@@ -56,8 +56,8 @@ plant() {
   run coi-session list --format json
   assert_success
   assert_equal "$output" "$via_coi"
-  run json_get "d['kind'], d['id'], d['workspace'] == '$WS'"
-  assert_output "session s-one True"
+  run json_get "d['kind'], [(s['kind'], s['id'], s['workspace'] == '$WS') for s in d['sessions']]"
+  assert_output "session_list [('session', 's-one', True)]"
 }
 
 @test "corrupt metadata is skipped with one warning naming the file" {
@@ -66,8 +66,8 @@ plant() {
   printf '{"coi": 1, "kind": "sess' > "$HOME/.coi/sessions-dummy/s-bad/metadata.json"
   run --separate-stderr coi session list --format json
   assert_success
-  run json_get "d['id']"
-  assert_output "s-good"
+  run json_get "[s['id'] for s in d['sessions']]"
+  assert_output "['s-good']"
   assert_equal "$(printf '%s\n' "$stderr" | wc -l)" 1
   [[ "$stderr" == *"sessions-dummy/s-bad/metadata.json: not valid JSON"* ]]
 }
@@ -132,7 +132,8 @@ plant() {
                                           for r in sys.argv[1:]])' "${lines[@]}"
   assert_output "session_deleted:s-1 session_deleted:s-2"
   run coi session list --all --format json
-  assert_equal "${#lines[@]}" 2
+  run json_get "len(d['sessions'])"
+  assert_output "2"
 }
 
 @test "coi clean --sessions deletes every saved session, and asks first without --force" {

@@ -23,7 +23,7 @@ import pytest
 
 from coi_common.errors import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, CoiError, NotFound
 from coi_common.incus import Incus
-from coi_common.protocol import parse_record
+from coi_common.protocol import parse_record, validate
 from coi_image import aliases, main, manage
 
 pytestmark = pytest.mark.incus
@@ -41,6 +41,10 @@ def coi(*args, env):
 
 
 def records(stdout, kind):
+    """The records of `kind` printed: one per line, or (a listing) the elements of the
+    one image_list document."""
+    if kind == "image" and stdout.startswith('{"coi": 1, "kind": "image_list"'):
+        return [validate(r, "image") for r in parse_record(stdout, "image_list")["images"]]
     return [parse_record(line, kind) for line in stdout.splitlines()]
 
 
@@ -282,7 +286,7 @@ def test_publish_of_a_missing_container_is_not_found_in_one_line(coi_env, rand,
                            env=coi_env.environ())
     assert status == EXIT_NOT_FOUND
     assert out == ""
-    assert err == f"coi-image: container {rand}-nosuch does not exist " \
+    assert err == f"coi image: container {rand}-nosuch does not exist " \
                   f"(see 'coi list' or 'incus list')\n"
 
 
@@ -352,7 +356,7 @@ def test_delete_by_fingerprint_says_which_aliases_went_with_the_image(coi_env, r
 def test_delete_of_a_missing_alias_is_not_found_in_one_line(coi_env, rand):
     status, out, err = coi("image", "delete", f"{rand}-nosuch", env=coi_env.environ())
     assert (status, out) == (EXIT_NOT_FOUND, "")
-    assert err == f"coi-image: image {rand}-nosuch does not exist " \
+    assert err == f"coi image: image {rand}-nosuch does not exist " \
                   f"(see 'coi image list --all')\n"
 
 
@@ -394,7 +398,8 @@ def test_list_with_nothing_to_show_says_no_images_in_text_and_nothing_in_json(co
     assert coi("image", "list", "--prefix", rand, env=coi_env.environ()) == \
         (0, "no images\n", "")
     assert coi("image", "list", "--all", "--prefix", rand, "--format", "json",
-               env=coi_env.environ()) == (0, "", "")
+               env=coi_env.environ()) == (0, '{"coi": 1, "kind": "image_list", "images": []}\n',
+                                          "")
 
 
 def test_list_table_shows_a_dash_for_an_image_without_alias():
@@ -409,7 +414,7 @@ def test_list_table_shows_a_dash_for_an_image_without_alias():
 def test_list_with_an_unknown_format_is_a_usage_error_in_one_line(coi_env):
     status, out, err = coi("image", "list", "--format", "yaml", env=coi_env.environ())
     assert (status, out) == (EXIT_USAGE, "")
-    assert err == "coi-image: unknown format 'yaml'; use text or json\n"
+    assert err == "coi image: unknown format 'yaml'; use text or json\n"
 
 
 # -- cleanup ---------------------------------------------------------------------------------
@@ -489,7 +494,7 @@ def test_cleanup_refuses_a_bad_keep_or_empty_prefix_with_exit_2(coi_env, prefix,
     status, out, err = coi("image", "cleanup", prefix, "--keep", keep, env=coi_env.environ())
     assert (status, out) == (EXIT_USAGE, "")
     assert err.count("\n") == 1
-    assert err.startswith(f"coi-image: {problem}")
+    assert err.startswith(f"coi image: {problem}")
 
 
 # -- staging (coi_image.aliases) --------------------------------------------------------------

@@ -233,7 +233,8 @@ class Net:
     def status(self, name: str) -> dict:
         done = self("status", name, "--format", "json")
         assert done.ok, done.stderr
-        return parse_record(done.stdout, "net_status")
+        [record] = parse_record(done.stdout, "net_status_list")["containers"]
+        return record
 
 
 @pytest.fixture
@@ -853,7 +854,8 @@ def test_a_port_with_coi_s_name_and_no_policy_passes_nothing_until_restored(
     assert reached(probe(run_in, box.name, {"public": world.targets()["public"]})) == set()
     done = net("status", box.name, "--format", "json")
     assert done.returncode == 4
-    assert parse_record(done.stdout, "net_status")["policy"] == "blocked"
+    [record] = parse_record(done.stdout, "net_status_list")["containers"]
+    assert record["policy"] == "blocked"
     done = net("restore", box.name)
     assert (done.returncode, done.stdout) == (0, f"{box.name}: rules restored\n")
     # The gateway's ARP entry failed while blocked (connect: EHOSTUNREACH, curl's 7, which

@@ -37,7 +37,7 @@ def saved(user_coi) -> list[str]:
     """The ids of the user's saved sessions."""
     done = user_coi("session", "list", "--all", "--format", "json")
     assert done.returncode == 0, done.stderr
-    return [json.loads(line)["id"] for line in done.stdout.splitlines()]
+    return [s["id"] for s in json.loads(done.stdout)["sessions"]]
 
 
 def hostname_of_run(user_coi, *flags: str, env: dict | None = None) -> str:

@@ -111,7 +111,7 @@ def saved(user_coi):
     listed = user_coi("session", "list", "--workspace", str(user_coi.workspace),
                       "--format", "json")
     assert listed.returncode == 0, listed.stderr
-    return [json.loads(line) for line in listed.stdout.splitlines()]
+    return json.loads(listed.stdout)["sessions"]
 
 
 def exit_line(screen):

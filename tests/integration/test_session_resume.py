@@ -71,7 +71,7 @@ def saved(user_coi, workspace):
     """The saved sessions (records) of one workspace, newest first."""
     listed = user_coi("session", "list", "--workspace", str(workspace), "--format", "json")
     assert listed.returncode == 0, listed.stderr
-    return [json.loads(line) for line in listed.stdout.splitlines()]
+    return json.loads(listed.stdout)["sessions"]
 
 
 def saved_history(record):

@@ -426,7 +426,7 @@ def net_status(user_coi, host_service):
     done = user_coi("network", "status", "--format", "json",
                     env={"COI_NET_STATE_DIR": str(state)})
     assert done.returncode == 0, done.stderr
-    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    return json.loads(done.stdout)["containers"]
 
 
 def test_run_puts_egress_rules_in_place_and_removes_them_with_the_container(user_coi,

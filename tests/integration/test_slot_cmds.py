@@ -479,11 +479,10 @@ def test_tmux_commands_act_only_on_the_callers_sessions(make_session, users):
     ben = make_session("ws", 2, owner=BEN)
     done = coi_slot("tmux", "list", "--format", "json", user=users[ANA], program=COI)
     assert done[0] == 0, done[2]
-    assert [json.loads(line)["name"] for line in done[1].splitlines()] == [ana]
+    assert [s["name"] for s in json.loads(done[1])["sessions"]] == [ana]
     done = coi_slot("tmux", "list", "--all-users", "--format", "json", user=users[ANA],
                     program=COI)
-    assert sorted(json.loads(line)["name"] for line in done[1].splitlines()) == \
-        sorted([ana, ben])
+    assert sorted(s["name"] for s in json.loads(done[1])["sessions"]) == sorted([ana, ben])
     for argv in (["send", ben, "hello"], ["capture", ben]):
         code, out, err = coi_slot("tmux", *argv, user=users[ANA], program=COI)
         assert (code, out) == (5, "")

@@ -792,10 +792,11 @@ def test_session_word_is_optional(coi_env, capsys, tmp_path):
     dispatched = run_cli(["session", "list", "--workspace", str(tmp_path), "--format", "json"],
                          capsys)
     assert direct == dispatched
-    assert json.loads(direct[1])["id"] == "s-one"
+    assert [r["id"] for r in json.loads(direct[1])["sessions"]] == ["s-one"]
 
 
-def test_list_json_is_json_lines_and_stderr_names_the_corrupt_file(coi_env, capsys, tmp_path):
+def test_list_json_is_one_document_and_stderr_names_the_corrupt_file(coi_env, capsys,
+                                                                     tmp_path):
     state = coi_env.home / ".coi"
     make_session(state, "s-one", workspace=str(tmp_path), updated_at="2026-03-01T00:00:00Z")
     make_session(state, "s-two", workspace=str(tmp_path), updated_at="2026-03-02T00:00:00Z")
@@ -803,7 +804,8 @@ def test_list_json_is_json_lines_and_stderr_names_the_corrupt_file(coi_env, caps
     Path(broken.path, "metadata.json").write_text("")
     code, out, err = run_cli(["list", "--all", "--format", "json"], capsys)
     assert code == 0
-    assert [json.loads(line)["id"] for line in out.splitlines()] == ["s-two", "s-one"]
+    [listing] = out.splitlines()
+    assert [r["id"] for r in json.loads(listing)["sessions"]] == ["s-two", "s-one"]
     assert err.count("\n") == 1
     assert "s-broken/metadata.json" in err
 
