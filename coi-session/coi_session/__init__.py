@@ -39,7 +39,8 @@ Commands:
   prune     Delete sessions beyond the newest N of each workspace and tool
             (--keep), or not updated within DURATION (--older-than), in the
             workspace (--all: in every workspace).
-  info      One session in full: <id>, or the newest of the workspace.
+  info      One session in full: <id>, or the newest of the workspace; where
+            there is none (and no --workspace), the newest of every workspace.
   The word `session` is optional: `coi session list` runs
   `coi-session session list`, which is `coi-session list`.
 

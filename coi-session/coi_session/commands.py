@@ -175,7 +175,18 @@ def _info(args: Args, as_json: bool) -> int:
 
 
 def _show_latest(args: Args, as_json: bool) -> int:
-    session = _latest_of_workspace(args, "coi session list --all shows every workspace's")
+    """The newest session of the workspace; outside any workspace with sessions (and no
+    --workspace given), the newest of every workspace, said so on stderr."""
+    try:
+        session = _latest_of_workspace(args, "coi session list --all shows every workspace's")
+    except NotFound:
+        store, _ = _store(None)
+        newest = store.sessions(tool=_tool_filter(args), workspace=None)
+        if args["--workspace"] is not None or not newest:
+            raise
+        session = newest[0]
+        print(f"coi: no saved session for {_workspace(args)}; the newest of every workspace "
+              f"is {session.id} ({session.workspace})", file=sys.stderr, flush=True)
     _print_session(session, as_json)
     return 0
 

@@ -38,7 +38,9 @@ Commands:
                  runs it): created, its network rules in, started and booted, then
                  left running for a session of its workspace to claim.
   attach         Reattach to a running session of this workspace (--bash: a
-                 plain shell in it instead of the tmux session).
+                 plain shell in it instead of the tmux session). Where you have
+                 none (and no --workspace or --slot), any running session of
+                 yours: the one there is, or a list to choose from.
   tmux list      Your running coi containers with their tmux sessions.
   tmux send      Type TEXT and Enter into a session (automation).
   tmux capture   Print what a session's pane shows.

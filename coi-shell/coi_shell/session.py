@@ -667,6 +667,9 @@ def _pick_attach_target(client: incus.Incus, args: Args) -> dict[str, Any]:
         if args["--slot"] is not None:
             slot = str(naming.validate_slot(args["--slot"], naming.SLOT_CEILING))
             candidates = [i for i in candidates if i["config"].get(f"{sessions.KEY}slot") == slot]
+        elif not candidates and args["--workspace"] == ".":
+            # Outside any workspace of yours: the running sessions of every one of them.
+            candidates = [i for i in ours.values() if i.get("status") == "Running"]
         if not candidates:
             raise NotFound(f"no coi session for {workspace}", hint="start one: coi shell")
     running = [i for i in candidates if i.get("status") == "Running"]

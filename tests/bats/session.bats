@@ -87,6 +87,17 @@ plant() {
   assert_output --partial "no saved session for $WS"
 }
 
+@test "coi info outside any workspace with sessions shows the newest of every workspace" {
+  plant s-old 2026-03-01T09:00:00.000000Z /somewhere
+  plant s-new 2026-03-02T09:00:00.000000Z /elsewhere
+  run --separate-stderr coi info
+  assert_success
+  assert_line --partial "s-new"
+  assert_equal "$stderr" "coi: no saved session for $WS; the newest of every workspace is s-new (/elsewhere)"
+  run coi info --workspace "$WS"
+  assert_failure 3
+}
+
 @test "coi info shows the latest session of the workspace and how to resume it" {
   plant s-one 2026-03-01T09:00:00.000000Z
   run --separate-stderr coi info

@@ -33,3 +33,14 @@ def test_mounts_default_tables_of_the_user_config_and_coi_config_reach_the_sessi
     # COI_CONFIG is a layer above the user's file: its mounts.default replaces theirs.
     assert (extra_layer.returncode, extra_layer.stdout) == (0, "extra\nno-data\n"), \
         extra_layer.stderr
+
+
+def test_attach_outside_any_workspace_finds_the_running_session_of_another(user_coi,
+                                                                         terminal):
+    made = user_coi("run", "--persistent", "--", "true")
+    assert made.returncode == 0, made.stderr
+    elsewhere = user_coi.user.home  # no session was ever started here
+    term = terminal(user_coi.argv("attach", "--bash"), None, elsewhere)
+    term.wait_for("code@")
+    term.type("exit 4")
+    term.wait_for("COI-EXITED-4")
