@@ -10,7 +10,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all venv setup test-deps test-image test lint shell build sweep clean bench docs man
+.PHONY: all venv setup test-deps test-image test lint shell shell-workspace build sweep clean bench docs man
 
 all: venv
 
@@ -52,8 +52,17 @@ test: test-image
 build: setup
 	bin/coi build
 
-shell: build
-	bin/coi shell
+# The project: WORKSPACE=DIR, else the directory make was started from (`make -C ~/coi
+# shell` in ~/project: PWD is the caller's, CURDIR the checkout's). The checkout itself
+# is refused: the agent would be given coi's own code.
+WORKSPACE ?= $(PWD)
+shell: shell-workspace build
+	bin/coi shell --workspace '$(WORKSPACE)'
+
+shell-workspace:
+	@if [ "$$(realpath '$(WORKSPACE)')" = "$$(realpath '$(CURDIR)')" ]; then \
+	  echo "make shell: name your project: make -C $(CURDIR) shell from it, or WORKSPACE=DIR" >&2; \
+	  exit 2; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info tests/.results
