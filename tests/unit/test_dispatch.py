@@ -169,3 +169,11 @@ def test_built_ins_options_first_unknown_names_and_stub_owners_go_to_the_dispatc
     assert _launched_module("--debug", "list", "--help") == "coi_dispatch"
     assert _launched_module("lst") == "coi_dispatch"
     assert _launched_module("list", "--help", COI_BIN_DIR=str(tmp_path)) == "coi_dispatch"
+
+
+def test_coi_with_only_a_verbosity_flag_lists_the_commands(capsys, monkeypatch):
+    monkeypatch.setenv("COI_VERBOSE", "")  # recorded, so what -v sets is undone after
+    monkeypatch.setenv("COI_QUIET", "")
+    code, out, _ = run_main(["-v"], capsys)
+    assert code == 0
+    assert out == dispatch.overview() + "\n"
