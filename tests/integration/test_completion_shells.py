@@ -31,16 +31,21 @@ def shell_argv(user_coi, *command: str) -> list[str]:
 
 def test_tab_in_bash_completes_commands_and_a_running_containers_name(user_coi, running,
                                                                       terminal):
-    term = terminal(shell_argv(user_coi, "bash", "--norc", "--noprofile", "-i"), None,
-                    user_coi.workspace)
-    term.type('eval "$(coi completion bash)"; PS1="ready> "')
-    term.wait_for("ready> ")
-    term.keys("coi sh", "Tab", "Tab")
-    term.wait_for("shutdown")
-    assert "shell" in term.screen().split("coi sh", 1)[1]
-    term.keys("C-c")
-    term.keys("coi attach ", "Tab")
-    term.wait_for(f"coi attach {running}")
+    def bash_with_completion():
+        term = terminal(shell_argv(user_coi, "bash", "--norc", "--noprofile", "-i"), None,
+                        user_coi.workspace)
+        # The prompt is spelled apart, so the echo of this line is not taken for it.
+        term.type('eval "$(coi completion bash)"; PS1="rea""dy> "')
+        term.wait_for("ready> ")
+        return term
+
+    commands = bash_with_completion()
+    commands.keys("coi sh", "Tab", "Tab")
+    commands.wait_for("shutdown")
+    assert "shell" in commands.screen().split("coi sh", 1)[1]
+    names = bash_with_completion()  # a fresh line: no half-typed command before it
+    names.keys("coi attach ", "Tab")
+    names.wait_for(f"coi attach {running}")
 
 
 def test_fish_completes_commands_and_a_running_containers_name(user_coi, running):
