@@ -22,7 +22,7 @@ import sys
 
 from coi_common import __version__, output, usage
 from coi_common.commands import ALIASES, BY_NAME, COMMANDS
-from coi_common.entry import PROG_VARIABLE, Args, parse_args, run_main, take_verbosity
+from coi_common.entry import PROG_VARIABLE, VERBOSITY_FLAGS, Args, parse_args, run_main
 from coi_common.errors import CoiError, NotFound, UsageError
 from coi_common.executables import find_executable
 
@@ -54,7 +54,7 @@ Examples:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `coi`."""
     argv = sys.argv[1:] if argv is None else argv
-    if not take_verbosity(list(argv)) or argv[0] in ("-h", "--help"):  # `coi`, `coi -v`
+    if all(word in VERBOSITY_FLAGS for word in argv) or argv[0] in ("-h", "--help"):
         print(overview())
         sys.exit(0)
     run_main("coi", __doc__ or "", dispatch, argv, options_first=True)

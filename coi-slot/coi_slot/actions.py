@@ -116,7 +116,7 @@ def run(args: Args, *, as_json: bool, confirm: Confirm | None = None) -> int:
     targets = select(client, naming.container_prefix(), action, names, every=every,
                      uid=owners.caller_uid(), all_users=bool(args["--all-users"]))
     # clean --sessions (or --all, as the original spells it): the saved sessions too.
-    saved = saved_sessions() if action == "clean" and (
+    saved = listing.listed_sessions() if action == "clean" and (
         args["--sessions"] or args["--all"]) else None
     if not targets and not saved:
         _say("nothing to clean" if action == "clean" else "no coi containers", as_json)
@@ -129,11 +129,6 @@ def run(args: Args, *, as_json: bool, confirm: Confirm | None = None) -> int:
     if saved:
         _delete_saved_sessions(as_json)
     return status
-
-
-def saved_sessions() -> list[Record]:
-    """Every saved session of the user (`coi clean --sessions` removes them all)."""
-    return listing.listed_sessions()
 
 
 def _delete_saved_sessions(as_json: bool) -> None:

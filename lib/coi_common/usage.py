@@ -14,8 +14,6 @@ import re
 from collections.abc import Sequence
 from typing import Final, NamedTuple
 
-from coi_common.commands import BY_NAME
-
 USAGE_WIDTH: Final = 100
 COMMAND_WORD: Final = re.compile(r"(\[)?(?P<word>[a-z][a-z0-9-]*)(?(1)\])")
 """A command word of a usage pattern, required (`list`) or optional (`[network]`)."""
@@ -170,8 +168,7 @@ def command_help(doc: str, argv: Sequence[str], base: str = "coi") -> str:
     """The help of the command argv names, in `base` terms: what it does, its usage,
     its flags and examples; for a group, its usage and its commands."""
     _, patterns = patterns_of(doc)
-    chosen = closest(patterns, [w for w in argv if w not in HELP_FLAGS]) or \
-        [p for p in closest(patterns, argv[:1]) if p.words]
+    chosen = closest(patterns, [w for w in argv if w not in HELP_FLAGS])
     if not chosen:
         return doc.strip()
     words = chosen[0].words
@@ -205,6 +202,8 @@ def _page(name: str, summary: str, chosen: Sequence[Pattern], base: str,
 
 def _summary(words: Sequence[str], fallback: str) -> str:
     """A top-level command's summary from the register, else `fallback`."""
+    from coi_common.commands import BY_NAME  # noqa: PLC0415 - help only: ~1 ms to import
+
     command = BY_NAME.get(words[0]) if len(words) == 1 else None
     return f"{command.summary}." if command is not None else fallback
 
