@@ -249,8 +249,12 @@ def nobody(open_tmp: Path) -> Nobody:
 
 
 @pytest.fixture(scope="session")
-def incus_client() -> Incus:
-    """A client of the real daemon; the test fails (not skips) when it does not answer."""
+def incus_client(incus_run_lock: None) -> Incus:
+    """A client of the real daemon; the test fails (not skips) when it does not answer.
+
+    It holds the run lock first: a module fixture that builds with it runs before the
+    autouse lock fixture, and another run's sweep must not take its containers.
+    """
     client = Incus()
     problem = ""
     try:

@@ -124,12 +124,13 @@ class Builder:
         """Stop the builder and publish it under `alias` (staged, then swapped in).
 
         A clean shutdown first, so whatever an installer left running (npm
-        post-install work) finishes before the rootfs is packed; once, a
-        publish failed on a file that vanished while Incus walked the tree,
-        so a publish that Incus failed is tried a second time on the stopped
-        builder, after removing what the first one left. Anything else (the
-        daemon gone, Ctrl-C, SIGTERM) ends the build, and `staged` removes
-        the half-way image.
+        post-install work) finishes before the rootfs is packed. A publish
+        that Incus failed is tried once more on the stopped builder, after
+        removing what the first one left; a builder that is gone (NotFound:
+        Incus also reports a file missing from its rootfs so, as when a
+        concurrent sweep removed it) and anything else (the daemon gone,
+        Ctrl-C, SIGTERM) end the build, and `staged` removes the half-way
+        image.
         """
         self.run(["sync"])
         try:

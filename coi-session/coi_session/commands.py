@@ -17,7 +17,7 @@ from coi_common.errors import BadInput, NotFound
 from coi_common.protocol import make_record, read_record, write_record
 from coi_common.sessions import RESUME_LATEST, SlotRecord
 from coi_session import saved_sessions
-from coi_session.saved_sessions import Session, Store
+from coi_session.saved_sessions import ORIGINAL, Session, Store
 
 NONE_SHOWN: Final = "-"
 _KEEP: Final = re.compile(r"0|[1-9][0-9]{0,5}")
@@ -138,8 +138,9 @@ def _list(args: Args, as_json: bool) -> int:
         print("no saved sessions" + (f" for {workspace}" if workspace else ""), flush=True)
         return 0
     rows = [("SESSION", "TOOL", "UPDATED", "SLOT", "FILES", "WORKSPACE")]
-    rows += [(s.id, s.tool, _when(s.updated_at), str(s.slot or NONE_SHOWN), str(s.files),
-              s.workspace) for s in found]
+    rows += [(s.id, s.tool, _when(s.updated_at), str(s.slot or NONE_SHOWN),
+              str(s.files) if s.layout != ORIGINAL else NONE_SHOWN, s.workspace)
+             for s in found]
     print(output.table(rows), flush=True)
     return 0
 
@@ -204,8 +205,10 @@ def _print_session(session: Session, as_json: bool) -> None:
               ("created", session.created_at or NONE_SHOWN),
               ("updated", session.updated_at),
               ("resumed from", session.resumed_from or NONE_SHOWN),
-              ("files", f"{session.files} ({session.bytes} bytes)"),
+              ("files", f"{session.files} ({session.bytes} bytes)"
+               if session.layout != ORIGINAL else "not counted (saved by the original coi)"),
               ("coi version", session.coi_version or NONE_SHOWN), ("path", session.path),
+              ("layout", session.layout),
               ("resume", f"coi shell --resume={session.id} (in {session.workspace})")]
     width = max(len(key) for key, _ in fields) + 1
     print("\n".join(f"{key + ':':<{width}} {value}" for key, value in fields), flush=True)

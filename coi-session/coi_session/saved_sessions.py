@@ -43,12 +43,12 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any, Final
 
-from coi_common import __version__, locks, naming, proc, protocol
+from coi_common import __version__, locks, naming, proc, protocol, steps
 from coi_common.errors import BadInput, CoiError, CommandFailed, NotFound
 from coi_common.incus import ExecSpec, Incus, exec_not_started, retry_exec
 from coi_common.protocol import CONTRACT_VERSION, make_record
@@ -70,6 +70,7 @@ LOCK_FILE: Final = ".lock"
 TMP_PREFIX: Final = ".tmp-"
 OLD_PREFIX: Final = ".old-"
 STORE_PREFIX: Final = "sessions-"
+ORIGINAL: Final = "original"
 
 SAVE_TIMEOUT: Final = 60.0
 """A save (start if stopped, stream, stop) that takes longer is abandoned; the old copy stays."""
@@ -81,6 +82,8 @@ HEADER_MAX: Final = 8 * 1024**2
 tarfile holds them in memory."""
 MAX_MEMBERS: Final = 500_000
 SMALL_FILE_MAX: Final = 1024**2
+METADATA_MAX: Final = 1024**2
+"""metadata.json is read up to this many characters (a longer one is not valid JSON)."""
 """Credential and settings files larger than this are not copied (they are not real ones)."""
 LEFTOVER_AGE: Final = 24 * 3600
 SHOWN_DROPS: Final = 20
@@ -147,10 +150,14 @@ class Session:
     files: int = 0
     bytes: int = 0
     path: str = ""
+    layout: str = "coi"
+    """"original": saved by the original coi (its metadata.json, the state beside it)."""
 
     @property
     def home(self) -> str:
-        return os.path.join(self.path, HOME_DIR)
+        """Where the saved state lies: `home/`, or the session directory itself in the
+        original's layout."""
+        return self.path if self.layout == ORIGINAL else os.path.join(self.path, HOME_DIR)
 
     def metadata(self) -> dict[str, Any]:
         """The metadata.json content: a `session` record plus the keys older readers
@@ -166,8 +173,33 @@ class Session:
             SavedAt=self.updated_at, Workspace=self.workspace)
 
     def to_record(self) -> dict[str, Any]:
-        """What `coi-session list/show --format json` prints: the metadata and the path."""
-        return {**self.metadata(), "path": self.path}
+        """What `coi-session list/show --format json` prints: the metadata, the path and
+        the layout."""
+        return {**self.metadata(), "path": self.path, "layout": self.layout}
+
+    @classmethod
+    def from_original(cls, data: dict[str, Any], path: str, tool: str) -> Session:
+        """A session the original coi saved: its metadata.json holds `session_id`,
+        `workspace`, `saved_at` and maybe `container_name` and `persistent` (no
+        contract version, no tool: the directory it lies in names the tool)."""
+        for key in ("session_id", "workspace", "saved_at"):
+            if not isinstance(data.get(key), str) or not data[key]:
+                raise BadInput(f"has no {key} (the original coi's layout)")
+        if data["session_id"] != os.path.basename(path):
+            raise BadInput(f"names session {data['session_id']!r}, not its directory")
+        if not os.path.isabs(data["workspace"]):
+            raise BadInput(f"has a workspace that is not an absolute path: {data['workspace']!r}")
+        try:
+            saved_at = parse_time(data["saved_at"])
+        except ValueError:
+            raise BadInput(f"has a malformed saved_at {data['saved_at']!r}") from None
+        container = data.get("container_name")
+        stamp = saved_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        workspace = os.path.normpath(data["workspace"])
+        return cls(id=data["session_id"], tool=tool, workspace=workspace, updated_at=stamp,
+                   created_at=stamp, workspace_hash=_hash(workspace),
+                   container=container if isinstance(container, str) else "",
+                   persistent=data.get("persistent") is True, path=path, layout=ORIGINAL)
 
     @classmethod
     def from_metadata(cls, data: Any, path: str) -> Session:
@@ -269,7 +301,9 @@ class Store:
             return None
         try:
             with open(meta, encoding="utf-8") as handle:
-                data = json.load(handle)
+                data = json.loads(handle.read(METADATA_MAX))
+            if isinstance(data, dict) and "coi" not in data and "session_id" in data:
+                return Session.from_original(data, path, tool)
             session = Session.from_metadata(data, path)
             if session.tool != tool:
                 raise BadInput(f"names tool {session.tool!r} but lies under sessions-{tool}")
@@ -357,7 +391,8 @@ class Store:
             resumed_from, stamp = fields.resumed_from, now_text()
             if current_id and _valid_id(current_id) and existing is None:
                 session_id, how, created_at = current_id, "created", stamp
-            elif existing is not None and existing.updated_at == base:
+            elif existing is not None and existing.updated_at == base and \
+                    existing.layout != ORIGINAL:  # the original's copy is left as it is
                 session_id, how, created_at = current_id, "updated", existing.created_at
                 resumed_from = existing.resumed_from
             else:
@@ -1031,12 +1066,16 @@ def _add_file(archive: tarfile.TarFile, rel: str, source: IO[bytes]) -> int:
     return data
 
 
-def _write_saved_tree(archive: tarfile.TarFile, home: str) -> tuple[int, int]:
-    """Add every directory and regular file under `home` (never following a link);
-    return (files, data bytes)."""
+def _write_saved_tree(archive: tarfile.TarFile, home: str, tops: Collection[str]
+                     ) -> tuple[int, int]:
+    """Add every directory and regular file under the entries `tops` of `home` (never
+    following a link); return (files, data bytes)."""
     files = size = 0
-    for folder, dirs, names in os.walk(home, followlinks=False):
+    for folder, dirs, files_here in os.walk(home, followlinks=False):
         rel_folder = os.path.relpath(folder, home)
+        if rel_folder == ".":
+            dirs[:] = [d for d in dirs if d in tops]
+        names = [n for n in files_here if rel_folder != "." or n in tops]
         dirs.sort()
         for name in [*sorted(dirs), *sorted(names)]:
             path = os.path.join(folder, name)
@@ -1056,8 +1095,9 @@ def push_state(client: Incus, name: str, *, home: str | None, extras: Sequence[E
                replace_paths: Sequence[str] = (),
                timeout: float = SAVE_TIMEOUT) -> tuple[int, int]:
     """One tar stream into `tar -x` as code in /home/code of the RUNNING container: the
-    saved tree `home` (when given), then `extras`. `replace_paths` are removed first,
-    so the restored state replaces the container's instead of mixing with it.
+    saved tree `home` (when given; only what lies under `replace_paths`), then
+    `extras`. `replace_paths` are removed first, so the restored state replaces the
+    container's instead of mixing with it.
     Returns (files, bytes) of the saved tree. An exec that Incus failed to start
     (nothing ran, nothing changed) is tried again."""
     return _again(name, lambda: _push_once(client, name, home=home, extras=extras,
@@ -1083,7 +1123,8 @@ def _push_once(client: Incus, name: str, *, home: str | None, extras: Sequence[E
                 with tarfile.open(fileobj=child.stdin, mode="w|", format=tarfile.PAX_FORMAT) \
                         as archive:
                     if home is not None:
-                        counted = _write_saved_tree(archive, home)
+                        tops = {path.split("/")[0] for path in replace_paths}
+                        counted = _write_saved_tree(archive, home, tops)
                     for extra in extras:
                         archive.addfile(_tar_info(extra.rel, tarfile.REGTYPE, extra.mode,
                                                   len(extra.data)), io.BytesIO(extra.data))
@@ -1326,7 +1367,7 @@ class SaveResult:
 
     def line(self) -> str:
         if self.session is None:
-            return f"nothing to save in {self.container} (no tool state there)"
+            return steps.nothing_saved_line(self.container)
         dropped = f", {len(self.dropped)} unsafe entries dropped" if self.dropped else ""
         evicted = ""
         if self.evicted:
@@ -1335,9 +1376,9 @@ class SaveResult:
                 if len(self.evicted) > SHOWN_EVICTED else ""
             evicted = (f"; removed the {len(self.evicted)} oldest saved session(s) to stay "
                        f"within {self.total_quota}: {shown}{more}")
-        return (f"{self.how} session {self.session.id} from {self.container} "
-                f"({self.files} files, {sizes.human(self.bytes)}{dropped}, "
-                f"{self.seconds:.2f} s){evicted}")
+        return steps.saved_line(self.session.id, self.container,
+                                f"{self.how}, {self.files} files, {sizes.human(self.bytes)}"
+                                f"{dropped}, {self.seconds:.2f} s") + evicted
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from coi_common import (
     proc,
     progress,
     sessions,
+    steps,
     tools,
 )
 from coi_common.entry import Args
@@ -148,6 +149,7 @@ def ensure_container(ctx: Context, started: Callable[[bool], None] = lambda _reu
             return RUNNING
         if sessions.is_persistent(instance):
             idmap = preflight(ctx)
+            steps.starting(name, steps.AGAIN)
             with progress.waiting(f"starting persistent {name}"):
                 _start(ctx, idmap, lambda _view: None, sessions.has_view(instance))
                 started(True)
@@ -176,6 +178,7 @@ def _claimed(ctx: Context, instance: Mapping[str, Any],
             end_session(ctx, "--no-save")
         raise CoiError(f"the pooled container {ctx.record.container} stopped before the "
                        "session could start in it; it was removed", hint="try again")
+    steps.starting(ctx.record.container, steps.POOLED)
     started(False)
     return CLAIMED
 
@@ -258,6 +261,7 @@ def _create_with(ctx: Context, applier: plumbing.Child | None) -> None:
     devices = container.container_devices(record, sessions.invoking_home())
 
     def create(viewed: container.Viewed) -> None:
+        steps.starting(record.container, steps.NEW, record.image)
         try:
             # Created stopped: the egress rules go in before its first packet.
             with progress.waiting(f"creating {record.container} from image {record.image} "
@@ -382,8 +386,7 @@ def after_terminal(ctx: Context, exit_code: int) -> int:
         return 1
     if result.get("running"):
         return _still_running(name, exit_code)
-    print(f"coi: session in {name} ended; container "
-          f"{'deleted' if result.get('deleted') else 'kept (persistent)'}", file=sys.stderr)
+    steps.ended(name, deleted=bool(result.get("deleted")))
     return 0
 
 
@@ -568,9 +571,12 @@ def run_command(args: Args, argv: list[str], early: plumbing.Child | None = None
         return ctx.client.exec_handover(spec)
     finally:
         try:
-            end_session(ctx, child=ending)
+            result = end_session(ctx, child=ending)
         except CoiError as exc:  # the command's own status stays the answer
             print(f"coi: {exc.one_line()}", file=sys.stderr)
+        else:
+            steps.ended(ctx.record.container, deleted=bool(result.get("deleted")),
+                        background=bool(flags))
         refill_pool(ctx)
 
 

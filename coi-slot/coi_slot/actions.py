@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from coi_common import config, forks, incus, locks, naming, owners, plan, plumbing, sessions
+from coi_common import config, forks, incus, locks, naming, owners, plan, plumbing, sessions, steps
 from coi_common.entry import Args
 from coi_common.errors import EXIT_FAILED, CoiError, NotFound, UsageError
 from coi_common.protocol import Record, make_record, read_record, write_record
@@ -88,12 +88,9 @@ class ActionResult:
         return f"{how}, {'deleted' if self.deleted else 'kept (persistent)'}"
 
     def _end_line(self) -> str:
-        if self.background:
-            return f"session in {self.name} ends in the background"
         if self.running:
             return f"{self.name} is still running"
-        return f"session in {self.name} ended; container " + \
-            ("deleted" if self.deleted else "kept (persistent)")
+        return steps.ended_line(self.name, deleted=self.deleted, background=self.background)
 
 
 # -- the command ---------------------------------------------------------------------------

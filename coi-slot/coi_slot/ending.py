@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from coi_common import config, locks, owners, plumbing, sessions
+from coi_common import config, locks, owners, plumbing, sessions, steps
 from coi_common.errors import CoiError, NotFound, PermissionDenied
 from coi_common.incus import Incus
 from coi_slot import slots
@@ -213,6 +213,7 @@ def save_session(name: str, owner: int | None, early: Early | None = None
     store of the container's OWNER (`owner`, its user.coi.host_uid), whoever ends it:
     root runs it as that user. It never raises: this runs in cleanup paths; a
     failure is reported and the caller keeps the container."""
+    steps.saving(name)
     try:
         found = _run(early or Early(), "saver", name, program="coi-session",
                      args=["save", name], kind="session_saved", as_user=_save_user(name, owner))
@@ -221,8 +222,8 @@ def save_session(name: str, owner: int | None, early: Early | None = None
             return True, ""  # gone already: nothing left to save
         reason = exc.one_line() if isinstance(exc, CoiError) else f"{type(exc).__name__}: {exc}"
         return False, f"could not save the session of {name}: {reason}"
-    if found and found[0].get("saved"):
-        print(f"coi: {found[0].get('message')}", file=sys.stderr, flush=True)
+    if found and isinstance(found[0].get("message"), str):
+        steps.say(found[0]["message"])
     return True, ""
 
 

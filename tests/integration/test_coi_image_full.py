@@ -37,8 +37,11 @@ def coi_build(env, timeout):
 
 
 @pytest.fixture(scope="module")
-def full_image():
-    """Build (or confirm) the full image once for this module."""
+def full_image(incus_run_lock):
+    """Build (or confirm) the full image once for this module.
+
+    The run lock comes first: without it another run's sweep could remove the builder.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("COI_")}
     env |= {"COI_DEFAULTS_IMAGE": ALIAS, "COI_CONTAINER_PREFIX": "coi-test-full-",
             "COI_IMAGE_TOOLS": "claude,aider,codex,gemini"}

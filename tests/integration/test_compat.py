@@ -1,8 +1,14 @@
 """What scripts and configs written for the original coi rely on, as the installed
 non-root user in the default (restricted) mode: [[mounts.default]] tables in the user's
-config and in the file COI_CONFIG names add mounts to every session."""
+config and in the file COI_CONFIG names add mounts to every session; a session the
+original saved in its own layout resumes; a session's steps are told in fixed words."""
 
 from __future__ import annotations
+
+import json
+import re
+import secrets
+import shutil
 
 import pytest
 
@@ -44,3 +50,43 @@ def test_attach_outside_any_workspace_finds_the_running_session_of_another(user_
     term.wait_for("code@")
     term.type("exit 4")
     term.wait_for("COI-EXITED-4")
+
+
+def original_session(user_coi, session_id: str):
+    """A session as the original coi leaves it in the user's ~/.coi: its own
+    metadata.json and the tool's state directory beside it; owned by the user."""
+    folder = user_coi.user.home / ".coi" / "sessions-dummy" / session_id
+    (folder / ".dummy").mkdir(parents=True)
+    (folder / ".dummy" / "history").write_text("from the original\n")
+    (folder / "metadata.json").write_text(json.dumps({
+        "session_id": session_id, "container_name": "claude-aabbcc-1", "persistent": False,
+        "workspace": str(user_coi.workspace), "saved_at": "2024-01-15T10:30:00Z"}))
+    for path in (folder.parent.parent, folder.parent, *folder.rglob("*"), folder):
+        shutil.chown(path, user_coi.user.uid, user_coi.user.gid)
+    return folder
+
+
+def test_a_session_the_original_saved_resumes_and_its_steps_are_told_in_fixed_words(
+        user_coi):
+    session_id = f"orig-{secrets.token_hex(4)}"
+    folder = original_session(user_coi, session_id)
+    before = {p.name: p.read_bytes() for p in (folder / "metadata.json",
+                                               folder / ".dummy" / "history")}
+    try:
+        done = user_coi("run", f"--resume={session_id}", "--", "cat",
+                        "/home/code/.dummy/history")
+        after = {p.name: p.read_bytes() for p in (folder / "metadata.json",
+                                                  folder / ".dummy" / "history")}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert (done.returncode, done.stdout) == (0, "from the original\n"), done.stderr
+    assert after == before  # the original's directory is left as it was
+    steps = [line for line in done.stderr.splitlines() if line.startswith("coi: ")]
+    name = re.fullmatch(r"coi: starting (\S+) \(a new container of image \S+\)",
+                        steps[0])
+    assert name, done.stderr
+    container = name.group(1)
+    assert f"coi: saving the session of {container}" in steps, done.stderr
+    assert any(re.fullmatch(rf"coi: saved session \S+ of {container} \(forked, \d+ files, "
+                            r".+\)", line) for line in steps), done.stderr
+    assert steps[-1] == f"coi: removed {container}", done.stderr

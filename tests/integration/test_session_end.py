@@ -32,7 +32,7 @@ from coi_common import locks, naming
 pytestmark = pytest.mark.incus
 
 COI = str(Path(__file__).resolve().parents[2] / "bin" / "coi")
-SAVE_LINE = re.compile(r"\b(created|updated|forked) session \S+ from (\S+)")
+SAVE_LINE = re.compile(r"\bcoi: saved session (\S+) of (\S+) \((created|updated|forked), ")
 """What a save prints (saved_sessions.SaveResult.line): one line per save."""
 TROUBLE = ("could not", "failed", "error", "traceback", "still running", "not found")
 ORDERS = ["shell-notices-first", "shutdown-ends-first"]
@@ -130,7 +130,8 @@ def assert_ended_once(user_coi, name, done, screen, *, kept):
     assert done.returncode == 0, done.stderr
     assert exit_line(screen) == "COI-EXITED-0", shown(screen)
     assert done.stdout == f"shut down {name}, {what}\n", done.stderr
-    assert f"session in {name} ended; container {what}" in screen, shown(screen)
+    ended = f"coi: kept {name} (persistent)" if kept else f"coi: removed {name}"
+    assert ended in screen, shown(screen)
     assert len(saves_of(name, done.stderr, screen)) == 1, (done.stderr, shown(screen))
     assert trouble_in(done.stdout, done.stderr, screen) == []
     [session] = saved(user_coi)

@@ -413,7 +413,7 @@ def test_kill_saves_the_session_and_says_when_it_could_not(user_coi, other_works
     name = container(user_coi, user_coi.workspace, 1)
     killed = user_coi("kill", name)
     assert killed.returncode == 0, killed.stderr
-    assert f"updated session {before['id']}" in killed.stderr
+    assert f"coi: saved session {before['id']} of {name} (updated, " in killed.stderr
     assert saved(user_coi, user_coi.workspace)[0]["updated_at"] > before["updated_at"]
 
     write_history(user_coi, other_workspace, ["unsaveable"], "--persistent", "--slot", "1")

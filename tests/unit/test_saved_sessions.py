@@ -260,7 +260,7 @@ def test_the_saved_tree_goes_back_with_its_holes(tmp_path):
     (saved / ".dummy" / "history").write_text("a\n")
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w|", format=tarfile.PAX_FORMAT) as archive:
-        files, size = saved_sessions._write_saved_tree(archive, str(saved))
+        files, size = saved_sessions._write_saved_tree(archive, str(saved), {".dummy"})
     assert (files, size) == (2, 4096 + 2)
     assert len(buffer.getvalue()) < 64 * 1024
     restored = tmp_path / "restored"
@@ -472,6 +472,68 @@ def test_resume_by_id_refuses_another_workspace_and_another_tool(store):
         store.for_resume(WORKSPACE, "dummy", "s-claude")
     assert "--tool claude" in caught.value.one_line()
     assert store.for_resume(OTHER, "dummy", "s-other-ws").id == "s-other-ws"
+
+
+def original_session(store_root, folder, *, tool="dummy", **metadata):
+    """A session as the original coi lays it out: its own metadata.json, the tool's
+    state directory beside it."""
+    path = Path(store_root) / f"sessions-{tool}" / folder
+    (path / ".dummy").mkdir(parents=True)
+    (path / ".dummy" / "history").write_text("from the original\n")
+    data = {"session_id": folder, "container_name": "claude-aabbcc-1",
+            "persistent": False, "workspace": WORKSPACE,
+            "saved_at": "2024-01-15T10:30:00Z", **metadata}
+    (path / "metadata.json").write_text(json.dumps(data))
+    return path
+
+
+def test_a_session_saved_by_the_original_is_listed_with_its_own_fields(store, warnings):
+    path = original_session(store.root, "abc123", persistent=True)
+    make_session(store.root, "s-ours", updated_at="2026-03-01T09:00:00Z")
+    found = store.sessions(workspace=WORKSPACE)
+    assert [s.id for s in found] == ["s-ours", "abc123"]
+    old = found[1]
+    assert (old.tool, old.layout, old.container, old.persistent) == (
+        "dummy", "original", "claude-aabbcc-1", True)
+    assert old.updated_at == "2024-01-15T10:30:00.000000Z"
+    assert old.home == str(path)
+    assert store.for_resume(WORKSPACE, "dummy", "abc123") == old
+    assert warnings == []
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"session_id": "elsewhere"}, "not its directory"),
+    ({"workspace": "relative/path"}, "absolute"),
+    ({"workspace": None}, "no workspace"),
+    ({"saved_at": "yesterday"}, "saved_at"),
+])
+def test_an_original_metadata_that_does_not_fit_is_skipped(store, warnings, change,
+                                                          problem):
+    original_session(store.root, "abc123", **change)
+    assert store.sessions() == []
+    assert problem in warnings[0]
+
+
+def test_restoring_an_original_session_sends_the_state_but_not_its_metadata(store,
+                                                                          tmp_path):
+    session = store.find(original_session(store.root, "abc123").name)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+        saved_sessions._write_saved_tree(archive, session.home, {".dummy"})
+    buffer.seek(0)
+    with tarfile.open(fileobj=buffer, mode="r|") as archive:
+        assert sorted(m.name for m in archive) == [".dummy", ".dummy/history"]
+
+
+def test_saving_a_resumed_original_session_forks_and_keeps_the_original(store):
+    path = original_session(store.root, "abc123")
+    old = store.find("abc123")
+    session, how = store.commit(staged(store, "more\n"), fields(), current_id="abc123",
+                                base=old.updated_at)
+    assert (how, session.resumed_from, session.layout) == ("forked", "abc123", "coi")
+    assert session.id != "abc123"
+    assert (path / ".dummy" / "history").read_text() == "from the original\n"
+    assert store.find("abc123").layout == "original"
 
 
 # -- the store: saving ----------------------------------------------------------------------
