@@ -11,7 +11,7 @@ Removes instances named `coi-test-*` (forced), images all of whose aliases are
 networks (bridges) `coi-test-*` and the test accounts
 `coi-test-u*` (their processes, /tmp home and the `root:ID:1` lines of their
 uid and gid in /etc/subuid and /etc/subgid). The cached test images
-`coi-test-image` and `coi-test-full-image` always stay.
+`coi-test-image`, `coi-test-full-image` and `coi-test-incus-image` always stay.
 Prints one line per removed thing, or nothing; exits 0.
 
 A pytest session that uses Incus holds a shared lock on LOCK_PATH for as long
@@ -53,7 +53,7 @@ from coi_host import views  # noqa: E402
 
 INSTANCE_PREFIX: Final = "coi-test-"
 IMAGE_PREFIX: Final = "coi-test-"
-KEEP_ALIASES: Final = frozenset({"coi-test-image", "coi-test-full-image"})
+KEEP_ALIASES: Final = frozenset({"coi-test-image", "coi-test-full-image", "coi-test-incus-image"})
 NETNS_PREFIX: Final = "coi-test-"
 NFT_PREFIX: Final = "coi_test_"
 USER_PREFIX: Final = "coi-test-u"

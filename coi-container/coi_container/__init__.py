@@ -18,8 +18,9 @@ Usage:
 
 Commands:
   container launch   Create a container from a local image with the coi profile
-                     ([incus] profile) and start it. --ephemeral: Incus deletes
-                     it when it stops.
+                     ([incus] profile) and start it, with what a session has for
+                     Docker inside (nesting) and no setuid files. --ephemeral:
+                     Incus deletes it when it stops.
   container start    Start a stopped container (already running: nothing to do).
   container stop     Shut a container down cleanly, waiting up to 20 s; --force
                      stops it at once. An ephemeral container is gone afterwards.

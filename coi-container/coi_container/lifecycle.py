@@ -13,7 +13,7 @@ import os
 import posixpath
 from typing import Any, Final
 
-from coi_common import config, incus, naming, sessions
+from coi_common import config, incus, naming, seccomp, sessions
 from coi_common.entry import Args
 from coi_common.errors import AlreadyExists, BadInput, CoiError, NotFound
 from coi_common.naming import (
@@ -38,7 +38,8 @@ def run(args: Args) -> int:
         image = validate_image_name(args["<image>"])
         settings = config.load(os.getcwd())
         line = launch(client(settings), image, name, profile=settings.get("incus.profile"),
-                      ephemeral=args["--ephemeral"])
+                      ephemeral=args["--ephemeral"],
+                      allow_setuid=settings.get("security.allow_setuid"))
     elif args["start"]:
         line = start(client(), name)
     elif args["stop"]:
@@ -90,11 +91,14 @@ def require(client: incus.Incus, name: str) -> dict[str, Any]:
 
 
 def launch(client: incus.Incus, image: str, name: str, *, profile: str,
-           ephemeral: bool = False) -> str:
-    """Create `name` from the local image alias `image` with `profile`, and start it."""
+           ephemeral: bool = False, allow_setuid: bool = False) -> str:
+    """Create `name` from the local image alias `image` with `profile`, and start it.
+
+    It gets a session's kernel policy (coi_common.seccomp): nesting, so Docker runs
+    inside, and no setuid file unless the user's config allows them."""
     try:
         client.create_instance(name, image, profiles=[profile], ephemeral=ephemeral,
-                               start=True)
+                               config=seccomp.container_config(allow_setuid), start=True)
     except AlreadyExists:
         raise AlreadyExists(f"container {name} already exists",
                             hint=f"pick another name or delete it: coi container delete {name}"

@@ -2,6 +2,8 @@
 
 Usage:
   coi-host setup [--format FMT] [--debug]
+  coi-host setup --uninstall [--sessions] [--keep-images] [--force] [--dry-run]
+                 [--format FMT] [--debug]
   coi-host doctor [--format FMT] [--debug]
   coi-host config show [--workspace DIR] [--profile NAME] [--format FMT] [--debug]
   coi-host serve [--socket PATH] [--tick SECONDS] [--debug]
@@ -15,7 +17,12 @@ Usage:
 Commands:
   setup        Install Incus if absent, start it, and create what coi needs
                (storage pool 'coi', bridge, profile 'coi'). Needs root.
-               Idempotent: a second run changes nothing.
+               Idempotent: a second run changes nothing. --uninstall removes
+               what setup made (coi's containers, unsaved; coi's images; the
+               profile, bridge and pool when nothing else uses them; the
+               nftables tables; the host service; the id-map lines coi added)
+               after listing it and asking; Incus itself and saved sessions
+               stay.
   doctor       Check Incus, permissions, pool, bridge, profile, image and
                host tools; print a fix for each failing check. Exit 0 only
                when every required check holds.
@@ -39,6 +46,11 @@ Options:
   --format FMT      Output format: text or json [default: text].
   --workspace DIR   Workspace whose .coi.toml applies [default: .].
   --profile NAME    Apply the [profiles.NAME] table of the configuration.
+  --uninstall       setup: remove what setup made (asks first).
+  --sessions        setup --uninstall: also every user's saved sessions.
+  --keep-images     setup --uninstall: keep coi's images.
+  --force           setup --uninstall: do not ask (needed without a terminal).
+  --dry-run         setup --uninstall: list what would be removed; change nothing.
   --show            trust: say whether the file is trusted, change nothing.
   --revoke          trust: take the trust back.
   --socket PATH     serve: the socket to listen on (default: $COI_HOST_SOCKET,
@@ -55,6 +67,7 @@ Options:
 
 Examples:
   sudo coi setup
+  sudo coi setup --uninstall --dry-run
   coi doctor --format json
   coi config show --profile rust
   coi trust --show
@@ -75,9 +88,7 @@ def dispatch(args: Args) -> int:
     """Run the chosen command; each returns the exit status."""
     as_json = output.wants_json(args)
     if args["setup"]:
-        from coi_host.setup import run_setup  # noqa: PLC0415 - setup pulls in sh and pyroute2
-
-        return run_setup(as_json=as_json)
+        return _setup(args, as_json=as_json)
     if args["doctor"]:
         from coi_host.doctor import run_doctor  # noqa: PLC0415
 
@@ -101,6 +112,18 @@ def dispatch(args: Args) -> int:
     from coi_host.config_show import show_config  # noqa: PLC0415
 
     return show_config(args["--workspace"], args["--profile"], as_json=as_json)
+
+
+def _setup(args: Args, *, as_json: bool) -> int:
+    if args["--uninstall"]:
+        from coi_host.uninstall import run_uninstall  # noqa: PLC0415
+
+        return run_uninstall(sessions=args["--sessions"], keep_images=args["--keep-images"],
+                             force=args["--force"], dry_run=args["--dry-run"],
+                             as_json=as_json)
+    from coi_host.setup import run_setup  # noqa: PLC0415 - setup pulls in sh and pyroute2
+
+    return run_setup(as_json=as_json)
 
 
 def _tick(text: str) -> float:

@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,9 +145,20 @@ def choose_pool_driver(has_zfs: bool, has_btrfs: bool) -> str:
 
 
 def best_pool_driver() -> str:
-    has_zfs = os.path.isdir("/sys/module/zfs") and executables.which("zpool") is not None
-    has_btrfs = "btrfs" in filesystems() and executables.which("mkfs.btrfs") is not None
+    """ZFS or btrfs need a loop device for their pool file; a container (Incus inside
+    Incus) usually has none, and gets a dir pool."""
+    loop = loop_devices()
+    has_zfs = loop and os.path.isdir("/sys/module/zfs") and executables.which("zpool") is not None
+    has_btrfs = loop and "btrfs" in filesystems() and executables.which("mkfs.btrfs") is not None
     return choose_pool_driver(has_zfs, has_btrfs)
+
+
+def loop_devices(control: str = "/dev/loop-control") -> bool:
+    """True when this host can make loop devices (losetup --find)."""
+    try:
+        return stat.S_ISCHR(os.stat(control).st_mode) and os.access(control, os.R_OK | os.W_OK)
+    except OSError:
+        return False
 
 
 def used_networks() -> list[ipaddress.IPv4Network]:

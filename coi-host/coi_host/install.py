@@ -162,7 +162,7 @@ def ensure_running(digest: str, *, systemd: bool, root: Path = SERVICE_ROOT) -> 
         proc.run(["systemctl", "restart", "coi-host.service"])
         how = "restarted coi-host.service"
     else:
-        _stop_started()
+        stop_started()
         LOG_FILE.parent.mkdir(parents=True, exist_ok=True)
         PID_FILE.parent.mkdir(parents=True, exist_ok=True)
         pid = proc.spawn_detached([str(launcher_path), "serve"], str(LOG_FILE))
@@ -178,17 +178,19 @@ def ensure_running(digest: str, *, systemd: bool, root: Path = SERVICE_ROOT) -> 
     return how
 
 
-def _stop_started() -> None:
-    """Stop the service a previous setup started by hand (its pid file), if it runs."""
+def stop_started() -> bool:
+    """Stop the service a previous setup started by hand (its pid file), if it runs;
+    True when it did."""
     try:
         pid = int(PID_FILE.read_text(encoding="utf-8").strip())
         command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
-        return
+        return False
     if b"serve" not in command or not any(b"coi_host" in part for part in command):
-        return  # a stale pid file: that number belongs to another process now
+        return False  # a stale pid file: that number belongs to another process now
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, signal.SIGTERM)
         for _ in range(50):
             os.kill(pid, 0)
             time.sleep(0.1)
+    return True

@@ -27,7 +27,8 @@ BRIDGE_CANDIDATES = tuple(f"10.{second}.{third}.0/24" for second, third in
                           ((151, 43), (152, 44), (153, 45), (161, 71), (171, 81), (181, 91)))
 DAEMON_LOG = "/var/log/incus/incusd.log"
 INCUSD = "/usr/libexec/incus/incusd"
-PACKAGES = ("nftables", "tmux", "debootstrap", "btrfs-progs", "ca-certificates", "xz-utils")
+PACKAGES = ("nftables", "tmux", "debootstrap", "btrfs-progs", "ca-certificates", "xz-utils",
+            "dnsmasq-base")  # dnsmasq: DHCP and DNS on the bridge
 
 
 @dataclass
@@ -90,6 +91,8 @@ def ensure_packages(ctx: Context) -> Step:
     """Install Incus and the host tools coi uses, from the distribution's archive."""
     plan = hostinfo.install_plan(ctx.distro)
     missing = hostinfo.missing_packages(("incus", *PACKAGES)) if plan.apt else []
+    if "incus" in missing and not hostinfo.missing_packages(["incus-base"]):
+        missing.remove("incus")  # Debian's containers-only Incus (no VM support) will do
     if not plan.apt:
         if executables.which("incus"):
             return Step("packages", False, "incus present (not an apt system: "

@@ -9,6 +9,7 @@ Usage:
   coi-net [network] restore <name> [--format FMT] [--debug]
   coi-net [network] status [<name>] [--format FMT] [--debug]
   coi-net [network] gc [--dry-run] [--format FMT] [--debug]
+  coi-net [network] teardown [--dry-run] [--format FMT] [--debug]
   coi-net [network] dns [--debug]
   coi-net (-h | --help)
   coi-net --version
@@ -42,6 +43,9 @@ Commands:
             container is blocked pending its policy (coi's guard drops all it
             sends until apply or restore).
   gc        Remove the rules of containers that no longer exist.
+  teardown  Delete coi's own nftables tables (`coi` in the bridge and inet
+            families) and the recorded state of every container: what
+            `coi setup --uninstall` runs after removing coi's containers.
   dns       The allowlist resolver, until stopped: the only DNS an allowlist
             container gets (its queries to the bridge come here). Names its
             policy allows, exact or under a `*.` wildcard, are asked upstream
@@ -101,6 +105,7 @@ Examples:
   coi network refresh --force coi-3f2a9c1b-1
   coi network restore coi-3f2a9c1b-1
   coi network gc --dry-run
+  coi network teardown --dry-run
   coi network dns
   coi-net refresh --all
   coi-net restore coi-3f2a9c1b-1

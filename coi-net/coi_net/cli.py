@@ -48,13 +48,21 @@ def run(args: Args, *, as_json: bool) -> int:
         records = ops.refresh(ctx, names, force=bool(args["--force"]),
                               resolve=not args["restore"])
         return _render_refresh(records, as_json=as_json)
-    records = ops.gc(ctx)
-    return _render(records, ctx, as_json=as_json, text=_removed_text)
+    if args["teardown"]:
+        records, text = [ops.teardown(ctx)], _teardown_text
+    else:
+        records, text = ops.gc(ctx), _removed_text
+    return _render(records, ctx, as_json=as_json, text=text)
 
 
 def _verb(args: Args) -> str:
-    return next(v for v in ("apply", "remove", "refresh", "restore", "status", "dns", "gc")
-                if args[v])
+    return next(v for v in ("apply", "remove", "refresh", "restore", "status", "dns", "gc",
+                            "teardown") if args[v])
+
+
+def _teardown_text(record: Record) -> str:
+    tables = ", ".join(record["tables"]) or "no table"
+    return f"deleted {tables}; the state of {len(record['states'])} container(s)"
 
 
 def _dns() -> int:

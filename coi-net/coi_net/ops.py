@@ -516,3 +516,22 @@ def _owner(comment: str) -> tuple[str, str] | None:
         return np.validate_project(project), validate_container_name(name)
     except CoiError:
         return None
+
+
+# -- teardown ----------------------------------------------------------------------------------
+
+
+def teardown(ctx: Context) -> Record:
+    """Delete coi's own tables (both families) and every container's recorded state, in
+    one transaction: what `coi setup --uninstall` runs once coi's containers are gone.
+    A second run finds nothing and changes nothing."""
+    with ctx.store.lock():
+        families = [family for family in nft.FAMILIES if nft.list_table(family, ctx.table)]
+        ctx.commit([{"delete": {"table": {"family": family, "name": ctx.table}}}
+                    for family in families])
+        states = ctx.store.containers()
+        if not ctx.dry_run:
+            for name in states:
+                ctx.store.delete(name)
+    return make_record("net_teardown", tables=[f"{family} {ctx.table}" for family in families],
+                       states=states, dry_run=ctx.dry_run)

@@ -370,8 +370,12 @@ class Store:
     def new_tmp(self, tool: str) -> str:
         """A fresh private directory beside the sessions, named for its maker's pid."""
         folder = self.tool_dir(tool)
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        return tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=folder)
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            return tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=folder)
+        except (FileExistsError, NotADirectoryError):
+            raise CoiError(f"the session store {folder} is not a directory",
+                           hint="move that file away") from None
 
     def commit(self, tmp: str, fields: Session, *, current_id: str = "",
                base: str = "") -> tuple[Session, str]:

@@ -11,9 +11,9 @@ import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
-from coi_common import plan, plumbing
+from coi_common import plan, plumbing, seccomp
 from coi_common.errors import CoiError, PermissionDenied
 from coi_common.incus import ExecSpec
 from coi_common.sessions import (
@@ -25,13 +25,6 @@ from coi_common.sessions import (
     release_view,
 )
 from coi_common.tools import HOME, TOOL_UID
-from coi_shell import seccomp
-
-# Docker must run inside every session container: nesting is enough (measured: dockerd
-# builds and runs an image under coi's seccomp policy). No mknod interception: with it,
-# incusd would make real device nodes (null, zero, tty, ...) wherever the agent asks,
-# /workspace on the host included.
-NESTING: Final = {"security.nesting": "true"}
 
 
 def limits_config(limits: Mapping[str, Any]) -> dict[str, str]:
@@ -89,7 +82,7 @@ def container_config(record: SlotRecord, idmap: IdMap, *, owner: int,
     """Instance config: Docker nesting, the idmap, no setuid files (seccomp), the
     session's env, coi's own keys. `owner` is the uid coi acts for (host_uid); a warm
     pool's container gets user.coi.pool, its shape and its view's `coverage`."""
-    config = {**NESTING, **idmap.config(), **seccomp.container_config(allow_setuid)}
+    config = {**seccomp.container_config(allow_setuid), **idmap.config()}
     config.update({f"environment.{k}": v for k, v in record.environment.items()})
     config.update(SessionContainer(record.workspace, record.slot, record.persistent,
                                    record.image, record.tool, record.network, owner,

@@ -6,11 +6,15 @@ holding UID) in /etc/subuid, and the same for the gid in /etc/subgid.
 Without it the container fails to start with an opaque "Invalid PID"
 (HOST-FACTS). Both files are world-readable, so every user can check
 before anything is created. `coi setup` and coi's host service add the
-lines (coi_host); no daemon restart is needed after adding them.
+lines (coi_host); no daemon restart is needed after adding them. Every line
+added is also written to ADDED_RECORD, so `coi setup --uninstall` removes the
+lines coi added and never one that was there before.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
@@ -18,6 +22,9 @@ from typing import Final
 SUBUID: Final = "/etc/subuid"
 SUBGID: Final = "/etc/subgid"
 MAX_FILE_BYTES: Final = 1 << 20
+ADDED_RECORD: Final = "/var/lib/coi/added-subids"
+"""`PATH LINE` for each line coi appended to /etc/subuid or /etc/subgid."""
+_ADDED: Final = re.compile(r"root:[0-9]{1,10}:1")
 """A subid file larger than this is not read (it is root's file, but bounded anyway)."""
 
 
@@ -58,15 +65,71 @@ def missing_lines(uids: Iterable[int], gids: Iterable[int], *, subuid: str = SUB
     return result
 
 
-def add_lines(missing: dict[str, list[str]]) -> list[str]:
-    """Append the lines (root only); return 'PATH LINE' for each line added."""
+def add_lines(missing: dict[str, list[str]], *, record: str = ADDED_RECORD) -> list[str]:
+    """Append the lines (root only), and note each in `record`; return 'PATH LINE' for
+    each line added."""
     added = []
     for path, lines in missing.items():
         file = Path(path)
         current = file.read_bytes() if file.exists() else b""
         prefix = b"" if not current or current.endswith(b"\n") else b"\n"
+        _note(record, [f"{path} {line}" for line in lines])
         with open(path, "ab") as handle:
             handle.write(prefix + "".join(f"{line}\n" for line in lines).encode())
             handle.flush()
         added += [f"{path} {line}" for line in lines]
     return added
+
+
+def _note(record: str, entries: list[str]) -> None:
+    """Noted before the file changes: a line coi added is never taken for the admin's."""
+    os.makedirs(os.path.dirname(record), mode=0o755, exist_ok=True)
+    with open(record, "a", encoding="utf-8") as handle:
+        handle.write("".join(f"{entry}\n" for entry in entries))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def remove_added(*, record: str = ADDED_RECORD, files: Iterable[str] = (SUBUID, SUBGID)
+                 ) -> list[str]:
+    """Remove from `files` the lines `record` says coi added (one occurrence each, the
+    rest of each file untouched), then the record; return 'PATH LINE' of each removed."""
+    try:
+        noted = Path(record).read_bytes()[:MAX_FILE_BYTES].decode("utf-8", "replace")
+    except FileNotFoundError:
+        return []
+    wanted: dict[str, list[str]] = {path: [] for path in files}
+    for entry in noted.splitlines():
+        path, _, line = entry.partition(" ")
+        if path in wanted and _ADDED.fullmatch(line):
+            wanted[path].append(line)
+    removed = []
+    for path, lines in wanted.items():
+        removed += [f"{path} {line}" for line in _drop_lines(path, lines)]
+    os.unlink(record)
+    return removed
+
+
+def _drop_lines(path: str, lines: list[str]) -> list[str]:
+    """Rewrite `path` without one occurrence of each of `lines` (atomically, its mode
+    kept); return the lines found and removed."""
+    try:
+        current = Path(path).read_bytes()[:MAX_FILE_BYTES].decode("utf-8", "replace")
+    except FileNotFoundError:
+        return []
+    kept, dropped, todo = [], [], list(lines)
+    for line in current.splitlines():
+        if line in todo:
+            todo.remove(line)
+            dropped.append(line)
+        else:
+            kept.append(line)
+    if dropped:
+        temp = f"{path}.coi-{os.getpid()}"
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write("".join(f"{line}\n" for line in kept))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp, os.stat(path).st_mode & 0o7777)
+        os.replace(temp, path)
+    return dropped

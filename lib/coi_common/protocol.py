@@ -45,6 +45,8 @@ REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "net_removed": ("container", "interface", "removed"),
     "net_refresh": ("container", "ok", "changed", "added", "removed"),
     "net_status": ("container", "mode", "interface", "rules", "allowed"),
+    "net_teardown": ("tables", "states"),
+    "uninstall": ("changed", "steps"),
     "trust_state": ("path", "state", "sha256"),
     "view": ("source", "protected", "masked"),
     "view_released": ("container",),

@@ -20,14 +20,11 @@ from coi_common import tools
 from coi_common.errors import CommandFailed
 from coi_image import build
 from coi_image.builder import Builder
-from coi_shell import container, seccomp
 
 pytestmark = [pytest.mark.incus, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 ALIAS = "coi-test-full-image"
-# What coi-shell gives a session container: nesting and the no-setuid seccomp policy.
-SESSION_CONFIG = {**container.NESTING, **seccomp.container_config(allow_setuid=False)}
 
 
 def coi_build(env, timeout):
@@ -60,10 +57,14 @@ def test_second_build_is_up_to_date_in_under_a_second(full_image):
 
 @pytest.fixture(scope="module")
 def session_box(full_image, incus_client):
+    """A container of the full image as `coi container launch` makes it: the kernel
+    policy a session has (nesting for Docker, no setuid files)."""
     name = "coi-test-full-session"
     incus_client.delete_instance_force(name)
-    incus_client.create_instance(name, ALIAS, profiles=["coi"], config=SESSION_CONFIG,
-                                 start=True)
+    done = subprocess.run([str(ROOT / "bin" / "coi"), "container", "launch", ALIAS, name],
+                          env=full_image, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
     yield name
     incus_client.delete_instance_force(name)
 

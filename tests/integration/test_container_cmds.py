@@ -113,6 +113,16 @@ def test_launch_creates_and_starts_a_persistent_container_with_the_coi_profile(
     assert found["status"] == "Running"
     assert found["profiles"] == ["coi"]
     assert found["ephemeral"] is False
+    assert found["config"]["security.nesting"] == "true"  # Docker inside, as in a session
+
+
+def test_a_launched_container_refuses_setuid_files_as_a_session_does(
+        coi_env, capsys, incus_client, test_image, container_name, run_in):
+    code, _, err = run_main(capsys, "container", "launch", test_image, container_name)
+    assert code == 0, err
+    done = run_in(container_name, ["sh", "-c", "touch /tmp/f && chmod u+s /tmp/f; "
+                                   "echo $?; stat -c %a /tmp/f"])
+    assert done.stdout.split() == ["1", "644"], done
 
 
 def test_launch_ephemeral_makes_a_container_that_stopping_deletes(

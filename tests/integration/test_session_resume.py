@@ -434,4 +434,5 @@ def test_nothing_is_saved_for_a_run_that_never_used_the_tool(user_coi):
     done = user_coi("run", "--", "true")
     assert done.returncode == 0, done.stderr
     assert saved(user_coi, user_coi.workspace) == []
-    assert "session" not in done.stderr
+    assert "coi: nothing to save in " in done.stderr
+    assert "saved session" not in done.stderr

@@ -295,7 +295,7 @@ def test_shell_runs_the_tool_in_tmux_and_poweroff_ends_the_session(user_coi, ter
     term.wait_for("code@")
     term.type("sudo poweroff")
     term.wait_for("COI-EXITED-0", timeout=60)
-    assert "container deleted" in term.screen()
+    assert f"coi: removed {name_of(user_coi, 1)}" in term.screen()
     assert (user_coi.workspace / "from-shell").read_text() == "in-bash-42\n"
     assert containers_of(incus_client, user_coi) == []
 

@@ -14,6 +14,7 @@ through setpriv), each with a home of their own.
 import grp
 import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -64,15 +65,20 @@ def users(coi_env, open_tmp) -> dict[int, User]:
 
 
 def coi_slot(*args: str, stdin: str | None = None, timeout: float = 120,
-             user: User | None = None, program: str = COI_SLOT):
+             user: User | None = None, program: str = COI_SLOT, steps: bool = False):
     """`bin/coi-slot ARGS` (or `program`) with stdin not a terminal, as root or as
-    `user`: (status, stdout, stderr)."""
+    `user`: (status, stdout, stderr). The save's step lines (docs/sessions.md, "What a
+    session says") are left out of stderr unless `steps`: most tests look at the rest;
+    test_kill_tells_the_steps_of_its_save looks at them."""
     prefix, env = ([], None) if user is None else (user.argv, user.env)
     done = subprocess.run([*prefix, program, *args], input=stdin or "", capture_output=True,
                           text=True, timeout=timeout, check=False, env=env)
-    return done.returncode, done.stdout, done.stderr
+    err = done.stderr if steps else "".join(
+        line for line in done.stderr.splitlines(keepends=True) if not SAVE_STEP.match(line))
+    return done.returncode, done.stdout, err
 
 
+SAVE_STEP = re.compile(r"coi: (saving the session of|saved session|nothing to save in) ")
 
 
 def one_line(stderr: str) -> str:
@@ -270,6 +276,15 @@ def test_kill_deletes_the_named_container_and_leaves_the_others(make_session, in
     assert coi_slot("kill", doomed) == (0, f"killed {doomed}\n", "")
     assert not exists(incus_client, doomed)
     assert status(incus_client, other) == "Running"
+
+
+def test_kill_tells_the_steps_of_its_save(make_session):
+    doomed = make_session("ws", 1)
+    code, out, err = coi_slot("kill", doomed, steps=True)
+    assert (code, out) == (0, f"killed {doomed}\n")
+    assert err == (f"coi: saving the session of {doomed}\n"
+                   f"coi: nothing to save in {doomed} (no tool state there)\n")
+    assert coi_slot("kill", "--all", "--force", "-q", steps=True)[2] == ""  # -q: no steps
 
 
 def test_kill_all_force_deletes_every_coi_container_and_reports_json_lines(
@@ -541,6 +556,7 @@ def test_a_kill_whose_save_fails_keeps_the_container_and_no_save_discards_it(
     assert line.startswith(f"coi-slot: kill {name} failed: could not save the session of "
                            f"{name}")
     assert f"coi kill --no-save {name}" in line
+    assert f"the session store {store} is not a directory" in line  # not an internal error
     assert status(incus_client, name) == "Stopped"  # kept: nothing of the session is lost
 
     assert coi_slot("kill", "--no-save", name) == \

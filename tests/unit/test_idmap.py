@@ -33,9 +33,36 @@ def test_missing_lines_are_added_once_and_keep_the_file_s_last_line(tmp_path):
     subgid = write(tmp_path, "subgid", "")
     missing = idmap.missing_lines([4242], [4243], subuid=subuid, subgid=subgid)
     assert missing == {subuid: ["root:4242:1"], subgid: ["root:4243:1"]}
-    idmap.add_lines(missing)
+    idmap.add_lines(missing, record=str(tmp_path / "added"))
     assert (tmp_path / "subuid").read_text() == "root:1000000:1000000000\nroot:4242:1\n"
     assert idmap.missing_lines([4242], [4243], subuid=subuid, subgid=subgid) == {}
+
+
+def test_uninstall_removes_only_the_lines_coi_added(tmp_path):
+    """A line the admin wrote stays, even when it equals one coi added later."""
+    subuid = write(tmp_path, "subuid", "root:1000000:1000000000\nroot:4242:1\n")
+    subgid = write(tmp_path, "subgid", "root:1000000:1000000000\n")
+    record = str(tmp_path / "added")
+    idmap.add_lines({subuid: ["root:4242:1", "root:5000:1"], subgid: ["root:4243:1"]},
+                    record=record)
+    (tmp_path / "subgid").write_text((tmp_path / "subgid").read_text() + "admin:7:1\n")
+    removed = idmap.remove_added(record=record, files=(subuid, subgid))
+    assert removed == [f"{subuid} root:4242:1", f"{subuid} root:5000:1",
+                       f"{subgid} root:4243:1"]
+    assert (tmp_path / "subuid").read_text() == "root:1000000:1000000000\nroot:4242:1\n"
+    assert (tmp_path / "subgid").read_text() == "root:1000000:1000000000\nadmin:7:1\n"
+    assert not (tmp_path / "added").exists()
+    assert idmap.remove_added(record=record, files=(subuid, subgid)) == []
+
+
+def test_a_record_naming_other_files_or_lines_removes_nothing_there(tmp_path):
+    other = write(tmp_path, "passwd", "root:4242:1\n")
+    subuid = write(tmp_path, "subuid", "root:x:1\n")
+    record = tmp_path / "added"
+    record.write_text(f"{other} root:4242:1\n{subuid} root:x:1\n")
+    assert idmap.remove_added(record=str(record), files=(subuid,)) == []
+    assert (tmp_path / "passwd").read_text() == "root:4242:1\n"
+    assert (tmp_path / "subuid").read_text() == "root:x:1\n"
 
 
 def test_root_maps_code_to_the_workspace_owner_and_never_to_root(tmp_path, monkeypatch):
