@@ -7,6 +7,10 @@
 # not "externally managed" (PEP 668), so this works where `pip install --user`
 # is refused. Running it again upgrades in place.
 #
+# ./install.sh --uninstall removes what it made for this user: the links in
+# ~/.local/bin and ~/.local/share/man that point into the venv, and the venv.
+# Saved sessions (~/.coi) stay; root's part is `sudo coi setup --uninstall`.
+#
 # PYTHON=/path/to/python3 picks the interpreter (3.11 or newer, with venv).
 # Otherwise /usr/bin/python3 comes first: an interpreter under another
 # user's home (pyenv under /root) is one that other users cannot run.
@@ -150,6 +154,33 @@ next_steps() {
     say "  2. coi doctor                       # checks everything, with a fix for each problem"
     say "  3. cd ~/project && coi shell"
 }
+
+# Only links that point into our venv go: a file or another tool's link stays.
+uninstall() {
+    removed=0
+    for link in "$BIN"/coi "$BIN"/coi-* "$MAN"/coi*.1; do
+        [ -L "$link" ] || continue
+        case $(readlink "$link") in
+            "$VENV/"*) rm -f "$link"; removed=$((removed + 1)) ;;
+        esac
+    done
+    if [ -d "$VENV" ]; then
+        rm -rf "$VENV"
+        rmdir "${VENV%/venv}" 2>/dev/null || true
+        say "removed $VENV and $removed link(s) into it"
+    else
+        say "coi is not installed for $(id -un) ($VENV does not exist); removed $removed link(s)"
+    fi
+    say "Saved sessions in ~/.coi stay (remove that folder yourself if you want them gone)."
+    say "Root removes the host part with: sudo coi setup --uninstall (before this, or with"
+    say "a coi of its own)."
+}
+
+case ${1:-} in
+    --uninstall) uninstall; exit 0 ;;
+    "") ;;
+    *) die "unknown argument '$1' (use: ./install.sh, or ./install.sh --uninstall)" ;;
+esac
 
 [ "$(uname -s)" = Linux ] || die "coi runs on Linux only (Incus containers); this is $(uname -s)"
 python=$(pick_python)

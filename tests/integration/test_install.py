@@ -146,6 +146,25 @@ def test_install_by_a_user_outside_incus_admin_warns_with_the_fix(make_test_user
     assert version.returncode == 0, version.stderr
 
 
+def test_uninstall_removes_the_users_links_and_venv_and_keeps_saved_sessions(
+        make_test_user, checkout_copy):
+    user = make_test_user()
+    assert user.run(["./install.sh"], cwd=checkout_copy, timeout=300).returncode == 0
+    saved = user.home / ".coi" / "sessions-claude"
+    user.run(["mkdir", "-p", str(saved)])
+    bin_dir, man_dir = user.home / ".local" / "bin", user.home / ".local" / "share" / "man"
+    user.run(["ln", "-s", "/bin/true", str(bin_dir / "coi-other-tool")])  # not ours
+    done = user.run(["./install.sh", "--uninstall"], cwd=checkout_copy)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not venv_of(user).exists()
+    assert sorted(p.name for p in bin_dir.iterdir()) == ["coi-other-tool"]
+    assert list(man_dir.rglob("coi*.1")) == []
+    assert saved.is_dir()
+    again = user.run(["./install.sh", "--uninstall"], cwd=checkout_copy)
+    assert again.returncode == 0
+    assert "is not installed" in again.stdout
+
+
 # -- the harness's test accounts ---------------------------------------------------------
 
 
