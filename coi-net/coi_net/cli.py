@@ -75,10 +75,20 @@ def _dns() -> int:
 
 
 def _context(settings: config.Config, *, dry_run: bool) -> ops.Context:
+    _this_host_only(settings)
     project = np.validate_project(settings.get("incus.project"))
     return ops.Context(client=incus.connect(settings), table=nft.table_name(),
                        store=np.Store(ops.state_dir(), project),
                        bridge_name=settings.get("incus.network"), dry_run=dry_run)
+
+
+def _this_host_only(settings: config.Config) -> None:
+    """coi-net's rules are this host's nftables: a container on a remote is not filtered
+    by them, so no rule is made or reported for it (fail closed; docs/remote.md)."""
+    if settings.get("incus.remote"):
+        raise CoiError(f"coi-net enforces egress on this host only; for containers on the "
+                       f"remote {settings.get('incus.remote')} it is not built yet "
+                       "(docs/remote.md)")
 
 
 def _slot_record() -> Any:
@@ -144,6 +154,7 @@ def _apply(args: Args, *, as_json: bool) -> int:
         profile = slot.config_profile or None
     name = validate_container_name(name)
     settings = config.load(workspace, profile=profile)
+    _this_host_only(settings)
     if args["--mode"] is not None:  # an empty --mode is refused, not read as the default
         mode = args["--mode"]
     elif not mode:

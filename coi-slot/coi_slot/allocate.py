@@ -49,6 +49,11 @@ def next_record(args: Args) -> sessions.SlotRecord:
 def described_record(args: Args, settings: Any) -> sessions.SlotRecord:
     """The session the flags describe, every one of them checked, before any slot is
     chosen (slot 0) or anything is made."""
+    if settings.get("incus.remote"):
+        raise CoiError(f"sessions on a remote ({settings.get('incus.remote')}) are not built "
+                       "yet: the workspace must be synced there and egress enforced where "
+                       "the container runs (docs/remote.md)",
+                       hint="unset [incus] remote (COI_REMOTE) to start it on this machine")
     tools.get_tool(settings.get("tool.name"), tools.registry_from_config(settings))
     limits = naming.validate_limits(settings.get("limits.cpu"), settings.get("limits.memory"),
                                     settings.get("limits.processes"))

@@ -98,6 +98,7 @@ SCHEMA: Final[Mapping[str, Mapping[str, Key]]] = {
         "pool": Key("str", "coi"),
         "network": Key("str", "coibr0"),
         "socket": Key("str", ""),
+        "remote": Key("str", ""),
     },
     "network": {
         "mode": Key("str", "restricted", choices=naming.NETWORK_MODES),
@@ -471,7 +472,10 @@ def _profile_key(path: str, dotted: str, key: str) -> Key:
 
 
 def _apply_env(env: Mapping[str, str], values: dict[str, Any], sources: dict[str, str]) -> None:
-    """COI_<SECTION>_<KEY> variables; other COI_* variables belong to other parts of coi."""
+    """COI_<SECTION>_<KEY> variables (and COI_REMOTE, the short name of COI_INCUS_REMOTE);
+    other COI_* variables belong to other parts of coi."""
+    if "COI_REMOTE" in env and "COI_INCUS_REMOTE" not in env:
+        env = {**env, "COI_INCUS_REMOTE": env["COI_REMOTE"]}
     for variable in sorted(env):
         section = next((s for s in SCHEMA if variable.startswith(f"COI_{s.upper()}_")), None)
         if section is None:

@@ -1,4 +1,5 @@
-"""HTTP/1.1 over a unix socket: exactly what coi_common.incus needs of it.
+"""HTTP/1.1 over a unix socket (or a TLS socket to a remote): exactly what
+coi_common.incus needs of it.
 
 http.client costs ~12 ms to import here (it brings the email package and ssl with
 it), in each of the several coi processes one session runs. This is the part of it
@@ -36,12 +37,19 @@ class Answer(NamedTuple):
     body: bytes
 
 
-class Connection:
-    """One HTTP/1.1 connection to a unix socket, opened on the first request and again
-    after it was closed (`opened` is called each time); `sock` is None while closed."""
+Dial = Callable[[float], socket.socket]
+"""Opens a connected socket within a timeout: another transport (TLS to a remote Incus,
+coi_common.remotes.dialer) instead of the unix socket."""
 
-    def __init__(self, path: str, timeout: float, opened: Callable[[], None]) -> None:
-        self.path, self.timeout, self._opened = path, timeout, opened
+
+class Connection:
+    """One HTTP/1.1 connection to a unix socket (or what `dial` opens), opened on the
+    first request and again after it was closed (`opened` is called each time); `sock`
+    is None while closed."""
+
+    def __init__(self, path: str, timeout: float, opened: Callable[[], None],
+                 dial: Dial | None = None) -> None:
+        self.path, self.timeout, self._opened, self._dial = path, timeout, opened, dial
         self.sock: socket.socket | None = None
         self._file: IO[bytes] | None = None
 
@@ -72,13 +80,16 @@ class Connection:
         return self._answer(method)
 
     def _connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.path)
-        except BaseException:
-            sock.close()
-            raise
+        if self._dial is not None:
+            sock = self._dial(self.timeout)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self.timeout)
+                sock.connect(self.path)
+            except BaseException:
+                sock.close()
+                raise
         self.sock, self._file = sock, sock.makefile("rb")
         self._opened()
 

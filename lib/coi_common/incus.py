@@ -32,7 +32,7 @@ from types import MappingProxyType
 from typing import Any, Final, NamedTuple, TypeVar
 from urllib.parse import quote, urlencode
 
-from coi_common import httpunix, plan, proc, trace
+from coi_common import httpunix, plan, proc, remotes, trace
 from coi_common.errors import (
     AlreadyExists,
     CoiError,
@@ -118,8 +118,13 @@ def _error_for(status: int, message: str, what: str) -> Exception:
 class Incus:
     """A client for one Incus daemon and project."""
 
-    def __init__(self, socket: str = "", project: str = "default", timeout: float = 30.0) -> None:
-        self.socket = socket_path(socket)
+    def __init__(self, socket: str = "", project: str = "default", timeout: float = 30.0,
+                 remote: remotes.Remote | None = None) -> None:
+        # A remote is reached over HTTPS (docs/remote.md); `socket` then names it in
+        # messages only.
+        self.remote = remote
+        self.socket = remote.where() if remote else socket_path(socket)
+        self._dial = remotes.dialer(remote) if remote else None
         self.project = project
         self.timeout = timeout
         self.connections_opened = 0
@@ -200,7 +205,7 @@ class Incus:
         held = getattr(self._local, "held", None)
         if held is None or held[0] != os.getpid():
             held = (os.getpid(), httpunix.Connection(self.socket, self.timeout,
-                                                     self._count_open))
+                                                     self._count_open, self._dial))
             self._local.held = held
         return held[1]
 
@@ -562,6 +567,10 @@ class Incus:
 
     def cli_argv(self, args: Sequence[str]) -> list[str]:
         """The full argv of `incus ARGS` in our project."""
+        if self.remote is not None:  # its names would need REMOTE: before each one
+            raise CoiError(f"this needs the incus command, which coi does not yet run "
+                           f"against a remote ({self.remote.where()})",
+                           hint="docs/remote.md says what works on a remote so far")
         return ["incus", "--project", self.project, *args]
 
     def cli(self, args: Sequence[str], *, input_text: str | None = None, check: bool = True,
@@ -689,7 +698,10 @@ def _seg(name: str) -> str:
 
 
 def connect(config: Any = None) -> Incus:
-    """A client set up from the effective config's [incus] section (socket, project)."""
+    """A client set up from the effective config's [incus] section (socket, project,
+    remote: one of the incus client's remotes, over HTTPS)."""
     if config is None:
         return Incus()
-    return Incus(socket=config.get("incus.socket"), project=config.get("incus.project"))
+    remote = config.get("incus.remote")
+    return Incus(socket=config.get("incus.socket"), project=config.get("incus.project"),
+                 remote=remotes.find(remote) if remote else None)
