@@ -472,8 +472,8 @@ def _profile_key(path: str, dotted: str, key: str) -> Key:
 
 
 def _apply_env(env: Mapping[str, str], values: dict[str, Any], sources: dict[str, str]) -> None:
-    """COI_<SECTION>_<KEY> variables (and COI_REMOTE, the short name of COI_INCUS_REMOTE);
-    other COI_* variables belong to other parts of coi."""
+    """COI_<SECTION>_<KEY> variables (and COI_REMOTE, set by --remote, the short name of
+    COI_INCUS_REMOTE); other COI_* variables belong to other parts of coi."""
     if "COI_REMOTE" in env and "COI_INCUS_REMOTE" not in env:
         env = {**env, "COI_INCUS_REMOTE": env["COI_REMOTE"]}
     for variable in sorted(env):

@@ -248,6 +248,29 @@ def take_verbosity(argv: list[str]) -> list[str]:
     return [w for w in argv[:cut] if w not in VERBOSITY_FLAGS] + argv[cut:]
 
 
+REMOTE_VARIABLE: Final = "COI_REMOTE"
+
+
+def take_remote(argv: list[str]) -> list[str]:
+    """--remote NAME (or --remote=NAME), which every command takes before `--`: taken out
+    of argv into COI_REMOTE (config's incus.remote, docs/remote.md), which the programs
+    the command runs inherit. Without a name it stays, for the parser to refuse."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    kept, index = [], 0
+    while index < cut:
+        word = argv[index]
+        if word == "--remote" and index + 1 < cut and argv[index + 1]:
+            os.environ[REMOTE_VARIABLE] = argv[index + 1]
+            index += 2
+            continue
+        if word.startswith("--remote=") and len(word) > len("--remote="):
+            os.environ[REMOTE_VARIABLE] = word.partition("=")[2]
+        else:
+            kept.append(word)
+        index += 1
+    return kept + argv[cut:]
+
+
 def debug_enabled(argv: list[str]) -> bool:
     """--debug anywhere on the command line, or COI_DEBUG set to a true value."""
     return "--debug" in argv or os.environ.get("COI_DEBUG", "") not in ("", "0", "false")
@@ -312,7 +335,7 @@ def run_main(prog: str, doc: str, handler: Handler, argv: list[str] | None = Non
     # Read once and dropped, so programs this one runs do not inherit the dispatcher's name.
     shown_as = os.environ.pop(PROG_VARIABLE, None) or None
     _PLUMBING["child"] = os.environ.pop(PLUMBING_VARIABLE, "") == "1"
-    argv = take_verbosity(argv)
+    argv = take_remote(take_verbosity(argv))
     debug = debug_enabled(argv)
     signal.signal(signal.SIGTERM, _raise_interrupted)
     as_json = json_requested(argv)

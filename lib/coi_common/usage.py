@@ -24,6 +24,8 @@ ENTRY: Final = re.compile(r"  (?P<key>\S+(?: \S+)*?)(?:  +(?P<text>\S.*))?$")
 HELP_FLAGS: Final = ("-h", "--help")
 COMMON_FLAGS: Final = ("  -q --quiet        Only results and errors: no progress, no notes.",
                        "  -v --verbose      Say every step and every wait, however short.",
+                       "  --remote NAME     Act on this remote of the incus client (COI_REMOTE;"
+                       " docs/remote.md).",
                        "  -h --help         Show this help.")
 
 

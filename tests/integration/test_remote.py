@@ -74,7 +74,8 @@ def test_coi_lists_and_ends_containers_of_a_remote_over_https(incus_client, user
     assert [c["name"] for c in json.loads(listed.stdout)["active_containers"]] == [name]
     here = user_coi("list", "--format", "json")  # the local daemon has no such container
     assert name not in here.stdout
-    killed = user_coi("kill", "--no-save", name, env=on(remote))
+    killed = user_coi("kill", "--no-save", name, "--remote", remote.name,
+                      env={"INCUS_CONF": str(remote.conf)})  # the flag, as COI_REMOTE
     assert killed.returncode == 0, killed.stderr
     assert name not in names_on(incus_client, remote)
 

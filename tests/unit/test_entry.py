@@ -271,3 +271,18 @@ def test_quiet_and_verbose_are_taken_out_before_the_double_dash_into_the_environ
     assert entry.take_verbosity(["list", "--verbose"]) == ["list"]
     assert output.verbose()
     assert not output.quiet()
+
+
+@pytest.mark.parametrize(("argv", "left", "remote"), [
+    (["list", "--remote", "build"], ["list"], "build"),
+    (["--remote=build", "list", "--all"], ["list", "--all"], "build"),
+    (["run", "--", "echo", "--remote", "x"], ["run", "--", "echo", "--remote", "x"], None),
+    (["list", "--remote"], ["list", "--remote"], None),  # no name: the parser refuses it
+    (["list", "--remote="], ["list", "--remote="], None),
+])
+def test_remote_is_taken_out_of_argv_into_the_environment(monkeypatch, argv, left, remote):
+    # Set first, so monkeypatch puts the variable back as it was (take_remote sets it).
+    monkeypatch.setenv(entry.REMOTE_VARIABLE, "before")
+    monkeypatch.delenv(entry.REMOTE_VARIABLE)
+    assert entry.take_remote(argv) == left
+    assert os.environ.get(entry.REMOTE_VARIABLE) == remote
