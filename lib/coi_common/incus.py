@@ -62,6 +62,8 @@ ROUND_ENDED: Final = "context deadline exceeded"
 EXEC_NOT_STARTED: Final = ("Failed to retrieve PID of executing child process", "Invalid PID")
 """What Incus 6.0 answers, now and then under load, to an `exec` whose command never
 started (about 3 in 40 session starts here); the exec can simply be tried again."""
+DUPLICATE_SUCCEEDED: Final = "matching non-reusable operation has now succeeded"
+"""Incus 6.0's refusal of an operation that duplicates one that just ended well."""
 EXEC_PAUSES: Final = (0.2, 0.5, 1.0)
 """Pauses between the tries of an exec Incus failed to start: four tries in all."""
 CLOSED_BY_INCUS: Final = (httpunix.Closed, BrokenPipeError, ConnectionResetError)
@@ -365,7 +367,14 @@ class Incus:
         self.request("PUT", f"/1.0/instances/{_seg(name)}", body, what=f"container {name}")
 
     def delete_instance(self, name: str) -> None:
-        self.request("DELETE", f"/1.0/instances/{_seg(name)}", what=f"container {name}")
+        """Delete `name`. When another process deletes it at the same moment (a warm
+        pool's session ending in the background, a kill), Incus refuses the second
+        delete as a duplicate of one that "has now succeeded": that is done too."""
+        try:
+            self.request("DELETE", f"/1.0/instances/{_seg(name)}", what=f"container {name}")
+        except IncusError as exc:
+            if DUPLICATE_SUCCEEDED not in exc.message or self.instance_exists(name):
+                raise
 
     def instance_state(self, name: str) -> dict[str, Any]:
         """GET .../state: status, processes and network addresses of one container."""

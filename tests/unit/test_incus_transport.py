@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from coi_common.errors import IncusUnavailable
+from coi_common.errors import IncusError, IncusUnavailable
 from coi_common.incus import START_HINT, Incus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,6 +74,19 @@ class _Handler(BaseHTTPRequestHandler):
                                  for n, s in self.behaviour.instances.items()]
         elif url.path in {f"/1.0/instances/{n}/state" for n in self.behaviour.unreadable_state}:
             reply = {"type": "error", "error_code": 500, "error": "Invalid PID"}
+        elif url.path.startswith("/1.0/instances/") and url.path.count("/") == 3:
+            name = url.path.rsplit("/", 1)[1]
+            reply = {"type": "sync", "metadata": {"name": name}} \
+                if name in self.behaviour.instances else \
+                {"type": "error", "error_code": 404, "error": "Instance not found"}
+        self._reply(reply)
+
+    def do_DELETE(self) -> None:
+        """As Incus 6.0 answers a delete racing another delete of the same instance."""
+        self._reply({"type": "error", "error_code": 400, "error": "Failed to create instance "
+                     "delete operation: A matching non-reusable operation has now succeeded"})
+
+    def _reply(self, reply: dict) -> None:
         body = json.dumps(reply).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -254,3 +267,11 @@ def test_each_exchange_is_traced_and_a_reconnect_is_a_retry_line(fake_incus, tmp
         "retry GET /1.0/second?project=default Incus had closed the kept-alive connection",
         "GET /1.0/second?project=default 200",
     ]
+
+
+def test_a_delete_that_raced_another_delete_of_the_same_instance_counts_as_done(fake_incus):
+    client = Incus(socket=fake_incus.socket)
+    client.delete_instance("coi-gone-1")  # Incus: the other delete "has now succeeded"
+    fake_incus.behaviour.instances["coi-kept-1"] = "Running"
+    with pytest.raises(IncusError):  # still there: that refusal is not a success
+        client.delete_instance("coi-kept-1")
