@@ -31,8 +31,8 @@ from fixtures_users import copy_checkout
 ALIAS: Final = "coi-test-incus-image"
 PACKAGES: Final = ("incus-base/bookworm-backports", "incus-client/bookworm-backports",
                    "nftables", "tmux", "debootstrap", "btrfs-progs", "ca-certificates",
-                   "xz-utils", "dnsmasq-base", "python3", "python3-venv")
-RECIPE_VERSION: Final = 1
+                   "xz-utils", "zstd", "dnsmasq-base", "python3", "python3-venv")
+RECIPE_VERSION: Final = 2
 NESTING: Final = {"security.nesting": "true"}
 APT_CACHE: Final = Path("/var/cache/apt/archives")
 VENV_PACKAGES: Final = ("dns", "docopt", "pyroute2", "sh")
@@ -150,16 +150,35 @@ def install_coi(client: Incus, name: str) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def nested_host(client: Incus, test_image: str) -> Iterator[str]:
-    """A started Incus-in-Incus container with coi at /opt/coi, Incus answering; removed
-    afterwards, also on failure."""
+WAIT_READY: Final = ("for i in $(seq 60); do incus admin waitready --timeout 2 >/dev/null "
+                     "2>&1 && exit 0; sleep 1; done; exit 1")
+# What Incus inside needs to start containers of its own here. This host has cgroup v1
+# with cpu and cpuacct as two hierarchies; the outer LXC links both to a `cpu,cpuacct`
+# it never mounts, so the inner LXC finds neither: they are mounted for real. And the
+# inner daemon's default map (root:1000000:1000000000) passes the end of the ids this
+# container has (0-999999999): it gets 100000000 of them.
+FOR_CONTAINERS: Final = (
+    "mount -o remount,rw /sys/fs/cgroup && cd /sys/fs/cgroup && for c in cpu cpuacct; do "
+    "rm -f $c && mkdir -p $c && mount -t cgroup -o $c cgroup $c || exit 1; done; "
+    "rm -rf cpu,cpuacct; mount -o remount,ro /sys/fs/cgroup; "
+    "sed -i 's/^root:1000000:1000000000$/root:1000000:100000000/' /etc/subuid /etc/subgid && "
+    "systemctl restart incus.service")
+
+
+def nested_host(client: Incus, test_image: str, *, runs_containers: bool = False
+                ) -> Iterator[str]:
+    """A started Incus-in-Incus container with coi at /opt/coi, Incus answering (and,
+    `runs_containers`, able to start containers of its own); removed afterwards, also
+    on failure."""
     image = ensure_image(client, test_image)
     name = f"coi-test-nest-{secrets.token_hex(3)}"
     try:
         client.create_instance(name, image, profiles=["coi"], config=NESTING, start=True)
-        done = run(client, name, "for i in $(seq 60); do incus admin waitready --timeout 2 "
-                   ">/dev/null 2>&1 && exit 0; sleep 1; done; exit 1", timeout=120)
+        done = run(client, name, WAIT_READY, timeout=120)
         assert done.returncode == 0, f"Incus inside {name} did not answer: {done.stderr}"
+        if runs_containers:
+            done = run(client, name, f"{FOR_CONTAINERS} && {WAIT_READY}", timeout=180)
+            assert done.returncode == 0, f"Incus inside {name}: {done.stderr}"
         install_coi(client, name)
         yield name
     finally:

@@ -8,6 +8,7 @@ at the edge: an `exec` JSON record, or the raw stdout for scripts.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 import traceback
@@ -60,10 +61,11 @@ def _run(args: Args, fmt: str | None) -> int:
     request = parse_request(args)
     client = lifecycle.client()
     check_ready(client, request)
+    there = dataclasses.replace(request, name=client.ref(request.name))  # REMOTE:NAME
     if fmt is None:
         interactive = sys.stdin.isatty() and sys.stdout.isatty()
-        return client.cli_hand_over(incus_args(request, interactive=interactive))
-    result = client.cli_bytes(incus_args(request, interactive=False))
+        return client.cli_hand_over(incus_args(there, interactive=interactive))
+    result = client.cli_bytes(incus_args(there, interactive=False))
     if fmt == "raw":
         _write_bytes(sys.stdout, result.stdout)
         _write_bytes(sys.stderr, result.stderr)

@@ -163,7 +163,7 @@ def push(client: incus.Incus, source: str, remote: Remote, *, recursive: bool,
         skipped = _push_directory(client, source, remote.name, target, owner)
     else:
         client.cli(["file", "push", "--quiet", "--create-dirs", *owner.flags(), source,
-                    f"{remote.name}{target}"])
+                    f"{client.ref(remote.name)}{target}"])
     note = f" (skipped {skipped} device, FIFO or socket file{'s' * (skipped != 1)})" \
         if skipped else ""
     return f"pushed {source} to {remote.name}:{target}{note}"
@@ -180,21 +180,22 @@ def _push_directory(client: incus.Incus, source: str, name: str, target: str,
         there = posixpath.normpath(posixpath.join(target, os.path.relpath(here, source)))
         mode = f"{stat.S_IMODE(os.stat(here).st_mode):04o}"
         client.cli(["file", "create", "--quiet", "--create-dirs", "--type", "directory",
-                    "--mode", mode, *ids, f"{name}{there}"])
+                    "--mode", mode, *ids, f"{client.ref(name)}{there}"])
         regular = []
         for entry in sorted(files + dirs):
             path = os.path.join(here, entry)
             kind = os.lstat(path).st_mode
             if stat.S_ISLNK(kind):
                 client.cli(["file", "create", "--quiet", "--type", "symlink", *ids,
-                            f"{name}{posixpath.join(there, entry)}", os.readlink(path)])
+                            f"{client.ref(name)}{posixpath.join(there, entry)}",
+                            os.readlink(path)])
             elif stat.S_ISREG(kind):
                 regular.append(path)
             elif not stat.S_ISDIR(kind):
                 skipped += 1
         for batch in batches(regular, ARGV_BUDGET):
             client.cli(["file", "push", "--quiet", *owner.flags(), *batch,
-                        f"{name}{there.rstrip('/')}/"])
+                        f"{client.ref(name)}{there.rstrip('/')}/"])
     return skipped
 
 
@@ -267,7 +268,8 @@ def _pull_via_staging(client: incus.Incus, remote: Remote, kind: str, parent: st
     try:
         flags = ["--recursive"] if kind == "directory" else []
         _bounded(client.cli_argv(["file", "pull", "--quiet", *flags,
-                                  f"{remote.name}{remote.path}", staging + "/"]),
+                                  f"{client.ref(remote.name)}{remote.path}",
+                                  staging + "/"]),
                  staging, remote)
         pulled = os.path.join(staging, posixpath.basename(remote.path))
         top = os.lstat(pulled) if os.path.lexists(pulled) else None

@@ -88,6 +88,9 @@ def exit_status(checks: list[Check]) -> int:
 
 def gather_checks(settings: config.Config) -> Iterator[Check]:
     """Host tools first, then everything that needs the daemon."""
+    if settings.get("incus.remote"):
+        yield from remote_checks(settings)
+        return
     yield _tool_check("incus", "the Incus client", "sudo coi setup")
     yield _tool_check("tmux", "sessions run in tmux", "apt-get install tmux")
     yield _tool_check("nft", "network isolation uses nftables", "apt-get install nftables")
@@ -207,8 +210,37 @@ def _idmap_check(service: ServiceState) -> Check:
                  "sessions would not start", fix)
 
 
+def remote_checks(settings: config.Config) -> Iterator[Check]:
+    """`coi doctor --remote NAME`: the server (reached as the incus client knows it),
+    its cluster members, coi's objects there, and which network modes a session
+    there may have (docs/remote.md: a mode coi cannot enforce there is refused)."""
+    yield _tool_check("incus", "the Incus client", "sudo coi setup")
+    try:
+        client = incus.connect(settings)
+        server = client.server()
+    except CoiError as exc:
+        yield Check("daemon", False, exc.one_line(), exc.hint or "")
+        return
+    environment = server.get("environment", {})
+    yield Check("daemon", True, f"incusd {environment.get('server_version', '?')} answering "
+                f"on {client.socket}, trusted ({server.get('auth', 'unknown')})")
+    if environment.get("server_clustered"):
+        members = client.request("GET", "/1.0/cluster/members",
+                                 params={"recursion": "1"}) or []
+        down = [m.get("server_name", "?") for m in members if m.get("status") != "Online"]
+        yield Check("cluster", not down, f"{len(members)} members: " + ", ".join(
+            f"{m.get('server_name', '?')} ({m.get('status', '?')})" for m in members),
+            "--target a member that is online", required=False)
+    yield from _incus_checks(client, settings, None)
+    yield Check("egress", False, "on a remote only --network open starts: coi's rules "
+                "(restricted, allowlist) are nftables of the host that runs the container, "
+                "and coi does not put them on a server yet; sessions in those modes are "
+                "refused before anything is made", "coi shell --network open (everything "
+                "reachable), or run the session on this machine", required=False)
+
+
 def _incus_checks(client: incus.Incus, settings: config.Config,
-                  service: ServiceState) -> Iterator[Check]:
+                  service: ServiceState | None) -> Iterator[Check]:
     pool_name = settings.get("incus.pool")
     profile_name = settings.get("incus.profile")
     network_name = settings.get("incus.network")
@@ -230,7 +262,8 @@ def _incus_checks(client: incus.Incus, settings: config.Config,
     yield Check("image", image_info is not None,
                 f"image {image!r} " + ("present" if image_info else "not built yet"),
                 "coi build", required=False)
-    yield _idmap_check(service)
+    if service is not None:  # a remote maps no host ids: nothing of this host is mounted
+        yield _idmap_check(service)
 
 
 def _pool_checks(name: str, pool: dict | None) -> Iterator[Check]:

@@ -42,7 +42,8 @@ def staged(client: Incus, alias: str, prefix: str) -> Iterator[str]:
 
 
 def import_tarballs(client: Incus, meta: Path, rootfs: Path, tmp_alias: str) -> None:
-    client.cli(["image", "import", str(meta), str(rootfs), "--alias", tmp_alias], timeout=900)
+    client.cli(["image", "import", str(meta), str(rootfs), client.ref(), "--alias", tmp_alias],
+               timeout=900)
 
 
 def publish(client: Incus, instance: str, tmp_alias: str,

@@ -87,7 +87,7 @@ def ensure(client: Incus, base: Base, mirror: str, *, log_path: str, progress: P
         return base.alias
     if base.kind == "remote":
         if client.image_by_alias(base.alias) is None:
-            client.cli(["image", "copy", base.spec, "local:", "--alias", base.alias],
+            client.cli(["image", "copy", base.spec, client.ref(), "--alias", base.alias],
                        timeout=1800)
         return base.alias
     recipe = bootstrap_recipe(base, mirror)

@@ -11,6 +11,7 @@ Usage:
   coi-session [session] prune (--keep N | --older-than DURATION)
               [--workspace DIR | --all] [--tool NAME] [--format FMT] [--debug]
   coi-session info [<id>] [--workspace DIR] [--tool NAME] [--format FMT] [--debug]
+  coi-session sync (pull | push) [<name>] [--format FMT] [--debug]
   coi-session (-h | --help)
   coi-session --version
 
@@ -41,6 +42,13 @@ Commands:
             workspace (--all: in every workspace).
   info      One session in full: <id>, or the newest of the workspace; where
             there is none (and no --workspace), the newest of every workspace.
+  sync      On a remote (docs/remote.md): bring the workspace changes made in
+            container <name> to this host (pull), or send this host's to it
+            (push). Without <name>: every container of the current workspace
+            this host synced, or the one of a slot record on stdin (push: its
+            first copy of the workspace). A file changed on both sides is kept
+            both ways (the container's as FILE.coi-remote-NAME) and reported,
+            never overwritten. Every save of a remote container pulls first.
   The word `session` is optional: `coi session list` runs
   `coi-session session list`, which is `coi-session list`.
 
@@ -67,6 +75,8 @@ Examples:
   coi session show 20260301-091500-5d41402abc4b
   coi session delete 20260301-091500-5d41402abc4b
   coi info --format json
+  coi sync pull coi-3f2a9c1b-1
+  coi sync push --format json
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ _KEEP: Final = re.compile(r"0|[1-9][0-9]{0,5}")
 def run(args: Args) -> int:
     """Dispatch one coi-session command; returns the exit status."""
     as_json = output.wants_json(args)
-    for verb in ("save", "restore", "list", "latest", "show", "delete", "prune", "info"):
+    for verb in ("save", "restore", "list", "latest", "show", "delete", "prune", "info",
+                 "sync"):
         if args.get(verb):
             return int(globals()[f"_{verb}"](args, as_json) or 0)
     raise BadInput("no command given")  # docopt makes this unreachable
@@ -79,6 +80,9 @@ def _when(text: str) -> str:
 def _save(args: Args, as_json: bool) -> int:
     name = _container(args)
     result = saved_sessions.save_container(_client(name), name)
+    if result.synced is not None:
+        print(f"coi: {result.synced.line()}", file=sys.stderr)
+        _tell_sync(result.synced)
     for dropped in result.dropped[:saved_sessions.SHOWN_DROPS]:
         print(f"coi: dropped {dropped}", file=sys.stderr)
     if as_json:
@@ -253,3 +257,37 @@ def _print_deleted(deleted: Sequence[Session], as_json: bool) -> None:
             print(f"deleted session {session.id} ({session.tool}, {session.workspace}, "
                   f"{_when(session.updated_at)})", flush=True)
 
+
+
+def _sync(args: Args, as_json: bool) -> int:
+    """coi sync pull|push: each container's result; conflicts are warnings (exit 0)."""
+    from coi_session import workspace_sync  # noqa: PLC0415
+
+    direction = "pull" if args["pull"] else "push"
+    settings = config.load(None)
+    client = incus.connect(settings)
+    if args.get("<name>") is not None:
+        wanted = [(naming.validate_container_name(args["<name>"]), None, True)]
+    elif not sys.stdin.isatty():
+        record = _slot_record()
+        wanted = [(record.container, record.workspace, record.mask)]
+    else:
+        wanted = [(name, None, True) for name in workspace_sync.synced_here(
+            settings, client, naming.canonical_workspace("."))]
+        if not wanted:
+            raise NotFound("no container of this workspace was synced from this host",
+                           hint="coi list shows the sessions; name one")
+    for name, workspace, mask in wanted:
+        result = workspace_sync.sync(client, name, settings, direction, workspace=workspace,
+                                     mask=mask)
+        _tell_sync(result)
+        if as_json:
+            write_record(result.to_record())
+        else:
+            print(result.line(), flush=True)
+    return 0
+
+
+def _tell_sync(result: Any) -> None:
+    for line in result.warnings():
+        print(f"coi: {line}", file=sys.stderr)

@@ -720,13 +720,20 @@ class StateWriter:
         return any(rel == d or rel.startswith(d + "/") for d in self.state_dirs) and \
             not (kind == "file" and rel in self.state_dirs)
 
+    dir_mode = 0o700
+
+    def file_mode(self, mode: int) -> int:
+        """The mode a written file gets from its member's: owner-only; the owner's
+        execute bit survives (hook scripts stay runnable)."""
+        return 0o600 | (mode & 0o100)
+
     def _make_dirs(self, parts: Sequence[str]) -> bool:
         """Create home/parts... as directories; False when a part exists as a non-dir."""
         path = self.home
         for part in parts:
             path = os.path.join(path, part)
             try:
-                os.mkdir(path, 0o700)
+                os.mkdir(path, self.dir_mode)
             except FileExistsError:
                 if not stat.S_ISDIR(os.lstat(path).st_mode):
                     return False
@@ -770,8 +777,7 @@ class StateWriter:
             _copy_segments(archive.fileobj, member.offset_data, fd, segments)
             # The size last: what no segment covered, up to it, stays a hole.
             os.ftruncate(fd, member.size)
-            # Owner-only; the owner's execute bit survives (hook scripts stay runnable).
-            os.fchmod(fd, 0o600 | (member.mode & 0o100))
+            os.fchmod(fd, self.file_mode(member.mode))
         except (OSError, OverflowError) as exc:
             os.unlink(path)
             if isinstance(exc, OSError) and exc.errno not in (errno.EFBIG, errno.EINVAL):
@@ -1356,6 +1362,8 @@ class SaveResult:
     evicted: tuple[str, ...] = ()
     """Ids of the oldest sessions deleted afterwards to fit the total quota, oldest first."""
     total_quota: str = ""
+    synced: Any = None
+    """On a remote: the workspace pull that came first (workspace_sync.SyncResult)."""
 
     def to_record(self) -> dict[str, Any]:
         session = self.session
@@ -1367,7 +1375,8 @@ class SaveResult:
             dropped_paths=list(self.dropped[:SHOWN_DROPS]),
             credentials_excluded=self.excluded, started=self.started,
             seconds=round(self.seconds, 3), path=session.path if session else None,
-            evicted=list(self.evicted), message=self.line())
+            evicted=list(self.evicted), message=self.line(),
+            workspace_sync=self.synced.to_record() if self.synced is not None else None)
 
     def line(self) -> str:
         if self.session is None:
@@ -1444,6 +1453,14 @@ def save_container(client: Incus, name: str, *, settings: Any = None,
     keys = _coi_keys(instance)
     settings = _settings_for(keys["workspace"], settings)
     tool = get_tool(keys["tool"], registry_from_config(settings))
+    if client.remote is not None:  # the workspace comes back first, whatever the tool
+        with running(client, name, instance):
+            synced = _pull_workspace(client, name, settings)
+        if not tool.state_dirs and not tool.state_files:
+            return SaveResult(name, None, synced=synced)
+        instance = client.instance_config(name)
+    else:
+        synced = None
     if not tool.state_dirs and not tool.state_files:
         return SaveResult(name, None)
     per_session, total = save_quotas(settings)
@@ -1460,7 +1477,7 @@ def save_container(client: Incus, name: str, *, settings: Any = None,
             # Nothing, or only the settings file coi itself wrote at the start.
             return SaveResult(name, None, dropped=tuple(pulled.dropped),
                               excluded=pulled.excluded, started=started,
-                              seconds=time.monotonic() - started_at)
+                              seconds=time.monotonic() - started_at, synced=synced)
         slot = keys.get("slot", "")
         fields = Session(
             id="", tool=tool.name, workspace=keys["workspace"], updated_at="",
@@ -1478,7 +1495,21 @@ def save_container(client: Incus, name: str, *, settings: Any = None,
     evicted = tuple(s.id for s in store.evict(total.limit, keep=session.id))
     return SaveResult(name, session, how, pulled.files, pulled.bytes, tuple(pulled.dropped),
                       pulled.excluded, started, time.monotonic() - started_at, evicted,
-                      str(total))
+                      str(total), synced)
+
+
+def _pull_workspace(client: Incus, name: str, settings: Any) -> Any:
+    """A remote container's workspace changes, pulled into the host's before its
+    session is saved (a failure fails the save: the container is kept). A container
+    this host never synced (another host's, or made by hand) has nothing of ours."""
+    from coi_session import workspace_sync  # noqa: PLC0415
+
+    try:
+        return workspace_sync.sync(client, name, settings, "pull")
+    except NotFound as exc:
+        if exc.message.startswith("no sync point"):
+            return None
+        raise
 
 
 def _hash(workspace: str) -> str:

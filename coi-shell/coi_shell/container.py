@@ -77,17 +77,20 @@ def session_idmap(workspace: str) -> IdMap:
     return IdMap(owner.st_uid, gid)
 
 
-def container_config(record: SlotRecord, idmap: IdMap, *, owner: int,
-                     allow_setuid: bool = False, coverage: str = "") -> dict[str, str]:
-    """Instance config: Docker nesting, the idmap, no setuid files (seccomp), the
-    session's env, coi's own keys. `owner` is the uid coi acts for (host_uid); a warm
-    pool's container gets user.coi.pool, its shape and its view's `coverage`."""
-    config = {**seccomp.container_config(allow_setuid), **idmap.config()}
+def container_config(record: SlotRecord, idmap: IdMap | None, *, owner: int,
+                     allow_setuid: bool = False, coverage: str = "",
+                     origin: str = "") -> dict[str, str]:
+    """Instance config: Docker nesting, the idmap (none on a remote: nothing of this
+    host is mounted there), no setuid files (seccomp), the session's env, coi's own
+    keys. `owner` is the uid coi acts for (host_uid); a warm pool's container gets
+    user.coi.pool, its shape and its view's `coverage`; one on a remote its `origin`."""
+    config = {**seccomp.container_config(allow_setuid),
+              **(idmap.config() if idmap is not None else {})}
     config.update({f"environment.{k}": v for k, v in record.environment.items()})
     config.update(SessionContainer(record.workspace, record.slot, record.persistent,
                                    record.image, record.tool, record.network, owner,
-                                   pool=f"{record.pool}.{coverage}" if record.pool else ""
-                                   ).to_config())
+                                   pool=f"{record.pool}.{coverage}" if record.pool else "",
+                                   origin=origin).to_config())
     return config
 
 

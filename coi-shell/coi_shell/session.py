@@ -142,7 +142,7 @@ def ensure_container(ctx: Context, started: Callable[[bool], None] = lambda _reu
     name, client = ctx.record.container, ctx.client
     instance = _instance_of(client, name)
     if instance is not None:
-        _check_ours(instance, ctx.record.workspace)
+        _check_ours(instance, ctx.record.workspace, _origin(ctx))
         if ctx.record.pooled:
             return _claimed(ctx, instance, started)
         if instance.get("status") == "Running":
@@ -154,6 +154,7 @@ def ensure_container(ctx: Context, started: Callable[[bool], None] = lambda _reu
                 _start(ctx, idmap, lambda _view: None, sessions.has_view(instance))
                 started(True)
                 _wait_for_boot(ctx)
+            _send_workspace(ctx, abandoning=True)
             return RESTARTED
         end_session(ctx)  # a stopped ephemeral leftover: its session saved, then gone
     try:
@@ -161,6 +162,7 @@ def ensure_container(ctx: Context, started: Callable[[bool], None] = lambda _reu
         started(False)
         with progress.waiting(f"waiting for {name} to boot"):
             _wait_for_boot(ctx)
+        _send_workspace(ctx)
     except BaseException:
         # Ours, just made and never used, or not made at all: gone, its slot free again.
         with contextlib.suppress(CoiError):
@@ -219,18 +221,45 @@ def _wait_for_boot(ctx: Context) -> None:
                        f"{proc.last_line(done.stderr) or 'no output'})")
 
 
-def _check_ours(instance: dict[str, Any], workspace: str) -> None:
-    owner = (instance.get("config") or {}).get(f"{sessions.KEY}workspace")
-    if owner != workspace:
+def _check_ours(instance: dict[str, Any], workspace: str, origin: str) -> None:
+    keys = instance.get("config") or {}
+    if keys.get(f"{sessions.KEY}workspace") != workspace or \
+            keys.get(f"{sessions.KEY}origin", "") != origin:
         raise CoiError(f"container {instance['name']} exists but is not a coi session of "
-                       f"{workspace}", hint="pick another slot or prefix")
+                       f"{workspace}" + (" on this host" if origin else ""),
+                       hint="pick another slot or prefix")
 
 
-def preflight(ctx: Context) -> container.IdMap:
+def _origin(ctx: Context) -> str:
+    """user.coi.origin of this host's containers: on a remote only."""
+    return sessions.origin_id() if ctx.client.remote is not None else ""
+
+
+def _send_workspace(ctx: Context, *, abandoning: bool = False) -> None:
+    """On a remote, the workspace is copied in (`coi-session sync push` given the slot
+    record), before the tool starts: all of it into a new container, the changes
+    since the last sync into one started again. A failure ends a new container
+    (nothing of it was used) and stops a persistent one (`abandoning`)."""
+    if ctx.client.remote is None:
+        return
+    try:
+        with progress.waiting(f"copying the workspace into {ctx.record.container}"):
+            [found] = plumbing.call("coi-session", ["sync", "push"],
+                                    record=ctx.record.to_record(), kind="sync")
+    except CoiError as exc:
+        if abandoning:
+            raise abandon(ctx, f"could not copy the workspace: {exc.one_line()}") from None
+        raise
+    print(f"coi: {found.get('message')}", file=sys.stderr)
+
+
+def preflight(ctx: Context) -> container.IdMap | None:
     """What must hold before a container is created (or started again): Incus may map
     the user's ids, and this user can have network rules applied. (A missing image
     is the create request's own refusal, before anything exists.) Returns the id map."""
     record = ctx.record
+    if ctx.client.remote is not None:
+        return None  # nothing of this host is mounted there; egress is open (coi-slot)
     idmap = container.session_idmap(record.workspace)
     container.ensure_idmap(idmap)
     if record.network != "open" and os.geteuid() != 0:
@@ -257,8 +286,10 @@ def _create_with(ctx: Context, applier: plumbing.Child | None) -> None:
     record = dataclasses.replace(ctx.record,
                                  environment={**ctx.tool.env, **ctx.record.environment})
 
-    # Every host path is checked before the view makes anything in the workspace.
-    devices = container.container_devices(record, sessions.invoking_home())
+    # Every host path is checked before the view makes anything in the workspace. On a
+    # remote nothing is mounted: the workspace is copied in once it runs.
+    remote = ctx.client.remote is not None
+    devices = {} if remote else container.container_devices(record, sessions.invoking_home())
 
     def create(viewed: container.Viewed) -> None:
         steps.starting(record.container, steps.NEW, record.image)
@@ -271,17 +302,20 @@ def _create_with(ctx: Context, applier: plumbing.Child | None) -> None:
                     config={**container.container_config(
                         record, idmap, owner=sessions.invoking_ids()[0],
                         allow_setuid=ctx.settings.get("security.allow_setuid"),
-                        coverage=viewed.coverage),
+                        coverage=viewed.coverage, origin=_origin(ctx)),
                         **container.limits_config(record.limits)},
                     devices=container.through_view(devices, viewed.view))
         except NotFound as exc:
-            raise NotFound(exc.message, hint="build it with 'coi build'") from None
+            remote = ctx.client.remote
+            raise NotFound(exc.message, hint=f"copy it there: incus image copy {record.image} "
+                           f"{remote.name}: --alias {record.image} --mode relay" if remote
+                           else "build it with 'coi build'") from None
         container.apply_network(record, applier)
 
-    _start(ctx, idmap, create)
+    _start(ctx, idmap, create, viewed=not remote)
 
 
-def _start(ctx: Context, idmap: container.IdMap,
+def _start(ctx: Context, idmap: container.IdMap | None,
            before: Callable[[container.Viewed], None], viewed: bool = True) -> None:
     """Start the container on a fresh view of the workspace (`before` runs first, with
     the view: creating the container); the view leaves the host once it started.

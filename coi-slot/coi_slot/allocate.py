@@ -50,10 +50,7 @@ def described_record(args: Args, settings: Any) -> sessions.SlotRecord:
     """The session the flags describe, every one of them checked, before any slot is
     chosen (slot 0) or anything is made."""
     if settings.get("incus.remote"):
-        raise CoiError(f"sessions on a remote ({settings.get('incus.remote')}) are not built "
-                       "yet: the workspace must be synced there and egress enforced where "
-                       "the container runs (docs/remote.md)",
-                       hint="unset [incus] remote (COI_REMOTE) to start it on this machine")
+        _check_remote_session(args, settings)
     tools.get_tool(settings.get("tool.name"), tools.registry_from_config(settings))
     limits = naming.validate_limits(settings.get("limits.cpu"), settings.get("limits.memory"),
                                     settings.get("limits.processes"))
@@ -70,6 +67,24 @@ def described_record(args: Args, settings: Any) -> sessions.SlotRecord:
         slots.described(settings, args["--workspace"], mounts=mounts, storage=storage),
         limits=limits, mask=not args["--no-mask"], resume=resume,
         config_profile=args["--profile"] or "", **flags)
+
+
+def _check_remote_session(args: Args, settings: Any) -> None:
+    """What a session on a remote cannot have, refused before anything is made: host
+    folders (nothing of this host is mounted there), a warm pool, and egress rules
+    coi cannot enforce where the container runs (fail closed: docs/remote.md)."""
+    remote = settings.get("incus.remote")
+    if settings.get("network.mode") != "open":
+        raise CoiError(f"network mode {settings.get('network.mode')} cannot be enforced on "
+                       f"remote {remote}: coi's egress rules are nftables on the host that "
+                       "runs the container, and this host does not run it",
+                       hint="start it with --network open to let it reach everything, or "
+                            "without --remote to keep the policy")
+    if args["--mount"] or settings.get("mounts.default") or args["--storage"] is not None:
+        raise CoiError(f"a session on remote {remote} cannot mount folders of this host",
+                       hint="its workspace is copied there and synced back (coi sync)")
+    if args["--pool"]:
+        raise CoiError(f"warm pools are not kept on a remote ({remote})")
 
 
 def in_a_slot(client: incus.Incus, settings: Any, record: sessions.SlotRecord,

@@ -46,6 +46,10 @@ class ContainerRow:
     owner_uid: int | None = None
     pooled: bool = False
     """An idle container of a warm pool: made for sessions, used by none yet."""
+    remote: str = "local"
+    """The server it runs on: `local`, or the incus client's remote (incus.remote)."""
+    location: str = ""
+    """The cluster member it runs on ("" off a cluster)."""
 
     @property
     def mode(self) -> str:
@@ -56,7 +60,7 @@ class ContainerRow:
                 "workspace": self.workspace, "ipv4": self.ipv4, "image": self.image,
                 "created_at": self.created_at, "slot": self.slot, "tool": self.tool,
                 "network": self.network, "mode": self.mode, "owner_uid": self.owner_uid,
-                "pooled": self.pooled}
+                "pooled": self.pooled, "remote": self.remote, "location": self.location}
 
 
 @dataclass(frozen=True)
@@ -94,13 +98,15 @@ def list_containers(client: incus.Incus, prefix: str, *, uid: int,
     """coi's containers under `prefix` that `uid` sees, by workspace, then slot."""
     found = owners.visible(sessions.coi_containers(client, prefix, with_state=True), uid=uid,
                            all_users=all_users)
-    rows = [row_from_incus(raw) for raw in found]
+    where = client.remote.name if client.remote is not None else "local"
+    rows = [row_from_incus(raw, where) for raw in found]
     return sorted(rows, key=lambda r: (r.workspace, r.slot or 0, r.name))
 
 
-def row_from_incus(raw: Mapping[str, Any]) -> ContainerRow:
-    """A row from Incus's JSON for one instance with its state (with_state); a
-    container whose keys do not parse shows what it has."""
+def row_from_incus(raw: Mapping[str, Any], remote: str = "local") -> ContainerRow:
+    """A row from Incus's JSON for one instance with its state (with_state), on
+    `remote`; a container whose keys do not parse shows what it has."""
+    location = str(raw.get("location") or "")
     keys = sessions.SessionContainer.from_instance(raw) or sessions.SessionContainer(
         "", 0, False, "", "", "", None)
     return ContainerRow(
@@ -108,7 +114,8 @@ def row_from_incus(raw: Mapping[str, Any]) -> ContainerRow:
         persistent=keys.persistent, workspace=keys.workspace, slot=keys.slot or None,
         image=keys.image, tool=keys.tool, network=keys.network,
         ipv4=ipv4_of(raw.get("state")), created_at=str(raw.get("created_at") or ""),
-        owner_uid=keys.host_uid, pooled=keys.idle_in_pool)
+        owner_uid=keys.host_uid, pooled=keys.idle_in_pool, remote=remote,
+        location="" if location == "none" else location)
 
 
 def saved_sessions() -> list[SavedSession]:
@@ -143,11 +150,15 @@ def render_text(rows: Sequence[ContainerRow],
                 saved: Sequence[SavedSession] | None = None) -> str:
     """The container table (or `no coi containers`), then the sessions when asked for."""
     if rows:
+        # Where they run, when that is not simply here: the remote and cluster member.
+        placed = any(r.remote != "local" or r.location for r in rows)
+        where = [("REMOTE", "LOCATION")] if placed else [()]
         text = output.table([("NAME", "MODE", "STATUS", "SLOT", "IPV4", "IMAGE", "OWNER",
-                              "CREATED", "WORKSPACE")] +
+                              "CREATED", *where[0], "WORKSPACE")] +
                             [(r.name, r.mode, _status_word(r),
                               _shown(r.slot), r.ipv4 or NONE_SHOWN, r.image or NONE_SHOWN,
                               _shown(r.owner_uid), short_time(r.created_at),
+                              *((r.remote, r.location or NONE_SHOWN) if placed else ()),
                               r.workspace or NONE_SHOWN) for r in rows])
     else:
         text = EMPTY_LINE

@@ -31,6 +31,7 @@ COMMANDS: Final[tuple[Command, ...]] = (
     Command("pool", "coi-slot", "Keep containers of this workspace warm for instant sessions"),
     Command("info", "coi-session", "Show a saved session (latest of this workspace by default)"),
     Command("session", "coi-session", "List, show, delete and prune saved sessions"),
+    Command("sync", "coi-session", "Bring a remote session's workspace changes here, or send them"),
     Command("build", "coi-image", "Build the coi image, or a custom image from a script"),
     Command("image", "coi-image", "List, publish, delete and clean up images"),
     Command("container", "coi-container", "Low-level container commands", plumbing=True),

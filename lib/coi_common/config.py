@@ -99,6 +99,7 @@ SCHEMA: Final[Mapping[str, Mapping[str, Key]]] = {
         "network": Key("str", "coibr0"),
         "socket": Key("str", ""),
         "remote": Key("str", ""),
+        "target": Key("str", ""),
     },
     "network": {
         "mode": Key("str", "restricted", choices=naming.NETWORK_MODES),
@@ -472,10 +473,12 @@ def _profile_key(path: str, dotted: str, key: str) -> Key:
 
 
 def _apply_env(env: Mapping[str, str], values: dict[str, Any], sources: dict[str, str]) -> None:
-    """COI_<SECTION>_<KEY> variables (and COI_REMOTE, set by --remote, the short name of
-    COI_INCUS_REMOTE); other COI_* variables belong to other parts of coi."""
-    if "COI_REMOTE" in env and "COI_INCUS_REMOTE" not in env:
-        env = {**env, "COI_INCUS_REMOTE": env["COI_REMOTE"]}
+    """COI_<SECTION>_<KEY> variables (and COI_REMOTE and COI_TARGET, set by --remote and
+    --target, the short names of COI_INCUS_REMOTE and COI_INCUS_TARGET); other COI_*
+    variables belong to other parts of coi."""
+    for short in ("REMOTE", "TARGET"):
+        if f"COI_{short}" in env and f"COI_INCUS_{short}" not in env:
+            env = {**env, f"COI_INCUS_{short}": env[f"COI_{short}"]}
     for variable in sorted(env):
         section = next((s for s in SCHEMA if variable.startswith(f"COI_{s.upper()}_")), None)
         if section is None:

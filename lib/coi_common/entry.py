@@ -249,22 +249,28 @@ def take_verbosity(argv: list[str]) -> list[str]:
 
 
 REMOTE_VARIABLE: Final = "COI_REMOTE"
+TARGET_VARIABLE: Final = "COI_TARGET"
+PLACEMENT_FLAGS: Final = {"--remote": REMOTE_VARIABLE, "--target": TARGET_VARIABLE}
+"""Flags every command takes: which server (incus.remote) and, on a cluster, which
+member new containers go to (incus.target)."""
 
 
 def take_remote(argv: list[str]) -> list[str]:
-    """--remote NAME (or --remote=NAME), which every command takes before `--`: taken out
-    of argv into COI_REMOTE (config's incus.remote, docs/remote.md), which the programs
-    the command runs inherit. Without a name it stays, for the parser to refuse."""
+    """--remote NAME and --target MEMBER (or --flag=VALUE), which every command takes
+    before `--`: taken out of argv into COI_REMOTE and COI_TARGET (config's incus.remote
+    and incus.target, docs/remote.md), which the programs the command runs inherit.
+    Without a value a flag stays, for the parser to refuse."""
     cut = argv.index("--") if "--" in argv else len(argv)
     kept, index = [], 0
     while index < cut:
         word = argv[index]
-        if word == "--remote" and index + 1 < cut and argv[index + 1]:
-            os.environ[REMOTE_VARIABLE] = argv[index + 1]
+        flag, equals, value = word.partition("=")
+        if word in PLACEMENT_FLAGS and index + 1 < cut and argv[index + 1]:
+            os.environ[PLACEMENT_FLAGS[word]] = argv[index + 1]
             index += 2
             continue
-        if word.startswith("--remote=") and len(word) > len("--remote="):
-            os.environ[REMOTE_VARIABLE] = word.partition("=")[2]
+        if equals and flag in PLACEMENT_FLAGS and value:
+            os.environ[PLACEMENT_FLAGS[flag]] = value
         else:
             kept.append(word)
         index += 1

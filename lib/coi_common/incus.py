@@ -121,10 +121,11 @@ class Incus:
     """A client for one Incus daemon and project."""
 
     def __init__(self, socket: str = "", project: str = "default", timeout: float = 30.0,
-                 remote: remotes.Remote | None = None) -> None:
+                 remote: remotes.Remote | None = None, target: str = "") -> None:
         # A remote is reached over HTTPS (docs/remote.md); `socket` then names it in
-        # messages only.
+        # messages only. `target`: the cluster member new instances are placed on.
         self.remote = remote
+        self.target = target
         self.socket = remote.where() if remote else socket_path(socket)
         self._dial = remotes.dialer(remote) if remote else None
         self.project = project
@@ -313,8 +314,10 @@ class Incus:
                 "profiles": list(profiles) or ["default"], "config": dict(config or {}),
                 "devices": {k: dict(v) for k, v in (devices or {}).items()},
                 "source": {"type": "image", "alias": image_alias}}
+        placed = {"target": self.target} if self.target else None
         try:
-            self.request("POST", "/1.0/instances", body, what=f"container {name}")
+            self.request("POST", "/1.0/instances", body, params=placed,
+                         what=f"container {name}")
         except IncusError:
             # A missing alias fails as "Image not provided for instance creation"; name it.
             if self.image_by_alias(image_alias) is None:
@@ -491,13 +494,13 @@ class Incus:
                   uid: int = 0, gid: int = 0) -> None:
         """Copy one host file into a container (running or stopped)."""
         self.cli(["file", "push", "--mode", mode, "--uid", str(uid), "--gid", str(gid),
-                  source, f"{instance}{target}"])
+                  source, f"{self.ref(instance)}{target}"])
 
     # -- exec: the one way coi runs a command in a container --------------------------
 
     def exec_argv(self, spec: ExecSpec) -> list[str]:
         """The full argv of `incus exec` for `spec`."""
-        return self.cli_argv(spec.args())
+        return self.cli_argv(spec._replace(instance=self.ref(spec.instance)).args())
 
     def exec_capture(self, spec: ExecSpec, *, timeout: float | None = None,
                      input_text: str | None = None) -> proc.Result:
@@ -574,12 +577,17 @@ class Incus:
 
     # -- CLI ----------------------------------------------------------------------
 
+    def ref(self, name: str = "") -> str:
+        """How the incus command names `name` (an instance, image or "" for the server
+        itself): `REMOTE:name` on a remote, else as it is. Every CLI call that names
+        an instance or a destination server goes through here."""
+        if self.remote is None:
+            return name or "local:"
+        return f"{self.remote.name}:{name}"
+
     def cli_argv(self, args: Sequence[str]) -> list[str]:
-        """The full argv of `incus ARGS` in our project."""
-        if self.remote is not None:  # its names would need REMOTE: before each one
-            raise CoiError(f"this needs the incus command, which coi does not yet run "
-                           f"against a remote ({self.remote.where()})",
-                           hint="docs/remote.md says what works on a remote so far")
+        """The full argv of `incus ARGS` in our project (on a remote, the names in ARGS
+        come from ref())."""
         return ["incus", "--project", self.project, *args]
 
     def cli(self, args: Sequence[str], *, input_text: str | None = None, check: bool = True,
@@ -713,4 +721,5 @@ def connect(config: Any = None) -> Incus:
         return Incus()
     remote = config.get("incus.remote")
     return Incus(socket=config.get("incus.socket"), project=config.get("incus.project"),
-                 remote=remotes.find(remote) if remote else None)
+                 remote=remotes.find(remote) if remote else None,
+                 target=config.get("incus.target"))

@@ -41,6 +41,8 @@ REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "session_saved": ("saved", "container", "dropped"),
     "session_restored": ("id", "container", "credentials"),
     "session_deleted": ("id", "tool"),
+    "sync": ("container", "direction", "workspace", "copied", "deleted", "conflicts"),
+    "sync_base": ("container", "remote", "workspace", "created", "mask", "files"),
     "net_rules": ("container", "mode", "interface", "rules", "allowed"),
     "net_removed": ("container", "interface", "removed"),
     "net_refresh": ("container", "ok", "changed", "added", "removed"),

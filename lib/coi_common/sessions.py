@@ -9,6 +9,7 @@ keys, so `coi list` needs one request and no local state.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Final
@@ -255,6 +256,9 @@ class SessionContainer:
     pool: str = ""
     """An idle warm pool container's `SHAPE.COVERAGE` (pool_shape, views.coverage);
     "" for a session's."""
+    origin: str = ""
+    """On a remote: origin_id() of the host that made it (its workspace is that host's
+    path); "" for a container of the local daemon."""
 
     CREATE_KEYS: ClassVar[tuple[str, ...]] = (
         "workspace", "slot", "persistent", "image", "tool", "network", "host_uid")
@@ -273,9 +277,10 @@ class SessionContainer:
                 and (uid is None or _digits(uid))):
             return None
         values = {key: str(get(key) or "") for key in ("image", "tool", "session_id",
-                                                      "session_base", "ended_run", "pool")}
+                                                      "session_base", "ended_run", "pool",
+                                                      "origin")}
         network = str(get("network") or "restricted")
-        if network not in naming.NETWORK_MODES:
+        if network not in naming.NETWORK_MODES or not ORIGIN.fullmatch(values["origin"]):
             return None
         return cls(workspace, int(slot), get("persistent") == "true", values["image"],
                    values["tool"] or "claude", network, int(uid) if uid is not None else None,
@@ -293,8 +298,26 @@ class SessionContainer:
                   "persistent": str(self.persistent).lower(), "image": self.image,
                   "tool": self.tool, "network": self.network,
                   "host_uid": "" if self.host_uid is None else str(self.host_uid),
-                  "pool": self.pool}
+                  "pool": self.pool, "origin": self.origin}
         return {f"{KEY}{key}": value for key, value in values.items() if value}
+
+
+ORIGIN: Final = re.compile(r"(?:[0-9a-f]{16})?")
+
+
+def origin_id() -> str:
+    """This host on a remote: 16 hex digits of sha256 over its machine-id (the id
+    itself is not told to the server), or of its host name when it has none."""
+    import hashlib  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
+    try:
+        with open("/etc/machine-id", "rb") as handle:
+            seed = handle.read(64).strip()
+    except OSError:
+        seed = b""
+    seed = seed or socket.gethostname().encode()
+    return hashlib.sha256(b"coi-origin\0" + seed).hexdigest()[:16]
 
 
 def _digits(value: object) -> bool:

@@ -26,6 +26,8 @@ COMMON_FLAGS: Final = ("  -q --quiet        Only results and errors: no progress
                        "  -v --verbose      Say every step and every wait, however short.",
                        "  --remote NAME     Act on this remote of the incus client (COI_REMOTE;"
                        " docs/remote.md).",
+                       "  --target MEMBER   On a cluster: place new containers on this member"
+                       " (COI_TARGET).",
                        "  -h --help         Show this help.")
 
 

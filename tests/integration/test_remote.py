@@ -1,23 +1,26 @@
-"""coi against a remote Incus server (docs/remote.md), the part built so far: the target
-comes from the incus client's own remotes, over HTTPS with the client certificate and
-the pinned server certificate; listings and ends of containers work there, and every
-session is refused before anything is made (its workspace sync and egress are not
-built yet). The remote is a second, real Incus daemon in a nested container on coi's
-bridge (tests/fixtures_nested.py), added with a trust token, as the installed
-non-root user."""
+"""coi against a remote Incus server (docs/remote.md): the target comes from the incus
+client's own remotes, over HTTPS with the client certificate and the pinned server
+certificate; sessions run there with the workspace copied in and synced back (owned
+by the user, conflicts kept both ways), and a network mode coi cannot enforce there is
+refused before anything is made. The remote is a second, real Incus daemon in a
+nested container on coi's bridge (tests/fixtures_nested.py), set up by `coi setup`,
+added with a trust token, as the installed non-root user."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 
-from fixtures_nested import nested_host, run
+from coi_common import naming
+from fixtures_nested import SOURCE, nested_host, run
 
 pytestmark = [pytest.mark.incus, pytest.mark.slow]
 
@@ -30,16 +33,27 @@ class Remote(NamedTuple):
 
 @pytest.fixture(scope="module")
 def remote(incus_client, test_image, installed_user) -> Iterator[Remote]:
-    """The nested daemon on HTTPS, added as a remote to a client directory of the user."""
-    for host in nested_host(incus_client, test_image):
-        token = run(incus_client, host, "incus config set core.https_address :8443 && "
-                    "incus config trust add coi-test-client --quiet")
+    """The nested daemon, set up by coi, on HTTPS at its address on coi's bridge (and
+    nowhere else: a token names every address it listens on, and the client tries
+    them), added as a remote to a client directory of the user, the test image copied
+    there."""
+    for host in nested_host(incus_client, test_image, runs_containers=True):
+        setup = run(incus_client, host, f"{SOURCE}/bin/coi setup", timeout=600)
+        assert setup.returncode == 0, setup.stdout + setup.stderr
+        address = incus_client.instance_state(host)
+        ipv4 = next(a["address"] for a in address["network"]["eth0"]["addresses"]
+                    if a["family"] == "inet" and a["scope"] == "global")
+        token = run(incus_client, host, f"incus config set core.https_address {ipv4}:8443 "
+                    "&& incus config trust add coi-test-client --quiet")
         assert token.returncode == 0, token.stderr
         conf = installed_user.home / f"incus-{secrets.token_hex(3)}"
+        env = {"INCUS_CONF": str(conf)}
         added = installed_user.run(["incus", "remote", "add", "nest",
-                                    token.stdout.strip().splitlines()[-1]],
-                                   env={"INCUS_CONF": str(conf)})
+                                    token.stdout.strip().splitlines()[-1]], env=env)
         assert added.returncode == 0, added.stderr
+        copied = installed_user.run(["incus", "image", "copy", test_image, "nest:", "--alias",
+                                     test_image, "--mode", "relay"], env=env, timeout=600)
+        assert copied.returncode == 0, copied.stderr
         try:
             yield Remote(host, conf, "nest")
         finally:
@@ -80,14 +94,109 @@ def test_coi_lists_and_ends_containers_of_a_remote_over_https(incus_client, user
     assert name not in names_on(incus_client, remote)
 
 
-def test_a_session_on_a_remote_is_refused_before_anything_is_made(incus_client, user_coi,
-                                                                  remote):
+def test_restricted_mode_on_a_remote_is_refused_before_anything_is_made(incus_client,
+                                                                       user_coi, remote):
     before = names_on(incus_client, remote)
-    done = user_coi("run", "--", "true", env=on(remote))
+    done = user_coi("run", "--", "true", env=on(remote))  # the default mode: restricted
     assert done.returncode == 1
-    assert "sessions on a remote (nest) are not built yet" in done.stderr
+    assert "network mode restricted cannot be enforced on remote nest" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert names_on(incus_client, remote) == before
+
+
+def test_a_run_on_a_remote_sees_the_workspace_and_brings_back_what_it_made(
+        incus_client, user_coi, remote):
+    (user_coi.workspace / "hello.txt").write_text("from the host\n")
+    done = user_coi("run", "--network", "open", "--", "sh", "-c",
+                    "cat hello.txt && echo made > made-remotely && mkdir -p sub && "
+                    "echo deep > sub/deep && rm hello.txt", env=on(remote))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "from the host\n"
+    for rel, text in (("made-remotely", "made\n"), ("sub/deep", "deep\n")):
+        made = user_coi.workspace / rel
+        assert made.read_text() == text
+        assert made.stat().st_uid == user_coi.user.uid
+    assert not (user_coi.workspace / "hello.txt").exists()  # deleted there, unchanged here
+    assert "pushed 1 files" in done.stderr
+    assert "pulled 2 files" in done.stderr
+    assert names_on(incus_client, remote) == []
+
+
+def test_what_the_agent_does_to_protected_and_masked_paths_never_comes_back(
+        user_coi, remote):
+    hooks = user_coi.workspace / ".git" / "hooks"
+    hooks.mkdir(parents=True)
+    (user_coi.workspace / ".env").write_text("SECRET=1\n")
+    done = user_coi("run", "--network", "open", "--", "sh", "-c",
+                    "test -e .env && echo SAW-THE-SECRET; mkdir -p .git/hooks && "
+                    "echo planted > .git/hooks/pre-commit "
+                    "&& chmod +x .git/hooks/pre-commit && echo theirs > .env && echo ok > ok",
+                    env=on(remote))
+    assert done.returncode == 0, done.stderr
+    assert "SAW-THE-SECRET" not in done.stdout
+    assert not (hooks / "pre-commit").exists()
+    assert (user_coi.workspace / ".env").read_text() == "SECRET=1\n"
+    assert (user_coi.workspace / "ok").read_text() == "ok\n"
+
+
+def on_remote(user_coi, remote: Remote):
+    return dataclasses.replace(user_coi, env={**user_coi.env, **on(remote)})
+
+
+def test_a_file_changed_on_both_sides_is_kept_both_ways_and_reported(user_coi, remote):
+    there = on_remote(user_coi, remote)
+    notes = user_coi.workspace / "notes"
+    notes.write_text("base\n")
+    made = there("run", "--persistent", "--network", "open", "--", "true")
+    assert made.returncode == 0, made.stderr
+    name = naming.container_name(str(user_coi.workspace), 1, user_coi.prefix)
+    assert there("container", "start", name).returncode == 0
+    edited = there("container", "exec", name, "--user", "1000", "--", "sh", "-c",
+                   "echo theirs > /workspace/notes && echo new > /workspace/fresh")
+    assert edited.returncode == 0, edited.stderr
+    notes.write_text("mine\n")
+    pulled = there("sync", "pull", name, "--format", "json")
+    assert pulled.returncode == 0, pulled.stderr
+    record = json.loads(pulled.stdout)
+    beside = f"notes.coi-remote-{name}"
+    assert record["conflicts"] == [{"path": "notes", "why": "changed on both sides",
+                                    "remote_copy": beside}]
+    assert "coi: conflict: notes: changed on both sides" in pulled.stderr
+    assert notes.read_text() == "mine\n"
+    assert (user_coi.workspace / beside).read_text() == "theirs\n"
+    assert (user_coi.workspace / "fresh").read_text() == "new\n"
+    assert (user_coi.workspace / "fresh").stat().st_uid == user_coi.user.uid
+    assert there("kill", name).returncode == 0
+
+
+def test_shell_tmux_shutdown_and_resume_on_a_remote(incus_client, user_coi, terminal, remote):
+    there = on_remote(user_coi, remote)
+    name = naming.container_name(str(user_coi.workspace), 1, user_coi.prefix)
+    term = terminal(there.argv("shell", "--network", "open"), None, user_coi.workspace)
+    term.wait_for("dummy: 0 lines of history", timeout=120)
+    term.type("typed in the terminal")
+    term.wait_for("noted typed in the terminal")
+    term.keys("C-b", "d")
+    term.wait_for("COI-EXITED-0")
+    assert there("tmux", "send", name, "sent by tmux").returncode == 0
+    deadline, screen = time.monotonic() + 30, ""
+    while time.monotonic() < deadline and "noted sent by tmux" not in screen:
+        screen = there("tmux", "capture", name).stdout
+        time.sleep(0.3)
+    assert "dummy: noted sent by tmux" in screen
+    listed = json.loads(there("list", "--format", "json").stdout)["active_containers"]
+    assert [(c["name"], c["remote"]) for c in listed] == [(name, "nest")]
+    assert "REMOTE" in there("list").stdout
+    ended = there("shutdown", name)
+    assert ended.returncode == 0, ended.stderr
+    assert names_on(incus_client, remote) == []
+    again = terminal(there.argv("shell", "--resume", "--network", "open"), None,
+                     user_coi.workspace)
+    again.wait_for("dummy: 2 lines of history", timeout=120)
+    again.wait_for("dummy: resumed")
+    again.keys("C-b", "d")
+    again.wait_for("COI-EXITED-0")
+    assert there("kill", "--no-save", name).returncode == 0
 
 
 def test_a_server_with_another_certificate_than_the_pinned_one_is_refused(user_coi, remote):
@@ -106,3 +215,99 @@ def test_an_unknown_remote_is_a_one_line_error(user_coi, remote):
     assert done.returncode == 2
     assert done.stderr.startswith("coi list: the incus client knows no remote 'nowhere'")
     assert "Traceback" not in done.stderr
+
+
+def test_doctor_of_a_remote_checks_the_server_and_says_which_modes_start_there(user_coi,
+                                                                             remote):
+    done = user_coi("doctor", "--remote", remote.name, "--format", "json",
+                    env={"INCUS_CONF": str(remote.conf)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    assert checks["daemon"]["ok"]
+    assert "remote nest (https://" in checks["daemon"]["detail"]
+    assert checks["profile"]["ok"]
+    assert checks["image"]["ok"]
+    assert not checks["egress"]["ok"]
+    assert "only --network open starts" in checks["egress"]["detail"]
+    assert "idmap delegation" not in checks
+
+
+# -- a cluster of two nested daemons --------------------------------------------------------
+
+
+class Cluster(NamedTuple):
+    first: str
+    second: str  # the member sessions are placed on
+    conf: Path
+
+
+def _address(incus_client, host: str) -> str:
+    state = incus_client.instance_state(host)
+    return next(a["address"] for a in state["network"]["eth0"]["addresses"]
+                if a["family"] == "inet" and a["scope"] == "global")
+
+
+JOIN = """cluster:
+  enabled: true
+  server_name: {name}
+  server_address: {address}:8443
+  cluster_token: {token}
+  member_config:
+  - entity: storage-pool
+    name: coi
+    key: source
+    value: ""
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(incus_client, test_image, installed_user) -> Iterator[Cluster]:
+    """Two nested daemons joined as a cluster (the first set up by `coi setup`, then
+    clustered; the second joined with a token), added as remote `clus`, the image
+    copied there."""
+    for first in nested_host(incus_client, test_image, runs_containers=True):
+        for second in nested_host(incus_client, test_image, runs_containers=True):
+            made = run(incus_client, first, f"{SOURCE}/bin/coi setup >/dev/null && incus "
+                       f"config set core.https_address {_address(incus_client, first)}:8443 "
+                       f"&& incus cluster enable {first} >/dev/null && incus cluster add "
+                       f"{second} --quiet", timeout=600)
+            assert made.returncode == 0, made.stderr
+            joined = run(incus_client, second, "incus admin init --preseed", stdin=JOIN.format(
+                name=second, address=_address(incus_client, second),
+                token=made.stdout.strip().splitlines()[-1]).encode(), timeout=600)
+            assert joined.returncode == 0, joined.stderr
+            token = run(incus_client, first, "incus config trust add coi-test-client --quiet")
+            conf = installed_user.home / f"incus-{secrets.token_hex(3)}"
+            env = {"INCUS_CONF": str(conf)}
+            added = installed_user.run(["incus", "remote", "add", "clus",
+                                        token.stdout.strip().splitlines()[-1]], env=env)
+            assert added.returncode == 0, added.stderr
+            copied = installed_user.run(["incus", "image", "copy", test_image, "clus:",
+                                         "--alias", test_image, "--mode", "relay"], env=env,
+                                        timeout=600)
+            assert copied.returncode == 0, copied.stderr
+            try:
+                yield Cluster(first, second, conf)
+            finally:
+                shutil.rmtree(conf, ignore_errors=True)
+
+
+def test_run_with_target_places_the_session_on_that_member_and_list_shows_it(user_coi,
+                                                                            cluster):
+    there = dataclasses.replace(user_coi, env={**user_coi.env, "INCUS_CONF": str(cluster.conf),
+                                               "COI_REMOTE": "clus"})
+    done = there("run", "--persistent", "--target", cluster.second, "--network", "open",
+                 "--", "true")
+    assert done.returncode == 0, done.stderr
+    name = naming.container_name(str(user_coi.workspace), 1, user_coi.prefix)
+    listed = json.loads(there("list", "--format", "json").stdout)["active_containers"]
+    assert [(c["name"], c["remote"], c["location"]) for c in listed] == \
+        [(name, "clus", cluster.second)]
+    table = there("list").stdout
+    assert "LOCATION" in table
+    assert cluster.second in table
+    doctor = json.loads(there("doctor", "--format", "json").stdout)
+    members = next(c for c in doctor["checks"] if c["name"] == "cluster")
+    assert members["ok"]
+    assert f"{cluster.first} (Online), {cluster.second} (Online)" in members["detail"]
+    assert there("kill", name).returncode == 0

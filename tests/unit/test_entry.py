@@ -279,10 +279,21 @@ def test_quiet_and_verbose_are_taken_out_before_the_double_dash_into_the_environ
     (["run", "--", "echo", "--remote", "x"], ["run", "--", "echo", "--remote", "x"], None),
     (["list", "--remote"], ["list", "--remote"], None),  # no name: the parser refuses it
     (["list", "--remote="], ["list", "--remote="], None),
+    (["run", "--target", "m2", "--", "true"], ["run", "--", "true"], None),
 ])
 def test_remote_is_taken_out_of_argv_into_the_environment(monkeypatch, argv, left, remote):
     # Set first, so monkeypatch puts the variable back as it was (take_remote sets it).
     monkeypatch.setenv(entry.REMOTE_VARIABLE, "before")
     monkeypatch.delenv(entry.REMOTE_VARIABLE)
+    monkeypatch.setenv(entry.TARGET_VARIABLE, "before")
+    monkeypatch.delenv(entry.TARGET_VARIABLE)
     assert entry.take_remote(argv) == left
     assert os.environ.get(entry.REMOTE_VARIABLE) == remote
+
+
+def test_target_is_taken_out_of_argv_into_the_environment(monkeypatch):
+    monkeypatch.setenv(entry.TARGET_VARIABLE, "before")
+    monkeypatch.delenv(entry.TARGET_VARIABLE)
+    assert entry.take_remote(["run", "--target=m2", "--", "x", "--target", "y"]) == \
+        ["run", "--", "x", "--target", "y"]
+    assert os.environ[entry.TARGET_VARIABLE] == "m2"

@@ -316,7 +316,8 @@ def test_the_list_record_keeps_the_original_keys_and_adds_ours():
                      "ipv4": "10.151.43.165", "image": "coi",
                      "created_at": "2026-11-27T04:31:05.591882599Z", "slot": 2,
                      "tool": "claude", "network": "restricted", "mode": "persistent",
-                     "owner_uid": 1000, "pooled": False}
+                     "owner_uid": 1000, "pooled": False, "remote": "local",
+                     "location": ""}
     assert (second["ipv4"], second["persistent"], second["owner_uid"]) == ("", False, None)
 
 
@@ -600,6 +601,8 @@ def test_a_failure_on_one_container_is_a_result_and_the_next_one_still_runs(monk
 
 class Listing:
     """An Incus that lists session containers of two users (1001 and 1002)."""
+
+    remote = None
 
     def __init__(self):
         self.found = [self.session("1a2b3c4d-1", "1001"), self.session("1a2b3c4d-2", "1002"),
