@@ -232,11 +232,12 @@ def remote_checks(settings: config.Config) -> Iterator[Check]:
             f"{m.get('server_name', '?')} ({m.get('status', '?')})" for m in members),
             "--target a member that is online", required=False)
     yield from _incus_checks(client, settings, None)
-    yield Check("egress", False, "on a remote only --network open starts: coi's rules "
-                "(restricted, allowlist) are nftables of the host that runs the container, "
-                "and coi does not put them on a server yet; sessions in those modes are "
-                "refused before anything is made", "coi shell --network open (everything "
-                "reachable), or run the session on this machine", required=False)
+    profile = client.get_optional(f"/1.0/profiles/{settings.get('incus.profile')}")
+    yield Check("egress", profile is not None,
+                "restricted: put in force by the server's own coi at every start (its "
+                "coi-net-hook; a start without the rules fails); allowlist: refused on a "
+                "remote; open: as asked", "run 'coi setup' as root on the server (and on "
+                "each cluster member)", required=False)
 
 
 def _incus_checks(client: incus.Incus, settings: config.Config,

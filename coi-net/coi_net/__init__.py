@@ -20,10 +20,12 @@ Commands:
             port isolation. Run it after creating the container and before
             starting it, so the rules are there before its first packet. Without
             <name>, reads a slot record (of coi's slots) on stdin and takes the
-            container and mode from it.
+            container and mode from it. On a remote ([incus] remote): only marks
+            the container for the server's own coi, which puts restricted rules
+            in place at each start (allowlist is refused; docs/remote.md).
   remove    Remove a container's rules and state (at deletion); without <name>,
             the container of a slot record on stdin. Missing rules
-            are not an error.
+            are not an error. On a remote: nothing (the server's gc does it).
   refresh   Re-resolve allowlists whose DNS answers have expired (or all names
             with --force, or of the named containers) and swap the allowed
             addresses in one transaction; restore rules that are missing (after
@@ -32,7 +34,9 @@ Commands:
             coi's host service runs `refresh --all` every 10 s by itself.
   restore   Put a container's recorded rules back when they are missing, without
             resolving anything (the cached addresses stand); exits 1 when coi
-            recorded no policy for it. Incus runs it, through coi's start hook, each
+            recorded no policy for it (a restricted container a remote coi marked
+            is adopted: its rules from its own keys). Incus runs it, through coi's
+            start hook, each
             time the container starts: apply makes that the container's
             lxc.hook.start-host, so a container whose rules cannot be put in
             place does not start at all.

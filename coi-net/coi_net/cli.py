@@ -33,9 +33,10 @@ def run(args: Args, *, as_json: bool) -> int:
     names = [validate_container_name(n) for n in args["<name>"] or []]
     if args["remove"] and not names:
         names = [_slot_record().container]
-    if args["remove"] and not dry_run and os.geteuid() != 0:
-        records = [_by_service("net_remove", "net_removed", container=name) for name in names]
-        return _render(records, None, as_json=as_json, text=_removed_text)
+    if args["remove"] and (config.load(None).get("incus.remote") or
+                           (not dry_run and os.geteuid() != 0)):
+        return _render([_remove_elsewhere(name, dry_run=dry_run) for name in names], None,
+                       as_json=as_json, text=_removed_text)
     if args["status"]:
         return _status(names, as_json=as_json)
     if not dry_run:
@@ -80,6 +81,26 @@ def _context(settings: config.Config, *, dry_run: bool) -> ops.Context:
     return ops.Context(client=incus.connect(settings), table=nft.table_name(),
                        store=np.Store(ops.state_dir(), project),
                        bridge_name=settings.get("incus.network"), dry_run=dry_run)
+
+
+def _remove_elsewhere(name: str, *, dry_run: bool) -> Record:
+    """A member's remove: coi's host service does it. On a remote: nothing here; the
+    server's coi removes the rules of a deleted container itself (its gc)."""
+    if config.load(None).get("incus.remote"):
+        return make_record("net_removed", container=name, interface="", removed=False,
+                           dry_run=dry_run)
+    return _by_service("net_remove", "net_removed", container=name)
+
+
+def _mark_on_server(settings: config.Config, name: str, mode: str, *, dry_run: bool
+                    ) -> Record:
+    """coi-net apply of a container on a remote: marked for the server's own coi, which
+    enforces restricted mode there (ops.mark_for_server); this host's rules untouched."""
+    project = np.validate_project(settings.get("incus.project"))
+    ctx = ops.Context(client=incus.connect(settings), table=nft.DEFAULT_TABLE,
+                      store=np.Store(ops.DEFAULT_STATE_DIR, project),
+                      bridge_name=settings.get("incus.network"), dry_run=dry_run)
+    return ops.mark_for_server(ctx, ops.Request(name, mode, np.Allowed(), (), 0))
 
 
 def _this_host_only(settings: config.Config) -> None:
@@ -154,12 +175,14 @@ def _apply(args: Args, *, as_json: bool) -> int:
         profile = slot.config_profile or None
     name = validate_container_name(name)
     settings = config.load(workspace, profile=profile)
-    _this_host_only(settings)
     if args["--mode"] is not None:  # an empty --mode is refused, not read as the default
         mode = args["--mode"]
     elif not mode:
         mode = settings.get("network.mode")
     mode = np.validate_mode(mode)
+    if settings.get("incus.remote"):
+        return _render([_mark_on_server(settings, name, mode, dry_run=dry_run)], None,
+                       as_json=as_json, text=_applied_text)
     timeout = np.parse_timeout(args["--dns-timeout"])
     minutes = (np.parse_refresh_minutes(args["--refresh-minutes"])
                if args["--refresh-minutes"] is not None
@@ -236,6 +259,9 @@ def _render_refresh(records: list[Record], *, as_json: bool) -> int:
 
 
 def _applied_text(record: Record) -> str:
+    if record.get("enforced_by") == "server":
+        return (f"{record['container']}: {record['mode']} on {record['interface']}, "
+                "put in force by the server's coi at every start")
     line = (f"{record['container']}: {record['mode']} on {record['interface']}, "
             f"{record['rules']} rules")
     if record["mode"] == "allowlist":

@@ -127,7 +127,7 @@ def bridge_facts(client: Incus, bridge_name: str) -> np.Bridge:
     return np.Bridge.from_config(bridge_name, network.get("config") or {})
 
 
-def prepare_nic(ctx: Context, request: Request, ifname: str) -> str:
+def prepare_nic(ctx: Context, request: Request, ifname: str, hook: str | None = None) -> str:
     """Give the NIC coi's host_name and filtering: `unchanged`, `changed` or `pending`.
 
     A running container must already use the fixed name (its veth cannot be
@@ -143,7 +143,7 @@ def prepare_nic(ctx: Context, request: Request, ifname: str) -> str:
                              nic_filtering=request.nic_filtering)
     raw_lxc = str((instance.get("config") or {}).get("raw.lxc") or "")
     hooked = np.with_start_hook(raw_lxc, np.start_hook_line(
-        start_hook(), table=ctx.table, ifname=ifname, container=request.container,
+        hook or start_hook(), table=ctx.table, ifname=ifname, container=request.container,
         project=ctx.store.project, state_dir=ctx.store.root))
     config = {"raw.lxc": hooked} if hooked != raw_lxc else {}
     if instance.get("status") != "Stopped":
@@ -178,12 +178,14 @@ def start_hook() -> str:
     return os.path.abspath(found)  # not the link's target: the hook finds coi-net beside it
 
 
-def apply(ctx: Context, request: Request, *, now: float | None = None) -> Record:
-    """Put one container's rules in place; the NIC first, then one nft transaction."""
+def apply(ctx: Context, request: Request, *, now: float | None = None,
+          nic_prepared: bool = False) -> Record:
+    """Put one container's rules in place; the NIC first (unless `nic_prepared`: adopt),
+    then one nft transaction."""
     now = time.time() if now is None else now
     project = ctx.store.project
     ifname = np.host_name_for(request.container, project)
-    nic = prepare_nic(ctx, request, ifname)
+    nic = "unchanged" if nic_prepared else prepare_nic(ctx, request, ifname)
     bridge = bridge_facts(ctx.client, ctx.bridge_name)
     for address in request.allowed.addresses:
         if np.is_blocked(address, bridge):
@@ -279,6 +281,58 @@ def remove(ctx: Context, container: str) -> Record:
                        removed=bool(commands) or had_state, dry_run=ctx.dry_run)
 
 
+# -- containers of a remote coi (docs/remote.md, section 4) --------------------------------------
+
+
+SERVER_MODES: Final = ("restricted",)
+"""What a server's coi enforces for a remote coi: restricted needs nothing but the
+container's own keys; allowlist would need names the server must not trust."""
+
+
+def mark_for_server(ctx: Context, request: Request) -> Record:
+    """A container on a remote, made stopped by this host's coi: its NIC gets coi's name
+    and filtering, and its start hook is the coi-net-hook that `coi setup` installed
+    on the server (INSTALLED_HOOK, the server's own table and state directory). At
+    every start the server's hook puts the rules in place (adopt), or the container
+    does not start: fail closed, enforced where its packets flow. This host's nftables
+    are not touched."""
+    if request.mode not in SERVER_MODES:
+        raise CoiError(f"network mode {request.mode} cannot be enforced on a remote: only "
+                       "restricted is, by the server's own coi", hint="use --network "
+                       "restricted or open there, or run the session on this machine")
+    ifname = np.host_name_for(request.container, ctx.store.project)
+    nic = prepare_nic(ctx, request, ifname, hook=INSTALLED_HOOK)
+    return make_record("net_rules", container=request.container, mode=request.mode,
+                       interface=ifname, rules=0, allowed=[], wildcards=[], resolver=None,
+                       names={}, failures=[], nic_changed=nic == "changed",
+                       nic_pending=nic == "pending", dry_run=ctx.dry_run,
+                       enforced_by="server")
+
+
+def adopt(ctx: Context, name: str) -> Record | str:
+    """On a server: a container that a remote host's coi made here in restricted mode
+    (user.coi.origin, user.coi.network, its NIC named by mark_for_server), starting with
+    no policy recorded yet. Its rules are applied from its own keys (the start hook's
+    restore). Only restricted mode is adopted: it widens nothing. A string: why it is
+    not such a container (the hook then fails, and the container does not start)."""
+    from coi_common.sessions import SessionContainer  # noqa: PLC0415
+
+    try:
+        instance = ctx.client.instance_config(name)
+    except NotFound:
+        return "no such container"
+    keys = SessionContainer.from_instance(instance)
+    if keys is None or not keys.origin:
+        return "no rules applied by coi"
+    if keys.network not in SERVER_MODES:
+        return f"a remote coi's container in {keys.network} mode, which no server enforces"
+    ifname = np.host_name_for(name, ctx.store.project)
+    _device, settings = find_nic(instance, ctx.bridge_name)
+    if settings.get("host_name") != ifname:
+        return f"its NIC is not named {ifname}"  # its packets would not pass coi's port
+    return apply(ctx, Request(name, keys.network, np.Allowed(), (), 0), nic_prepared=True)
+
+
 # -- refresh -----------------------------------------------------------------------------------
 
 
@@ -299,11 +353,13 @@ def refresh(ctx: Context, containers: Sequence[str], *, force: bool = False,
     records: list[Record] = []
     for name in targets:
         state = ctx.store.load(name)
+        adopted = adopt(ctx, name) if state is None and explicit and not resolve else \
+            "no rules applied by coi"
         if state is None:
-            records.append(make_record("net_refresh", container=name, ok=False, changed=False,
-                                       added=[], removed=[], restored=False,
-                                       failures=[{"name": "", "error": "no rules applied "
-                                                  "by coi", "kept": []}]))
+            ok = not isinstance(adopted, str)
+            records.append(make_record("net_refresh", container=name, ok=ok, changed=ok,
+                                       added=[], removed=[], restored=ok, failures=[] if ok
+                                       else [{"name": "", "error": adopted, "kept": []}]))
             continue
         states[name] = state
     lookups = _resolve_due(states, explicit=explicit, force=force, now=now) if resolve else {}

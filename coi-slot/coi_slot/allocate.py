@@ -72,14 +72,14 @@ def described_record(args: Args, settings: Any) -> sessions.SlotRecord:
 def _check_remote_session(args: Args, settings: Any) -> None:
     """What a session on a remote cannot have, refused before anything is made: host
     folders (nothing of this host is mounted there), a warm pool, and egress rules
-    coi cannot enforce where the container runs (fail closed: docs/remote.md)."""
+    coi cannot enforce where the container runs (fail closed: docs/remote.md). The
+    server's own coi enforces restricted mode; allowlist needs this host's resolver."""
     remote = settings.get("incus.remote")
-    if settings.get("network.mode") != "open":
-        raise CoiError(f"network mode {settings.get('network.mode')} cannot be enforced on "
-                       f"remote {remote}: coi's egress rules are nftables on the host that "
-                       "runs the container, and this host does not run it",
-                       hint="start it with --network open to let it reach everything, or "
-                            "without --remote to keep the policy")
+    if settings.get("network.mode") == "allowlist":
+        raise CoiError(f"network mode allowlist cannot be enforced on remote {remote}: its "
+                       "names are resolved and answered by coi on the host that runs the "
+                       "container", hint="use --network restricted (enforced by the "
+                       "server's coi) or open there, or run the session on this machine")
     if args["--mount"] or settings.get("mounts.default") or args["--storage"] is not None:
         raise CoiError(f"a session on remote {remote} cannot mount folders of this host",
                        hint="its workspace is copied there and synced back (coi sync)")

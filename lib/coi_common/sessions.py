@@ -285,7 +285,7 @@ class SessionContainer:
         return cls(workspace, int(slot), get("persistent") == "true", values["image"],
                    values["tool"] or "claude", network, int(uid) if uid is not None else None,
                    values["session_id"], values["session_base"], values["ended_run"],
-                   values["pool"])
+                   values["pool"], values["origin"])
 
     @property
     def idle_in_pool(self) -> bool:

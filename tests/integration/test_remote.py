@@ -94,14 +94,53 @@ def test_coi_lists_and_ends_containers_of_a_remote_over_https(incus_client, user
     assert name not in names_on(incus_client, remote)
 
 
-def test_restricted_mode_on_a_remote_is_refused_before_anything_is_made(incus_client,
-                                                                       user_coi, remote):
+def test_allowlist_mode_on_a_remote_is_refused_before_anything_is_made(incus_client,
+                                                                      user_coi, remote):
     before = names_on(incus_client, remote)
-    done = user_coi("run", "--", "true", env=on(remote))  # the default mode: restricted
+    done = user_coi("run", "--network", "allowlist", "--", "true", env=on(remote))
     assert done.returncode == 1
-    assert "network mode restricted cannot be enforced on remote nest" in done.stderr
+    assert "network mode allowlist cannot be enforced on remote nest" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert names_on(incus_client, remote) == before
+
+
+PROBE = ("curl -s -o /dev/null --connect-timeout 3 -m 3 http://{address}:8099/; "
+         "echo curl-exit=$?")
+
+
+@pytest.fixture
+def private_host(incus_client, remote) -> Iterator[str]:
+    """A web server on the server's own bridge address (a private address of a test host
+    this test made), for the length of the test."""
+    found = run(incus_client, remote.host, "incus network get coibr0 ipv4.address")
+    address = found.stdout.strip().split("/")[0]
+    started = run(incus_client, remote.host, f"cd /tmp && nohup python3 -m http.server 8099 "
+                  f"--bind {address} >/dev/null 2>&1 </dev/null & echo $!")
+    assert started.returncode == 0, started.stderr
+    try:
+        yield address
+    finally:
+        run(incus_client, remote.host, f"kill {started.stdout.strip()}")
+
+
+def test_restricted_mode_on_a_remote_is_enforced_by_the_servers_coi(
+        incus_client, user_coi, remote, private_host, host_service):
+    probe = PROBE.format(address=private_host)
+    control = user_coi("run", "--network", "open", "--", "sh", "-c", probe, env=on(remote))
+    assert control.stdout.strip() == "curl-exit=0", control.stderr  # it answers
+    done = user_coi("run", "--persistent", "--", "sh", "-c", probe,  # the default mode
+                    env=on(remote))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() in ("curl-exit=7", "curl-exit=28"), done.stdout
+    # The server's coi put the rules in (its start hook adopted the container) and
+    # keeps them while it exists; nothing of them is on this host.
+    name = naming.container_name(str(user_coi.workspace), 1, user_coi.prefix)
+    ifname = run(incus_client, remote.host, f"incus config device get {name} eth0 host_name")
+    kept = run(incus_client, remote.host, f"test -f /var/lib/coi/net/default/{name}.json && "
+               f"nft list table bridge coi | grep -c {ifname.stdout.strip()}")
+    assert kept.returncode == 0, kept.stdout + kept.stderr
+    assert not list(host_service.state_dir.rglob(f"{name}.json"))  # this host's coi-net
+    assert user_coi("kill", name, env=on(remote)).returncode == 0
 
 
 def test_a_run_on_a_remote_sees_the_workspace_and_brings_back_what_it_made(
@@ -227,8 +266,8 @@ def test_doctor_of_a_remote_checks_the_server_and_says_which_modes_start_there(u
     assert "remote nest (https://" in checks["daemon"]["detail"]
     assert checks["profile"]["ok"]
     assert checks["image"]["ok"]
-    assert not checks["egress"]["ok"]
-    assert "only --network open starts" in checks["egress"]["detail"]
+    assert checks["egress"]["ok"]
+    assert "allowlist: refused on a remote" in checks["egress"]["detail"]
     assert "idmap delegation" not in checks
 
 

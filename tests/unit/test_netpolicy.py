@@ -20,7 +20,7 @@ import pytest
 
 import coi_net
 from coi_common import config
-from coi_common.errors import BadInput
+from coi_common.errors import BadInput, CoiError
 from coi_net import nft
 from coi_net import policy as np
 from zone_server import SILENT, ZONE
@@ -777,3 +777,53 @@ def test_an_allowlist_apply_makes_its_answer_sets_with_timeouts_and_removal_dele
     deleted = {c["delete"]["set"]["name"] for c in np.removal_commands(TABLE, IFNAME, existing)}
     assert deleted == set(np.set_names(IFNAME))
     assert existing.ifnames() == {IFNAME}
+
+
+# -- containers of a remote coi, on the server (ops.adopt, ops.mark_for_server) ----------------
+
+
+class _OneInstance:
+    """An Incus that holds one instance (pure logic: no call changes anything)."""
+
+    def __init__(self, instance):
+        self.instance = instance
+
+    def instance_config(self, _name):
+        return self.instance
+
+
+def _remote_made(name, network="restricted", origin="0123456789abcdef", host_name=None):
+    from coi_common.sessions import SessionContainer  # noqa: PLC0415
+
+    keys = SessionContainer("/home/u/w", 1, False, "coi", "claude", network, 1001,
+                            origin=origin).to_config()
+    nic = {"type": "nic", "network": "coibr0", "name": "eth0",
+           "host_name": host_name or np.host_name_for(name, "default")}
+    return {"name": name, "config": keys, "expanded_devices": {"eth0": nic}}
+
+
+@pytest.mark.parametrize(("instance", "why"), [
+    (_remote_made("coi-1a2b3c4d-1", origin=""), "no rules applied by coi"),
+    (_remote_made("coi-1a2b3c4d-1", network="open"), "in open mode, which no server enforces"),
+    (_remote_made("coi-1a2b3c4d-1", network="allowlist"), "which no server enforces"),
+    (_remote_made("coi-1a2b3c4d-1", host_name="veth1234"), "its NIC is not named coi"),
+    ({"name": "web", "config": {}}, "no rules applied by coi"),
+])
+def test_a_server_adopts_only_a_remote_cois_restricted_container_with_coi_s_port(
+        instance, why, tmp_path):
+    from coi_net import ops  # noqa: PLC0415
+
+    ctx = ops.Context(_OneInstance(instance), "coi", np.Store(str(tmp_path)), "coibr0")
+    reason = ops.adopt(ctx, "coi-1a2b3c4d-1")
+    assert isinstance(reason, str)
+    assert why in reason
+    assert list(tmp_path.iterdir()) == []  # nothing recorded
+
+
+def test_only_restricted_mode_is_marked_for_a_server(tmp_path):
+    from coi_net import ops  # noqa: PLC0415
+
+    ctx = ops.Context(_OneInstance({}), "coi", np.Store(str(tmp_path)), "coibr0")
+    with pytest.raises(CoiError, match="allowlist cannot be enforced on a remote"):
+        ops.mark_for_server(ctx, ops.Request("coi-1a2b3c4d-1", "allowlist", np.Allowed(), (),
+                                             0))

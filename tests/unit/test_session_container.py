@@ -29,7 +29,8 @@ def test_the_keys_written_at_create_are_the_ones_read_back():
 
 @pytest.mark.parametrize(("key", "value"), [
     ("workspace", "relative/path"), ("slot", "0"), ("slot", "x1"), ("slot", "\u0661"),
-    ("persistent", "yes"), ("host_uid", "-1"), ("network", "wide"), ("slot", "9" * 40)])
+    ("persistent", "yes"), ("host_uid", "-1"), ("network", "wide"), ("slot", "9" * 40),
+    ("origin", "not-hex"), ("origin", "0123456789ABCDEF")])
 def test_a_container_whose_key_does_not_parse_is_not_a_coi_session(key, value):
     hostile = {**CAPTURED, "config": {**CAPTURED["config"], f"{KEY}{key}": value}}
     assert SessionContainer.from_instance(hostile) is None
@@ -38,3 +39,11 @@ def test_a_container_whose_key_does_not_parse_is_not_a_coi_session(key, value):
 def test_a_container_without_coi_keys_is_not_a_coi_session():
     assert SessionContainer.from_instance({"name": "web", "config": {"image.os": "debian"}}) \
         is None
+
+
+def test_a_remote_containers_origin_is_written_and_read_back():
+    keys = SessionContainer.from_instance(CAPTURED)
+    remote = SessionContainer(**{**keys.__dict__, "origin": "0123456789abcdef"})
+    written = remote.to_config()
+    assert written[f"{KEY}origin"] == "0123456789abcdef"
+    assert SessionContainer.from_instance({"config": written}) == remote
