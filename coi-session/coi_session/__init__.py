@@ -11,7 +11,7 @@ Usage:
   coi-session [session] prune (--keep N | --older-than DURATION)
               [--workspace DIR | --all] [--tool NAME] [--format FMT] [--debug]
   coi-session info [<id>] [--workspace DIR] [--tool NAME] [--format FMT] [--debug]
-  coi-session sync (pull | push) [<name>] [--format FMT] [--debug]
+  coi-session sync (pull | push) [<name>] [--every SECONDS] [--format FMT] [--debug]
   coi-session (-h | --help)
   coi-session --version
 
@@ -49,6 +49,9 @@ Commands:
             first copy of the workspace). A file changed on both sides is kept
             both ways (the container's as FILE.coi-remote-NAME) and reported,
             never overwritten. Every save of a remote container pulls first.
+            With --every SECONDS: again and again, that many seconds apart,
+            until the containers are gone (or Ctrl-C); a line only when
+            something came over.
   The word `session` is optional: `coi session list` runs
   `coi-session session list`, which is `coi-session list`.
 
@@ -61,6 +64,7 @@ Options:
   --keep N                 How many of the newest sessions to keep (0 or more).
   --older-than DURATION    Age such as 30d, 12h, 90m, 2w or 45s.
   --format FMT             Output format: text or json [default: text].
+  --every SECONDS          sync: repeat, this many seconds apart (1 to 86400).
   --debug                  Show tracebacks on errors.
   -h --help                Show this help.
 
@@ -77,6 +81,7 @@ Examples:
   coi info --format json
   coi sync pull coi-3f2a9c1b-1
   coi sync push --format json
+  coi sync pull --every 30
 """
 
 from __future__ import annotations

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, Final
 
 from coi_common import config, incus, naming, output
 from coi_common.entry import Args
-from coi_common.errors import BadInput, NotFound
+from coi_common.errors import BadInput, CoiError, NotFound
 from coi_common.protocol import make_record, read_record, write_record
 from coi_common.sessions import RESUME_LATEST, SlotRecord
 from coi_session import saved_sessions
@@ -21,6 +22,7 @@ from coi_session.saved_sessions import ORIGINAL, Session, Store
 
 NONE_SHOWN: Final = "-"
 _KEEP: Final = re.compile(r"0|[1-9][0-9]{0,5}")
+_EVERY: Final = re.compile(r"[1-9][0-9]{0,4}")
 
 
 def run(args: Args) -> int:
@@ -260,32 +262,66 @@ def _print_deleted(deleted: Sequence[Session], as_json: bool) -> None:
 
 
 def _sync(args: Args, as_json: bool) -> int:
-    """coi sync pull|push: each container's result; conflicts are warnings (exit 0)."""
+    """coi sync pull|push: each container's result; conflicts are warnings (exit 0).
+    --every: again until every container named is gone."""
     from coi_session import workspace_sync  # noqa: PLC0415
 
     direction = "pull" if args["pull"] else "push"
+    every = _every(args["--every"]) if args["--every"] is not None else None
     settings = config.load(None)
     client = incus.connect(settings)
-    if args.get("<name>") is not None:
-        wanted = [(naming.validate_container_name(args["<name>"]), None, True)]
-    elif not sys.stdin.isatty():
-        record = _slot_record()
-        wanted = [(record.container, record.workspace, record.mask)]
-    else:
-        wanted = [(name, None, True) for name in workspace_sync.synced_here(
-            settings, client, naming.canonical_workspace("."))]
-        if not wanted:
-            raise NotFound("no container of this workspace was synced from this host",
-                           hint="coi list shows the sessions; name one")
-    for name, workspace, mask in wanted:
-        result = workspace_sync.sync(client, name, settings, direction, workspace=workspace,
-                                     mask=mask)
-        _tell_sync(result)
-        if as_json:
-            write_record(result.to_record())
-        else:
-            print(result.line(), flush=True)
+    wanted = _sync_targets(args, settings, client)
+    while wanted:
+        for name, workspace, mask in list(wanted):
+            try:
+                if every is not None and client.status(name) != "Running":
+                    continue  # stopped, or stopping: its end pulls, and it may start again
+                result = workspace_sync.sync(client, name, settings, direction,
+                                             workspace=workspace, mask=mask)
+            except NotFound:
+                if every is None:
+                    raise
+                wanted.remove((name, workspace, mask))  # gone: its last save pulled it
+                continue
+            except CoiError as exc:
+                if every is None:
+                    raise
+                print(f"coi: {exc.one_line()}; again in {every:g} s", file=sys.stderr)
+                continue
+            _tell_sync(result)
+            if every is not None and not (result.copied or result.deleted or result.conflicts):
+                continue  # nothing came over: no line every few seconds
+            if as_json:
+                write_record(result.to_record())
+            else:
+                print(result.line(), flush=True)
+        if every is None:
+            break
+        time.sleep(every)
     return 0
+
+
+def _every(text: str) -> float:
+    if not _EVERY.fullmatch(text) or not 1 <= int(text) <= 86400:
+        raise BadInput(f"--every {text!r}: give whole seconds, 1 to 86400")
+    return float(text)
+
+
+def _sync_targets(args: Args, settings: Any, client: Any) -> list[tuple[str, str | None, bool]]:
+    """(container, the workspace of a first push, mask) for each container to sync."""
+    from coi_session import workspace_sync  # noqa: PLC0415
+
+    if args.get("<name>") is not None:
+        return [(naming.validate_container_name(args["<name>"]), None, True)]
+    if not sys.stdin.isatty():
+        record = _slot_record()
+        return [(record.container, record.workspace, record.mask)]
+    found = [(name, None, True) for name in workspace_sync.synced_here(
+        settings, client, naming.canonical_workspace("."))]
+    if not found:
+        raise NotFound("no container of this workspace was synced from this host",
+                       hint="coi list shows the sessions; name one")
+    return found
 
 
 def _tell_sync(result: Any) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
+import shlex
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,6 +208,61 @@ def test_a_file_changed_on_both_sides_is_kept_both_ways_and_reported(user_coi, r
     assert (user_coi.workspace / "fresh").read_text() == "new\n"
     assert (user_coi.workspace / "fresh").stat().st_uid == user_coi.user.uid
     assert there("kill", name).returncode == 0
+
+
+def test_sync_every_brings_changes_while_the_session_runs_and_ends_with_it(user_coi, remote):
+    there = on_remote(user_coi, remote)
+    assert there("run", "--persistent", "--network", "open", "--", "true").returncode == 0
+    name = naming.container_name(str(user_coi.workspace), 1, user_coi.prefix)
+    assert there("container", "start", name).returncode == 0
+    watcher = subprocess.Popen(shlex.split(there.argv("sync", "pull", name, "--every",
+                                                      "1")[0]),
+                               cwd=user_coi.workspace, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        made = there("container", "exec", name, "--user", "1000", "--", "sh", "-c",
+                     "echo live > /workspace/live")
+        assert made.returncode == 0, made.stderr
+        live = user_coi.workspace / "live"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not live.exists():
+            time.sleep(0.2)
+        assert live.read_text() == "live\n"  # while the session still runs
+        assert there("kill", name).returncode == 0
+        out, err = watcher.communicate(timeout=30)  # the container is gone: so is it
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+    assert watcher.returncode == 0, err
+    assert f"pulled 1 files (5 B) from {name}" in out
+
+
+def test_build_custom_and_file_transfer_work_on_a_remote(user_coi, remote, tmp_path):
+    there = on_remote(user_coi, remote)
+    script = user_coi.workspace / "build.sh"
+    script.write_text("echo built-on-the-remote > /etc/coi-test-marker\n")
+    image = f"{user_coi.prefix}custom"
+    built = there("build", "custom", image, "--script", str(script), "--base",
+                  user_coi.env["COI_DEFAULTS_IMAGE"], timeout=900)
+    assert built.returncode == 0, built.stderr
+    listed = json.loads(there("image", "list", "--format", "json").stdout)["images"]
+    assert image in [i["alias"] for i in listed]
+    assert image not in there("image", "list", env={"COI_REMOTE": ""}).stdout  # not here
+    assert there("run", "--persistent", "--network", "open", "--image", image, "--",
+                 "true").returncode == 0
+    name = naming.container_name(str(user_coi.workspace), 1, user_coi.prefix)
+    assert there("container", "start", name).returncode == 0
+    pulled = user_coi.workspace / "marker"
+    done = there("file", "pull", f"{name}:/etc/coi-test-marker", str(pulled))
+    assert done.returncode == 0, done.stderr
+    assert pulled.read_text() == "built-on-the-remote\n"
+    (user_coi.workspace / "sent").write_text("sent over\n")
+    done = there("file", "push", str(user_coi.workspace / "sent"), f"{name}:/tmp/sent")
+    assert done.returncode == 0, done.stderr
+    read = there("container", "exec", name, "--capture", "--", "cat", "/tmp/sent")
+    assert json.loads(read.stdout)["stdout"] == "sent over\n"
+    assert there("kill", name).returncode == 0
+    assert there("image", "delete", image).returncode == 0
 
 
 def test_shell_tmux_shutdown_and_resume_on_a_remote(incus_client, user_coi, terminal, remote):
