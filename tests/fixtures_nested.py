@@ -87,6 +87,8 @@ def ensure_image(client: Incus, test_image: str) -> str:
         if found:
             client.delete_alias(ALIAS)
         client.publish(builder, alias=ALIAS, properties={"coi.test_recipe": wanted})
+        if found:  # the image of the older recipe goes with its alias
+            client.delete_image(found["fingerprint"])
     finally:
         client.delete_instance_force(builder)
     return ALIAS

@@ -265,7 +265,7 @@ def test_build_custom_and_file_transfer_work_on_a_remote(user_coi, remote, tmp_p
     assert there("image", "delete", image).returncode == 0
 
 
-def test_shell_tmux_shutdown_and_resume_on_a_remote(incus_client, user_coi, terminal, remote):
+def test_shell_tmux_attach_shutdown_and_resume_on_a_remote(incus_client, user_coi, terminal, remote):
     there = on_remote(user_coi, remote)
     name = naming.container_name(str(user_coi.workspace), 1, user_coi.prefix)
     term = terminal(there.argv("shell", "--network", "open"), None, user_coi.workspace)
@@ -280,6 +280,10 @@ def test_shell_tmux_shutdown_and_resume_on_a_remote(incus_client, user_coi, term
         screen = there("tmux", "capture", name).stdout
         time.sleep(0.3)
     assert "dummy: noted sent by tmux" in screen
+    back = terminal(there.argv("attach", name), None, user_coi.workspace)
+    back.wait_for("noted sent by tmux")
+    back.keys("C-b", "d")
+    back.wait_for("COI-EXITED-0")
     listed = json.loads(there("list", "--format", "json").stdout)["active_containers"]
     assert [(c["name"], c["remote"]) for c in listed] == [(name, "nest")]
     assert "REMOTE" in there("list").stdout
