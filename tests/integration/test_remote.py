@@ -265,7 +265,8 @@ def test_build_custom_and_file_transfer_work_on_a_remote(user_coi, remote, tmp_p
     assert there("image", "delete", image).returncode == 0
 
 
-def test_shell_tmux_attach_shutdown_and_resume_on_a_remote(incus_client, user_coi, terminal, remote):
+def test_shell_tmux_attach_shutdown_and_resume_on_a_remote(incus_client, user_coi, terminal,
+                                                           remote):
     there = on_remote(user_coi, remote)
     name = naming.container_name(str(user_coi.workspace), 1, user_coi.prefix)
     term = terminal(there.argv("shell", "--network", "open"), None, user_coi.workspace)
