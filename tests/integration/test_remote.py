@@ -237,6 +237,23 @@ def test_sync_every_brings_changes_while_the_session_runs_and_ends_with_it(user_
     assert f"pulled 1 files (5 B) from {name}" in out
 
 
+def test_clean_on_a_remote_pulls_a_stopped_leftover_and_removes_it(incus_client, user_coi,
+                                                                   remote):
+    there = on_remote(user_coi, remote)
+    assert there("run", "--persistent", "--network", "open", "--", "sh", "-c",
+                 "echo first > first").returncode == 0
+    name = naming.container_name(str(user_coi.workspace), 1, user_coi.prefix)
+    # A leftover: ephemeral, stopped, with a change its session never brought back.
+    changed = run(incus_client, remote.host, f"incus exec {name} -- su code -c 'echo late > "
+                  f"/workspace/late' && incus config set {name} user.coi.persistent=false && "
+                  f"incus stop -f {name}")
+    assert changed.returncode == 0, changed.stderr
+    cleaned = there("clean", "--force")
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert names_on(incus_client, remote) == []
+    assert (user_coi.workspace / "late").read_text() == "late\n"
+
+
 def test_build_custom_and_file_transfer_work_on_a_remote(user_coi, remote, tmp_path):
     there = on_remote(user_coi, remote)
     script = user_coi.workspace / "build.sh"
