@@ -233,7 +233,7 @@ def test_list_shows_coi_containers_with_mode_status_slot_and_address(
         "name": stopped, "status": "Stopped", "persistent": False, "mode": "ephemeral",
         "workspace": str((open_tmp / "ws").resolve()), "ipv4": "", "image": "coi-test-image",
         "created_at": None, "slot": 1, "tool": "claude", "network": "restricted",
-        "owner_uid": 0, "pooled": False}
+        "owner_uid": 0, "pooled": False, "remote": "local", "location": ""}
 
 
 def test_list_of_nothing_is_one_friendly_line_or_an_empty_list(coi_env):
