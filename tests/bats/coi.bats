@@ -117,3 +117,18 @@ setup() {
   assert_output --partial "unknown tool 'nosuchtool'"
   assert_output --partial "claude"
 }
+
+@test "coi sync of a container of this machine says its workspace is mounted, in one line" {
+  run coi sync pull coi-1a2b3c4d-1
+  assert_failure 2
+  assert_equal "${#lines[@]}" 1
+  assert_output --partial "coi sync: coi-1a2b3c4d-1 is a container of this machine"
+}
+
+@test "coi sync --every takes whole seconds from 1 to 86400" {
+  for bad in 0 1.5 -3 86401 x; do
+    run coi sync pull coi-1a2b3c4d-1 --every "$bad"
+    assert_failure 2
+    assert_output --partial "--every"
+  done
+}
