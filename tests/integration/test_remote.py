@@ -148,7 +148,7 @@ def test_restricted_mode_on_a_remote_is_enforced_by_the_servers_coi(
 def test_a_run_on_a_remote_sees_the_workspace_and_brings_back_what_it_made(
         incus_client, user_coi, remote):
     (user_coi.workspace / "hello.txt").write_text("from the host\n")
-    done = user_coi("run", "--network", "open", "--", "sh", "-c",
+    done = user_coi("run", "--", "sh", "-c",
                     "cat hello.txt && echo made > made-remotely && mkdir -p sub && "
                     "echo deep > sub/deep && rm hello.txt", env=on(remote))
     assert done.returncode == 0, done.stderr
@@ -168,7 +168,7 @@ def test_what_the_agent_does_to_protected_and_masked_paths_never_comes_back(
     hooks = user_coi.workspace / ".git" / "hooks"
     hooks.mkdir(parents=True)
     (user_coi.workspace / ".env").write_text("SECRET=1\n")
-    done = user_coi("run", "--network", "open", "--", "sh", "-c",
+    done = user_coi("run", "--", "sh", "-c",
                     "test -e .env && echo SAW-THE-SECRET; mkdir -p .git/hooks && "
                     "echo planted > .git/hooks/pre-commit "
                     "&& chmod +x .git/hooks/pre-commit && echo theirs > .env && echo ok > ok",
@@ -188,7 +188,7 @@ def test_a_file_changed_on_both_sides_is_kept_both_ways_and_reported(user_coi, r
     there = on_remote(user_coi, remote)
     notes = user_coi.workspace / "notes"
     notes.write_text("base\n")
-    made = there("run", "--persistent", "--network", "open", "--", "true")
+    made = there("run", "--persistent", "--", "true")
     assert made.returncode == 0, made.stderr
     name = naming.container_name(str(user_coi.workspace), 1, user_coi.prefix)
     assert there("container", "start", name).returncode == 0
@@ -212,7 +212,7 @@ def test_a_file_changed_on_both_sides_is_kept_both_ways_and_reported(user_coi, r
 
 def test_sync_every_brings_changes_while_the_session_runs_and_ends_with_it(user_coi, remote):
     there = on_remote(user_coi, remote)
-    assert there("run", "--persistent", "--network", "open", "--", "true").returncode == 0
+    assert there("run", "--persistent", "--", "true").returncode == 0
     name = naming.container_name(str(user_coi.workspace), 1, user_coi.prefix)
     assert there("container", "start", name).returncode == 0
     watcher = subprocess.Popen(shlex.split(there.argv("sync", "pull", name, "--every",
@@ -240,7 +240,7 @@ def test_sync_every_brings_changes_while_the_session_runs_and_ends_with_it(user_
 def test_clean_on_a_remote_pulls_a_stopped_leftover_and_removes_it(incus_client, user_coi,
                                                                    remote):
     there = on_remote(user_coi, remote)
-    assert there("run", "--persistent", "--network", "open", "--", "sh", "-c",
+    assert there("run", "--persistent", "--", "sh", "-c",
                  "echo first > first").returncode == 0
     name = naming.container_name(str(user_coi.workspace), 1, user_coi.prefix)
     # A leftover: ephemeral, stopped, with a change its session never brought back.
@@ -265,7 +265,7 @@ def test_build_custom_and_file_transfer_work_on_a_remote(user_coi, remote, tmp_p
     listed = json.loads(there("image", "list", "--format", "json").stdout)["images"]
     assert image in [i["alias"] for i in listed]
     assert image not in there("image", "list", env={"COI_REMOTE": ""}).stdout  # not here
-    assert there("run", "--persistent", "--network", "open", "--image", image, "--",
+    assert there("run", "--persistent", "--image", image, "--",
                  "true").returncode == 0
     name = naming.container_name(str(user_coi.workspace), 1, user_coi.prefix)
     assert there("container", "start", name).returncode == 0
@@ -286,7 +286,7 @@ def test_shell_tmux_attach_shutdown_and_resume_on_a_remote(incus_client, user_co
                                                            remote):
     there = on_remote(user_coi, remote)
     name = naming.container_name(str(user_coi.workspace), 1, user_coi.prefix)
-    term = terminal(there.argv("shell", "--network", "open"), None, user_coi.workspace)
+    term = terminal(there.argv("shell"), None, user_coi.workspace)
     term.wait_for("dummy: 0 lines of history", timeout=120)
     term.type("typed in the terminal")
     term.wait_for("noted typed in the terminal")
@@ -308,7 +308,7 @@ def test_shell_tmux_attach_shutdown_and_resume_on_a_remote(incus_client, user_co
     ended = there("shutdown", name)
     assert ended.returncode == 0, ended.stderr
     assert names_on(incus_client, remote) == []
-    again = terminal(there.argv("shell", "--resume", "--network", "open"), None,
+    again = terminal(there.argv("shell", "--resume"), None,
                      user_coi.workspace)
     again.wait_for("dummy: 2 lines of history", timeout=120)
     again.wait_for("dummy: resumed")
@@ -381,8 +381,9 @@ JOIN = """cluster:
 @pytest.fixture(scope="module")
 def cluster(incus_client, test_image, installed_user) -> Iterator[Cluster]:
     """Two nested daemons joined as a cluster (the first set up by `coi setup`, then
-    clustered; the second joined with a token), added as remote `clus`, the image
-    copied there."""
+    clustered; the second joined with a token, then set up too: its coi enforces the
+    egress of the containers placed there), added as remote `clus`, the image copied
+    there."""
     for first in nested_host(incus_client, test_image, runs_containers=True):
         for second in nested_host(incus_client, test_image, runs_containers=True):
             made = run(incus_client, first, f"{SOURCE}/bin/coi setup >/dev/null && incus "
@@ -394,6 +395,8 @@ def cluster(incus_client, test_image, installed_user) -> Iterator[Cluster]:
                 name=second, address=_address(incus_client, second),
                 token=made.stdout.strip().splitlines()[-1]).encode(), timeout=600)
             assert joined.returncode == 0, joined.stderr
+            member = run(incus_client, second, f"{SOURCE}/bin/coi setup", timeout=600)
+            assert member.returncode == 0, member.stdout + member.stderr  # its egress
             token = run(incus_client, first, "incus config trust add coi-test-client --quiet")
             conf = installed_user.home / f"incus-{secrets.token_hex(3)}"
             env = {"INCUS_CONF": str(conf)}
@@ -414,7 +417,7 @@ def test_run_with_target_places_the_session_on_that_member_and_list_shows_it(use
                                                                             cluster):
     there = dataclasses.replace(user_coi, env={**user_coi.env, "INCUS_CONF": str(cluster.conf),
                                                "COI_REMOTE": "clus"})
-    done = there("run", "--persistent", "--target", cluster.second, "--network", "open",
+    done = there("run", "--persistent", "--target", cluster.second,
                  "--", "true")
     assert done.returncode == 0, done.stderr
     name = naming.container_name(str(user_coi.workspace), 1, user_coi.prefix)
