@@ -251,16 +251,22 @@ class Plan:
     beside: list[str] = field(default_factory=list)
 
 
+def _incoming(kept: Mapping[str, str], coming: Mapping[str, str], base: Mapping[str, str]
+              ) -> Iterator[tuple[str, str | None, str | None]]:
+    """Three ways, by sha256 (absent: None): each path `coming`'s side changed since the
+    base, as (path, its sha there, the sha on `kept`'s side), unless both sides agree."""
+    for rel in sorted(set(kept) | set(coming) | set(base)):
+        mine, theirs = kept.get(rel), coming.get(rel)
+        if theirs not in (base.get(rel), mine):
+            yield rel, theirs, mine
+
+
 def plan_pull(host: Mapping[str, str], remote: Mapping[str, str],
               base: Mapping[str, str]) -> Plan:
-    """Three ways, by sha256 (absent: None): the container's changes come over where
-    the host's copy is still the base's."""
+    """The container's changes come over where the host's copy is still the base's."""
     plan = Plan()
-    for rel in sorted(set(host) | set(remote) | set(base)):
-        h, r, b = host.get(rel), remote.get(rel), base.get(rel)
-        if r in (b, h):
-            continue
-        if h == b:
+    for rel, r, h in _incoming(host, remote, base):
+        if h == base.get(rel):
             (plan.copy if r is not None else plan.delete).append(rel)
         elif r is None:
             plan.conflicts[rel] = "deleted in the container, changed on the host"
@@ -276,11 +282,8 @@ def plan_push(host: Mapping[str, str], remote: Mapping[str, str],
     """The mirror of plan_pull: the host's changes go where the container's copy is
     still the base's; a conflict is left for the next pull, which keeps both."""
     plan = Plan()
-    for rel in sorted(set(host) | set(remote) | set(base)):
-        h, r, b = host.get(rel), remote.get(rel), base.get(rel)
-        if h in (b, r):
-            continue
-        if r == b:
+    for rel, h, r in _incoming(remote, host, base):
+        if r == base.get(rel):
             (plan.copy if h is not None else plan.delete).append(rel)
         else:
             plan.conflicts[rel] = "changed on both sides"
@@ -735,16 +738,9 @@ def synced_here(settings: Any, client: Incus, workspace: str) -> list[str]:
     found = []
     for entry in entries:
         name = entry.removesuffix(".json")
-        if entry.endswith(".json") and _passes(name):
+        if entry.endswith(".json") and saves._passes(naming.validate_container_name, name):
             base = load_base(os.path.join(folder, entry))
             if base is not None and base.workspace == workspace:
                 found.append(name)
     return found
 
-
-def _passes(name: str) -> bool:
-    try:
-        naming.validate_container_name(name)
-    except BadInput:
-        return False
-    return True
