@@ -901,11 +901,24 @@ def _pull_once(client: Incus, name: str, tool: Tool, home: str, *, exclude: Sequ
                quotas: Sequence[Quota], timeout: float) -> Pulled:
     paths = [*tool.state_dirs, *tool.state_files]
     writer = StateWriter(home, tool.state_dirs, tool.state_files, exclude, quotas)
+    stream_out(client, _as_code(name, ["tar", "--ignore-failed-read", "--sparse", "-C", HOME,
+                                       "-cf", "-", "--", *paths],
+                                {"HOME": HOME, "LC_ALL": "C"}),
+               writer, timeout=timeout, broke=f"the state stream from {name} broke off",
+               slow=f"saving {name} took longer than {timeout:g} s; the previous save is kept")
+    return writer.result
+
+
+def stream_out(client: Incus, spec: ExecSpec, writer: StateWriter, *, timeout: float,
+               broke: str, slow: str, stdin: IO[bytes] | None = None, after: str = "") -> None:
+    """Run `spec` (a `tar -c` in the container) and let `writer` consume its output as a
+    stream, the whole of it abandoned (the process group killed) after `timeout` s.
+    `broke` and `slow` say what failed when the stream breaks or the time runs out;
+    `after` follows the reason of a tar that failed. GNU tar's exit 1 (a file changed
+    while it was read) is a success. A tar Incus never started raises _NotStarted
+    (for _again)."""
     with tempfile.TemporaryFile() as errors:
-        child = client.exec_stream(
-            _as_code(name, ["tar", "--ignore-failed-read", "--sparse", "-C", HOME, "-cf", "-",
-                            "--", *paths], {"HOME": HOME, "LC_ALL": "C"}),
-            stdout=subprocess.PIPE, stderr=errors)
+        child = client.exec_stream(spec, stdin=stdin, stdout=subprocess.PIPE, stderr=errors)
         expired = proc.Watchdog(child, timeout)
         try:
             assert child.stdout is not None
@@ -914,23 +927,19 @@ def _pull_once(client: Incus, name: str, tool: Tool, home: str, *, exclude: Sequ
                 _drain(child.stdout)
             except (tarfile.TarError, EOFError, OSError) as exc:
                 if expired.fired:
-                    raise CoiError(f"saving {name} took longer than {timeout:g} s; "
-                                   "the previous save is kept") from None
+                    raise CoiError(slow) from None
                 # An exec that never started has ended already: a short wait will do.
-                raise _broken_stream(child, name, errors, exc,
-                                     f"the state stream from {name} broke off", grace=2,
+                raise _broken_stream(child, spec.instance, errors, exc, broke, grace=2,
                                      unread=writer.members == 0) from None
             status = child.wait()
         finally:
             expired.cancel()
             _end(child)
         if expired.fired:
-            raise CoiError(f"saving {name} took longer than {timeout:g} s; the previous save "
-                           "is kept")
-        # GNU tar: 1 = a file changed while it was read (a running tool); still a save.
+            raise CoiError(slow)
         if status not in (0, 1):
-            raise CommandFailed(f"tar in {name} exited {status}: {_reason(None, errors)}")
-    return writer.result
+            raise CommandFailed(f"tar in {spec.instance} exited {status}: "
+                                f"{_reason(None, errors)}{after}")
 
 
 def _end(child: subprocess.Popen[bytes]) -> None:

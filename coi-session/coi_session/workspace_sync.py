@@ -424,28 +424,13 @@ def _fetch(client: Incus, name: str, wanted: Sequence[str], staging: str) -> Non
         def once() -> None:
             listing.seek(0)
             shutil.rmtree(staging, ignore_errors=True)
-            writer = _Staging(staging, wanted)
-            with tempfile.TemporaryFile() as errors:
-                child = client.exec_stream(_as_code(name, FETCH_SCRIPT), stdin=listing,
-                                           stdout=subprocess.PIPE, stderr=errors)
-                expired = proc.Watchdog(child, SYNC_TIMEOUT)
-                try:
-                    assert child.stdout is not None
-                    try:
-                        writer.consume(child.stdout)
-                        saves._drain(child.stdout)
-                    except (tarfile.TarError, EOFError, OSError) as exc:
-                        raise saves._broken_stream(child, name, errors, exc,
-                                                   f"the workspace stream from {name} broke "
-                                                   "off; nothing applied", grace=2,
-                                                   unread=writer.members == 0) from None
-                    status = child.wait()
-                finally:
-                    expired.cancel()
-                    saves._end(child)
-                if status not in (0, 1):  # 1: a file changed as it was read (hash decides)
-                    raise CoiError(f"tar in {name} exited {status}: "
-                                   f"{saves._reason(None, errors)}; nothing applied")
+            saves.stream_out(client, _as_code(name, FETCH_SCRIPT), _Staging(staging, wanted),
+                             stdin=listing, timeout=SYNC_TIMEOUT,
+                             broke=f"the workspace stream from {name} broke off; nothing "
+                                   "applied",
+                             slow=f"the workspace copy from {name} took longer than "
+                                  f"{SYNC_TIMEOUT:g} s; nothing applied",
+                             after="; nothing applied")
 
         saves._again(name, once)
 
