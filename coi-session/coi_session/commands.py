@@ -274,10 +274,12 @@ def _sync(args: Args, as_json: bool) -> int:
     while wanted:
         for name, workspace, mask in list(wanted):
             try:
-                if every is not None and client.status(name) != "Running":
+                instance = client.instance_config(name) if every is not None else None
+                if instance is not None and instance.get("status") != "Running":
                     continue  # stopped, or stopping: its end pulls, and it may start again
                 result = workspace_sync.sync(client, name, settings, direction,
-                                             workspace=workspace, mask=mask)
+                                             workspace=workspace, mask=mask,
+                                             instance=instance)
             except NotFound:
                 if every is None:
                     raise

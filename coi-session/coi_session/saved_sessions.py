@@ -1462,23 +1462,22 @@ def save_container(client: Incus, name: str, *, settings: Any = None,
     keys = _coi_keys(instance)
     settings = _settings_for(keys["workspace"], settings)
     tool = get_tool(keys["tool"], registry_from_config(settings))
-    if client.remote is not None:  # the workspace comes back first, whatever the tool
-        with running(client, name, instance):
-            synced = _pull_workspace(client, name, settings)
-        if not tool.state_dirs and not tool.state_files:
-            return SaveResult(name, None, synced=synced)
-        instance = client.instance_config(name)
-    else:
-        synced = None
-    if not tool.state_dirs and not tool.state_files:
+    stateless = not tool.state_dirs and not tool.state_files
+    remote = client.remote is not None  # its workspace comes back first, whatever the tool
+    if stateless and not remote:
         return SaveResult(name, None)
     per_session, total = save_quotas(settings)
     store = Store(settings.path("paths.state_dir"))
     exclude = tool.credential_files if injects_credentials(tool, settings) else ()
     tmp = store.new_tmp(tool.name)
     try:
-        with running(client, name, instance) as started:
-            left = max(1.0, timeout - (time.monotonic() - started_at))
+        with running(client, name, instance) as started:  # started once for both
+            synced = _pull_workspace(client, name, settings, instance) if remote else None
+            if stateless:
+                return SaveResult(name, None, started=started, synced=synced)
+            # The workspace's copy has its own bound (workspace_sync): not the state's.
+            spent = time.monotonic() - started_at - (synced.seconds if synced else 0.0)
+            left = max(1.0, timeout - spent)
             pulled = pull_state(client, name, tool, os.path.join(tmp, HOME_DIR),
                                 exclude=exclude, quotas=(per_session, total),
                                 timeout=left)
@@ -1507,14 +1506,15 @@ def save_container(client: Incus, name: str, *, settings: Any = None,
                       str(total), synced)
 
 
-def _pull_workspace(client: Incus, name: str, settings: Any) -> Any:
+def _pull_workspace(client: Incus, name: str, settings: Any,
+                    instance: Mapping[str, Any]) -> Any:
     """A remote container's workspace changes, pulled into the host's before its
     session is saved (a failure fails the save: the container is kept). A container
     this host never synced (another host's, or made by hand) has nothing of ours."""
     from coi_session import workspace_sync  # noqa: PLC0415
 
     try:
-        return workspace_sync.sync(client, name, settings, "pull")
+        return workspace_sync.sync(client, name, settings, "pull", instance=instance)
     except NotFound as exc:
         if exc.message.startswith("no sync point"):
             return None

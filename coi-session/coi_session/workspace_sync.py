@@ -687,16 +687,18 @@ class _HashingReader:
 
 
 def sync(client: Incus, name: str, settings: Any, direction: str, *,
-         workspace: str | None = None, mask: bool = True) -> SyncResult:
+         workspace: str | None = None, mask: bool = True,
+         instance: Mapping[str, Any] | None = None) -> SyncResult:
     """`direction` (pull or push) for container `name` on the client's remote, under
     its sync lock. `workspace` (a slot record's, at a session's start) makes the
     first base; without one, the base must exist: it names the workspace, whose
-    config gives the protected and masked paths. `settings`: where the bases are."""
+    config gives the protected and masked paths. `settings`: where the bases are;
+    `instance`: the container as the caller just read it (else it is read here)."""
     if client.remote is None:
         raise BadInput(f"{name} is a container of this machine: its workspace is mounted, "
                        "there is nothing to sync")
     path = base_path(settings.path("paths.state_dir"), client.remote.name, name)
-    created = str(client.instance_config(name).get("created_at") or "")
+    created = str((instance or client.instance_config(name)).get("created_at") or "")
     with locked(path):
         base = load_base(path)
         if base is not None and base.created != created:
