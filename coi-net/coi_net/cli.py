@@ -33,10 +33,10 @@ def run(args: Args, *, as_json: bool) -> int:
     names = [validate_container_name(n) for n in args["<name>"] or []]
     if args["remove"] and not names:
         names = [_slot_record().container]
-    if args["remove"] and (config.load(None).get("incus.remote") or
-                           (not dry_run and os.geteuid() != 0)):
-        return _render([_remove_elsewhere(name, dry_run=dry_run) for name in names], None,
-                       as_json=as_json, text=_removed_text)
+    remote = bool(config.load(None).get("incus.remote")) if args["remove"] else False
+    if args["remove"] and (remote or (not dry_run and os.geteuid() != 0)):
+        return _render([_remove_elsewhere(name, remote=remote, dry_run=dry_run)
+                        for name in names], None, as_json=as_json, text=_removed_text)
     if args["status"]:
         return _status(names, as_json=as_json)
     if not dry_run:
@@ -83,10 +83,10 @@ def _context(settings: config.Config, *, dry_run: bool) -> ops.Context:
                        bridge_name=settings.get("incus.network"), dry_run=dry_run)
 
 
-def _remove_elsewhere(name: str, *, dry_run: bool) -> Record:
+def _remove_elsewhere(name: str, *, remote: bool, dry_run: bool) -> Record:
     """A member's remove: coi's host service does it. On a remote: nothing here; the
     server's coi removes the rules of a deleted container itself (its gc)."""
-    if config.load(None).get("incus.remote"):
+    if remote:
         return make_record("net_removed", container=name, interface="", removed=False,
                            dry_run=dry_run)
     return _by_service("net_remove", "net_removed", container=name)
