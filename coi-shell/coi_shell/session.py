@@ -150,20 +150,31 @@ def ensure_container(ctx: Context, started: Callable[[bool], None] = lambda _reu
         if sessions.is_persistent(instance):
             idmap = preflight(ctx)
             steps.starting(name, steps.AGAIN)
-            with progress.waiting(f"starting persistent {name}"):
-                _start(ctx, idmap, lambda _view: None, sessions.has_view(instance))
-                started(True)
-                _wait_for_boot(ctx)
-            _send_workspace(ctx, abandoning=True)
+            sender = None
+            try:
+                with progress.waiting(f"starting persistent {name}"):
+                    _start(ctx, idmap, lambda _view: None, sessions.has_view(instance))
+                    sender = _workspace_sender(ctx)
+                    started(True)
+                    _wait_for_boot(ctx)
+                _workspace_sent(ctx, sender, abandoning=True)
+            except BaseException:
+                if sender is not None:
+                    sender.abandon()
+                raise
             return RESTARTED
         end_session(ctx)  # a stopped ephemeral leftover: its session saved, then gone
+    sender = None
     try:
         _create(ctx)
+        sender = _workspace_sender(ctx)
         started(False)
         with progress.waiting(f"waiting for {name} to boot"):
             _wait_for_boot(ctx)
-        _send_workspace(ctx)
+        _workspace_sent(ctx, sender)
     except BaseException:
+        if sender is not None:
+            sender.abandon()
         # Ours, just made and never used, or not made at all: gone, its slot free again.
         with contextlib.suppress(CoiError):
             end_session(ctx, "--no-save")
@@ -235,17 +246,28 @@ def _origin(ctx: Context) -> str:
     return sessions.origin_id() if ctx.client.remote is not None else ""
 
 
-def _send_workspace(ctx: Context, *, abandoning: bool = False) -> None:
-    """On a remote, the workspace is copied in (`coi-session sync push` given the slot
-    record), before the tool starts: all of it into a new container, the changes
-    since the last sync into one started again. A failure ends a new container
-    (nothing of it was used) and stops a persistent one (`abandoning`)."""
+def _workspace_sender(ctx: Context) -> plumbing.Child | None:
+    """On a remote, `coi-session sync push` given the slot record as soon as the
+    container started: the workspace is copied in while it boots (its /workspace is on
+    the root file system, which booting leaves alone, as for the home's restore), all
+    of it into a new container, the changes since the last sync into one started
+    again. None for a container of this machine (its workspace is mounted)."""
     if ctx.client.remote is None:
+        return None
+    sender = plumbing.Child("coi-session", ["sync", "push"], kind="sync")
+    sender.give(ctx.record.to_record())
+    return sender
+
+
+def _workspace_sent(ctx: Context, sender: plumbing.Child | None, *,
+                    abandoning: bool = False) -> None:
+    """Wait for _workspace_sender's copy, before the tool starts. A failure ends a new
+    container (nothing of it was used) and stops a persistent one (`abandoning`)."""
+    if sender is None:
         return
     try:
         with progress.waiting(f"copying the workspace into {ctx.record.container}"):
-            [found] = plumbing.call("coi-session", ["sync", "push"],
-                                    record=ctx.record.to_record(), kind="sync")
+            [found] = sender.finish()
     except CoiError as exc:
         if abandoning:
             raise abandon(ctx, f"could not copy the workspace: {exc.one_line()}") from None
