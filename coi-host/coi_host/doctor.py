@@ -231,9 +231,10 @@ def remote_checks(settings: config.Config) -> Iterator[Check]:
         yield Check("cluster", not down, f"{len(members)} members: " + ", ".join(
             f"{m.get('server_name', '?')} ({m.get('status', '?')})" for m in members),
             "--target a member that is online", required=False)
-    yield from _incus_checks(client, settings, None)
-    profile = client.get_optional(f"/1.0/profiles/{settings.get('incus.profile')}")
-    yield Check("egress", profile is not None,
+    objects = list(_incus_checks(client, settings, None))
+    yield from objects
+    set_up = any(c.name == "profile" and c.ok for c in objects)  # coi setup ran there
+    yield Check("egress", set_up,
                 "restricted: put in force by the server's own coi at every start (its "
                 "coi-net-hook; a start without the rules fails); allowlist: refused on a "
                 "remote; open: as asked", "run 'coi setup' as root on the server (and on "
