@@ -281,7 +281,7 @@ def preflight(ctx: Context) -> container.IdMap | None:
     is the create request's own refusal, before anything exists.) Returns the id map."""
     record = ctx.record
     if ctx.client.remote is not None:
-        return None  # nothing of this host is mounted there; egress is open (coi-slot)
+        return None  # nothing of this host is mounted there; its coi keeps the egress
     idmap = container.session_idmap(record.workspace)
     container.ensure_idmap(idmap)
     if record.network != "open" and os.geteuid() != 0:
@@ -309,7 +309,7 @@ def _create_with(ctx: Context, applier: plumbing.Child | None) -> None:
                                  environment={**ctx.tool.env, **ctx.record.environment})
 
     # Every host path is checked before the view makes anything in the workspace. On a
-    # remote nothing is mounted: the workspace is copied in once it runs.
+    # remote nothing is mounted: the workspace is copied in while it boots.
     remote = ctx.client.remote is not None
     devices = {} if remote else container.container_devices(record, sessions.invoking_home())
 
